@@ -1,0 +1,308 @@
+"""The axiomatic ops: the only ops with a hand-written backward.
+
+Every other op in civetta is a composition of these and gets its gradient for free. Each op
+computes its numpy result and defines its backward as a closure beside it; the closure captures
+arrays, shapes and flags, never Tensors, so a graph holds no reference cycles.
+
+Binary ops take operands of one shape: `broadcast_to` is the single place where a gradient is
+summed back over broadcast axes. Memory-wrangling ops (reshape, transpose, getitem, concat,
+split, broadcast_to) have backwards that only route gradients.
+
+`matmul` is a fused fast path: it equals `sum(broadcast(a) * broadcast(b))` (see
+`functional.matmul_reference` and its test) without the B×M×K×N temporary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from civetta.tensor import Tensor, as_tensor, make_node
+
+
+def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
+    """Lift scalars to the other operand's dtype and broadcast both to one shape."""
+    a = as_tensor(a, b if isinstance(b, Tensor) else None)
+    b = as_tensor(b, a)
+    if a.shape != b.shape:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        if a.shape != shape:
+            a = broadcast_to(a, shape)
+        if b.shape != shape:
+            b = broadcast_to(b, shape)
+    return a, b
+
+
+# ---- elementwise ------------------------------------------------------------------------------
+def add(a: Any, b: Any) -> Tensor:
+    a, b = _pair(a, b)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return g, g
+
+    return make_node(a.data + b.data, (a, b), backward)
+
+
+def mul(a: Any, b: Any) -> Tensor:
+    a, b = _pair(a, b)
+    x, y = a.data, b.data
+    need_a, need_b = a.requires_grad, b.requires_grad
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return (g * y if need_a else None), (g * x if need_b else None)
+
+    return make_node(x * y, (a, b), backward)
+
+
+def neg(a: Tensor) -> Tensor:
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (-g,)
+
+    return make_node(-a.data, (a,), backward)
+
+
+def reciprocal(a: Tensor) -> Tensor:
+    out = 1.0 / a.data
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (-g * out * out,)
+
+    return make_node(out, (a,), backward)
+
+
+def exp(a: Tensor) -> Tensor:
+    out = np.exp(a.data)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (g * out,)
+
+    return make_node(out, (a,), backward)
+
+
+def log(a: Tensor) -> Tensor:
+    x = a.data
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (g / x,)
+
+    return make_node(np.log(x), (a,), backward)
+
+
+def maximum(a: Any, b: Any) -> Tensor:
+    """Elementwise max; ties send the gradient to `a`. ReLU is maximum(x, 0): a 0-1 filter."""
+    a, b = _pair(a, b)
+    a_wins = a.data >= b.data
+    need_b = b.requires_grad
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return g * a_wins, (g * ~a_wins if need_b else None)
+
+    return make_node(np.where(a_wins, a.data, b.data), (a, b), backward)
+
+
+def where(condition: Any, a: Any, b: Any) -> Tensor:
+    """Pick `a` where `condition` holds, else `b`; the condition carries no gradient."""
+    cond = np.asarray(condition.data if isinstance(condition, Tensor) else condition, dtype=bool)
+    a, b = _pair(a, b)
+    if cond.shape != a.shape:
+        shape = np.broadcast_shapes(cond.shape, a.shape)
+        cond = np.broadcast_to(cond, shape)
+        if a.shape != shape:
+            a, b = broadcast_to(a, shape), broadcast_to(b, shape)
+    need_a, need_b = a.requires_grad, b.requires_grad
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        zero = np.zeros((), dtype=g.dtype)
+        return (
+            np.where(cond, g, zero) if need_a else None,
+            np.where(cond, zero, g) if need_b else None,
+        )
+
+    return make_node(np.where(cond, a.data, b.data), (a, b), backward)
+
+
+# ---- reductions -------------------------------------------------------------------------------
+def _normalise_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(ax % ndim for ax in axes)) if ndim else ()
+
+
+def _keepdims_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
+
+
+def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    axes = _normalise_axes(axis, a.ndim)
+    shape = a.shape
+    kept = _keepdims_shape(shape, axes)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (np.broadcast_to(g.reshape(kept), shape),)
+
+    return make_node(np.sum(a.data, axis=axes, keepdims=keepdims), (a,), backward)
+
+
+def max(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    """Max reduction; tied maxima share the gradient equally."""
+    axes = _normalise_axes(axis, a.ndim)
+    kept_max = np.max(a.data, axis=axes, keepdims=True)
+    x = a.data
+    kept = kept_max.shape
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        winners = x == kept_max
+        share = winners / np.sum(winners, axis=axes, keepdims=True, dtype=x.dtype)
+        return (g.reshape(kept) * share,)
+
+    out = kept_max if keepdims else kept_max.reshape([n for i, n in enumerate(kept) if i not in axes])
+    return make_node(out, (a,), backward)
+
+
+# ---- memory wrangling: backwards only route gradients -----------------------------------------
+def reshape(a: Tensor, shape: Any) -> Tensor:
+    original = a.shape
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (g.reshape(original),)
+
+    return make_node(a.data.reshape(shape), (a,), backward)
+
+
+def transpose(a: Tensor, axes: Any = None) -> Tensor:
+    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(ax % a.ndim for ax in axes)
+    inverse = tuple(np.argsort(axes))
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (g.transpose(inverse),)
+
+    return make_node(a.data.transpose(axes), (a,), backward)
+
+
+def broadcast_to(a: Tensor, shape: Any) -> Tensor:
+    """Broadcast; the backward sums over the broadcast axes (the one un-broadcast in civetta)."""
+    shape = tuple(shape)
+    original = a.shape
+    lead = len(shape) - len(original)
+    stretched = tuple(i + lead for i, n in enumerate(original) if n == 1 and shape[i + lead] != 1)
+    summed = tuple(range(lead)) + stretched
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        return (np.sum(g, axis=summed).reshape(original) if summed else g.reshape(original),)
+
+    return make_node(np.broadcast_to(a.data, shape), (a,), backward)
+
+
+def getitem(a: Tensor, index: Any) -> Tensor:
+    """Basic and integer-array indexing; the backward scatter-adds (repeated indices add up)."""
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    shape, dtype = a.shape, a.dtype
+
+    basic = all(
+        isinstance(i, slice | int | type(None) | type(Ellipsis))
+        for i in (index if isinstance(index, tuple) else (index,))
+    )
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        full = np.zeros(shape, dtype=dtype)
+        if basic:  # a view: every element is picked at most once
+            full[index] = g
+        else:
+            np.add.at(full, index, g)
+        return (full,)
+
+    return make_node(a.data[index], (a,), backward)
+
+
+def concat(tensors: list[Tensor], axis: int = 0) -> Tensor:
+    tensors = [as_tensor(t) for t in tensors]
+    axis = axis % tensors[0].ndim
+    bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(np.split(g, bounds, axis=axis))
+
+    return make_node(np.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), backward)
+
+
+def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
+    """Split into equal `sections` or at the given indices; each piece routes its gradient back."""
+    axis = axis % a.ndim
+    pieces = np.split(a.data, sections, axis=axis)
+    starts = np.cumsum([0] + [p.shape[axis] for p in pieces])
+    shape, dtype = a.shape, a.dtype
+    out = []
+    for i, piece in enumerate(pieces):
+        where_ = [slice(None)] * a.ndim
+        where_[axis] = slice(int(starts[i]), int(starts[i + 1]))
+        region = tuple(where_)
+
+        def backward(g: np.ndarray, region: tuple = region) -> tuple[np.ndarray]:
+            full = np.zeros(shape, dtype=dtype)
+            full[region] = g
+            return (full,)
+
+        out.append(make_node(piece, (a,), backward))
+    return out
+
+
+# ---- the fused fast path ----------------------------------------------------------------------
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """Matrix product over the last two axes.
+
+    `b` is either 2-D (shared by every leading index of `a`: then the product is one GEMM over
+    the flattened leading axes) or has exactly `a`'s leading axes. Other broadcasts go through
+    `broadcast_to` first (see `functional.matmul`).
+    """
+    x, w = a.data, b.data
+    need_a, need_b = a.requires_grad, b.requires_grad
+    if w.ndim == 2:
+        k, n = w.shape
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+
+        def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+            g2 = g.reshape(-1, n)
+            return (
+                (g2 @ w.T).reshape(x.shape) if need_a else None,
+                x2.T @ g2 if need_b else None,
+            )
+
+        return make_node((x2 @ w).reshape(*lead, n), (a, b), backward)
+
+    assert x.shape[:-2] == w.shape[:-2], "matmul operands need equal leading axes"
+
+    def backward_batched(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return (
+            g @ w.swapaxes(-1, -2) if need_a else None,
+            x.swapaxes(-1, -2) @ g if need_b else None,
+        )
+
+    return make_node(x @ w, (a, b), backward_batched)
+
+
+# Every primitive with a hand-written backward. The test suite fails if one lacks a gradient check.
+AXIOMS = (
+    add,
+    mul,
+    neg,
+    reciprocal,
+    exp,
+    log,
+    maximum,
+    where,
+    sum,
+    max,
+    reshape,
+    transpose,
+    broadcast_to,
+    getitem,
+    concat,
+    split,
+    matmul,
+)

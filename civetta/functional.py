@@ -1,0 +1,167 @@
+"""Composed ops: no backward of their own, their gradients come from the axioms.
+
+These are the reference definitions. Where a benchmark showed that the composition is too slow
+for training, `civetta.fused` holds a fast path with the same signature, tested against the
+function here in value and gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from civetta import axioms as ax
+from civetta.tensor import Tensor, as_tensor
+
+
+def sub(a: Any, b: Any) -> Tensor:
+    return ax.add(a, ax.neg(as_tensor(b, a if isinstance(a, Tensor) else None)))
+
+
+def div(a: Any, b: Any) -> Tensor:
+    return ax.mul(a, ax.reciprocal(as_tensor(b, a if isinstance(a, Tensor) else None)))
+
+
+def pow(a: Tensor, exponent: float) -> Tensor:  # noqa: A001
+    """`a ** exponent` for a constant exponent: repeated products for small integers, else
+    exp(exponent · log a), which needs a positive `a`."""
+    if float(exponent).is_integer() and 1 <= exponent <= 4:
+        out = a
+        for _ in range(int(exponent) - 1):
+            out = ax.mul(out, a)
+        return out
+    if exponent == 0:
+        return Tensor(np.ones_like(a.data))
+    if float(exponent).is_integer() and -4 <= exponent < 0:
+        return ax.reciprocal(pow(a, -exponent))
+    return ax.exp(ax.mul(ax.log(a), float(exponent)))
+
+
+def sqrt(a: Tensor) -> Tensor:
+    return pow(a, 0.5)
+
+
+def tanh(a: Tensor) -> Tensor:
+    # tanh(x) = 2 / (1 + exp(-2x)) - 1, stable for both signs since exp(-2x) -> inf gives -1.
+    return sub(ax.mul(ax.reciprocal(ax.add(ax.exp(ax.mul(a, -2.0)), 1.0)), 2.0), 1.0)
+
+
+def relu(a: Tensor) -> Tensor:
+    """ReLU is maximum with zero: in backward a 0-1 filter over the incoming gradient."""
+    return ax.maximum(a, 0.0)
+
+
+def mean(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    total = ax.sum(a, axis, keepdims)
+    count = a.data.size // max(total.data.size, 1) if a.data.size else 1
+    return ax.mul(total, 1.0 / count)
+
+
+def var(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:
+    """Biased variance (divides by N), as LayerNorm uses."""
+    centred = sub(a, mean(a, axis, keepdims=True))
+    return mean(ax.mul(centred, centred), axis, keepdims)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """`a @ b` with numpy's broadcasting of leading axes, routed through `broadcast_to`."""
+    a, b = as_tensor(a), as_tensor(b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul needs operands with at least 2 dims, got {a.shape} and {b.shape}")
+    if b.ndim == 2 or a.shape[:-2] == b.shape[:-2]:
+        return ax.matmul(a, b)
+    lead = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    if a.shape[:-2] != lead:
+        a = ax.broadcast_to(a, lead + a.shape[-2:])
+    if b.shape[:-2] != lead:
+        b = ax.broadcast_to(b, lead + b.shape[-2:])
+    return ax.matmul(a, b)
+
+
+def matmul_reference(a: Tensor, b: Tensor) -> Tensor:
+    """The seed's point: a matrix product is a broadcast multiply followed by a sum."""
+    # a: (..., M, K) -> (..., M, K, 1); b: (..., K, N) -> (..., 1, K, N); sum over K.
+    product = ax.mul(ax.reshape(a, a.shape + (1,)), ax.reshape(b, b.shape[:-2] + (1,) + b.shape[-2:]))
+    return ax.sum(product, axis=-2)
+
+
+def logsumexp(a: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
+    """log(sum(exp(a))) shifted by the (constant) max, so it never overflows."""
+    shift = np.max(a.data, axis=axis, keepdims=True)
+    shift = np.where(np.isfinite(shift), shift, 0).astype(a.dtype)
+    total = ax.sum(ax.exp(sub(a, Tensor(shift))), axis=axis, keepdims=True)
+    out = ax.add(ax.log(total), Tensor(shift))
+    return out if keepdims else ax.reshape(out, np.squeeze(shift, axis=axis).shape)
+
+
+def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
+    return sub(a, logsumexp(a, axis=axis, keepdims=True))
+
+
+def softmax(a: Tensor, axis: int = -1) -> Tensor:
+    return ax.exp(log_softmax(a, axis=axis))
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean negative log-likelihood of integer `targets` under `logits` (..., V), via log-probs.
+
+    Targets equal to `ignore_index` neither count in the mean nor receive gradient.
+    """
+    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    vocab = logits.shape[-1]
+    flat_logits = ax.reshape(logits, (-1, vocab))
+    flat_targets = targets.reshape(-1)
+    keep = flat_targets != ignore_index
+    rows = np.arange(flat_targets.size)[keep]
+    logp = log_softmax(flat_logits, axis=-1)
+    picked = ax.getitem(logp, (rows, flat_targets[keep]))
+    return ax.mul(ax.neg(ax.sum(picked)), 1.0 / max(int(keep.sum()), 1))
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Normalise the last axis to zero mean and unit variance, then scale and shift."""
+    centred = sub(x, mean(x, axis=-1, keepdims=True))
+    inv_std = pow(ax.add(mean(ax.mul(centred, centred), axis=-1, keepdims=True), eps), -0.5)
+    out = ax.mul(centred, inv_std)
+    if weight is not None:
+        out = ax.mul(out, weight)
+    if bias is not None:
+        out = ax.add(out, bias)
+    return out
+
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
+    inner = ax.mul(ax.add(x, ax.mul(pow(x, 3), 0.044715)), GELU_C)
+    return ax.mul(ax.mul(x, 0.5), ax.add(tanh(inner), 1.0))
+
+
+def dropout(x: Tensor, p: float, rng: np.random.Generator | None, training: bool = True) -> Tensor:
+    """Zero each element with probability p and scale survivors by 1/(1-p); the mask is drawn
+    from `rng`, so a seeded generator gives the same mask on every run."""
+    if not training or p == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout with p > 0 needs a seeded numpy Generator")
+    keep = rng.random(x.shape) >= p
+    return ax.mul(x, Tensor(keep.astype(x.dtype) / (1.0 - p)))
+
+
+def causal_mask(t_query: int, t_key: int) -> np.ndarray:
+    """True where query i may attend to key j (j <= i, aligned at the end)."""
+    return np.tril(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """softmax(q·kᵀ/√d [causal]) · v for q, k, v of shape (B, heads, T, head_dim)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = ax.mul(ax.matmul(q, ax.transpose(k, (0, 1, 3, 2))), scale)  # (B, nh, T, T)
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2])
+        scores = ax.where(mask, scores, Tensor(np.array(-np.inf, dtype=scores.dtype)))
+    return ax.matmul(softmax(scores, axis=-1), v)  # (B, nh, T, hs)

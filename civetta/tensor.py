@@ -1,0 +1,295 @@
+"""The Tensor and the reverse-mode engine.
+
+A Tensor holds a numpy array and, when it was produced by an op that needs gradients, its
+parents and one backward closure ``g -> tuple of parent gradients``. ``backward`` walks the graph
+in reverse topological order (computed iteratively, so deep graphs need no recursion), keeps the
+pending gradients in a dict keyed by node, and drops every closure once it has been used, which
+frees the graph as the walk proceeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_DTYPE = np.float32
+
+BackwardFn = Callable[[np.ndarray], Sequence[np.ndarray | None]]
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Build no graph inside the block: ops return constants."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class ActivationMeter:
+    """Bytes held by graph nodes that still wait for their backward.
+
+    A node counts the bytes of its output when the op allocated it (views count nothing); the
+    count is released when backward consumes the node or the node is garbage collected. The peak
+    is what a training step needed to keep alive for its backward pass.
+    """
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+activation_meter = ActivationMeter()
+
+
+class Tensor:
+    __slots__ = ("data", "requires_grad", "grad", "_parents", "_backward", "_held", "__weakref__")
+
+    __array_priority__ = 100  # numpy defers `ndarray op Tensor` to our reflected methods
+
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
+        if isinstance(data, Tensor):
+            data = data.data
+        if dtype is not None:
+            array = np.asarray(data, dtype=dtype)
+        else:
+            array = np.asarray(data)
+            if array.dtype.kind in "fc" and not isinstance(data, np.ndarray | np.generic):
+                array = array.astype(DEFAULT_DTYPE)  # Python floats and lists start as float32
+        self.data: np.ndarray = array
+        self.requires_grad = requires_grad
+        self.grad: np.ndarray | None = None
+        self._parents: tuple[Tensor, ...] = ()
+        self._backward: BackwardFn | None = None
+        self._held = 0
+
+    def __del__(self) -> None:
+        if self._held:
+            activation_meter.live -= self._held
+
+    # ---- basic properties -------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._backward is None
+
+    def numpy(self) -> np.ndarray:
+        return self.data
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> Tensor:
+        return Tensor(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        flag = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({self.data!r}{flag})"
+
+    # ---- reverse mode -----------------------------------------------------------------------
+    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) · grad into every leaf's ``.grad``.
+
+        ``grad`` defaults to 1 for a one-element tensor; a pipeline stage passes the gradient it
+        received for its output instead.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError("backward() needs an explicit grad for a non-scalar tensor")
+            grad = np.ones_like(self.data)
+        grad = np.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
+        if grad.shape != self.shape:
+            raise ValueError(f"grad shape {grad.shape} does not match tensor shape {self.shape}")
+
+        pending: dict[Tensor, np.ndarray] = {self: grad}
+        for node in reversed(_topological_order(self)):
+            g = pending.pop(node, None)
+            if g is None:
+                continue
+            if node._backward is None:
+                if node._parents:
+                    raise RuntimeError("graph already freed: pass retain_graph=True to reuse it")
+                node.grad = g if node.grad is None else node.grad + g
+                continue
+            parent_grads = node._backward(g)
+            for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
+                if parent_grad is None or not parent.requires_grad:
+                    continue
+                assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
+                previous = pending.get(parent)
+                pending[parent] = parent_grad if previous is None else previous + parent_grad
+            if not retain_graph:
+                node._release()
+
+    def _release(self) -> None:
+        # Keep a marker parent-free "freed" state distinct from a true leaf: a freed non-leaf has
+        # no closure but remembers that it once had one through `_parents` being the empty tuple
+        # and `requires_grad` staying True; a second backward then stops at it with an error.
+        self._backward = None
+        self._parents = (_FREED,)
+        if self._held:
+            activation_meter.live -= self._held
+            self._held = 0
+
+    # ---- operators (defined in axioms/functional; bound below) -------------------------------
+    def __add__(self, other: Any) -> Tensor:
+        return _ops.add(self, other)
+
+    def __radd__(self, other: Any) -> Tensor:
+        return _ops.add(other, self)
+
+    def __sub__(self, other: Any) -> Tensor:
+        return _fn.sub(self, other)
+
+    def __rsub__(self, other: Any) -> Tensor:
+        return _fn.sub(other, self)
+
+    def __mul__(self, other: Any) -> Tensor:
+        return _ops.mul(self, other)
+
+    def __rmul__(self, other: Any) -> Tensor:
+        return _ops.mul(other, self)
+
+    def __truediv__(self, other: Any) -> Tensor:
+        return _fn.div(self, other)
+
+    def __rtruediv__(self, other: Any) -> Tensor:
+        return _fn.div(other, self)
+
+    def __neg__(self) -> Tensor:
+        return _ops.neg(self)
+
+    def __pow__(self, exponent: float) -> Tensor:
+        return _fn.pow(self, exponent)
+
+    def __matmul__(self, other: Tensor) -> Tensor:
+        return _fn.matmul(self, other)
+
+    def __getitem__(self, index: Any) -> Tensor:
+        return _ops.getitem(self, index)
+
+    def sum(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return _ops.sum(self, axis, keepdims)
+
+    def mean(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return _fn.mean(self, axis, keepdims)
+
+    def max(self, axis: Any = None, keepdims: bool = False) -> Tensor:
+        return _ops.max(self, axis, keepdims)
+
+    def reshape(self, *shape: Any) -> Tensor:
+        if len(shape) == 1 and isinstance(shape[0], tuple | list):
+            shape = tuple(shape[0])
+        return _ops.reshape(self, shape)
+
+    def transpose(self, *axes: int) -> Tensor:
+        if len(axes) == 1 and isinstance(axes[0], tuple | list):
+            axes = tuple(axes[0])
+        return _ops.transpose(self, axes or None)
+
+    @property
+    def T(self) -> Tensor:  # noqa: N802 - numpy's name
+        return _ops.transpose(self, None)
+
+    def exp(self) -> Tensor:
+        return _ops.exp(self)
+
+    def log(self) -> Tensor:
+        return _ops.log(self)
+
+    def relu(self) -> Tensor:
+        return _fn.relu(self)
+
+
+_FREED = Tensor(np.zeros(()))
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes that need a gradient, parents before children, without recursion."""
+    order: list[Tensor] = []
+    visited: set[Tensor] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if node in visited:
+            continue
+        visited.add(node)
+        stack.append((node, True))
+        for parent in node._parents:
+            if parent.requires_grad and parent not in visited:
+                stack.append((parent, False))
+    return order
+
+
+def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardFn) -> Tensor:
+    """Wrap an op's result; attach the closure only when some parent needs a gradient."""
+    out = Tensor.__new__(Tensor)
+    out.data = data
+    out.grad = None
+    if _grad_enabled and any(p.requires_grad for p in parents):
+        out.requires_grad = True
+        out._parents = parents
+        out._backward = backward
+        held = data.nbytes if data.base is None else 0
+        out._held = held
+        if held:
+            activation_meter.live += held
+            if activation_meter.live > activation_meter.peak:
+                activation_meter.peak = activation_meter.live
+    else:
+        out.requires_grad = False
+        out._parents = ()
+        out._backward = None
+        out._held = 0
+    return out
+
+
+def as_tensor(value: Any, like: Tensor | None = None) -> Tensor:
+    """A Tensor for `value`; Python scalars take `like`'s dtype so float32 stays float32."""
+    if isinstance(value, Tensor):
+        return value
+    if like is not None and not isinstance(value, np.ndarray):
+        return Tensor(np.asarray(value, dtype=like.dtype))
+    return Tensor(value)
+
+
+# Late imports: the operator methods above dispatch to these modules, which import Tensor.
+from civetta import axioms as _ops  # noqa: E402
+from civetta import functional as _fn  # noqa: E402

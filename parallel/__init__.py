@@ -1,0 +1,1 @@
+"""Sharding layers over MPI: process mesh, traced collectives, gradient redirections."""
