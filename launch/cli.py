@@ -1,17 +1,63 @@
-"""The `civetta` command line."""
+"""The `civetta` command line.
+
+    civetta train CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
+
+A config error is one line on stderr and exit code 2, checked before any MPI process starts.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from civetta.data import DataError
+from launch.config import ConfigError, ExperimentConfig, load
+
+
+class UsageError(ValueError):
+    """A bad command-line argument; one line for the user."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="civetta", description="A distributed-training simulator for parallelism strategies."
+        prog="civetta",
+        description="A distributed-training simulator for parallelism strategies.",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train", help="run one experiment (under mpiexec when the layout needs several ranks)"
+    )
+    train.add_argument("config", help="experiment YAML (see configs/)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set parallel.dp=2 (repeatable)",
+    )
+    train.add_argument("--out", default=None, help="output directory (default: runs/<config>)")
+    train.add_argument(
+        "--mpiexec",
+        default=None,
+        help="MPI launcher to use (default: $CIVETTA_MPIEXEC, else the one installed with civetta)",
+    )
     return parser
+
+
+def default_out_dir(config_path: str) -> Path:
+    return Path("runs") / Path(config_path).stem
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch import launcher, worker
+
+    config: ExperimentConfig = load(args.config, args.overrides)
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config)
+    if config.world_size > 1 and not launcher.inside_mpi_job():
+        return launcher.relaunch(config.world_size, sys.argv[1:], args.mpiexec)
+    return worker.train(config, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+    except (ConfigError, UsageError, DataError) as exc:
+        message = str(exc)
+        print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,177 @@
+"""Fused fast paths for the ops that dominate a training step.
+
+Each op here is one graph node with a hand-written backward, kept only because its composed
+definition in `civetta.functional` is several times slower on the bench model (see
+`benchmarks/bench_ops.py`). Every op has a test that it agrees with that composed reference in
+value and gradient (`tests/test_fused.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from civetta import axioms as ax
+from civetta.functional import GELU_C
+from civetta.tensor import Tensor, make_node
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x · Wᵀ + b for W of shape (out, in) as one GEMM over the flattened leading axes, the bias
+    added in place. Reference: `add(matmul(x, transpose(W)), b)` through the axioms."""
+    data, w = x.data, weight.data
+    in_features, out_features = w.shape[1], w.shape[0]
+    x2 = data.reshape(-1, in_features)
+    out = x2 @ w.T
+    if bias is not None:
+        out += bias.data
+    need_x, need_w = x.requires_grad, weight.requires_grad
+    need_b = bias is not None and bias.requires_grad
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        g2 = g.reshape(-1, out_features)
+        grads = (
+            (g2 @ w).reshape(data.shape) if need_x else None,
+            g2.T @ x2 if need_w else None,
+        )
+        return (*grads, g2.sum(axis=0) if need_b else None) if bias is not None else grads
+
+    parents = (x, weight) if bias is None else (x, weight, bias)
+    return make_node(out.reshape(*data.shape[:-1], out_features), parents, backward)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU (tanh approximation); reference: `functional.gelu`."""
+    data = x.data
+    dtype = data.dtype.type
+    inner = data * data
+    inner *= dtype(0.044715)
+    inner += dtype(1.0)
+    inner *= data
+    inner *= dtype(GELU_C)  # √(2/π)·(x + 0.044715·x³)
+    t = np.tanh(inner, out=inner)
+    out = t + dtype(1.0)
+    out *= data
+    out *= dtype(0.5)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        # d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)
+        poly = data * data
+        poly *= dtype(3 * 0.044715 * GELU_C)
+        poly += dtype(GELU_C)
+        poly *= data
+        sech2 = t * t
+        np.subtract(dtype(1.0), sech2, out=sech2)
+        poly *= sech2
+        poly += t
+        poly += dtype(1.0)
+        poly *= dtype(0.5)
+        poly *= g
+        return (poly,)
+
+    return make_node(out, (x,), backward)
+
+
+def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """(x − mean) / sqrt(var + eps) over the last axis: LayerNorm without its affine part.
+
+    Reference: `functional.layer_norm(x, None, None, eps)`.
+    """
+    data = x.data
+    mu = data.mean(axis=-1, keepdims=True)
+    centred = data - mu
+    variance = np.einsum("...i,...i->...", centred, centred)[..., None]
+    variance *= data.dtype.type(1.0 / data.shape[-1])
+    rstd = 1.0 / np.sqrt(variance + data.dtype.type(eps))
+    xhat = centred
+    xhat *= rstd
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        # dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))
+        n = data.dtype.type(1.0 / data.shape[-1])
+        g_mean = g.mean(axis=-1, keepdims=True)
+        gx_mean = np.einsum("...i,...i->...", g, xhat)[..., None]
+        gx_mean *= n
+        dx = xhat * gx_mean
+        np.subtract(g, dx, out=dx)
+        dx -= g_mean
+        dx *= rstd
+        return (dx,)
+
+    return make_node(xhat, (x,), backward)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm: the fused normalisation, then the affine part through the axioms."""
+    out = normalize(x, eps)
+    if weight is not None:
+        out = ax.mul(out, weight)
+    if bias is not None:
+        out = ax.add(out, bias)
+    return out
+
+
+def softmax(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
+    """Softmax over the last axis; where `mask` is False the probability is exactly 0.
+
+    Reference: `functional.softmax` of `where(mask, x, -inf)`.
+    """
+    data = x.data
+    if mask is not None:
+        data = np.where(mask, data, data.dtype.type(-np.inf))
+    shifted = data - data.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted, out=shifted)
+    probs /= probs.sum(axis=-1, keepdims=True)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        # dx = p · (g − Σ g·p)
+        dx = g * probs
+        dx -= probs * dx.sum(axis=-1, keepdims=True)
+        return (dx,)
+
+    return make_node(probs, (x,), backward)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """softmax(q·kᵀ/√d) · v with the fused softmax; reference: the functional version."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = ax.matmul(ax.mul(q, scale), ax.transpose(k, (0, 1, 3, 2)))  # (B, nh, T, T)
+    mask = None
+    if causal:
+        t_query, t_key = q.shape[-2], k.shape[-2]
+        mask = np.tril(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query)
+    return ax.matmul(softmax(scores, mask), v)  # (B, nh, T, hs)
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy from logits (..., V) via log-probabilities; one node.
+
+    Reference: `functional.cross_entropy`.
+    """
+    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)
+    vocab = logits.shape[-1]
+    flat = logits.data.reshape(-1, vocab)
+    keep = targets != ignore_index
+    count = max(int(keep.sum()), 1)
+    rows = np.arange(targets.size)[keep]
+    cols = targets[keep]
+    shift = flat.max(axis=-1, keepdims=True)
+    shifted = flat - shift
+    logsumexp = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    log_probs = shifted
+    log_probs -= logsumexp
+    loss = -log_probs[rows, cols].sum(dtype=np.float64) / count
+    shape = logits.shape
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        # d loss / d logits = (softmax − onehot(target)) / count on kept rows, 0 elsewhere.
+        grad = np.exp(log_probs)
+        grad[rows, cols] -= 1.0
+        if not keep.all():
+            grad[~keep] = 0.0
+        grad *= flat.dtype.type(g / count)
+        return (grad.reshape(shape),)
+
+    return make_node(np.asarray(loss, dtype=logits.dtype), (logits,), backward)

@@ -1,0 +1,132 @@
+"""A GPT-2 style language model with nanoGPT's parameter names and PyTorch's weight layout.
+
+Pre-LayerNorm blocks, learned positions, GELU (tanh), causal attention scaled by 1/√head_size,
+q, k, v packed in that order in ``c_attn``; with ``tie_embeddings`` the head reuses the token
+embedding (``lm_head.weight`` is the same array as ``transformer.wte.weight``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from civetta import axioms as ax
+from civetta.nn import DENSE, Block, DenseLayout, Embedding, LayerNorm, Linear, Module, merge
+from civetta.tensor import Tensor
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256
+    block_size: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    tie_embeddings: bool = True
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        c, b = self.n_embd, int(self.bias)
+        layer_norm = c * (1 + b)
+        per_block = 2 * layer_norm + 12 * c * c + b * (3 * c + c + 4 * c + c)
+        head = 0 if self.tie_embeddings else self.vocab_size * c
+        embeddings = (self.vocab_size + self.block_size) * c
+        return embeddings + self.n_layer * per_block + layer_norm + head
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Model training FLOPs per token, as nanoGPT and PaLM count them.
+
+        6 · N for the weights that take part in matmuls (all but the position table: forward 2,
+        backward 4 FLOPs per weight and token) plus 12 · n_layer · n_embd · T for the attention
+        scores and the weighted sum of values over the full T×T matrix.
+        """
+        t = seq_len or self.block_size
+        matmul_weights = self.num_parameters() - self.block_size * self.n_embd
+        return 6 * matmul_weights + 12 * self.n_layer * self.n_embd * t
+
+
+def GPT(  # noqa: N802 - a module constructor reads like a class
+    config: GPTConfig, seed: int = 0, dtype: Any = np.float32, layout: DenseLayout = DENSE
+) -> Module:
+    """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits."""
+    c = config
+    proj_std = 0.02 / math.sqrt(2 * c.n_layer)  # residual projections, as GPT-2
+    wte = layout.token_embedding("transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype)
+    wpe = Embedding("transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype)
+    blocks = [
+        Block(
+            f"transformer.h.{i}",
+            c.n_embd,
+            c.n_head,
+            proj_std=proj_std,
+            bias=c.bias,
+            seed=seed,
+            dtype=dtype,
+            layout=layout,
+        )
+        for i in range(c.n_layer)
+    ]
+    ln_f = LayerNorm("transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype)
+    modules = [wte, wpe, *blocks, ln_f]
+    aliases = {}
+    if c.tie_embeddings:
+        head_weight = wte.params["transformer.wte.weight"]
+        aliases["lm_head.weight"] = "transformer.wte.weight"
+    else:
+        head = layout.token_embedding("lm_head", c.vocab_size, c.n_embd, seed=seed, dtype=dtype)
+        head_weight = head.params["lm_head.weight"]
+        modules.append(head)
+
+    def hidden(idx: np.ndarray) -> Tensor:
+        idx = np.asarray(idx)
+        if idx.shape[-1] > c.block_size:
+            raise ValueError(f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}")
+        x = ax.add(wte(idx), wpe(layout.local_positions(idx.shape[-1])))  # (B, T, C)
+        for block in blocks:
+            x = block(x)
+        return ln_f(x)
+
+    def forward(idx: np.ndarray, targets: np.ndarray) -> Tensor:
+        return layout.lm_loss(hidden(idx), head_weight, np.asarray(targets))
+
+    model = Module(forward, merge(*modules), aliases)
+    model.logits = lambda idx: layout.lm_logits(hidden(idx), head_weight)  # type: ignore[attr-defined]
+    model.config = config  # type: ignore[attr-defined]
+    return model
+
+
+def MLPModel(  # noqa: N802
+    sizes: tuple[int, ...], seed: int = 0, dtype: Any = np.float32
+) -> Module:
+    """A small ReLU multilayer perceptron classifier for quick experiments:
+    ``model(x, labels)`` → mean cross-entropy."""
+    from civetta import fused
+    from civetta.functional import relu
+
+    layers = [
+        Linear(f"layers.{i}", sizes[i], sizes[i + 1], seed=seed, dtype=dtype)
+        for i in range(len(sizes) - 1)
+    ]
+
+    def logits(x: Any) -> Tensor:
+        h = x if isinstance(x, Tensor) else Tensor(np.asarray(x, dtype=dtype))
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i < len(layers) - 1:
+                h = relu(h)
+        return h
+
+    def forward(x: Any, labels: np.ndarray) -> Tensor:
+        return fused.cross_entropy(logits(x), labels)
+
+    model = Module(forward, merge(*layers))
+    model.logits = logits  # type: ignore[attr-defined]
+    return model

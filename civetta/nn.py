@@ -1,0 +1,278 @@
+"""Parametric functions (modules).
+
+A constructor creates its parameters, captures them in the closure of a forward function and
+returns ``Module(forward, params)``. ``params`` is an ordered dict with dotted names
+(``transformer.h.0.attn.c_attn.weight``): sharding, checkpoints and optimizers address
+parameters by these names, never through the closure.
+
+Initialisation is seeded by the parameter's name and the run seed, so every parallel layout
+builds the same full weights and each rank can take exactly its shard.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from civetta import axioms as ax
+from civetta import fused
+from civetta.tensor import Tensor
+
+
+class StateDictError(ValueError):
+    """A state dict that does not fit the module (missing, unexpected or mis-shaped keys)."""
+
+
+@dataclass
+class Module:
+    """A forward function plus the parameters its closure captured, by dotted name.
+
+    ``aliases`` maps extra state-dict names to parameter names (a tied ``lm_head.weight`` is the
+    same array as ``transformer.wte.weight``).
+    """
+
+    forward: Callable[..., Any]
+    params: dict[str, Tensor]
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        return iter(self.params.items())
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {name: p.data for name, p in self.params.items()}
+        for alias, target in self.aliases.items():
+            state[alias] = self.params[target].data
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Copy arrays in place; any missing, unexpected or mis-shaped key is an error."""
+        expected = set(self.params) | set(self.aliases)
+        missing = sorted(set(self.params) - set(state))
+        unexpected = sorted(set(state) - expected)
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        for name, p in self.params.items():
+            if name in state and np.shape(state[name]) != p.shape:
+                problems.append(f"{name}: expected shape {p.shape}, got {np.shape(state[name])}")
+        if problems:
+            raise StateDictError("; ".join(problems))
+        for name, p in self.params.items():
+            p.data[...] = state[name]
+
+
+def merge(*modules: Module) -> dict[str, Tensor]:
+    """The union of several modules' parameters, in order."""
+    params: dict[str, Tensor] = {}
+    for module in modules:
+        params.update(module.params)
+    return params
+
+
+# ---- seeded initialisation ----------------------------------------------------------------------
+def param_rng(name: str, seed: int) -> np.random.Generator:
+    """A generator that depends only on the parameter's name and the run seed."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def normal_init(name: str, shape: tuple[int, ...], std: float, seed: int) -> np.ndarray:
+    """Draw in float64 so float32 and float64 runs start from the same (rounded) weights."""
+    return param_rng(name, seed).normal(0.0, std, size=shape)
+
+
+def parameter(array: np.ndarray, dtype: Any) -> Tensor:
+    return Tensor(np.ascontiguousarray(array, dtype=dtype), requires_grad=True)
+
+
+# ---- dense modules ------------------------------------------------------------------------------
+def Linear(  # noqa: N802 - a module constructor reads like a class
+    name: str,
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool = True,
+    std: float = 0.02,
+    seed: int = 0,
+    dtype: Any = np.float32,
+) -> Module:
+    """y = x · Wᵀ + b with W of shape (out_features, in_features), PyTorch's layout."""
+    weight = parameter(normal_init(f"{name}.weight", (out_features, in_features), std, seed), dtype)
+    params = {f"{name}.weight": weight}
+    b = None
+    if bias:
+        b = parameter(np.zeros(out_features), dtype)
+        params[f"{name}.bias"] = b
+
+    def forward(x: Tensor) -> Tensor:
+        return fused.linear(x, weight, b)
+
+    return Module(forward, params)
+
+
+def Embedding(  # noqa: N802
+    name: str,
+    num_embeddings: int,
+    dim: int,
+    *,
+    std: float = 0.02,
+    seed: int = 0,
+    dtype: Any = np.float32,
+) -> Module:
+    """Rows of a (num_embeddings, dim) table picked by integer index."""
+    weight = parameter(normal_init(f"{name}.weight", (num_embeddings, dim), std, seed), dtype)
+
+    def forward(idx: np.ndarray) -> Tensor:
+        return ax.getitem(weight, np.asarray(idx))
+
+    return Module(forward, {f"{name}.weight": weight})
+
+
+def LayerNorm(  # noqa: N802
+    name: str, dim: int, *, bias: bool = True, eps: float = 1e-5, dtype: Any = np.float32
+) -> Module:
+    weight = parameter(np.ones(dim), dtype)
+    params = {f"{name}.weight": weight}
+    b = None
+    if bias:
+        b = parameter(np.zeros(dim), dtype)
+        params[f"{name}.bias"] = b
+
+    def forward(x: Tensor) -> Tensor:
+        return fused.layer_norm(x, weight, b, eps)
+
+    return Module(forward, params)
+
+
+# ---- layouts: where a module's parameters live --------------------------------------------------
+class DenseLayout:
+    """Every parameter whole, on one process. `parallel.tensor_parallel` provides a layout with
+    the same methods that shards by the same parameter names."""
+
+    tp_size = 1
+
+    def column_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
+        """A linear whose output features a tensor-parallel layout splits across ranks.
+        `packed` (default 1) says the outputs are that many equal blocks (q, k, v), each split
+        separately so heads stay whole."""
+        kw.pop("packed", None)
+        return Linear(name, in_features, out_features, **kw)
+
+    def row_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
+        """A linear whose input features a tensor-parallel layout splits across ranks."""
+        return Linear(name, in_features, out_features, **kw)
+
+    def token_embedding(self, name: str, vocab_size: int, dim: int, **kw: Any) -> Module:
+        return Embedding(name, vocab_size, dim, **kw)
+
+    def local_positions(self, block: int) -> np.ndarray:
+        """Positions of the sequence this rank holds in the residual stream."""
+        return np.arange(block)
+
+    def lm_loss(self, hidden: Tensor, weight: Tensor, targets: np.ndarray) -> Tensor:
+        """Mean cross-entropy of the logits hidden · weightᵀ."""
+        logits = ax.matmul(hidden, ax.transpose(weight, (1, 0)))  # (B, T, V)
+        return fused.cross_entropy(logits, targets)
+
+    def lm_logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        return ax.matmul(hidden, ax.transpose(weight, (1, 0)))
+
+
+DENSE = DenseLayout()
+
+
+def MLP(  # noqa: N802
+    name: str,
+    dim: int,
+    hidden: int,
+    *,
+    proj_std: float,
+    bias: bool = True,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    layout: DenseLayout = DENSE,
+) -> Module:
+    """c_fc → GELU → c_proj: column-parallel then row-parallel under tensor parallelism."""
+    c_fc = layout.column_linear(f"{name}.c_fc", dim, hidden, bias=bias, seed=seed, dtype=dtype)
+    c_proj = layout.row_linear(
+        f"{name}.c_proj", hidden, dim, bias=bias, std=proj_std, seed=seed, dtype=dtype
+    )
+
+    def forward(x: Tensor) -> Tensor:
+        return c_proj(fused.gelu(c_fc(x)))
+
+    return Module(forward, merge(c_fc, c_proj))
+
+
+def CausalSelfAttention(  # noqa: N802
+    name: str,
+    dim: int,
+    n_head: int,
+    *,
+    proj_std: float,
+    bias: bool = True,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    layout: DenseLayout = DENSE,
+) -> Module:
+    """Multi-head causal attention, q, k, v packed in that order in c_attn, scaled by 1/√hs."""
+    head_size = dim // n_head
+    local_heads = n_head // layout.tp_size  # tensor parallelism splits whole heads
+    c_attn = layout.column_linear(
+        f"{name}.c_attn", dim, 3 * dim, bias=bias, seed=seed, dtype=dtype, packed=3
+    )
+    c_proj = layout.row_linear(
+        f"{name}.c_proj", dim, dim, bias=bias, std=proj_std, seed=seed, dtype=dtype
+    )
+
+    def forward(x: Tensor) -> Tensor:
+        qkv = c_attn(x)  # (B, T, 3·nh·hs) for this rank's heads
+        batch, block = qkv.shape[0], qkv.shape[1]
+        qkv = ax.reshape(qkv, (batch, block, 3, local_heads, head_size))
+        qkv = ax.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, nh, T, hs)
+        q, k, v = (ax.reshape(t, t.shape[1:]) for t in ax.split(qkv, 3, axis=0))
+        y = fused.scaled_dot_product_attention(q, k, v, causal=True)  # (B, nh, T, hs)
+        y = ax.reshape(ax.transpose(y, (0, 2, 1, 3)), (batch, block, local_heads * head_size))
+        return c_proj(y)
+
+    return Module(forward, merge(c_attn, c_proj))
+
+
+def Block(  # noqa: N802
+    name: str,
+    dim: int,
+    n_head: int,
+    *,
+    proj_std: float,
+    bias: bool = True,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    layout: DenseLayout = DENSE,
+) -> Module:
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+    common = dict(bias=bias, seed=seed, dtype=dtype, layout=layout, proj_std=proj_std)
+    ln_1 = LayerNorm(f"{name}.ln_1", dim, bias=bias, dtype=dtype)
+    attn = CausalSelfAttention(f"{name}.attn", dim, n_head, **common)
+    ln_2 = LayerNorm(f"{name}.ln_2", dim, bias=bias, dtype=dtype)
+    mlp = MLP(f"{name}.mlp", dim, 4 * dim, **common)
+
+    def forward(x: Tensor) -> Tensor:
+        x = ax.add(x, attn(ln_1(x)))
+        return ax.add(x, mlp(ln_2(x)))
+
+    return Module(forward, merge(ln_1, attn, ln_2, mlp))

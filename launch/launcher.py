@@ -1,0 +1,62 @@
+"""Starting the ranks: re-execute `civetta` under `mpiexec -n N` when a layout needs N > 1.
+
+The launcher is, in order: `--mpiexec PATH`, `$CIVETTA_MPIEXEC`, the `mpiexec` installed beside
+this Python (the `mpich` wheel puts it there), then `mpiexec` on PATH. Each rank gets
+`OMP_NUM_THREADS=1` unless the user set it, so N ranks on few cores do not fight over threads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from parallel.comm import launched_by_mpi
+
+
+class LauncherError(RuntimeError):
+    """No usable MPI launcher; one line for the user."""
+
+
+def inside_mpi_job() -> bool:
+    """Started by mpirun/mpiexec/srun: every rank runs the experiment in place."""
+    return launched_by_mpi() or ("SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ)
+
+
+def find_mpiexec(explicit: str | None = None) -> str:
+    candidates = [explicit, os.environ.get("CIVETTA_MPIEXEC")]
+    candidates.append(str(Path(sys.executable).parent / "mpiexec"))
+    candidates.append(shutil.which("mpiexec"))
+    for candidate in candidates:
+        if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
+            return shutil.which(candidate) or candidate
+    if explicit:
+        raise LauncherError(f"error: --mpiexec {explicit!r} is not an executable")
+    raise LauncherError(
+        "error: no mpiexec found: install the 'mpich' wheel, or set CIVETTA_MPIEXEC / --mpiexec"
+    )
+
+
+def rank_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OPENBLAS_NUM_THREADS", env["OMP_NUM_THREADS"])
+    return env
+
+
+def mpi_command(n: int, argv: list[str], mpiexec: str | None = None) -> list[str]:
+    """The command that runs `python -m launch ARGV` on `n` ranks."""
+    return [find_mpiexec(mpiexec), "-n", str(n), sys.executable, "-m", "launch", *argv]
+
+
+def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> int:
+    """Run this command line again on `n` ranks and return the job's exit code."""
+    try:
+        command = mpi_command(n, argv, mpiexec)
+    except LauncherError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    completed = subprocess.run(command, env=rank_environment(), check=False)
+    return completed.returncode

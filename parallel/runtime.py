@@ -1,0 +1,79 @@
+"""What a training loop needs to know about the layout it runs in.
+
+A `Runtime` ties a `Mesh` to the parameter layout of the model (dense or tensor-parallel) and
+offers the few layout-dependent steps of a training step: this rank's share of the batch,
+gradient synchronisation, the global gradient norm, and the loss averaged over data-parallel
+ranks. With a world of one rank every step is local and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from civetta.nn import DENSE, DenseLayout
+from parallel.comm import Ledger
+from parallel.data_parallel import GradientAverager
+from parallel.mesh import Mesh
+from parallel.tensor_parallel import TensorParallelLayout
+
+
+class Runtime:
+    def __init__(
+        self, mesh: Mesh | None = None, sequence_parallel: bool = False, bucket_mb: float = 25.0
+    ) -> None:
+        self.mesh = Mesh() if mesh is None else mesh
+        self.ledger: Ledger = self.mesh.ledger
+        self.dp_group = self.mesh.group("dp")
+        self.tp_group = self.mesh.group("tp")
+        self.layout: DenseLayout = DENSE
+        if self.tp_group.size > 1:
+            self.layout = TensorParallelLayout(self.tp_group, sequence_parallel)
+        self.sequence_parallel = sequence_parallel and self.tp_group.size > 1
+        self.averager = GradientAverager(self.dp_group, bucket_mb)
+
+    @property
+    def rank(self) -> int:
+        return self.mesh.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.mesh.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp_group.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp_group.size
+
+    def _sharded(self, name: str) -> bool:
+        layout = self.layout
+        return isinstance(layout, TensorParallelLayout) and name in layout.sharded
+
+    def synchronize_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Sum sequence-parallel partial gradients over tp, then average over dp."""
+        if self.sequence_parallel:
+            # Replicated parameters saw only this rank's part of the sequence.
+            grads = {
+                name: g if self._sharded(name) else self.tp_group.all_reduce(g)
+                for name, g in grads.items()
+            }
+        return self.averager(grads)
+
+    def global_grad_sq_norm(self, grads: dict[str, np.ndarray]) -> float:
+        """Σ g² over the whole model: shards counted on their rank, replicated parameters once."""
+        total = np.zeros(1)
+        for name, g in grads.items():
+            if self.tp_group.rank == 0 or self._sharded(name):
+                flat = g.reshape(-1).astype(np.float64, copy=False)
+                total[0] += np.dot(flat, flat)
+        return float(self.tp_group.all_reduce(total)[0])
+
+    def mean_over_data_parallel(self, value: float) -> float:
+        """The mean of a per-rank scalar over the dp group (every rank gets it)."""
+        if self.dp_group.size == 1:
+            return value
+        with self.ledger.phase("other"):
+            total = self.dp_group.all_reduce(np.array([value], dtype=np.float64))
+        return float(total[0]) / self.dp_group.size
