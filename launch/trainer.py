@@ -90,6 +90,7 @@ class Trainer:
         )
         self.schedule = lr_schedule(config)
         self.grad_bytes = 0
+        self.last_grads: dict[str, np.ndarray] = {}
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self, step: int) -> StepRecord:
@@ -114,6 +115,7 @@ class Trainer:
         grads = {name: p.grad for name, p in self.model.params.items()}
         with rt.ledger.phase("optimizer"):
             grads = rt.synchronize_gradients(grads)
+            self.last_grads = grads  # the step's synchronised gradients, before clipping
             grad_norm = math.sqrt(rt.global_grad_sq_norm(grads))
             coef = clip_coefficient(grad_norm, c.train.grad_clip) if c.train.grad_clip else 1.0
             if coef < 1.0:

@@ -49,7 +49,15 @@ class Runtime:
 
     def _sharded(self, name: str) -> bool:
         layout = self.layout
-        return isinstance(layout, TensorParallelLayout) and name in layout.sharded
+        return isinstance(layout, TensorParallelLayout) and layout.is_sharded(name)
+
+    def full_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Whole parameters or gradients from this rank's shards (collective over tp)."""
+        layout = self.layout
+        if not isinstance(layout, TensorParallelLayout):
+            return dict(arrays)
+        with self.ledger.phase("other"):
+            return {name: layout.full_array(name, a) for name, a in arrays.items()}
 
     def synchronize_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Sum sequence-parallel partial gradients over tp, then average over dp."""

@@ -65,8 +65,24 @@ class TensorParallelLayout(DenseLayout):
         self.tp_size = group.size
         self.rank = group.rank
         self.sequence_parallel = sequence_parallel
-        self.sharded: set[str] = set()  # parameter names split over the tp group
+        # Parameter name -> (axis it is split along, number of packed blocks split separately).
+        self.placements: dict[str, tuple[int, int]] = {}
         self.vocab_start = 0
+
+    def is_sharded(self, name: str) -> bool:
+        return name in self.placements
+
+    def full_array(self, name: str, local: np.ndarray) -> np.ndarray:
+        """The whole parameter (or gradient) from every rank's shard; collective over tp."""
+        if name not in self.placements:
+            return local
+        axis, packed = self.placements[name]
+        pieces = np.split(self.group.all_gather(local, axis=axis), self.tp_size, axis=axis)
+        if packed == 1:
+            return np.concatenate(pieces, axis=axis)
+        # Each rank holds its part of every packed block (q, k, v): regroup block by block.
+        blocks = [np.split(piece, packed, axis=axis) for piece in pieces]
+        return np.concatenate([part[i] for i in range(packed) for part in blocks], axis=axis)
 
     # ---- entry and exit of the tensor-parallel regions ----------------------------------------
     def _enter(self, x: Tensor) -> Tensor:
@@ -100,7 +116,7 @@ class TensorParallelLayout(DenseLayout):
         if bias:
             b = parameter(np.zeros(len(rows)), dtype)
             params[f"{name}.bias"] = b
-        self.sharded.update(params)
+        self.placements.update((p, (0, packed)) for p in params)
 
         def forward(x: Tensor) -> Tensor:
             return fused.linear(self._enter(x), weight, b)  # (B, T, out/tp)
@@ -122,7 +138,7 @@ class TensorParallelLayout(DenseLayout):
         full = normal_init(f"{name}.weight", (out_features, in_features), std, seed)
         weight = parameter(full[:, cols], dtype)
         params = {f"{name}.weight": weight}
-        self.sharded.add(f"{name}.weight")
+        self.placements[f"{name}.weight"] = (1, 1)
         b = None
         if bias:  # replicated: added once, after the partial sums are combined
             b = parameter(np.zeros(out_features), dtype)
@@ -142,7 +158,7 @@ class TensorParallelLayout(DenseLayout):
         local_vocab = rows.stop - rows.start
         full = normal_init(f"{name}.weight", (vocab_size, dim), std, seed)
         weight = parameter(full[rows], dtype)
-        self.sharded.add(f"{name}.weight")
+        self.placements[f"{name}.weight"] = (0, 1)
         start = rows.start
 
         def forward(idx: np.ndarray) -> Tensor:

@@ -1,0 +1,50 @@
+"""Train a tiny GPT for a few steps under the layout given by `--set` overrides.
+
+    train_worker.py OUT.npz [key=value ...]
+
+Rank 0 writes OUT.npz: each step's loss (`loss`), the synchronised full gradients of every step
+gathered from the shards (`grad.<step>.<name>`), the final full parameters (`param.<name>`), and
+this rank's ledger totals by (op, axis, phase) as a JSON string (`ledger`). Run without MPI it
+is the single-process reference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from launch.config import load
+from launch.trainer import Trainer
+from parallel.mesh import Mesh
+from parallel.runtime import Runtime
+
+
+def main() -> None:
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    config = load(None, overrides)
+    p = config.parallel
+    mesh = Mesh(p.dp, p.tp, p.pp, p.order)
+    runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb)
+    trainer = Trainer(config, runtime)
+    losses, local_grads = [], []
+    for step in range(config.train.steps):
+        losses.append(trainer.step(step).loss)
+        local_grads.append({name: g.copy() for name, g in trainer.last_grads.items()})
+    ledger = runtime.ledger.as_list()  # the training's traffic, before the gathers below
+    arrays: dict[str, np.ndarray] = {}
+    for step, grads in enumerate(local_grads):
+        full = runtime.full_arrays(grads)
+        arrays.update({f"grad.{step}.{name}": g for name, g in full.items()})
+    params = runtime.full_arrays({n: p.data for n, p in trainer.model.params.items()})
+    arrays.update({f"param.{name}": a for name, a in params.items()})
+    if mesh.rank == 0:
+        arrays["loss"] = np.array(losses)
+        arrays["ledger"] = np.array(json.dumps(ledger))
+        arrays["grad_bytes"] = np.array(trainer.grad_bytes)
+        np.savez(out_path, **arrays)
+
+
+if __name__ == "__main__":
+    main()
