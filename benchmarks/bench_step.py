@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from civetta.allocator import keep_freed_memory
 from civetta.data import load_dataset
 from civetta.models.gpt import GPT, GPTConfig
 from civetta.optim import AdamW
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = parser.parse_args()
     dtype = np.dtype(args.dtype)
+    keep_freed_memory()  # as `civetta train` does
 
     model = GPT(BENCH, seed=0, dtype=dtype)
     optimizer = AdamW(model.params, lr=1e-3)
@@ -76,7 +78,8 @@ def main() -> None:
     print(f"  {'step':<10} {step_time * 1e3:8.1f} ms  ({tokens / step_time:,.0f} tokens/s)")
     print(f"model FLOPs per step      {model_flops / 1e9:8.2f} GFLOP")
     print(f"achieved                  {achieved / 1e9:8.1f} GFLOP/s")
-    print(f"{'s' if dtype == np.float32 else 'd'}gemm {n}x{n}x{n}          {gemm_rate / 1e9:8.1f} GFLOP/s")
+    gemm_name = f"{'s' if dtype == np.float32 else 'd'}gemm {n}x{n}x{n}"
+    print(f"{gemm_name:<25} {gemm_rate / 1e9:8.1f} GFLOP/s")
     print(f"MFU against gemm          {achieved / gemm_rate:8.3f}")
 
 

@@ -157,7 +157,9 @@ def max(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa:
         share = winners / np.sum(winners, axis=axes, keepdims=True, dtype=x.dtype)
         return (g.reshape(kept) * share,)
 
-    out = kept_max if keepdims else kept_max.reshape([n for i, n in enumerate(kept) if i not in axes])
+    out = (
+        kept_max if keepdims else kept_max.reshape([n for i, n in enumerate(kept) if i not in axes])
+    )
     return make_node(out, (a,), backward)
 
 

@@ -25,17 +25,21 @@ def div(a: Any, b: Any) -> Tensor:
 
 
 def pow(a: Tensor, exponent: float) -> Tensor:  # noqa: A001
-    """`a ** exponent` for a constant exponent: repeated products for small integers, else
-    exp(exponent · log a), which needs a positive `a`."""
-    if float(exponent).is_integer() and 1 <= exponent <= 4:
-        out = a
-        for _ in range(int(exponent) - 1):
-            out = ax.mul(out, a)
-        return out
-    if exponent == 0:
-        return Tensor(np.ones_like(a.data))
-    if float(exponent).is_integer() and -4 <= exponent < 0:
-        return ax.reciprocal(pow(a, -exponent))
+    """`a ** exponent` for a constant exponent: products (by repeated squaring) for integers, so
+    any sign of `a` works, else exp(exponent · log a), which needs a positive `a`."""
+    if float(exponent).is_integer():
+        n = int(exponent)
+        if n == 0:
+            return Tensor(np.ones_like(a.data))
+        out, square, k = None, a, abs(n)
+        while True:
+            if k & 1:
+                out = square if out is None else ax.mul(out, square)
+            k >>= 1
+            if not k:
+                break
+            square = ax.mul(square, square)
+        return out if n > 0 else ax.reciprocal(out)
     return ax.exp(ax.mul(ax.log(a), float(exponent)))
 
 
@@ -44,8 +48,11 @@ def sqrt(a: Tensor) -> Tensor:
 
 
 def tanh(a: Tensor) -> Tensor:
-    # tanh(x) = 2 / (1 + exp(-2x)) - 1, stable for both signs since exp(-2x) -> inf gives -1.
-    return sub(ax.mul(ax.reciprocal(ax.add(ax.exp(ax.mul(a, -2.0)), 1.0)), 2.0), 1.0)
+    # tanh(x) = s · (2 / (1 + exp(-2|x|)) - 1) with the constant s = ±1 and |x| = s · x. The
+    # exponent stays <= 0: with exp(-2x) overflowing, the backward would compute 0 · inf = NaN.
+    sign = Tensor(np.where(a.data >= 0, 1, -1).astype(a.dtype))
+    decay = ax.exp(ax.mul(ax.mul(a, sign), -2.0))
+    return ax.mul(sub(ax.mul(ax.reciprocal(ax.add(decay, 1.0)), 2.0), 1.0), sign)
 
 
 def relu(a: Tensor) -> Tensor:
@@ -83,21 +90,29 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 def matmul_reference(a: Tensor, b: Tensor) -> Tensor:
     """The seed's point: a matrix product is a broadcast multiply followed by a sum."""
     # a: (..., M, K) -> (..., M, K, 1); b: (..., K, N) -> (..., 1, K, N); sum over K.
-    product = ax.mul(ax.reshape(a, a.shape + (1,)), ax.reshape(b, b.shape[:-2] + (1,) + b.shape[-2:]))
+    product = ax.mul(ax.reshape(a, (*a.shape, 1)), ax.reshape(b, (*b.shape[:-2], 1, *b.shape[-2:])))
     return ax.sum(product, axis=-2)
+
+
+def _max_shift(a: Tensor, axis: Any) -> np.ndarray:
+    """The max along `axis` (kept), as a constant; 0 where it is infinite (masked rows)."""
+    shift = np.max(a.data, axis=axis, keepdims=True)
+    return np.where(np.isfinite(shift), shift, 0).astype(a.dtype)
 
 
 def logsumexp(a: Tensor, axis: int = -1, keepdims: bool = False) -> Tensor:
     """log(sum(exp(a))) shifted by the (constant) max, so it never overflows."""
-    shift = np.max(a.data, axis=axis, keepdims=True)
-    shift = np.where(np.isfinite(shift), shift, 0).astype(a.dtype)
+    shift = _max_shift(a, axis)
     total = ax.sum(ax.exp(sub(a, Tensor(shift))), axis=axis, keepdims=True)
     out = ax.add(ax.log(total), Tensor(shift))
     return out if keepdims else ax.reshape(out, np.squeeze(shift, axis=axis).shape)
 
 
 def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
-    return sub(a, logsumexp(a, axis=axis, keepdims=True))
+    # (a - max) - log(sum(exp(a - max))): `a - logsumexp(a)` would add the max back and take it
+    # away again, losing the low bits of large float32 logits (1e-3 absolute at 1e4).
+    shifted = sub(a, Tensor(_max_shift(a, axis)))
+    return sub(shifted, ax.log(ax.sum(ax.exp(shifted), axis=axis, keepdims=True)))
 
 
 def softmax(a: Tensor, axis: int = -1) -> Tensor:

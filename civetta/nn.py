@@ -68,9 +68,20 @@ class Module:
             problems.append(f"missing keys: {', '.join(missing)}")
         if unexpected:
             problems.append(f"unexpected keys: {', '.join(unexpected)}")
-        for name, p in self.params.items():
+        for name, p in [
+            *self.params.items(),
+            *((a, self.params[t]) for a, t in self.aliases.items()),
+        ]:
             if name in state and np.shape(state[name]) != p.shape:
                 problems.append(f"{name}: expected shape {p.shape}, got {np.shape(state[name])}")
+        for alias, target in self.aliases.items():
+            same_shape = (
+                alias in state
+                and target in state
+                and np.shape(state[alias]) == np.shape(state[target])
+            )
+            if same_shape and not np.array_equal(state[alias], state[target]):
+                problems.append(f"{alias}: tied to {target} but holds different values")
         if problems:
             raise StateDictError("; ".join(problems))
         for name, p in self.params.items():

@@ -57,7 +57,7 @@ activation_meter = ActivationMeter()
 
 
 class Tensor:
-    __slots__ = ("data", "requires_grad", "grad", "_parents", "_backward", "_held", "__weakref__")
+    __slots__ = ("__weakref__", "_backward", "_held", "_parents", "data", "grad", "requires_grad")
 
     __array_priority__ = 100  # numpy defers `ndarray op Tensor` to our reflected methods
 
@@ -136,6 +136,7 @@ class Tensor:
             raise ValueError(f"grad shape {grad.shape} does not match tensor shape {self.shape}")
 
         pending: dict[Tensor, np.ndarray] = {self: grad}
+        stored: set[int] = set()  # ids of arrays this pass already gave to a leaf
         for node in reversed(_topological_order(self)):
             g = pending.pop(node, None)
             if g is None:
@@ -143,7 +144,11 @@ class Tensor:
             if node._backward is None:
                 if node._parents:
                     raise RuntimeError("graph already freed: pass retain_graph=True to reuse it")
-                node.grad = g if node.grad is None else node.grad + g
+                if node.grad is None:
+                    node.grad = _private(g, grad, stored)
+                    stored.add(id(node.grad))
+                else:
+                    node.grad = np.asarray(node.grad + g)
                 continue
             parent_grads = node._backward(g)
             for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
@@ -256,6 +261,25 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             if parent.requires_grad and parent not in visited:
                 stack.append((parent, False))
     return order
+
+
+def _private(g: np.ndarray, caller_grad: np.ndarray, stored: set[int]) -> np.ndarray:
+    """`g` itself when no one else holds it, else a copy: a leaf's ``.grad`` must be its own
+    writable array, since optimizers and all-reduces update it in place.
+
+    Backward closures return fresh arrays or views. Views (a reshape, sum's read-only broadcast)
+    do not own their data; a fresh array may still be shared: `add` hands one array to both
+    inputs, and the caller keeps the upstream gradient it passed in. Stealing the rest saves a
+    parameter-sized copy per leaf and step.
+    """
+    fresh = (
+        isinstance(g, np.ndarray)
+        and g.flags.owndata
+        and g.flags.writeable
+        and g is not caller_grad
+        and id(g) not in stored
+    )
+    return g if fresh else np.array(g)
 
 
 def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardFn) -> Tensor:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from civetta.data import DataError
+from civetta.data import DataError, load_dataset
 from launch.config import ConfigError, ExperimentConfig, load
 
 
@@ -50,17 +50,22 @@ def default_out_dir(config_path: str) -> Path:
     return Path("runs") / Path(config_path).stem
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from launch import launcher, worker
 
     config: ExperimentConfig = load(args.config, args.overrides)
     out_dir = Path(args.out) if args.out else default_out_dir(args.config)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
     if config.world_size > 1 and not launcher.inside_mpi_job():
-        return launcher.relaunch(config.world_size, sys.argv[1:], args.mpiexec)
+        # Problems every rank would hit are reported once, here, before any rank starts.
+        load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
+        return launcher.relaunch(config.world_size, argv, args.mpiexec)
     return worker.train(config, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "train":
-            return cmd_train(args)
+            return cmd_train(args, argv)
     except (ConfigError, UsageError, DataError) as exc:
         message = str(exc)
         print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ CHOICES = {
     "train.dtype": ("float32", "float64", "bf16", "fp16"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"),
     "parallel.recompute": ("none", "full", "selective"),
+    "parallel.zero": (0, 1, 2, 3),
 }
 
 # Values the schema accepts but this version cannot run yet; refused with a clear line.
@@ -133,13 +135,16 @@ POSITIVE = {
 NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.warmup_steps", "data.seed"}
 
 
-def _did_you_mean(name: str, options: list[str]) -> str:
+def _did_you_mean(name: str, options: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
+
+
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -159,6 +164,9 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     elif base == "float":
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        # YAML 1.1 reads 1e-3 (no dot) as a string; accept what is plainly a number.
+        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
     elif base == "str" and isinstance(value, str):
         return value
     raise ConfigError(f"error: {key} expected {base}, got {_describe(value)}")
@@ -170,7 +178,7 @@ def _check_values(config: ExperimentConfig) -> None:
         for f in dataclasses.fields(values):
             key, value = f"{section}.{f.name}", getattr(values, f.name)
             if key in CHOICES and value not in CHOICES[key]:
-                options = " | ".join(CHOICES[key])
+                options = " | ".join(map(str, CHOICES[key]))
                 raise ConfigError(f"error: {key} expected one of {options}, got {value!r}")
             if key in NOT_YET and value in NOT_YET[key]:
                 raise ConfigError(f"error: {key}={value} is not supported yet in this version")
@@ -242,7 +250,7 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
         for name, value in values.items():
             key = f"{section}.{name}"
             if name not in fields:
-                hint = _did_you_mean(str(name), list(fields))
+                hint = _did_you_mean(str(name), list(fields), prefix=f"{section}.")
                 raise ConfigError(f"error: unknown key '{key}'{hint}")
             setattr(target, name, _coerce(key, value, str(fields[name].type)))
     _check_values(config)

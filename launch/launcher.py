@@ -26,14 +26,17 @@ def inside_mpi_job() -> bool:
 
 
 def find_mpiexec(explicit: str | None = None) -> str:
-    candidates = [explicit, os.environ.get("CIVETTA_MPIEXEC")]
+    if explicit:  # asked for by name: that one or an error, never a silent substitute
+        found = shutil.which(explicit)
+        if found is None:
+            raise LauncherError(f"error: --mpiexec {explicit!r} is not an executable")
+        return found
+    candidates = [os.environ.get("CIVETTA_MPIEXEC")]
     candidates.append(str(Path(sys.executable).parent / "mpiexec"))
     candidates.append(shutil.which("mpiexec"))
     for candidate in candidates:
         if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
             return shutil.which(candidate) or candidate
-    if explicit:
-        raise LauncherError(f"error: --mpiexec {explicit!r} is not an executable")
     raise LauncherError(
         "error: no mpiexec found: install the 'mpich' wheel, or set CIVETTA_MPIEXEC / --mpiexec"
     )

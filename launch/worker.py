@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from civetta.allocator import keep_freed_memory
 from launch.config import ExperimentConfig
 from launch.progress import TrainingProgress
 from launch.trainer import RunResult, Trainer
@@ -88,6 +89,7 @@ def write_json_atomically(path: Path, payload: Any) -> None:
 
 
 def _run(config: ExperimentConfig, out_dir: Path) -> int:
+    keep_freed_memory()
     p = config.parallel
     mesh = Mesh(p.dp, p.tp, p.pp, p.order)
     runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb)

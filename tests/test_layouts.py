@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from mpi_helpers import WORKERS, run_mpi
 
 TINY = [

@@ -1,0 +1,338 @@
+"""Traced collectives and point-to-point messages on numpy buffers.
+
+A `Group` wraps one communicator (one axis of the mesh) and moves contiguous numpy buffers with
+mpi4py's uppercase buffer methods only; the pickling lowercase methods never appear here. Every
+call that moves data is recorded in a `Ledger` under (op, axis, phase) with its bytes, calls and
+seconds, which is what metrics.json reports in its "comm" section.
+
+Bytes are the exact ``nbytes`` of the buffer this rank passed in:
+
+- all_reduce: the input array;
+- all_gather: this rank's input shard (not the gathered result);
+- reduce_scatter: the full input array (not the returned chunk);
+- broadcast: the broadcast buffer, on every rank;
+- send / recv: the message, on each side (count "send" alone for the bytes on the links).
+
+A group of one rank sends nothing and records nothing. `SelfComm` stands in for an MPI
+communicator when the process was not started by an MPI launcher, so a world of size 1 never
+imports mpi4py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+PHASES = ("forward", "backward", "optimizer", "other")
+
+# Variables that MPI launchers (MPICH/Intel hydra, Open MPI, PMIx, Slurm) put in each rank's
+# environment: their presence means COMM_WORLD may hold more than this process.
+_LAUNCHER_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+
+
+class CommError(ValueError):
+    """A collective was asked for something its shapes or arguments cannot give."""
+
+
+# ---- the ledger -------------------------------------------------------------------------------
+class Ledger:
+    """Totals of every recorded call, keyed by (op, axis, phase).
+
+    The current phase is "other" until a `phase` block says otherwise; the gradient
+    redirections open "forward" and "backward" blocks themselves.
+    """
+
+    def __init__(self) -> None:
+        # Values are [bytes, calls, seconds] lists: mutated in place, cheaper than a dataclass.
+        self._totals: dict[tuple[str, str, str], list[Any]] = {}
+        self.current_phase = "other"
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Record the calls made inside the block under phase `name`."""
+        if name not in PHASES:
+            raise CommError(f"unknown phase {name!r}; expected one of {', '.join(PHASES)}")
+        previous, self.current_phase = self.current_phase, name
+        try:
+            yield
+        finally:
+            self.current_phase = previous
+
+    def record(self, op: str, axis: str, nbytes: int, seconds: float) -> None:
+        key = (op, axis, self.current_phase)
+        entry = self._totals.get(key)
+        if entry is None:
+            self._totals[key] = [nbytes, 1, seconds]
+        else:
+            entry[0] += nbytes
+            entry[1] += 1
+            entry[2] += seconds
+
+    def _select(self, op: str | None, axis: str | None, phase: str | None) -> Iterator[list[Any]]:
+        for (k_op, k_axis, k_phase), entry in self._totals.items():
+            if (
+                (op is None or k_op == op)
+                and (axis is None or k_axis == axis)
+                and (phase is None or k_phase == phase)
+            ):
+                yield entry
+
+    def bytes(
+        self, op: str | None = None, axis: str | None = None, phase: str | None = None
+    ) -> int:
+        """Total bytes of the calls matching every given filter."""
+        return sum(entry[0] for entry in self._select(op, axis, phase))
+
+    def calls(
+        self, op: str | None = None, axis: str | None = None, phase: str | None = None
+    ) -> int:
+        """Number of calls matching every given filter."""
+        return sum(entry[1] for entry in self._select(op, axis, phase))
+
+    def seconds(
+        self, op: str | None = None, axis: str | None = None, phase: str | None = None
+    ) -> float:
+        """Wall-clock seconds spent in the calls matching every given filter."""
+        return sum(entry[2] for entry in self._select(op, axis, phase))
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """Rows for metrics.json: op, axis, phase, bytes, calls, time_s; sorted for stable diffs."""
+        return [
+            {"op": op, "axis": axis, "phase": phase, "bytes": b, "calls": c, "time_s": s}
+            for (op, axis, phase), (b, c, s) in sorted(self._totals.items())
+        ]
+
+    def reset(self) -> None:
+        """Forget every total (the current phase is kept)."""
+        self._totals.clear()
+
+
+# ---- communicators ----------------------------------------------------------------------------
+class SelfComm:
+    """The part of an mpi4py communicator that a one-process world needs, without MPI."""
+
+    def Get_rank(self) -> int:  # noqa: N802 - mpi4py's name
+        return 0
+
+    def Get_size(self) -> int:  # noqa: N802 - mpi4py's name
+        return 1
+
+    def Split(self, color: int = 0, key: int = 0) -> SelfComm:  # noqa: N802 - mpi4py's name
+        return SelfComm()
+
+    def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
+        pass
+
+    def Free(self) -> None:  # noqa: N802 - mpi4py's name
+        pass
+
+
+def launched_by_mpi() -> bool:
+    """Whether this process was started by an MPI launcher (or has already initialised MPI)."""
+    return "mpi4py.MPI" in sys.modules or any(name in os.environ for name in _LAUNCHER_ENV)
+
+
+def world_comm() -> Any:
+    """MPI.COMM_WORLD under an MPI launcher, else a `SelfComm` (mpi4py is then not imported)."""
+    if not launched_by_mpi():
+        return SelfComm()
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+REDUCTIONS = ("sum", "max", "min", "prod")
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise CommError(f"axis {axis} is out of range for an array with {ndim} dims")
+    return axis % ndim
+
+
+def _checked(out: np.ndarray, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
+    """`out` if MPI may write a result of `shape` and `like`'s dtype into it."""
+    if out.shape != shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+        raise CommError(
+            f"out must be a C-contiguous {like.dtype} array of shape {shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+    return out
+
+
+def _alone(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """What a collective over one rank returns: its input, or a copy in `out`."""
+    if out is None or out is x:
+        return x
+    np.copyto(out, x)
+    return out
+
+
+# ---- the group --------------------------------------------------------------------------------
+class Group:
+    """The ranks along one mesh axis, with traced collectives over them.
+
+    Arguments that name ranks (`root`, `dest`, `source`) are ranks within this group. Results
+    are fresh arrays unless `out` is given; in a group of one rank the input itself is returned
+    (no copy), since nothing was communicated.
+    """
+
+    def __init__(
+        self,
+        comm: Any,
+        axis: str,
+        ledger: Ledger,
+        ranks: tuple[int, ...] | None = None,
+    ) -> None:
+        self.comm = comm
+        self.axis = axis
+        self.ledger = ledger
+        self.size: int = comm.Get_size()
+        self.rank: int = comm.Get_rank()
+        # World ranks of the members in group-rank order, when the creator knows them.
+        self.ranks: tuple[int, ...] | None = ranks
+        self._ops: dict[str, Any] = {}
+        self._in_place: Any = None
+        if self.size > 1:
+            from mpi4py import MPI
+
+            self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+            self._in_place = MPI.IN_PLACE
+
+    def __repr__(self) -> str:
+        return f"Group(axis={self.axis!r}, rank={self.rank}, size={self.size})"
+
+    # -- collectives --
+    def all_reduce(
+        self, x: np.ndarray, op: str = "sum", out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Elementwise reduction of `x` over the group; every rank gets the result.
+
+        Pass `out=x` (a contiguous array) to reduce in place.
+        """
+        if op not in REDUCTIONS:
+            raise CommError(f"unknown reduction {op!r}; expected one of {', '.join(REDUCTIONS)}")
+        if self.size == 1:
+            return _alone(x, out)
+        start = time.perf_counter()
+        mpi_op = self._ops[op]
+        if out is not None and out is x:
+            if not x.flags.c_contiguous:
+                raise CommError("all_reduce in place needs a C-contiguous array")
+            self.comm.Allreduce(self._in_place, x, mpi_op)
+            result = x
+        else:
+            send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+            result = np.empty_like(send) if out is None else _checked(out, send.shape, send)
+            self.comm.Allreduce(send, result, mpi_op)
+        self.ledger.record("all_reduce", self.axis, x.nbytes, time.perf_counter() - start)
+        return result
+
+    def all_gather(self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None) -> np.ndarray:
+        """Concatenation of every rank's `x` along `axis`, in group-rank order."""
+        if self.size == 1:
+            return _alone(x, out)
+        start = time.perf_counter()
+        send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        n = self.size
+        if axis != 0:
+            axis = _normalize_axis(axis, send.ndim)
+        if axis == 0:
+            # Rank blocks land back to back, which is already the concatenation along axis 0.
+            shape = (send.shape[0] * n, *send.shape[1:]) if send.ndim else (n,)
+            result = np.empty(shape, send.dtype) if out is None else _checked(out, shape, send)
+            self.comm.Allgather(send, result)
+        else:
+            blocks = np.empty((n, *send.shape), send.dtype)  # (n, *x.shape)
+            self.comm.Allgather(send, blocks)
+            result = np.concatenate(blocks, axis=axis, out=out)
+        self.ledger.record("all_gather", self.axis, x.nbytes, time.perf_counter() - start)
+        return result
+
+    def reduce_scatter(
+        self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The sum of every rank's `x`, split into group-size equal chunks along `axis`; this
+        rank gets chunk `rank`."""
+        if self.size == 1:
+            return _alone(x, out)
+        start = time.perf_counter()
+        if axis != 0:
+            axis = _normalize_axis(axis, x.ndim)
+        n = self.size
+        length = x.shape[axis]
+        if length % n:
+            raise CommError(
+                f"reduce_scatter over {n} ranks needs axis {axis} divisible by {n}, got {length}"
+            )
+        chunk = length // n
+        chunk_shape = (*x.shape[:axis], chunk, *x.shape[axis + 1 :])
+        if axis == 0:
+            send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        else:
+            # Make chunk r the r-th contiguous block: split the axis into (n, chunk) and move n to
+            # the front; this is the one copy a non-leading axis costs.
+            split = x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1 :])
+            send = np.ascontiguousarray(np.moveaxis(split, axis, 0))
+        result = np.empty(chunk_shape, x.dtype) if out is None else _checked(out, chunk_shape, x)
+        self.comm.Reduce_scatter_block(send, result, self._ops["sum"])
+        self.ledger.record("reduce_scatter", self.axis, x.nbytes, time.perf_counter() - start)
+        return result
+
+    def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
+        """Root's `x` on every rank.
+
+        Non-root ranks pass an array of the same shape and dtype; a C-contiguous one is
+        overwritten in place and returned (so a parameter buffer can be filled directly).
+        """
+        if self.size == 1:
+            return np.asarray(x)
+        start = time.perf_counter()
+        buf = np.ascontiguousarray(x)
+        self.comm.Bcast(buf, root)
+        self.ledger.record("broadcast", self.axis, buf.nbytes, time.perf_counter() - start)
+        return buf
+
+    # -- point to point --
+    def send(self, x: np.ndarray, dest: int, tag: int = 0) -> None:
+        """Blocking send of `x` to group rank `dest`."""
+        self._check_peer(dest, "dest")
+        start = time.perf_counter()
+        buf = np.ascontiguousarray(x)
+        self.comm.Send(buf, dest, tag)
+        self.ledger.record("send", self.axis, buf.nbytes, time.perf_counter() - start)
+
+    def recv(
+        self,
+        shape: tuple[int, ...],
+        dtype: Any,
+        source: int,
+        tag: int = 0,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Blocking receive of an array of `shape` and `dtype` from group rank `source`."""
+        self._check_peer(source, "source")
+        start = time.perf_counter()
+        buf = np.empty(shape, dtype) if out is None else out
+        self.comm.Recv(buf, source, tag)
+        self.ledger.record("recv", self.axis, buf.nbytes, time.perf_counter() - start)
+        return buf
+
+    def barrier(self) -> None:
+        """Wait for every rank of the group (not recorded: it moves no data)."""
+        if self.size > 1:
+            self.comm.Barrier()
+
+    def _check_peer(self, peer: int, what: str) -> None:
+        if not 0 <= peer < self.size:
+            raise CommError(
+                f"{what} {peer} is not a rank of the {self.axis} group (size {self.size})"
+            )
+        if peer == self.rank:
+            raise CommError(f"{what} {peer} is this rank itself: a blocking message would deadlock")
