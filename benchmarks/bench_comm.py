@@ -6,7 +6,8 @@ For all_reduce, all_gather and reduce_scatter on float32 arrays from 4 KiB to 64
 is timed through a `parallel.comm.Group` ("comm") and through the mpi4py uppercase call it wraps
 ("bare"), interleaved (which side goes first alternates every repeat), each sample the slowest
 rank's time per call. The table shows median times and, as the ratio, the median of the
-per-repeat comm/bare ratios (paired samples cancel drifts in the machine's load). Two modes,
+per-repeat comm/bare ratios (paired samples cancel drifts in the machine's load), with their
+interquartile range as a measure of the noise. Two modes,
 both sides doing the same work:
 
 - alloc: each call returns a fresh result array (the Group's default; the bare side allocates its
@@ -109,9 +110,10 @@ def sample(call: Call, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def measure(comm_call: Call, bare_call: Call, repeats: int) -> tuple[float, float, float]:
-    """Median seconds per call of each side, and the median of the per-repeat ratios comm/bare
-    (paired samples cancel slow drifts in machine load); each sample is the slowest rank's."""
+def measure(comm_call: Call, bare_call: Call, repeats: int) -> tuple[float, float, float, float]:
+    """Median seconds per call of each side, the median of the per-repeat ratios comm/bare
+    (paired samples cancel slow drifts in machine load) and their interquartile range; each
+    sample is the slowest rank's."""
     for _ in range(2):  # warm up: first touches, MPI's internal buffers
         comm_call()
         bare_call()
@@ -123,8 +125,14 @@ def measure(comm_call: Call, bare_call: Call, repeats: int) -> tuple[float, floa
             times.append(sample(call, iters))
     slowest = np.array([comm_times, bare_times])
     COMM.Allreduce(MPI.IN_PLACE, slowest, MPI.MAX)
-    ratio = statistics.median(slowest[0] / slowest[1])
-    return statistics.median(slowest[0]), statistics.median(slowest[1]), ratio
+    ratios = slowest[0] / slowest[1]
+    q1, q3 = np.percentile(ratios, [25, 75])
+    return (
+        statistics.median(slowest[0]),
+        statistics.median(slowest[1]),
+        float(np.median(ratios)),
+        q3 - q1,
+    )
 
 
 def human(size: int) -> str:
@@ -142,10 +150,11 @@ def main() -> None:
         )
         print(
             f"medians of {repeats} interleaved samples (~{TARGET_SAMPLE_S * 1e3:.0f} ms each); "
-            "ratio = median of paired comm/bare samples; bandwidths from the comm-layer time"
+            "ratio = median of paired comm/bare samples (IQR: their interquartile range, "
+            "i.e. the noise); bandwidths from the comm-layer time"
         )
         header = (
-            f"{'op':<15}{'mode':<6}{'S':>8}{'comm us':>11}{'bare us':>11}{'ratio':>7}"
+            f"{'op':<15}{'mode':<6}{'S':>8}{'comm us':>11}{'bare us':>11}{'ratio':>7}{'IQR':>7}"
             f"{'algbw GB/s':>12}{'busbw GB/s':>12}"
         )
         print(header)
@@ -154,12 +163,12 @@ def main() -> None:
     for op in ("all_reduce", "all_gather", "reduce_scatter"):
         for size in SIZES:
             for mode, (comm_call, bare_call) in cases(op, size, group).items():
-                t_comm, t_bare, ratio = measure(comm_call, bare_call, repeats)
+                t_comm, t_bare, ratio, spread = measure(comm_call, bare_call, repeats)
                 algbw = size / t_comm / 1e9
                 if RANK == 0:
                     print(
                         f"{op:<15}{mode:<6}{human(size):>8}{t_comm * 1e6:>11.1f}"
-                        f"{t_bare * 1e6:>11.1f}{ratio:>7.3f}"
+                        f"{t_bare * 1e6:>11.1f}{ratio:>7.3f}{spread:>7.3f}"
                         f"{algbw:>12.2f}{algbw * bus_factor(op):>12.2f}",
                         flush=True,
                     )

@@ -42,36 +42,69 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return make_node(out.reshape(*data.shape[:-1], out_features), parents, backward)
 
 
+def _gelu_forward(x: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
+    dtype = x.dtype.type
+    np.multiply(x, x, out=t)
+    t *= dtype(0.044715 * GELU_C)
+    t += dtype(GELU_C)
+    t *= x
+    np.tanh(t, out=t)  # t = tanh(√(2/π)·(x + 0.044715·x³)), kept for the backward
+    np.add(t, dtype(1.0), out=out)
+    out *= x
+    out *= dtype(0.5)
+
+
+def _gelu_backward(x: np.ndarray, t: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    # d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)
+    dtype = x.dtype.type
+    sech2 = np.multiply(t, t)
+    np.subtract(dtype(1.0), sech2, out=sech2)
+    np.multiply(x, x, out=dx)
+    dx *= dtype(3 * 0.044715 * GELU_C)
+    dx += dtype(GELU_C)
+    dx *= x
+    dx *= sech2
+    dx += t
+    dx += dtype(1.0)
+    dx *= dtype(0.5)
+    dx *= g
+
+
 def gelu(x: Tensor) -> Tensor:
     """GELU (tanh approximation); reference: `functional.gelu`."""
     data = x.data
-    dtype = data.dtype.type
-    inner = data * data
-    inner *= dtype(0.044715)
-    inner += dtype(1.0)
-    inner *= data
-    inner *= dtype(GELU_C)  # √(2/π)·(x + 0.044715·x³)
-    t = np.tanh(inner, out=inner)
-    out = t + dtype(1.0)
-    out *= data
-    out *= dtype(0.5)
+    t, out = np.empty_like(data), np.empty_like(data)
+    _gelu_forward(data, t, out)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
-        # d/dx = 0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²)
-        poly = data * data
-        poly *= dtype(3 * 0.044715 * GELU_C)
-        poly += dtype(GELU_C)
-        poly *= data
-        sech2 = t * t
-        np.subtract(dtype(1.0), sech2, out=sech2)
-        poly *= sech2
-        poly += t
-        poly += dtype(1.0)
-        poly *= dtype(0.5)
-        poly *= g
-        return (poly,)
+        dx = np.empty_like(data)
+        _gelu_backward(data, t, g, dx)
+        return (dx,)
 
     return make_node(out, (x,), backward)
+
+
+def _normalize_forward(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, eps: float) -> None:
+    dtype = x.dtype.type
+    np.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+    np.einsum("...i,...i->...", xhat, xhat, out=rstd[..., 0])
+    rstd *= dtype(1.0 / x.shape[-1])
+    rstd += dtype(eps)
+    np.sqrt(rstd, out=rstd)
+    np.divide(dtype(1.0), rstd, out=rstd)
+    xhat *= rstd
+
+
+def _normalize_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    # dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))
+    n = xhat.dtype.type(1.0 / xhat.shape[-1])
+    g_mean = g.mean(axis=-1, keepdims=True)
+    gx_mean = np.einsum("...i,...i->...", g, xhat)[..., None]
+    gx_mean *= n
+    np.multiply(xhat, gx_mean, out=dx)
+    np.subtract(g, dx, out=dx)
+    dx -= g_mean
+    dx *= rstd
 
 
 def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -80,24 +113,13 @@ def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     Reference: `functional.layer_norm(x, None, None, eps)`.
     """
     data = x.data
-    mu = data.mean(axis=-1, keepdims=True)
-    centred = data - mu
-    variance = np.einsum("...i,...i->...", centred, centred)[..., None]
-    variance *= data.dtype.type(1.0 / data.shape[-1])
-    rstd = 1.0 / np.sqrt(variance + data.dtype.type(eps))
-    xhat = centred
-    xhat *= rstd
+    xhat = np.empty_like(data)
+    rstd = np.empty((*data.shape[:-1], 1), dtype=data.dtype)
+    _normalize_forward(data, xhat, rstd, eps)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
-        # dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))
-        n = data.dtype.type(1.0 / data.shape[-1])
-        g_mean = g.mean(axis=-1, keepdims=True)
-        gx_mean = np.einsum("...i,...i->...", g, xhat)[..., None]
-        gx_mean *= n
-        dx = xhat * gx_mean
-        np.subtract(g, dx, out=dx)
-        dx -= g_mean
-        dx *= rstd
+        dx = np.empty_like(xhat)
+        _normalize_backward(xhat, rstd, g, dx)
         return (dx,)
 
     return make_node(xhat, (x,), backward)
@@ -113,22 +135,38 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return out
 
 
+def _softmax_forward(x: np.ndarray, probs: np.ndarray, mask: np.ndarray | None) -> None:
+    if mask is None:
+        np.subtract(x, x.max(axis=-1, keepdims=True), out=probs)
+    else:
+        np.copyto(probs, x.dtype.type(-np.inf))
+        np.copyto(probs, x, where=mask)
+        probs -= probs.max(axis=-1, keepdims=True)
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=-1, keepdims=True)
+
+
+def _softmax_backward(probs: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    # dx = p · (g − Σ g·p)
+    np.multiply(g, probs, out=dx)
+    total = dx.sum(axis=-1, keepdims=True)
+    np.subtract(g, total, out=dx)
+    dx *= probs
+
+
 def softmax(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
     """Softmax over the last axis; where `mask` is False the probability is exactly 0.
 
-    Reference: `functional.softmax` of `where(mask, x, -inf)`.
+    `mask` broadcasts against the last axes of `x` (a causal (T, T) mask for (B, nh, T, T)
+    scores). Reference: `functional.softmax` of `where(mask, x, -inf)`.
     """
     data = x.data
-    if mask is not None:
-        data = np.where(mask, data, data.dtype.type(-np.inf))
-    shifted = data - data.max(axis=-1, keepdims=True)
-    probs = np.exp(shifted, out=shifted)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs = np.empty_like(data)
+    _softmax_forward(data, probs, mask)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
-        # dx = p · (g − Σ g·p)
-        dx = g * probs
-        dx -= probs * dx.sum(axis=-1, keepdims=True)
+        dx = np.empty_like(probs)
+        _softmax_backward(probs, g, dx)
         return (dx,)
 
     return make_node(probs, (x,), backward)
