@@ -88,6 +88,14 @@ class Module:
             p.data[...] = state[name]
 
 
+@dataclass
+class Model(Module):
+    """A module whose forward returns the loss, with a second entry point for the logits."""
+
+    logits: Callable[..., Tensor] | None = None
+    config: Any = None
+
+
 def merge(*modules: Module) -> dict[str, Tensor]:
     """The union of several modules' parameters, in order."""
     params: dict[str, Tensor] = {}

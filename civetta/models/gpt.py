@@ -14,7 +14,18 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta.nn import DENSE, Block, DenseLayout, Embedding, LayerNorm, Linear, Module, merge
+from civetta import fused
+from civetta.functional import relu
+from civetta.nn import (
+    DENSE,
+    Block,
+    DenseLayout,
+    Embedding,
+    LayerNorm,
+    Linear,
+    Model,
+    merge,
+)
 from civetta.tensor import Tensor
 
 
@@ -55,7 +66,7 @@ class GPTConfig:
 
 def GPT(  # noqa: N802 - a module constructor reads like a class
     config: GPTConfig, seed: int = 0, dtype: Any = np.float32, layout: DenseLayout = DENSE
-) -> Module:
+) -> Model:
     """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits."""
     c = config
     proj_std = 0.02 / math.sqrt(2 * c.n_layer)  # residual projections, as GPT-2
@@ -97,20 +108,17 @@ def GPT(  # noqa: N802 - a module constructor reads like a class
     def forward(idx: np.ndarray, targets: np.ndarray) -> Tensor:
         return layout.lm_loss(hidden(idx), head_weight, np.asarray(targets))
 
-    model = Module(forward, merge(*modules), aliases)
-    model.logits = lambda idx: layout.lm_logits(hidden(idx), head_weight)  # type: ignore[attr-defined]
-    model.config = config  # type: ignore[attr-defined]
-    return model
+    def logits(idx: np.ndarray) -> Tensor:
+        return layout.lm_logits(hidden(idx), head_weight)
+
+    return Model(forward, merge(*modules), aliases, logits=logits, config=config)
 
 
 def MLPModel(  # noqa: N802
     sizes: tuple[int, ...], seed: int = 0, dtype: Any = np.float32
-) -> Module:
+) -> Model:
     """A small ReLU multilayer perceptron classifier for quick experiments:
     ``model(x, labels)`` → mean cross-entropy."""
-    from civetta import fused
-    from civetta.functional import relu
-
     layers = [
         Linear(f"layers.{i}", sizes[i], sizes[i + 1], seed=seed, dtype=dtype)
         for i in range(len(sizes) - 1)
@@ -127,6 +135,4 @@ def MLPModel(  # noqa: N802
     def forward(x: Any, labels: np.ndarray) -> Tensor:
         return fused.cross_entropy(logits(x), labels)
 
-    model = Module(forward, merge(*layers))
-    model.logits = logits  # type: ignore[attr-defined]
-    return model
+    return Model(forward, merge(*layers), logits=logits)
