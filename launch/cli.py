@@ -57,10 +57,15 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(args.config)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
+    # Problems every rank would hit are reported once, here, before any rank starts.
+    load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
     if config.world_size > 1 and not launcher.inside_mpi_job():
-        # Problems every rank would hit are reported once, here, before any rank starts.
-        load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
-        return launcher.relaunch(config.world_size, argv, args.mpiexec)
+        code = launcher.relaunch(config.world_size, argv, args.mpiexec)
+        if code not in (0, 2):
+            message = worker.explain_failure(out_dir, config.world_size, code)
+            if message:
+                print(message, file=sys.stderr)
+        return code
     return worker.train(config, out_dir)
 
 

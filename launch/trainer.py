@@ -27,6 +27,7 @@ from civetta.optim import (
     make_optimizer,
 )
 from launch.config import ExperimentConfig
+from launch.faults import maybe_fail
 from parallel.runtime import Runtime
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -157,6 +158,7 @@ class Trainer:
         )
         activation_meter.reset_peak()
         for step in range(self.config.train.steps):
+            maybe_fail(self.runtime.rank, step)
             record = self.step(step)
             result.steps.append(record)
             if on_step is not None:

@@ -1,8 +1,9 @@
 """The per-rank side of `civetta train`: build the mesh, train, and let rank 0 report.
 
 Rank 0 alone prints and writes `metrics.json`, which holds every rank's memory and ledger
-(gathered as JSON text through buffer calls, never pickle). An exception on any rank prints one
-line naming the rank and aborts the whole MPI job, so no rank is left waiting in a collective.
+(gathered as JSON text through buffer calls, never pickle). Each rank keeps a status file under
+`OUT/logs/`; an exception on any rank prints one line naming the rank, leaves the traceback in
+that rank's log and aborts the whole MPI job, so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from civetta.allocator import keep_freed_memory
 from launch.config import ExperimentConfig
 from launch.progress import TrainingProgress
 from launch.trainer import RunResult, Trainer
+from parallel.comm import launched_by_mpi
 from parallel.mesh import Mesh
 from parallel.runtime import Runtime
 
@@ -109,21 +111,59 @@ def _run(config: ExperimentConfig, out_dir: Path) -> int:
     return 0
 
 
-def train(config: ExperimentConfig, out_dir: Path) -> int:
-    """Run on this rank; under MPI a failure on any rank aborts the job with the rank named."""
-    try:
-        return _run(config, out_dir)
-    except Exception as exc:
-        from parallel.comm import launched_by_mpi
+def status_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / "logs" / f"rank{rank}.status"
 
-        if not launched_by_mpi():
-            raise
+
+def write_status(out_dir: Path, rank: int, text: str) -> None:
+    path = status_path(out_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def train(config: ExperimentConfig, out_dir: Path) -> int:
+    """Run on this rank. A failure prints one line naming the rank (the traceback goes to
+    `OUT/logs/rankR.log`) and, under MPI, aborts the whole job so no rank waits forever."""
+    under_mpi = launched_by_mpi()
+    rank = 0
+    if under_mpi:
         from mpi4py import MPI
 
         rank = MPI.COMM_WORLD.Get_rank()
-        traceback.print_exc(file=sys.stderr)
+    write_status(out_dir, rank, f"running pid={os.getpid()}")
+    try:
+        code = _run(config, out_dir)
+    except Exception as exc:
+        log = out_dir / "logs" / f"rank{rank}.log"
+        log.write_text(traceback.format_exc(), encoding="utf-8")
+        message = f"{type(exc).__name__}: {exc}"
+        write_status(out_dir, rank, f"failed: {message}")
         print(
-            f"error: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True
+            f"error: rank {rank} failed: {message} (traceback: {log})", file=sys.stderr, flush=True
         )
-        MPI.COMM_WORLD.Abort(1)
+        if under_mpi:
+            MPI.COMM_WORLD.Abort(1)
         return 1
+    write_status(out_dir, rank, "done")
+    return code
+
+
+def read_status(out_dir: Path, rank: int) -> str:
+    path = status_path(out_dir, rank)
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return "not started"
+
+
+def explain_failure(out_dir: Path, world_size: int, exit_code: int) -> str:
+    """After a failed job, one line on what happened, from the status files the ranks left;
+    empty when a rank already printed its own error line."""
+    statuses = [read_status(out_dir, rank) for rank in range(world_size)]
+    if any(status.startswith("failed") for status in statuses):
+        return ""
+    # A rank killed by a signal leaves no word; the launcher then stops all the others.
+    return (
+        f"error: the MPI job exited with code {exit_code} and no rank reported an error "
+        f"(a rank was killed?); rank logs: {out_dir / 'logs'}"
+    )

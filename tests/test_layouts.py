@@ -67,6 +67,9 @@ def test_float64_layout_matches_single_process(reference, tmp_path, dp, tp, sp) 
     ref = reference["float64"]
     run = run_layout(tmp_path, "float64", dp, tp, sp)
     assert relative_error(run["loss"], ref["loss"]) < 1e-10, (run["loss"], ref["loss"])
+    # Global-norm clipping: the same norm on every layout, and large enough to clip (max 1.0).
+    assert relative_error(run["grad_norm"], ref["grad_norm"]) < 1e-10
+    assert np.any(ref["grad_norm"] > 1.0)
     grad_keys = [k for k in ref if k.startswith("grad.")]
     assert sorted(grad_keys) == sorted(k for k in run if k.startswith("grad."))
     for key in grad_keys:

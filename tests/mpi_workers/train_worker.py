@@ -2,10 +2,10 @@
 
     train_worker.py OUT.npz [key=value ...]
 
-Rank 0 writes OUT.npz: each step's loss (`loss`), the synchronised full gradients of every step
-gathered from the shards (`grad.<step>.<name>`), the final full parameters (`param.<name>`), and
-this rank's ledger totals by (op, axis, phase) as a JSON string (`ledger`). Run without MPI it
-is the single-process reference.
+Rank 0 writes OUT.npz: each step's loss (`loss`) and global gradient norm (`grad_norm`), the
+synchronised full gradients of every step gathered from the shards (`grad.<step>.<name>`), the
+final full parameters (`param.<name>`), and this rank's ledger totals by (op, axis, phase) as
+a JSON string (`ledger`). Run without MPI it is the single-process reference.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ def main() -> None:
     mesh = Mesh(p.dp, p.tp, p.pp, p.order)
     runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb)
     trainer = Trainer(config, runtime)
-    losses, local_grads = [], []
+    losses, norms, local_grads = [], [], []
     for step in range(config.train.steps):
-        losses.append(trainer.step(step).loss)
+        record = trainer.step(step)
+        losses.append(record.loss)
+        norms.append(record.grad_norm)
         local_grads.append({name: g.copy() for name, g in trainer.last_grads.items()})
     ledger = runtime.ledger.as_list()  # the training's traffic, before the gathers below
     arrays: dict[str, np.ndarray] = {}
@@ -41,6 +43,7 @@ def main() -> None:
     arrays.update({f"param.{name}": a for name, a in params.items()})
     if mesh.rank == 0:
         arrays["loss"] = np.array(losses)
+        arrays["grad_norm"] = np.array(norms)
         arrays["ledger"] = np.array(json.dumps(ledger))
         arrays["grad_bytes"] = np.array(trainer.grad_bytes)
         np.savez(out_path, **arrays)
