@@ -15,7 +15,7 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta.functional import GELU_C
-from civetta.tensor import Tensor, make_node
+from civetta.tensor import DeferredGrad, Tensor, make_node, weight_grads_deferred
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -30,13 +30,18 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     need_x, need_w = x.requires_grad, weight.requires_grad
     need_b = bias is not None and bias.requires_grad
 
-    def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+    def backward(g: np.ndarray) -> tuple[Any, ...]:
         g2 = g.reshape(-1, out_features)
-        grads = (
-            (g2 @ w).reshape(data.shape) if need_x else None,
-            g2.T @ x2 if need_w else None,
-        )
-        return (*grads, g2.sum(axis=0) if need_b else None) if bias is not None else grads
+        dx = (g2 @ w).reshape(data.shape) if need_x else None
+        # The bias gradient sums over tokens: as a GEMV it runs on BLAS threads, 3× a numpy sum.
+        ones = np.ones(g2.shape[0], g2.dtype)
+        if weight_grads_deferred():  # zero-bubble schedules: weight gradients come later
+            dw = DeferredGrad(lambda: g2.T @ x2) if need_w else None
+            db = DeferredGrad(lambda: ones @ g2) if need_b else None
+        else:
+            dw = g2.T @ x2 if need_w else None
+            db = ones @ g2 if need_b else None
+        return (dx, dw) if bias is None else (dx, dw, db)
 
     parents = (x, weight) if bias is None else (x, weight, bias)
     return make_node(out.reshape(*data.shape[:-1], out_features), parents, backward)

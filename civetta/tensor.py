@@ -37,6 +37,56 @@ def is_grad_enabled() -> bool:
     return _grad_enabled
 
 
+class DeferredGrad:
+    """A weight gradient an op chose to compute later (see `WeightGradStore`)."""
+
+    __slots__ = ("compute",)
+
+    def __init__(self, compute: Callable[[], np.ndarray]) -> None:
+        self.compute = compute
+
+
+class WeightGradStore:
+    """Postponed weight gradients: the weight pass of zero-bubble pipeline schedules.
+
+    Inside `defer_weight_grads(store)`, a backward computes the gradients with respect to the
+    inputs (what the previous pipeline stage waits for) and ops that support it (`fused.linear`)
+    hand back their weight gradients as closures; `apply()` computes them later and accumulates
+    them into the weights' `.grad`, in the order they were postponed.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Tensor, DeferredGrad]] = []
+
+    def postpone(self, leaf: Tensor, grad: DeferredGrad) -> None:
+        assert leaf._backward is None, "only leaves (weights) take deferred gradients"
+        self.pending.append((leaf, grad))
+
+    def apply(self) -> None:
+        for leaf, deferred in self.pending:
+            g = deferred.compute()
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        self.pending.clear()
+
+
+_weight_grad_store: WeightGradStore | None = None
+
+
+@contextlib.contextmanager
+def defer_weight_grads(store: WeightGradStore) -> Iterator[WeightGradStore]:
+    """Backward passes inside the block postpone weight gradients into `store`."""
+    global _weight_grad_store
+    previous, _weight_grad_store = _weight_grad_store, store
+    try:
+        yield store
+    finally:
+        _weight_grad_store = previous
+
+
+def weight_grads_deferred() -> bool:
+    return _weight_grad_store is not None
+
+
 class ActivationMeter:
     """Bytes held by graph nodes that still wait for their backward.
 
@@ -154,6 +204,9 @@ class Tensor:
             for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
+                if isinstance(parent_grad, DeferredGrad):
+                    _weight_grad_store.postpone(parent, parent_grad)
+                    continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
                 previous = pending.get(parent)
                 pending[parent] = parent_grad if previous is None else previous + parent_grad
@@ -161,9 +214,8 @@ class Tensor:
                 node._release()
 
     def _release(self) -> None:
-        # Keep a marker parent-free "freed" state distinct from a true leaf: a freed non-leaf has
-        # no closure but remembers that it once had one through `_parents` being the empty tuple
-        # and `requires_grad` staying True; a second backward then stops at it with an error.
+        # A freed node keeps a sentinel parent, so a second backward that reaches it can tell it
+        # from a true leaf and raise instead of silently stopping there.
         self._backward = None
         self._parents = (_FREED,)
         if self._held:

@@ -1,6 +1,7 @@
 """The `civetta` command line.
 
     civetta train CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
+    civetta schedule --pp 4 --microbatches 8 --schedule 1f1b [--virtual-stages 2]
 
 A config error is one line on stderr and exit code 2, checked before any MPI process starts.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from civetta.data import DataError, load_dataset
 from launch.config import ConfigError, ExperimentConfig, load
+from parallel.schedules import ScheduleError
 
 
 class UsageError(ValueError):
@@ -43,7 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MPI launcher to use (default: $CIVETTA_MPIEXEC, else the one installed with civetta)",
     )
+    schedule = commands.add_parser(
+        "schedule", help="draw a pipeline schedule per rank in the terminal, with its bubble"
+    )
+    schedule.add_argument("--pp", type=int, default=4, help="pipeline ranks (default 4)")
+    schedule.add_argument("--microbatches", type=int, default=8, help="per step (default 8)")
+    schedule.add_argument(
+        "--schedule",
+        default="1f1b",
+        help="gpipe | 1f1b | interleaved-1f1b | zb-h1 (default 1f1b)",
+    )
+    schedule.add_argument("--virtual-stages", type=int, default=1, help="for interleaved-1f1b")
+    schedule.add_argument("--save", default=None, help="write the schedule to a .csv or .yaml")
+    schedule.add_argument("--load", default=None, help="read a schedule from a .csv or .yaml")
     return parser
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from launch.gantt import schedule_command
+
+    for flag in ("pp", "microbatches", "virtual_stages"):
+        value = getattr(args, flag)
+        if value < 1:
+            name = flag.replace("_", "-")
+            raise UsageError(f"error: --{name} expected a positive integer, got {value}")
+    return schedule_command(
+        args.pp, args.microbatches, args.schedule, args.virtual_stages, args.save, args.load
+    )
 
 
 def default_out_dir(config_path: str) -> Path:
@@ -79,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, argv)
-    except (ConfigError, UsageError, DataError) as exc:
+        if args.command == "schedule":
+            return cmd_schedule(args)
+    except (ConfigError, UsageError, DataError, ScheduleError) as exc:
         message = str(exc)
         print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
         return 2

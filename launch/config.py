@@ -222,12 +222,31 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
         )
-    if p.pp > 1:
-        raise ConfigError("error: parallel.pp > 1 (pipeline parallelism) is not supported yet")
     if p.zero:
         raise ConfigError("error: parallel.zero > 0 (ZeRO sharding) is not supported yet")
-    if p.virtual_stages != 1:
-        raise ConfigError("error: parallel.virtual_stages > 1 needs pipeline parallelism (pp > 1)")
+    _check_pipeline(config)
+
+
+def _check_pipeline(config: ExperimentConfig) -> None:
+    m, p = config.model, config.parallel
+    stages = p.pp * p.virtual_stages
+    if m.n_layer % stages:
+        raise ConfigError(
+            f"error: parallel.pp·parallel.virtual_stages={stages} does not divide "
+            f"model.n_layer={m.n_layer}"
+        )
+    if p.virtual_stages > 1 and p.schedule != "interleaved-1f1b":
+        raise ConfigError(
+            f"error: parallel.virtual_stages={p.virtual_stages} needs "
+            f"parallel.schedule=interleaved-1f1b, got {p.schedule}"
+        )
+    if p.virtual_stages > 1 and p.pp == 1:
+        raise ConfigError("error: parallel.virtual_stages > 1 needs parallel.pp > 1")
+    if p.schedule == "interleaved-1f1b" and config.microbatches % p.pp:
+        raise ConfigError(
+            f"error: parallel.schedule=interleaved-1f1b needs the microbatches per step "
+            f"({config.microbatches}) to be a multiple of parallel.pp={p.pp}"
+        )
 
 
 def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:

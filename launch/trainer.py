@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from parallel.schedules import check_schedule, make_schedule
 
 from civetta import activation_meter, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
-from civetta.models.gpt import GPT, GPTConfig
-from civetta.nn import Module
+from civetta.models.gpt import GPTConfig, GPTStage
+from civetta.nn import Model, merge
 from civetta.optim import (
     Optimizer,
     clip_coefficient,
@@ -28,6 +29,7 @@ from civetta.optim import (
 )
 from launch.config import ExperimentConfig
 from launch.faults import maybe_fail
+from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -63,6 +65,10 @@ def gpt_config(config: ExperimentConfig) -> GPTConfig:
     )
 
 
+def _not_whole_model(*args: Any) -> Any:
+    raise RuntimeError("this rank holds only some pipeline stages: run them through the executor")
+
+
 def lr_schedule(config: ExperimentConfig) -> Callable[[int], float]:
     t = config.train
     if t.lr_schedule == "cosine":
@@ -71,7 +77,7 @@ def lr_schedule(config: ExperimentConfig) -> Callable[[int], float]:
 
 
 class Trainer:
-    """Owns the model shard, the optimizer and the data of one rank."""
+    """Owns the model stages, the optimizer and the data of one rank."""
 
     def __init__(self, config: ExperimentConfig, runtime: Runtime) -> None:
         self.config = config
@@ -80,8 +86,40 @@ class Trainer:
         self.dataset: Dataset = load_dataset(
             config.data.source, config.data.seed, block_size=config.model.block_size
         )
-        self.model: Module = GPT(
-            gpt_config(config), seed=config.train.seed, dtype=self.dtype, layout=runtime.layout
+        p, model_config = config.parallel, gpt_config(config)
+        self.schedule = make_schedule(p.schedule, p.pp, config.microbatches, p.virtual_stages)
+        check_schedule(self.schedule)
+        num_stages = self.schedule.num_stages
+        layers = partition_layers(model_config.n_layer, num_stages)
+        self.stages = {
+            s: GPTStage(
+                model_config,
+                layers[s],
+                first=s == 0,
+                last=s == num_stages - 1,
+                seed=config.train.seed,
+                dtype=self.dtype,
+                layout=runtime.layout,
+            )
+            for s in range(num_stages)
+            if self.schedule.stage_rank(s) == runtime.pp_rank
+        }
+        # All of this rank's parameters, by their whole-model names.
+        self.model = Model(
+            self.stages[0].forward if num_stages == 1 else _not_whole_model,
+            merge(*self.stages.values()),
+            {a: t for stage in self.stages.values() for a, t in stage.aliases.items()},
+            config=model_config,
+        )
+        block = config.model.block_size
+        if runtime.sequence_parallel:
+            block //= config.parallel.tp
+        self.executor = PipelineExecutor(
+            self.schedule,
+            self.stages,
+            runtime.pp_group,
+            (config.microbatch_size, block, config.model.n_embd),
+            self.dtype,
         )
         self.optimizer: Optimizer = make_optimizer(
             config.train.optimizer,
@@ -89,58 +127,54 @@ class Trainer:
             config.train.lr,
             weight_decay=config.train.weight_decay,
         )
-        self.schedule = lr_schedule(config)
+        self.lr_schedule = lr_schedule(config)
         self.grad_bytes = 0
         self.last_grads: dict[str, np.ndarray] = {}
+        self.timelines: list[StepTimeline] = []
+        self.tied = ("transformer.wte.weight",) if model_config.tie_embeddings else ()
+
+    def _microbatches(self, split: str, step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """This DP rank's rows of the global batch, cut into microbatches."""
+        c, rt = self.config, self.runtime
+        x, y = self.dataset.batch(split, c.data.seed, step, c.train.batch_size, c.model.block_size)
+        x, y = shard_rows(x, rt.dp_rank, rt.dp_size), shard_rows(y, rt.dp_rank, rt.dp_size)
+        count = len(x) // c.microbatch_size
+        return [shard_rows(x, i, count) for i in range(count)], [
+            shard_rows(y, i, count) for i in range(count)
+        ]
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self, step: int) -> StepRecord:
         c, rt = self.config, self.runtime
         started = time.perf_counter()
-        x, y = self.dataset.batch(
-            "train", c.data.seed, step, c.train.batch_size, c.model.block_size
-        )
-        x, y = shard_rows(x, rt.dp_rank, rt.dp_size), shard_rows(y, rt.dp_rank, rt.dp_size)
-        micro, count = c.microbatch_size, c.microbatches
+        inputs, targets = self._microbatches("train", step)
         # Each microbatch's mean loss weighs 1/count: the sum is the mean over the rank's rows.
-        weight = np.asarray(1.0 / count, dtype=self.dtype)
-        local_loss = 0.0
-        for i in range(count):
-            rows = slice(i * micro, (i + 1) * micro)
-            with rt.ledger.phase("forward"):
-                loss = self.model(x[rows], y[rows])
-            local_loss += float(loss.data)
-            with rt.ledger.phase("backward"):
-                loss.backward(weight)
-            del loss
+        losses, timeline = self.executor.run(inputs, targets, 1.0 / len(inputs))
+        self.timelines.append(timeline)
         grads = {name: p.grad for name, p in self.model.params.items()}
         with rt.ledger.phase("optimizer"):
-            grads = rt.synchronize_gradients(grads)
+            grads = rt.synchronize_gradients(grads, self.tied)
             self.last_grads = grads  # the step's synchronised gradients, before clipping
-            grad_norm = math.sqrt(rt.global_grad_sq_norm(grads))
+            grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied))
             coef = clip_coefficient(grad_norm, c.train.grad_clip) if c.train.grad_clip else 1.0
             if coef < 1.0:
                 grads = {name: g * g.dtype.type(coef) for name, g in grads.items()}
-            lr = self.schedule(step)
+            lr = self.lr_schedule(step)
             self.optimizer.lr = lr
             self.optimizer.step(grads)
-            mean_loss = rt.mean_over_data_parallel(local_loss / count)
+        mean_loss = rt.mean_loss(losses)
         self.grad_bytes = sum(g.nbytes for g in grads.values() if g is not None)
         self.model.zero_grad()
         return StepRecord(step, mean_loss, time.perf_counter() - started, lr, grad_norm)
 
     def evaluate(self) -> float:
         """Mean validation loss over `train.eval_batches` fixed batches."""
-        c, rt = self.config, self.runtime
         losses = []
         with no_grad():
-            for i in range(c.train.eval_batches):
-                x, y = self.dataset.batch(
-                    "val", c.data.seed, i, c.train.batch_size, c.model.block_size
-                )
-                x, y = shard_rows(x, rt.dp_rank, rt.dp_size), shard_rows(y, rt.dp_rank, rt.dp_size)
-                losses.append(float(self.model(x, y).data))
-        return rt.mean_over_data_parallel(float(np.mean(losses)))
+            for i in range(self.config.train.eval_batches):
+                inputs, targets = self._microbatches("val", i)
+                losses.extend(self.executor.forward_only(inputs, targets))
+        return self.runtime.mean_loss(losses)
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds, measured from the buffers that exist."""

@@ -23,6 +23,7 @@ from launch.progress import TrainingProgress
 from launch.trainer import RunResult, Trainer
 from parallel.comm import launched_by_mpi
 from parallel.mesh import Mesh
+from parallel.pipeline import COMPUTE_KINDS, StepTimeline
 from parallel.runtime import Runtime
 
 
@@ -40,6 +41,23 @@ def gather_json(comm: Any, payload: Any) -> list[Any] | None:
     comm.Gatherv(data, (buffer, sizes), root=0)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     return [json.loads(buffer[bounds[i] : bounds[i + 1]].tobytes()) for i in range(comm.Get_size())]
+
+
+def pipeline_summary(timelines: list[StepTimeline]) -> dict[str, Any]:
+    """One rank's pipeline figures: median bubble over the steps after the first (which pays
+    for warm-up), peak in-flight microbatches, and the last step's action timeline."""
+    steady = timelines[1:] or timelines
+    last = timelines[-1]
+    return {
+        "bubble_fraction": float(np.median([t.bubble_fraction for t in steady])),
+        "peak_in_flight": max(t.peak_in_flight for t in timelines),
+        "timeline": [
+            [str(t.action), round(t.start_s, 6), round(t.end_s, 6)]
+            for t in last.timings
+            if t.action.kind in COMPUTE_KINDS
+        ],
+        "window_s": last.window_s,
+    }
 
 
 def build_metrics(
@@ -78,7 +96,14 @@ def build_metrics(
         "tokens_per_s": result.tokens_per_step / median if median > 0 else None,
         "memory": {"per_rank": [{"rank": r["rank"], **r["memory"]} for r in per_rank]},
         "comm": {"per_rank": [{"rank": r["rank"], "ops": r["ops"]} for r in per_rank]},
-        "pipeline": {"schedule": p.schedule if p.pp > 1 else None, "bubble_fraction": 0.0},
+        "pipeline": {
+            "schedule": p.schedule,
+            "virtual_stages": p.virtual_stages,
+            "microbatches": config.microbatches,
+            # The mean over ranks of each rank's idle share of its pipeline phase.
+            "bubble_fraction": float(np.mean([r["pipeline"]["bubble_fraction"] for r in per_rank])),
+            "per_rank": [{"rank": r["rank"], **r["pipeline"]} for r in per_rank],
+        },
     }
 
 
@@ -101,7 +126,13 @@ def _run(config: ExperimentConfig, out_dir: Path) -> int:
     with progress:
         result = trainer.run(progress.update)
     per_rank = gather_json(
-        mesh.comm, {"rank": mesh.rank, "memory": result.memory, "ops": runtime.ledger.as_list()}
+        mesh.comm,
+        {
+            "rank": mesh.rank,
+            "memory": result.memory,
+            "ops": runtime.ledger.as_list(),
+            "pipeline": pipeline_summary(trainer.timelines),
+        },
     )
     if leader:
         assert per_rank is not None

@@ -308,6 +308,27 @@ class Group:
         self.comm.Send(buf, dest, tag)
         self.ledger.record("send", self.axis, buf.nbytes, time.perf_counter() - start)
 
+    def isend(self, x: np.ndarray, dest: int, tag: int = 0) -> Any:
+        """Non-blocking send of `x` to group rank `dest`; returns a request for `wait_all`.
+
+        The buffer must stay unchanged until then; the request keeps a reference to it.
+        """
+        self._check_peer(dest, "dest")
+        start = time.perf_counter()
+        buf = np.ascontiguousarray(x)
+        request = self.comm.Isend(buf, dest, tag)
+        self.ledger.record("send", self.axis, buf.nbytes, time.perf_counter() - start)
+        return (request, buf)
+
+    @staticmethod
+    def wait_all(requests: list[Any]) -> None:
+        """Complete the requests `isend` returned (their buffers may then be reused)."""
+        if requests:
+            from mpi4py import MPI
+
+            MPI.Request.Waitall([request for request, _ in requests])
+            requests.clear()
+
     def recv(
         self,
         shape: tuple[int, ...],

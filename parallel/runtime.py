@@ -25,6 +25,7 @@ class Runtime:
         self.ledger: Ledger = self.mesh.ledger
         self.dp_group = self.mesh.group("dp")
         self.tp_group = self.mesh.group("tp")
+        self.pp_group = self.mesh.group("pp")
         self.layout: DenseLayout = DENSE
         if self.tp_group.size > 1:
             self.layout = TensorParallelLayout(self.tp_group, sequence_parallel)
@@ -47,6 +48,14 @@ class Runtime:
     def dp_size(self) -> int:
         return self.dp_group.size
 
+    @property
+    def pp_rank(self) -> int:
+        return self.pp_group.rank
+
+    def _holds_tied_copy(self, name: str, tied: tuple[str, ...]) -> bool:
+        """Whether `name` is the second copy of a weight tied across the first and last stage."""
+        return name in tied and self.pp_group.size > 1 and self.pp_rank == self.pp_group.size - 1
+
     def _sharded(self, name: str) -> bool:
         layout = self.layout
         return isinstance(layout, TensorParallelLayout) and layout.is_sharded(name)
@@ -59,8 +68,14 @@ class Runtime:
         with self.ledger.phase("other"):
             return {name: layout.full_array(name, a) for name, a in arrays.items()}
 
-    def synchronize_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Sum sequence-parallel partial gradients over tp, then average over dp."""
+    def synchronize_gradients(
+        self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
+    ) -> dict[str, np.ndarray]:
+        """Sum the two copies of weights `tied` across the first and last pipeline stage (as
+        Megatron-LM's embedding group does), sum sequence-parallel partial gradients over tp,
+        then average over dp."""
+        if self.pp_group.size > 1:
+            grads = {**grads, **self._sum_tied_copies(grads, tied)}
         if self.sequence_parallel:
             # Replicated parameters saw only this rank's part of the sequence.
             grads = {
@@ -69,19 +84,47 @@ class Runtime:
             }
         return self.averager(grads)
 
-    def global_grad_sq_norm(self, grads: dict[str, np.ndarray]) -> float:
-        """Σ g² over the whole model: shards counted on their rank, replicated parameters once."""
+    def _sum_tied_copies(
+        self, grads: dict[str, np.ndarray], tied: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        last = self.pp_group.size - 1
+        if self.pp_rank not in (0, last):
+            return {}
+        summed = {}
+        for name in tied:
+            if name not in grads:
+                continue
+            mine = np.ascontiguousarray(grads[name])
+            # First stage sends first, last stage receives first: no circular wait.
+            if self.pp_rank == 0:
+                self.pp_group.send(mine, last)
+                other = self.pp_group.recv(mine.shape, mine.dtype, last)
+                summed[name] = mine + other
+            else:
+                other = self.pp_group.recv(mine.shape, mine.dtype, 0)
+                self.pp_group.send(mine, 0)
+                summed[name] = other + mine  # first + last on both ranks: bitwise equal
+        return summed
+
+    def global_grad_sq_norm(
+        self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
+    ) -> float:
+        """Σ g² over the whole model: shards counted on their rank, replicated parameters and
+        tied copies once."""
         total = np.zeros(1)
         for name, g in grads.items():
+            if self._holds_tied_copy(name, tied):
+                continue
             if self.tp_group.rank == 0 or self._sharded(name):
                 flat = g.reshape(-1).astype(np.float64, copy=False)
                 total[0] += np.dot(flat, flat)
-        return float(self.tp_group.all_reduce(total)[0])
+        total = self.tp_group.all_reduce(total)
+        return float(self.pp_group.all_reduce(total)[0])
 
-    def mean_over_data_parallel(self, value: float) -> float:
-        """The mean of a per-rank scalar over the dp group (every rank gets it)."""
-        if self.dp_group.size == 1:
-            return value
+    def mean_loss(self, losses: list[float]) -> float:
+        """The mean of the microbatch losses, which only the last pipeline stage holds, over
+        the whole data-parallel batch (every rank gets it)."""
         with self.ledger.phase("other"):
-            total = self.dp_group.all_reduce(np.array([value], dtype=np.float64))
-        return float(total[0]) / self.dp_group.size
+            local = np.array([sum(losses), len(losses)], dtype=np.float64)
+            total = self.dp_group.all_reduce(self.pp_group.all_reduce(local))
+        return float(total[0] / total[1])

@@ -225,9 +225,20 @@ CONSISTENCY_CASES = [
 
 NOT_YET_CASES = [
     Bad(
-        "pipeline-not-yet",
-        "error: parallel.pp > 1 (pipeline parallelism) is not supported yet",
+        "pipeline-stages-divide-layers",
+        "error: parallel.pp·parallel.virtual_stages=2 does not divide model.n_layer=1",
         ("parallel.pp=2",),
+    ),
+    Bad(
+        "interleaving-needs-its-schedule",
+        "error: parallel.virtual_stages=2 needs parallel.schedule=interleaved-1f1b, got 1f1b",
+        ("model.n_layer=4", "parallel.pp=2", "parallel.virtual_stages=2"),
+    ),
+    Bad(
+        "interleaving-needs-microbatches-multiple-of-pp",
+        "error: parallel.schedule=interleaved-1f1b needs the microbatches per step (1) to be "
+        "a multiple of parallel.pp=2",
+        ("model.n_layer=4", "parallel.pp=2", "parallel.schedule=interleaved-1f1b"),
     ),
     Bad(
         "zero-not-yet",
@@ -236,8 +247,8 @@ NOT_YET_CASES = [
     ),
     Bad(
         "virtual-stages-need-pp",
-        "error: parallel.virtual_stages > 1 needs pipeline parallelism (pp > 1)",
-        ("parallel.virtual_stages=2",),
+        "error: parallel.virtual_stages > 1 needs parallel.pp > 1",
+        ("model.n_layer=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved-1f1b"),
     ),
     Bad(
         "bf16-not-yet",

@@ -24,6 +24,7 @@ from civetta.nn import (
     LayerNorm,
     Linear,
     Model,
+    Module,
     merge,
 )
 from civetta.tensor import Tensor
@@ -68,10 +69,30 @@ def GPT(  # noqa: N802 - a module constructor reads like a class
     config: GPTConfig, seed: int = 0, dtype: Any = np.float32, layout: DenseLayout = DENSE
 ) -> Model:
     """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits."""
+    return GPTStage(config, range(config.n_layer), True, True, seed, dtype, layout)
+
+
+def GPTStage(  # noqa: N802
+    config: GPTConfig,
+    layers: range,
+    first: bool,
+    last: bool,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    layout: DenseLayout = DENSE,
+) -> Model:
+    """The part of the GPT a pipeline stage runs: blocks `layers`, with the embeddings when it
+    is the `first` stage and the final LayerNorm, head and loss when it is the `last`.
+
+    ``stage(inputs, targets)``: `inputs` are token ids on the first stage and the previous
+    stage's activations (B, T, C) otherwise; returns the loss on the last stage and the
+    activations otherwise. Parameter names are the whole model's (``transformer.h.{i}`` with the
+    global block index). With tied embeddings, a last stage that is not also the first holds its
+    own copy of ``transformer.wte.weight``, whose gradient the runtime sums with the first
+    stage's every step.
+    """
     c = config
     proj_std = 0.02 / math.sqrt(2 * c.n_layer)  # residual projections, as GPT-2
-    wte = layout.token_embedding("transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype)
-    wpe = Embedding("transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype)
     blocks = [
         Block(
             f"transformer.h.{i}",
@@ -83,33 +104,60 @@ def GPT(  # noqa: N802 - a module constructor reads like a class
             dtype=dtype,
             layout=layout,
         )
-        for i in range(c.n_layer)
+        for i in layers
     ]
-    ln_f = LayerNorm("transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype)
-    modules = [wte, wpe, *blocks, ln_f]
-    aliases = {}
-    if c.tie_embeddings:
-        head_weight = wte.params["transformer.wte.weight"]
-        aliases["lm_head.weight"] = "transformer.wte.weight"
-    else:
-        head = layout.token_embedding("lm_head", c.vocab_size, c.n_embd, seed=seed, dtype=dtype)
-        head_weight = head.params["lm_head.weight"]
-        modules.append(head)
+    modules: list[Module] = []
+    aliases: dict[str, str] = {}
+    if first:
+        wte = layout.token_embedding(
+            "transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
+        )
+        wpe = Embedding("transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype)
+        modules += [wte, wpe]
+    modules += blocks
+    head_weight = None
+    if last:
+        ln_f = LayerNorm("transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype)
+        modules.append(ln_f)
+        if c.tie_embeddings:
+            table = (
+                wte
+                if first
+                else layout.token_embedding(
+                    "transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
+                )
+            )
+            if not first:
+                modules.append(table)
+            head_weight = table.params["transformer.wte.weight"]
+            aliases["lm_head.weight"] = "transformer.wte.weight"
+        else:
+            head = layout.token_embedding("lm_head", c.vocab_size, c.n_embd, seed=seed, dtype=dtype)
+            head_weight = head.params["lm_head.weight"]
+            modules.append(head)
 
-    def hidden(idx: np.ndarray) -> Tensor:
-        idx = np.asarray(idx)
-        if idx.shape[-1] > c.block_size:
-            raise ValueError(f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}")
-        x = ax.add(wte(idx), wpe(layout.local_positions(idx.shape[-1])))  # (B, T, C)
+    def hidden(inputs: Any) -> Tensor:
+        if first:
+            idx = np.asarray(inputs)
+            if idx.shape[-1] > c.block_size:
+                raise ValueError(
+                    f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}"
+                )
+            x = ax.add(wte(idx), wpe(layout.local_positions(idx.shape[-1])))  # (B, T, C)
+        else:
+            x = inputs
         for block in blocks:
             x = block(x)
-        return ln_f(x)
+        return ln_f(x) if last else x
 
-    def forward(idx: np.ndarray, targets: np.ndarray) -> Tensor:
-        return layout.lm_loss(hidden(idx), head_weight, np.asarray(targets))
+    def forward(inputs: Any, targets: np.ndarray | None = None) -> Tensor:
+        if not last:
+            return hidden(inputs)
+        return layout.lm_loss(hidden(inputs), head_weight, np.asarray(targets))
 
-    def logits(idx: np.ndarray) -> Tensor:
-        return layout.lm_logits(hidden(idx), head_weight)
+    def logits(inputs: Any) -> Tensor:
+        assert last, "only the last stage has the head"
+        return layout.lm_logits(hidden(inputs), head_weight)
 
     return Model(forward, merge(*modules), aliases, logits=logits, config=config)
 

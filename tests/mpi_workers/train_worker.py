@@ -41,11 +41,23 @@ def main() -> None:
         arrays.update({f"grad.{step}.{name}": g for name, g in full.items()})
     params = runtime.full_arrays({n: p.data for n, p in trainer.model.params.items()})
     arrays.update({f"param.{name}": a for name, a in params.items()})
+    # Pipeline stages hold different parameters: rank 0 collects them all (test plumbing, so
+    # pickled gathers are fine here).
+    if mesh.world_size > 1:
+        gathered = mesh.comm.gather(arrays, root=0)
+        if mesh.rank == 0:
+            for other in gathered:
+                for key, value in other.items():
+                    arrays.setdefault(key, value)
+    peaks = [max(t.peak_in_flight for t in trainer.timelines)]
+    if mesh.world_size > 1:
+        peaks = mesh.comm.gather(peaks[0], root=0)
     if mesh.rank == 0:
         arrays["loss"] = np.array(losses)
         arrays["grad_norm"] = np.array(norms)
         arrays["ledger"] = np.array(json.dumps(ledger))
         arrays["grad_bytes"] = np.array(trainer.grad_bytes)
+        arrays["peak_in_flight"] = np.array(peaks)  # by world rank
         np.savez(out_path, **arrays)
 
 
