@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from civetta.meters import flop_meter
 from civetta.tensor import Tensor, as_tensor, make_node
 
 
@@ -280,6 +281,9 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     """
     x, w = a.data, b.data
     need_a, need_b = a.requires_grad, b.requires_grad
+    # 2 FLOPs per multiply-add: (rows of x) · K · N, where N is w's last axis.
+    flops = 2 * (x.size // x.shape[-1]) * x.shape[-1] * w.shape[-1]
+    flop_meter.forward += flops
     if w.ndim == 2:
         k, n = w.shape
         lead = x.shape[:-1]
@@ -287,6 +291,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 
         def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
             g2 = g.reshape(-1, n)
+            flop_meter.backward += flops * (need_a + need_b)
             return (
                 (g2 @ w.T).reshape(x.shape) if need_a else None,
                 x2.T @ g2 if need_b else None,
@@ -297,6 +302,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     assert x.shape[:-2] == w.shape[:-2], "matmul operands need equal leading axes"
 
     def backward_batched(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        flop_meter.backward += flops * (need_a + need_b)
         return (
             g @ w.swapaxes(-1, -2) if need_a else None,
             x.swapaxes(-1, -2) @ g if need_b else None,

@@ -15,6 +15,7 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta.functional import GELU_C
+from civetta.meters import flop_meter
 from civetta.tensor import DeferredGrad, Tensor, make_node, weight_grads_deferred
 
 
@@ -27,19 +28,28 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = x2 @ w.T
     if bias is not None:
         out += bias.data
+    flops = 2 * x2.shape[0] * in_features * out_features
+    flop_meter.forward += flops
     need_x, need_w = x.requires_grad, weight.requires_grad
     need_b = bias is not None and bias.requires_grad
 
+    def weight_grad(g2: np.ndarray) -> np.ndarray:
+        flop_meter.backward += flops
+        return g2.T @ x2
+
     def backward(g: np.ndarray) -> tuple[Any, ...]:
         g2 = g.reshape(-1, out_features)
-        dx = (g2 @ w).reshape(data.shape) if need_x else None
+        dx = None
+        if need_x:
+            flop_meter.backward += flops
+            dx = (g2 @ w).reshape(data.shape)
         # The bias gradient sums over tokens: as a GEMV it runs on BLAS threads, 3× a numpy sum.
         ones = np.ones(g2.shape[0], g2.dtype)
         if weight_grads_deferred():  # zero-bubble schedules: weight gradients come later
-            dw = DeferredGrad(lambda: g2.T @ x2) if need_w else None
+            dw = DeferredGrad(lambda: weight_grad(g2)) if need_w else None
             db = DeferredGrad(lambda: ones @ g2) if need_b else None
         else:
-            dw = g2.T @ x2 if need_w else None
+            dw = weight_grad(g2) if need_w else None
             db = ones @ g2 if need_b else None
         return (dx, dw) if bias is None else (dx, dw, db)
 

@@ -20,7 +20,10 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta import fused
+from civetta.recompute import checkpoint
 from civetta.tensor import Tensor
+
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 class StateDictError(ValueError):
@@ -248,8 +251,13 @@ def CausalSelfAttention(  # noqa: N802
     seed: int = 0,
     dtype: Any = np.float32,
     layout: DenseLayout = DENSE,
+    recompute_core: bool = False,
 ) -> Module:
-    """Multi-head causal attention, q, k, v packed in that order in c_attn, scaled by 1/√hs."""
+    """Multi-head causal attention, q, k, v packed in that order in c_attn, scaled by 1/√hs.
+
+    With `recompute_core` the attention core (scores, softmax, weighted values) is recomputed
+    in backward instead of keeping its (B, nh, T, T) activations: selective recomputation.
+    """
     head_size = dim // n_head
     local_heads = n_head // layout.tp_size  # tensor parallelism splits whole heads
     c_attn = layout.column_linear(
@@ -265,7 +273,10 @@ def CausalSelfAttention(  # noqa: N802
         qkv = ax.reshape(qkv, (batch, block, 3, local_heads, head_size))
         qkv = ax.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, nh, T, hs)
         q, k, v = (ax.reshape(t, t.shape[1:]) for t in ax.split(qkv, 3, axis=0))
-        y = fused.scaled_dot_product_attention(q, k, v, causal=True)  # (B, nh, T, hs)
+        if recompute_core:
+            y = checkpoint(fused.scaled_dot_product_attention, q, k, v)  # (B, nh, T, hs)
+        else:
+            y = fused.scaled_dot_product_attention(q, k, v, causal=True)  # (B, nh, T, hs)
         y = ax.reshape(ax.transpose(y, (0, 2, 1, 3)), (batch, block, local_heads * head_size))
         return c_proj(y)
 
@@ -282,16 +293,27 @@ def Block(  # noqa: N802
     seed: int = 0,
     dtype: Any = np.float32,
     layout: DenseLayout = DENSE,
+    recompute: str = "none",
 ) -> Module:
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)).
+
+    `recompute`: "none"; "selective" recomputes the attention core in backward; "full" keeps
+    only the block's input and recomputes the whole block in backward.
+    """
+    assert recompute in RECOMPUTE_MODES, recompute
     common = dict(bias=bias, seed=seed, dtype=dtype, layout=layout, proj_std=proj_std)
     ln_1 = LayerNorm(f"{name}.ln_1", dim, bias=bias, dtype=dtype)
-    attn = CausalSelfAttention(f"{name}.attn", dim, n_head, **common)
+    attn = CausalSelfAttention(
+        f"{name}.attn", dim, n_head, recompute_core=recompute == "selective", **common
+    )
     ln_2 = LayerNorm(f"{name}.ln_2", dim, bias=bias, dtype=dtype)
     mlp = MLP(f"{name}.mlp", dim, 4 * dim, **common)
 
-    def forward(x: Tensor) -> Tensor:
+    def block(x: Tensor) -> Tensor:
         x = ax.add(x, attn(ln_1(x)))
         return ax.add(x, mlp(ln_2(x)))
+
+    def forward(x: Tensor) -> Tensor:
+        return checkpoint(block, x) if recompute == "full" else block(x)
 
     return Module(forward, merge(ln_1, attn, ln_2, mlp))

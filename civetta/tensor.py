@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from civetta.meters import activation_meter
+
 DEFAULT_DTYPE = np.float32
 
 BackwardFn = Callable[[np.ndarray], Sequence[np.ndarray | None]]
@@ -27,6 +29,17 @@ def no_grad() -> Iterator[None]:
     """Build no graph inside the block: ops return constants."""
     global _grad_enabled
     previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+@contextlib.contextmanager
+def enable_grad() -> Iterator[None]:
+    """Build graphs inside the block even within `no_grad` (activation recomputation)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, True
     try:
         yield
     finally:
@@ -87,23 +100,6 @@ def weight_grads_deferred() -> bool:
     return _weight_grad_store is not None
 
 
-class ActivationMeter:
-    """Bytes held by graph nodes that still wait for their backward.
-
-    A node counts the bytes of its output when the op allocated it (views count nothing); the
-    count is released when backward consumes the node or the node is garbage collected. The peak
-    is what a training step needed to keep alive for its backward pass.
-    """
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.peak = 0
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-
-activation_meter = ActivationMeter()
 
 
 class Tensor:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from parallel.schedules import check_schedule, make_schedule
 
-from civetta import activation_meter, no_grad
+from civetta import activation_meter, flop_meter, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
 from civetta.models.gpt import GPTConfig, GPTStage
 from civetta.nn import Model, merge
@@ -31,6 +30,7 @@ from launch.config import ExperimentConfig
 from launch.faults import maybe_fail
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
+from parallel.schedules import check_schedule, make_schedule
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -42,6 +42,7 @@ class StepRecord:
     time_s: float
     lr: float
     grad_norm: float
+    flops: int = 0  # matmul FLOPs this rank executed, recomputation included
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RunResult:
     val_loss: float | None = None
     memory: dict[str, int] = field(default_factory=dict)
     tokens_per_step: int = 0
+    model_flops_per_step: int = 0
 
 
 def gpt_config(config: ExperimentConfig) -> GPTConfig:
@@ -100,6 +102,7 @@ class Trainer:
                 seed=config.train.seed,
                 dtype=self.dtype,
                 layout=runtime.layout,
+                recompute=p.recompute,
             )
             for s in range(num_stages)
             if self.schedule.stage_rank(s) == runtime.pp_rank
@@ -147,6 +150,7 @@ class Trainer:
     def step(self, step: int) -> StepRecord:
         c, rt = self.config, self.runtime
         started = time.perf_counter()
+        flop_meter.reset()
         inputs, targets = self._microbatches("train", step)
         # Each microbatch's mean loss weighs 1/count: the sum is the mean over the rank's rows.
         losses, timeline = self.executor.run(inputs, targets, 1.0 / len(inputs))
@@ -165,7 +169,8 @@ class Trainer:
         mean_loss = rt.mean_loss(losses)
         self.grad_bytes = sum(g.nbytes for g in grads.values() if g is not None)
         self.model.zero_grad()
-        return StepRecord(step, mean_loss, time.perf_counter() - started, lr, grad_norm)
+        elapsed = time.perf_counter() - started
+        return StepRecord(step, mean_loss, elapsed, lr, grad_norm, flop_meter.total)
 
     def evaluate(self) -> float:
         """Mean validation loss over `train.eval_batches` fixed batches."""
@@ -187,8 +192,10 @@ class Trainer:
         }
 
     def run(self, on_step: Callable[[StepRecord], Any] | None = None) -> RunResult:
+        tokens = self.config.train.batch_size * self.config.model.block_size
         result = RunResult(
-            tokens_per_step=self.config.train.batch_size * self.config.model.block_size
+            tokens_per_step=tokens,
+            model_flops_per_step=self.model.config.flops_per_token() * tokens,
         )
         activation_meter.reset_peak()
         for step in range(self.config.train.steps):

@@ -94,6 +94,12 @@ def build_metrics(
         "step_time_median_s": median,
         "tokens_per_step": result.tokens_per_step,
         "tokens_per_s": result.tokens_per_step / median if median > 0 else None,
+        "flops": {
+            # Model FLOPs: the matmuls the model needs; hardware FLOPs: what the ranks ran,
+            # recomputation included (per step, summed over ranks).
+            "model_per_step": result.model_flops_per_step,
+            "hardware_per_step": sum(r["flops_per_step"] for r in per_rank),
+        },
         "memory": {"per_rank": [{"rank": r["rank"], **r["memory"]} for r in per_rank]},
         "comm": {"per_rank": [{"rank": r["rank"], "ops": r["ops"]} for r in per_rank]},
         "pipeline": {
@@ -132,6 +138,7 @@ def _run(config: ExperimentConfig, out_dir: Path) -> int:
             "memory": result.memory,
             "ops": runtime.ledger.as_list(),
             "pipeline": pipeline_summary(trainer.timelines),
+            "flops_per_step": result.steps[-1].flops if result.steps else 0,
         },
     )
     if leader:

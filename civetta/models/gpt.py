@@ -54,22 +54,31 @@ class GPTConfig:
         return embeddings + self.n_layer * per_block + layer_norm + head
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Model training FLOPs per token, as nanoGPT and PaLM count them.
+        """Model training FLOPs per token: the matmuls of forward and backward, exactly.
 
-        6 · N for the weights that take part in matmuls (all but the position table: forward 2,
-        backward 4 FLOPs per weight and token) plus 12 · n_layer · n_embd · T for the attention
-        scores and the weighted sum of values over the full T×T matrix.
+        6 · (weights that take part in matmuls: 12·n_layer·n_embd² + the vocab_size·n_embd
+        head) — 2 FLOPs per weight forward, 4 backward — plus 12 · n_layer · n_embd · T for the
+        attention scores and the weighted sum of values over the full T×T matrix, as nanoGPT
+        and PaLM count them. Embedding lookups, LayerNorms and biases do no matmul and count
+        0. The engine's `flop_meter` measures exactly this when nothing is recomputed.
         """
         t = seq_len or self.block_size
-        matmul_weights = self.num_parameters() - self.block_size * self.n_embd
-        return 6 * matmul_weights + 12 * self.n_layer * self.n_embd * t
+        c = self.n_embd
+        matmul_weights = 12 * self.n_layer * c * c + self.vocab_size * c
+        return 6 * matmul_weights + 12 * self.n_layer * c * t
 
 
 def GPT(  # noqa: N802 - a module constructor reads like a class
-    config: GPTConfig, seed: int = 0, dtype: Any = np.float32, layout: DenseLayout = DENSE
+    config: GPTConfig,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    layout: DenseLayout = DENSE,
+    recompute: str = "none",
 ) -> Model:
-    """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits."""
-    return GPTStage(config, range(config.n_layer), True, True, seed, dtype, layout)
+    """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits.
+
+    `recompute`: "none" | "selective" | "full" activation recomputation (see `nn.Block`)."""
+    return GPTStage(config, range(config.n_layer), True, True, seed, dtype, layout, recompute)
 
 
 def GPTStage(  # noqa: N802
@@ -80,6 +89,7 @@ def GPTStage(  # noqa: N802
     seed: int = 0,
     dtype: Any = np.float32,
     layout: DenseLayout = DENSE,
+    recompute: str = "none",
 ) -> Model:
     """The part of the GPT a pipeline stage runs: blocks `layers`, with the embeddings when it
     is the `first` stage and the final LayerNorm, head and loss when it is the `last`.
@@ -103,6 +113,7 @@ def GPTStage(  # noqa: N802
             seed=seed,
             dtype=dtype,
             layout=layout,
+            recompute=recompute,
         )
         for i in layers
     ]

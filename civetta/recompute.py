@@ -1,0 +1,39 @@
+"""Activation recomputation: trade a second forward for not keeping activations.
+
+`checkpoint(fn, *inputs)` runs `fn` without building a graph, so none of its intermediate
+activations stay alive; the one node it leaves behind holds only its inputs and output. Its
+backward runs `fn` again with a graph and backpropagates through that. Parameters that `fn`
+uses (through its module closure) receive their gradients during that inner backward, so the
+result is exactly the gradient of `fn` — and the recomputed forward's FLOPs are counted again
+by the FLOP meter, as hardware FLOPs.
+
+Korthikanti et al. 2022 call recomputing whole transformer blocks *full* recomputation and
+recomputing only the attention core (scores, softmax, weighted values) *selective*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from civetta.tensor import Tensor, enable_grad, is_grad_enabled, make_node, no_grad
+
+
+def checkpoint(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """`fn(*inputs)` whose activations are recomputed during backward instead of kept."""
+    if not is_grad_enabled() or not any(x.requires_grad for x in inputs):
+        return fn(*inputs)
+    with no_grad():
+        out = fn(*inputs)
+    arrays = [x.data for x in inputs]
+    needs = [x.requires_grad for x in inputs]
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        leaves = [Tensor(a, requires_grad=need) for a, need in zip(arrays, needs, strict=True)]
+        with enable_grad():
+            recomputed = fn(*leaves)
+        recomputed.backward(g)
+        return tuple(leaf.grad if need else None for leaf, need in zip(leaves, needs, strict=True))
+
+    return make_node(out.data, inputs, backward)
