@@ -100,8 +100,6 @@ def weight_grads_deferred() -> bool:
     return _weight_grad_store is not None
 
 
-
-
 class Tensor:
     __slots__ = ("__weakref__", "_backward", "_held", "_parents", "data", "grad", "requires_grad")
 
@@ -330,8 +328,23 @@ def _private(g: np.ndarray, caller_grad: np.ndarray, stored: set[int]) -> np.nda
     return g if fresh else np.array(g)
 
 
+_precision: Any = None  # a civetta.precision.Precision while autocasting
+
+
+def set_precision(policy: Any) -> Any:
+    """Install a low-precision policy for op outputs and gradients; returns the previous one."""
+    global _precision
+    previous, _precision = _precision, policy
+    return previous
+
+
 def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardFn) -> Tensor:
     """Wrap an op's result; attach the closure only when some parent needs a gradient."""
+    fresh = _owns_new_memory(data, parents)
+    if _precision is not None:
+        if fresh:  # a view of an input shares its already-rounded values
+            data = _precision.round(data)
+        backward = _rounding(backward, _precision)
     out = Tensor.__new__(Tensor)
     out.data = data
     out.grad = None
@@ -339,7 +352,9 @@ def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardF
         out.requires_grad = True
         out._parents = parents
         out._backward = backward
-        held = data.nbytes if data.base is None else 0
+        held = data.nbytes if fresh else 0
+        if _precision is not None:  # memory in bytes of the simulated dtype
+            held = held // data.itemsize * _precision.itemsize
         out._held = held
         if held:
             activation_meter.live += held
@@ -351,6 +366,25 @@ def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardF
         out._backward = None
         out._held = 0
     return out
+
+
+def _owns_new_memory(data: np.ndarray, parents: tuple[Tensor, ...]) -> bool:
+    """Whether an op's output is new memory rather than a view of one of its inputs."""
+    owner = data if data.base is None else data.base
+    if owner is data:
+        return True
+    return all(owner is not p.data and owner is not p.data.base for p in parents)
+
+
+def _rounding(backward: BackwardFn, policy: Any) -> BackwardFn:
+    """The op's backward with its input gradients rounded to the low precision."""
+
+    def rounded(g: np.ndarray) -> Sequence[Any]:
+        return tuple(
+            policy.round(grad) if isinstance(grad, np.ndarray) else grad for grad in backward(g)
+        )
+
+    return rounded
 
 
 def as_tensor(value: Any, like: Tensor | None = None) -> Tensor:

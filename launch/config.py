@@ -6,8 +6,10 @@ and what was given; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,8 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 1.0
     eval_batches: int = 4
+    loss_scale: float = 65536.0  # fp16: the initial dynamic loss scale
+    loss_scale_window: int = 1000  # fp16: good steps before the scale doubles
 
 
 @dataclass
@@ -98,6 +102,8 @@ SECTIONS = {
     "train": TrainConfig,
     "parallel": ParallelConfig,
 }
+# Top-level keys of an experiment file beside the sections (see `read_with_includes`).
+EXPERIMENT_KEYS = ("include", "sweep")
 
 CHOICES = {
     "model.kind": ("gpt",),
@@ -109,10 +115,6 @@ CHOICES = {
     "parallel.zero": (0, 1, 2, 3),
 }
 
-# Values the schema accepts but this version cannot run yet; refused with a clear line.
-NOT_YET = {
-    "train.dtype": ("bf16", "fp16"),
-}
 
 POSITIVE = {
     "model.vocab_size",
@@ -125,6 +127,8 @@ POSITIVE = {
     "train.microbatch_size",
     "train.lr",
     "train.eval_batches",
+    "train.loss_scale",
+    "train.loss_scale_window",
     "parallel.dp",
     "parallel.tp",
     "parallel.pp",
@@ -171,7 +175,7 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     raise ConfigError(f"error: {key} expected {base}, got {_describe(value)}")
 
 
-def _check_values(config: ExperimentConfig) -> None:
+def _check_values(config: ExperimentConfig, for_execution: bool = True) -> None:
     for section in SECTIONS:
         values = getattr(config, section)
         for f in dataclasses.fields(values):
@@ -179,15 +183,13 @@ def _check_values(config: ExperimentConfig) -> None:
             if key in CHOICES and value not in CHOICES[key]:
                 options = " | ".join(map(str, CHOICES[key]))
                 raise ConfigError(f"error: {key} expected one of {options}, got {value!r}")
-            if key in NOT_YET and value in NOT_YET[key]:
-                raise ConfigError(f"error: {key}={value} is not supported yet in this version")
             if value is not None and key in POSITIVE and value <= 0:
                 raise ConfigError(f"error: {key} expected a positive number, got {value!r}")
             if value is not None and key in NON_NEGATIVE and value < 0:
                 raise ConfigError(f"error: {key} expected a number >= 0, got {value!r}")
 
 
-def _check_consistency(config: ExperimentConfig) -> None:
+def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> None:
     m, t, p = config.model, config.train, config.parallel
     if m.n_embd % m.n_head:
         raise ConfigError(f"error: model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
@@ -221,7 +223,7 @@ def _check_consistency(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
         )
-    if p.zero:
+    if p.zero and for_execution:  # a simulation (for_execution=False) projects it
         raise ConfigError("error: parallel.zero > 0 (ZeRO sharding) is not supported yet")
     _check_pipeline(config)
 
@@ -248,8 +250,9 @@ def _check_pipeline(config: ExperimentConfig) -> None:
         )
 
 
-def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
-    """Validate a parsed YAML mapping into an ExperimentConfig."""
+def from_dict(raw: Any, origin: str = "config", for_execution: bool = True) -> ExperimentConfig:
+    """Validate a parsed YAML mapping into an ExperimentConfig (`for_execution=False`: also
+    accept what this version can simulate but not run yet)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -271,8 +274,8 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
                 hint = _did_you_mean(str(name), list(fields), prefix=f"{section}.")
                 raise ConfigError(f"error: unknown key '{key}'{hint}")
             setattr(target, name, _coerce(key, value, str(fields[name].type)))
-    _check_values(config)
-    _check_consistency(config)
+    _check_values(config, for_execution)
+    _check_consistency(config, for_execution)
     return config
 
 
@@ -306,7 +309,9 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"error: {path} is not UTF-8 text") from None
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+def load(
+    path: str | Path | None, overrides: list[str] = (), for_execution: bool = True
+) -> ExperimentConfig:
     """Read a YAML experiment (or the defaults when `path` is None) and apply `--set`s.
 
     `include:`s are resolved; a `sweep:` section is ignored here (`civetta train` runs the base
@@ -314,7 +319,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig
     """
     raw = _read_base(path, overrides)
     raw.pop("sweep", None)
-    return from_dict(raw, origin=str(path) if path else "config")
+    return from_dict(raw, origin=str(path) if path else "config", for_execution=for_execution)
 
 
 def _read_base(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -329,3 +334,229 @@ def _read_base(path: str | Path | None, overrides: list[str] = ()) -> dict[str, 
             )
         section_values[name] = value
     return raw
+
+
+# ---- include: and sweep: -------------------------------------------------------------------
+def read_with_includes(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of `path` merged over the files it includes (`include: base.yaml` or a list;
+    paths relative to the including file; later files and the including file win, key by key
+    within a section). A `sweep:` is replaced whole, never merged."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        names = [str(p) for p in _chain[_chain.index(resolved) :]] + [str(resolved)]
+        raise ConfigError(f"error: include cycle: {' -> '.join(names)}")
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"error: {path} expected a mapping of sections, got {_describe(raw)}")
+    for key in raw:
+        # Checked per file, so the message names the file the stray key is in.
+        if key not in SECTIONS and key not in EXPERIMENT_KEYS:
+            hint = _did_you_mean(str(key), [*SECTIONS, *EXPERIMENT_KEYS])
+            raise ConfigError(f"error: unknown section '{key}' in {path}{hint}")
+    includes = raw.pop("include", None)
+    if includes is None:
+        return raw
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(
+            f"error: {path}: include expected a file name or a list of file names, "
+            f"got {_describe(includes)}"
+        )
+    merged: dict[str, Any] = {}
+    for name in includes:
+        target = path.parent / name
+        if not target.is_file():
+            raise ConfigError(f"error: {path}: included file {str(target)!r} does not exist")
+        merged = _merge(merged, read_with_includes(target, (*_chain, resolved)))
+    return _merge(merged, raw)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if key in SECTIONS and value is None:
+            continue  # an empty `train:` keeps the included section
+        if key in SECTIONS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **copy.deepcopy(value)}
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+LABEL_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def layout_label(config: ExperimentConfig) -> str:
+    """A short, file-name-safe name for a layout, e.g. dp2-tp2-sp or pp4-1f1b-m8."""
+    p = config.parallel
+    sizes = (("dp", p.dp), ("tp", p.tp), ("pp", p.pp))
+    parts = [f"{axis}{size}" for axis, size in sizes if size > 1]
+    if p.pp > 1:
+        parts.append(p.schedule + (f"-v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
+        parts.append(f"m{config.microbatches}")
+    if p.sequence_parallel:
+        parts.append("sp")
+    if p.zero:
+        parts.append(f"zero{p.zero}")
+    if p.recompute != "none":
+        parts.append(f"rc-{p.recompute}")
+    return "-".join(parts) or "single"
+
+
+def _scalar_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _field_hint(name: str) -> str:
+    """For a bare `dp:` in a sweep entry: the dotted key it probably meant."""
+    owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    return f" (did you mean '{owners[0]}.{name}'?)" if len(owners) == 1 else ""
+
+
+def _entry_sections(entry: Any, where: str) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """One sweep entry → (its `name:` if any, {section: {key: value}}).
+
+    Keys are dotted (`parallel.dp: 2`) or nested (`parallel: {dp: 2}`), mixed as one likes."""
+    if not isinstance(entry, dict):
+        raise ConfigError(
+            f"error: {where} expected a mapping of overrides such as {{parallel.dp: 2}}, "
+            f"got {_describe(entry)}"
+        )
+    name: str | None = None
+    sections: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if section not in SECTIONS:
+            hint = _did_you_mean(section, list(SECTIONS))
+            raise ConfigError(f"error: {where}: unknown section '{section}'{hint}")
+        sections.setdefault(section, {})[key] = value
+
+    for key, value in entry.items():
+        key = str(key)
+        if key == "name":
+            if not isinstance(value, str) or not LABEL_TEXT.fullmatch(value):
+                raise ConfigError(
+                    f"error: {where}.name expected letters, digits and . _ + - "
+                    f"(a directory name), got {_describe(value)}"
+                )
+            name = value
+        elif "." in key:
+            section, _, field_name = key.partition(".")
+            if not section or not field_name or "." in field_name:
+                raise ConfigError(f"error: {where}: expected a key like section.name, got {key!r}")
+            put(section, field_name, value)
+        elif isinstance(value, dict):
+            for field_name, field_value in value.items():
+                put(key, str(field_name), field_value)
+        else:
+            raise ConfigError(
+                f"error: {where}: expected 'section.name: value' or a section mapping, "
+                f"got {key!r}{_field_hint(key)}"
+            )
+    return name, sections
+
+
+def _sweep_entries(sweep: Any) -> list[tuple[str, Any]]:
+    """The sweep as (where, entry) pairs; a grid becomes one dotted-key entry per combination."""
+    if isinstance(sweep, list):
+        if not sweep:
+            raise ConfigError("error: sweep expected at least one layout, got an empty list")
+        return [(f"sweep[{i}]", entry) for i, entry in enumerate(sweep)]
+    if not isinstance(sweep, dict):
+        raise ConfigError(
+            f"error: sweep expected a list of layouts or a mapping with 'grid', "
+            f"got {_describe(sweep)}"
+        )
+    for key in sweep:
+        if key != "grid":
+            hint = _did_you_mean(str(key), ["grid"], prefix="sweep.")
+            raise ConfigError(f"error: unknown key 'sweep.{key}'{hint}")
+    grid = sweep.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(
+            f"error: sweep.grid expected a mapping of section.name: [values], got {_describe(grid)}"
+        )
+    axes: list[tuple[str, Any]] = []
+    for key, values in grid.items():
+        key = str(key)
+        if "." not in key and isinstance(values, dict):
+            axes.extend((f"{key}.{name}", v) for name, v in values.items())
+        elif "." in key:
+            axes.append((key, values))
+        else:
+            raise ConfigError(
+                f"error: sweep.grid: expected 'section.name: [values]', got {key!r}"
+                f"{_field_hint(key)}"
+            )
+    for key, values in axes:
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"error: sweep.grid.{key} expected a non-empty list of values, "
+                f"got {_describe(values)}"
+            )
+    keys = [key for key, _ in axes]
+    entries = []
+    # The first grid key varies slowest, as in nested loops written in the file's order.
+    for i, combination in enumerate(itertools.product(*(values for _, values in axes))):
+        shown = ", ".join(f"{k}={_scalar_text(v)}" for k, v in zip(keys, combination, strict=True))
+        entries.append((f"sweep[{i}] ({shown})", dict(zip(keys, combination, strict=True))))
+    return entries
+
+
+def load_experiment(
+    path: str | Path | None, overrides: list[str] = ()
+) -> tuple[ExperimentConfig, list[tuple[str, ExperimentConfig]]]:
+    """The base config and its sweep's layouts as (label, config), each validated in full.
+
+    `--set`s change the base; each sweep entry then overrides the base. Without a `sweep:` the
+    list is empty. An error in an entry names it: `error: sweep[2]: parallel.tp=3 does not
+    divide model.n_head=4`.
+    """
+    raw = _read_base(path, overrides)
+    sweep = raw.pop("sweep", None)
+    origin = str(path) if path else "config"
+    base = from_dict(copy.deepcopy(raw), origin=origin)
+    if sweep is None:
+        return base, []
+    layouts: list[tuple[str, ExperimentConfig]] = []
+    named: dict[str, str] = {}
+    for where, entry in _sweep_entries(sweep):
+        name, sections = _entry_sections(entry, where)
+        try:
+            config = from_dict(_merge(raw, sections), origin=origin)
+        except ConfigError as exc:
+            detail = str(exc).removeprefix("error: ")
+            raise ConfigError(f"error: {where}: {detail}") from None
+        if name is not None:
+            if name.startswith("baseline"):
+                raise ConfigError(
+                    f"error: {where}.name {name!r} is reserved for the single-process baseline"
+                )
+            if name in named:
+                raise ConfigError(f"error: {where}.name {name!r} is already used by {named[name]}")
+            named[name] = where
+        layouts.append((name or layout_label(config), config))
+    return base, _unique_labels(layouts)
+
+
+def _unique_labels(
+    layouts: list[tuple[str, ExperimentConfig]],
+) -> list[tuple[str, ExperimentConfig]]:
+    """Two entries with the same layout (differing in, say, dtype) get -2, -3 suffixes."""
+    seen: dict[str, int] = {}
+    taken = {label for label, _ in layouts}
+    unique = []
+    for label, config in layouts:
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            suffix = seen[label]
+            while f"{label}-{suffix}" in taken:
+                suffix += 1
+            taken.add(f"{label}-{suffix}")
+            label = f"{label}-{suffix}"
+        unique.append((label, config))
+    return unique

@@ -26,13 +26,15 @@ from civetta.optim import (
     cosine_with_warmup,
     make_optimizer,
 )
+from civetta.precision import PRECISIONS, LossScaler, MasterWeights, autocast, has_overflow
 from launch.config import ExperimentConfig
 from launch.faults import maybe_fail
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
 from parallel.schedules import check_schedule, make_schedule
 
-DTYPES = {"float32": np.float32, "float64": np.float64}
+# train.dtype -> the dtype of the arrays; bf16/fp16 are emulated on float32 arrays.
+DTYPES = {"float32": np.float32, "float64": np.float64, "bf16": np.float32, "fp16": np.float32}
 
 
 @dataclass
@@ -43,6 +45,8 @@ class StepRecord:
     lr: float
     grad_norm: float
     flops: int = 0  # matmul FLOPs this rank executed, recomputation included
+    skipped: bool = False  # fp16: gradients overflowed, the optimizer did not step
+    loss_scale: float = 1.0
 
 
 @dataclass
@@ -124,9 +128,15 @@ class Trainer:
             (config.microbatch_size, block, config.model.n_embd),
             self.dtype,
         )
+        # Mixed precision: the optimizer updates float32 masters, the model holds their rounding.
+        self.precision = PRECISIONS.get(config.train.dtype)
+        self.masters = MasterWeights(self.model.params, self.precision) if self.precision else None
+        self.loss_scaler = None
+        if config.train.dtype == "fp16":
+            self.loss_scaler = LossScaler(config.train.loss_scale, config.train.loss_scale_window)
         self.optimizer: Optimizer = make_optimizer(
             config.train.optimizer,
-            self.model.params,
+            self.masters.master if self.masters else self.model.params,
             config.train.lr,
             weight_decay=config.train.weight_decay,
         )
@@ -153,24 +163,48 @@ class Trainer:
         flop_meter.reset()
         inputs, targets = self._microbatches("train", step)
         # Each microbatch's mean loss weighs 1/count: the sum is the mean over the rank's rows.
-        losses, timeline = self.executor.run(inputs, targets, 1.0 / len(inputs))
+        scale = self.loss_scaler.scale if self.loss_scaler else 1.0
+        with autocast(self.precision):
+            losses, timeline = self.executor.run(inputs, targets, scale / len(inputs))
         self.timelines.append(timeline)
         grads = {name: p.grad for name, p in self.model.params.items()}
+        lr = self.lr_schedule(step)
         with rt.ledger.phase("optimizer"):
             grads = rt.synchronize_gradients(grads, self.tied)
+            if self.loss_scaler is not None:
+                grads, take_step = self._unscale(grads)
+            else:
+                take_step = True
             self.last_grads = grads  # the step's synchronised gradients, before clipping
-            grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied))
+            grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied)) if take_step else 0.0
             coef = clip_coefficient(grad_norm, c.train.grad_clip) if c.train.grad_clip else 1.0
             if coef < 1.0:
                 grads = {name: g * g.dtype.type(coef) for name, g in grads.items()}
-            lr = self.lr_schedule(step)
-            self.optimizer.lr = lr
-            self.optimizer.step(grads)
+            if take_step:
+                self.optimizer.lr = lr
+                self.optimizer.step(grads)
+                if self.masters is not None:
+                    self.masters.publish()
         mean_loss = rt.mean_loss(losses)
         self.grad_bytes = sum(g.nbytes for g in grads.values() if g is not None)
         self.model.zero_grad()
         elapsed = time.perf_counter() - started
-        return StepRecord(step, mean_loss, elapsed, lr, grad_norm, flop_meter.total)
+        return StepRecord(
+            step, mean_loss, elapsed, lr, grad_norm, flop_meter.total, not take_step, scale
+        )
+
+    def _unscale(self, grads: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+        """fp16: divide out the loss scale, unless some rank's gradients overflowed (then the
+        step is skipped and the scale lowered)."""
+        scaler = self.loss_scaler
+        assert scaler is not None
+        used = scaler.scale
+        overflow = np.array([float(has_overflow(list(grads.values())))])
+        overflow = self.runtime.mesh.world.all_reduce(overflow, op="max")
+        if not scaler.update(bool(overflow[0])):
+            return grads, False
+        inverse = 1.0 / used
+        return {name: g * g.dtype.type(inverse) for name, g in grads.items()}, True
 
     def evaluate(self) -> float:
         """Mean validation loss over `train.eval_batches` fixed batches."""
@@ -182,12 +216,19 @@ class Trainer:
         return self.runtime.mean_loss(losses)
 
     def memory(self) -> dict[str, int]:
-        """Bytes this rank holds, measured from the buffers that exist."""
-        params = self.model.params.values()
+        """Bytes this rank holds, measured from the buffers that exist; with bf16/fp16, weights
+        and gradients count in the simulated dtype and the float32 masters as optimizer state
+        (mixed-precision Adam: 2 + 2 + 12 bytes per parameter)."""
+        params = sum(p.data.nbytes for p in self.model.params.values())
+        grads, optimizer = self.grad_bytes, self.optimizer.state_bytes()
+        if self.precision is not None and self.masters is not None:
+            shrink = self.precision.itemsize / np.dtype(self.dtype).itemsize
+            params, grads = int(params * shrink), int(grads * shrink)
+            optimizer += self.masters.nbytes()
         return {
-            "params": sum(p.data.nbytes for p in params),
-            "grads": self.grad_bytes,
-            "optimizer": self.optimizer.state_bytes(),
+            "params": params,
+            "grads": grads,
+            "optimizer": optimizer,
             "activations_peak": activation_meter.peak,
         }
 

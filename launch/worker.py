@@ -86,6 +86,8 @@ def build_metrics(
                 "time_s": s.time_s,
                 "lr": s.lr,
                 "grad_norm": s.grad_norm,
+                "skipped": s.skipped,
+                "loss_scale": s.loss_scale,
             }
             for s in result.steps
         ],

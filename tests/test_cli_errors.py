@@ -251,19 +251,14 @@ NOT_YET_CASES = [
         ("model.n_layer=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved-1f1b"),
     ),
     Bad(
-        "bf16-not-yet",
-        "error: train.dtype=bf16 is not supported yet in this version",
-        ("train.dtype=bf16",),
+        "loss-scale-positive",
+        "error: train.loss_scale expected a positive number, got 0.0",
+        ("train.dtype=fp16", "train.loss_scale=0"),
     ),
     Bad(
-        "fp16-not-yet",
-        "error: train.dtype=fp16 is not supported yet in this version",
-        ("train.dtype=fp16",),
-    ),
-    Bad(
-        "recompute-not-yet",
-        "error: parallel.recompute=full is not supported yet in this version",
-        ("parallel.recompute=full",),
+        "recompute-choice",
+        "error: parallel.recompute expected one of none | full | selective, got 'some'",
+        ("parallel.recompute=some",),
     ),
 ]
 
