@@ -1,6 +1,8 @@
 """The `civetta` command line.
 
     civetta train CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
+    civetta compare CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
+    civetta simulate CONFIG.yaml --hardware a100-dgx [--set ...] [--tokens N] [--json OUT]
     civetta schedule --pp 4 --microbatches 8 --schedule 1f1b [--virtual-stages 2]
 
 A config error is one line on stderr and exit code 2, checked before any MPI process starts.
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from civetta.data import DataError, load_dataset
 from launch.config import ConfigError, ExperimentConfig, load
+from launch.launcher import LauncherError
 from parallel.schedules import ScheduleError
 
 
@@ -45,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="MPI launcher to use (default: $CIVETTA_MPIEXEC, else the one installed with civetta)",
     )
+    compare = commands.add_parser(
+        "compare",
+        help="run the single-process baseline and every layout of the config's sweep; report",
+    )
+    compare.add_argument("config", help="experiment YAML with a sweep: section")
+    compare.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the base config (sweep entries override it in turn)",
+    )
+    compare.add_argument(
+        "--out", default=None, help="report and run directories (default: runs/<config>)"
+    )
+    compare.add_argument("--mpiexec", default=None, help="MPI launcher for multi-rank layouts")
     schedule = commands.add_parser(
         "schedule", help="draw a pipeline schedule per rank in the terminal, with its bubble"
     )
@@ -58,7 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="for interleaved-1f1b")
     schedule.add_argument("--save", default=None, help="write the schedule to a .csv or .yaml")
     schedule.add_argument("--load", default=None, help="read a schedule from a .csv or .yaml")
+    simulate = commands.add_parser(
+        "simulate", help="project an experiment onto a GPU cluster (analytic, nothing runs)"
+    )
+    simulate.add_argument("config", help="experiment YAML (see configs/)")
+    simulate.add_argument(
+        "--hardware",
+        default="a100-dgx",
+        help="a profile in configs/hardware/ (a100-dgx, h100-dgx) or a path to one",
+    )
+    simulate.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
+    )
+    simulate.add_argument("--tokens", type=int, default=None, help="training tokens to cost")
+    simulate.add_argument("--json", dest="json_out", default=None, help="write the projection")
     return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from launch.simulate import simulate_command
+
+    if args.tokens is not None and args.tokens < 1:
+        raise UsageError(f"error: --tokens expected a positive integer, got {args.tokens}")
+    return simulate_command(args.config, args.hardware, args.overrides, args.tokens, args.json_out)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -97,6 +139,15 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return worker.train(config, out_dir)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from launch.compare import compare_command
+
+    out_dir = Path(args.out) if args.out else default_out_dir(args.config)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
+    return compare_command(args.config, args.overrides, out_dir, args.mpiexec)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -109,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, argv)
         if args.command == "schedule":
             return cmd_schedule(args)
-    except (ConfigError, UsageError, DataError, ScheduleError) as exc:
+        if args.command == "compare":
+            return cmd_compare(args)
+        if args.command == "simulate":
+            return cmd_simulate(args)
+    except (ConfigError, UsageError, DataError, ScheduleError, LauncherError) as exc:
         message = str(exc)
         print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
         return 2

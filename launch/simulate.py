@@ -1,0 +1,251 @@
+"""`civetta simulate CONFIG --hardware PROFILE [--set ...] [--tokens N] [--json OUT]`.
+
+Projects one training step of an experiment onto a hardware profile with the analytic cost model
+(`parallel.cost`); nothing is executed, so layouts this version cannot run yet (ZeRO, bf16/fp16)
+are accepted. Prints a report (step time and its breakdown, TFLOP/s per GPU, MFU and HFU,
+memory per GPU by category, bytes per axis, GPU-hours and cost) and optionally writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from civetta.models.gpt import GPTConfig
+from launch.config import ConfigError, ExperimentConfig, load
+from parallel.cost import CostOptions, Projection, TrainingLayout, project
+from parallel.hardware import CostModelError, HardwareProfile, load_profile
+
+GIB = 2**30
+
+CONVENTIONS = (
+    "Conventions: analytic projection, nothing executed. Memory in binary units (GiB = 2^30 "
+    "bytes), traffic in decimal units (GB = 10^9 bytes), per GPU. TFLOP/s per GPU and MFU "
+    "count model FLOPs (forward + backward: matmuls, attention over the full s×s matrix); HFU "
+    "also counts recomputation; both against "
+    "the dense peak of train.dtype. Bubble = idle pipeline time as a fraction of the whole step "
+    "(not of the compute time). Bytes per axis follow civetta's ledger: the buffer each rank "
+    "passes (all-reduce input, all-gather shard, reduce-scatter input, sent messages)."
+)
+
+
+def load_for_simulation(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """The experiment config, validated without the refusals of what cannot run yet."""
+    return load(path, list(overrides), for_execution=False)
+
+
+def to_model(config: ExperimentConfig) -> GPTConfig:
+    m = config.model
+    return GPTConfig(
+        vocab_size=m.vocab_size,
+        block_size=m.block_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        tie_embeddings=m.tie_embeddings,
+        bias=m.bias,
+    )
+
+
+def to_layout(config: ExperimentConfig) -> TrainingLayout:
+    p, t = config.parallel, config.train
+    return TrainingLayout(
+        dp=p.dp,
+        tp=p.tp,
+        pp=p.pp,
+        microbatch_size=config.microbatch_size,
+        microbatches=config.microbatches,
+        order=p.order,
+        schedule=p.schedule,
+        virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel,
+        zero=p.zero,
+        recompute=p.recompute,
+        dtype=t.dtype,
+        optimizer=t.optimizer,
+        bucket_mb=p.bucket_mb,
+    )
+
+
+def simulate(
+    config: ExperimentConfig, profile: HardwareProfile, options: CostOptions | None = None
+) -> Projection:
+    try:
+        return project(to_model(config), to_layout(config), profile, options)
+    except CostModelError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def report_dict(
+    config: ExperimentConfig,
+    profile: HardwareProfile,
+    projection: Projection,
+    tokens: int | None,
+) -> dict[str, Any]:
+    """What --json writes: the projection, the conventions, and the training cost for --tokens."""
+    out: dict[str, Any] = projection.as_dict()
+    out["hardware"] = profile.name
+    out["price_per_gpu_hour"] = profile.price_per_gpu_hour
+    out["gpus_per_node"] = profile.gpus_per_node
+    out["per_billion_tokens"] = projection.training(10**9)
+    out["training"] = projection.training(tokens) if tokens else None
+    out["conventions"] = CONVENTIONS
+    out["config"] = config.to_dict()
+    return out
+
+
+# ---- the report ---------------------------------------------------------------------------------
+def _seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.3f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.2f} ms"
+    return f"{value * 1e6:.1f} µs"
+
+
+def _duration(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:.1f} days" if days >= 1 else f"{seconds / 3600:.2f} hours"
+
+
+def _gib(nbytes: float) -> str:
+    """Memory, binary units."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2**20:.2f} MiB"
+
+
+def _traffic(nbytes: float) -> str:
+    """Bytes on links, decimal units."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def _count(n: float) -> str:
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def render(
+    console: Console,
+    config_path: str,
+    config: ExperimentConfig,
+    profile: HardwareProfile,
+    pr: Projection,
+    tokens: int | None,
+) -> None:
+    model, p = config.model, config.parallel
+    params = to_model(config).num_parameters()
+    nodes = -(-pr.world_size // profile.gpus_per_node)
+    console.print(
+        f"[bold]civetta simulate[/bold] {config_path} on [bold]{profile.name}[/bold] "
+        f"({profile.device.name}, {profile.gpus_per_node} per node)"
+    )
+    console.print(
+        f"GPT {_count(params)} parameters: {model.n_layer} layers, hidden {model.n_embd}, "
+        f"{model.n_head} heads, sequence {model.block_size}, vocabulary {model.vocab_size}; "
+        f"{config.train.dtype}, {config.train.optimizer}"
+    )
+    sp = ", sequence parallel" if p.sequence_parallel else ""
+    pipe = f", {p.schedule}" + (f" v={p.virtual_stages}" if p.virtual_stages > 1 else "")
+    console.print(
+        f"layout dp={p.dp} × tp={p.tp} × pp={p.pp} = {pr.world_size} GPUs on {nodes} nodes "
+        f"(order {p.order}); batch {config.train.batch_size} = {p.dp} × "
+        f"{config.microbatches} microbatches × {config.microbatch_size}{pipe if p.pp > 1 else ''}"
+        f"; ZeRO {p.zero}, recompute {p.recompute}{sp}"
+    )
+    for axis, link in pr.links.items():
+        console.print(f"  {axis} groups: {link}")
+
+    time = Table(title="Step time", title_justify="left")
+    time.add_column("part")
+    time.add_column("time", justify="right")
+    time.add_column("share", justify="right")
+    labels = {
+        "compute": "compute (GEMMs + elementwise)",
+        "optimizer": "optimizer step",
+        "tp_exposed": "tensor-parallel comm (exposed)",
+        "pp_exposed": "pipeline p2p (exposed)",
+        "dp_exposed": "data-parallel comm (exposed)",
+        "bubble": "pipeline bubble",
+    }
+    for key, label in labels.items():
+        value = pr.breakdown_s[key]
+        time.add_row(label, _seconds(value), f"{value / pr.step_time_s:.1%}")
+    time.add_row("[bold]step[/bold]", f"[bold]{_seconds(pr.step_time_s)}[/bold]", "100%")
+    console.print(time)
+
+    console.print(
+        f"throughput {pr.tokens_per_s:,.0f} tokens/s; model {pr.tflops_per_gpu:.1f} TFLOP/s per "
+        f"GPU, MFU {pr.mfu:.1%}; with recomputation {pr.hardware_tflops_per_gpu:.1f} TFLOP/s, "
+        f"HFU {pr.hfu:.1%}; bubble {pr.bubble_fraction:.1%} of the step"
+    )
+
+    memory = Table(title="Memory per GPU", title_justify="left")
+    memory.add_column("category")
+    memory.add_column("bytes", justify="right")
+    for key in ("params", "grads", "optimizer", "activations", "total"):
+        memory.add_row(key, _gib(pr.memory_per_gpu[key]))
+    console.print(memory)
+    verdict = "[green]fits[/green]" if pr.fits else "[red]does not fit[/red]"
+    console.print(
+        f"{verdict} (busiest pipeline stage): {_gib(pr.memory_per_gpu['total'])} of "
+        f"{_gib(pr.memory_capacity_bytes)} usable "
+        f"({profile.device.memory_gib:g} GiB minus {profile.device.memory_reserved_gib:g} reserved)"
+    )
+    comm = ", ".join(f"{axis} {_traffic(pr.comm_bytes[axis])}" for axis in ("tp", "pp", "dp"))
+    console.print(f"bytes per GPU per step: {comm}")
+
+    price = profile.price_per_gpu_hour
+    per_b = pr.training(10**9)
+    console.print(
+        f"per 10^9 tokens: {per_b['gpu_hours']:,.1f} GPU-hours, ${per_b['cost']:,.0f} "
+        f"at ${price:.2f} per GPU-hour (the profile's assumed price)"
+    )
+    if tokens:
+        run = pr.training(tokens)
+        console.print(
+            f"[bold]{tokens:,} tokens[/bold]: {run['steps']:,} steps, "
+            f"{_duration(run['wall_time_s'])} on {pr.world_size} GPUs, "
+            f"{run['gpu_hours']:,.0f} GPU-hours, [bold]${run['cost']:,.0f}[/bold]"
+        )
+    console.print(f"[dim]{CONVENTIONS}[/dim]")
+
+
+def simulate_command(
+    config_path: str,
+    hardware: str,
+    overrides: list[str] = (),
+    tokens: int | None = None,
+    json_out: str | Path | None = None,
+    console: Console | None = None,
+) -> int:
+    """Project CONFIG onto the hardware profile, print the report, write JSON; exit code.
+
+    Bad configs, profiles or arguments raise ConfigError (one line) for the CLI to print.
+    """
+    console = console or Console()
+    if tokens is not None and (isinstance(tokens, bool) or tokens <= 0):
+        raise ConfigError(f"error: --tokens expected a positive number, got {tokens}")
+    config = load_for_simulation(config_path, overrides)
+    try:
+        profile = load_profile(hardware)
+    except CostModelError as exc:
+        raise ConfigError(str(exc)) from None
+    projection = simulate(config, profile)
+    render(console, str(config_path), config, profile, projection, tokens)
+    if json_out is not None:
+        out = Path(json_out)
+        if out.is_dir():
+            raise ConfigError(f"error: --json {str(out)!r} is a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = report_dict(config, profile, projection, tokens)
+        out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        console.print(f"wrote {out}")
+    return 0

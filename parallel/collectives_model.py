@@ -1,0 +1,91 @@
+"""Alpha-beta times of collectives over the link a group actually crosses.
+
+A group (the tp, dp or pp ranks of one world rank) that stays inside one node talks over the
+intra-node link (NVLink); a group that spans nodes is bound by the network. When a spanning
+group has k members on each node, each with its own network adapter, the collective library
+splits the data over k channels, so the group sees k × the per-GPU network bandwidth (never more
+than the intra-node link). Ranks fill nodes consecutively, as `MeshLayout.crosses_node` assumes.
+
+For a group of n ranks, S bytes, per-hop latency α and bandwidth β:
+
+    ring all-reduce      2(n-1)·α + 2(n-1)/n · S/β
+    tree all-reduce      2⌈log2 n⌉·α + 2·S/β          (the faster of the two is used)
+    all-gather, reduce-scatter   (n-1)·α + (n-1)/n · S/β   (S = the full, gathered size)
+    point-to-point       α + S/β
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+from parallel.hardware import HardwareProfile
+from parallel.mesh import MeshLayout
+
+
+@dataclass(frozen=True)
+class GroupLink:
+    """What one group of `size` ranks talks over."""
+
+    axis: str
+    size: int
+    crosses_node: bool
+    members_per_node: int  # on the least populated node: the bottleneck
+    link_name: str
+    latency_s: float
+    bytes_per_s: float
+
+    def describe(self) -> str:
+        if self.size == 1:
+            return "none (1 rank)"
+        where = "across nodes" if self.crosses_node else "within a node"
+        return f"{self.link_name} ({where}, {self.bytes_per_s / 1e9:.0f} GB/s)"
+
+
+def group_link(layout: MeshLayout, axis: str, profile: HardwareProfile) -> GroupLink:
+    """The link of the slowest group along `axis` (every group of an axis runs at once)."""
+    gpn = profile.gpus_per_node
+    size = layout.size(axis)
+    crosses = layout.crosses_node(axis, gpn)
+    intra, inter = profile.intra_node, profile.inter_node
+    if not crosses:
+        return GroupLink(axis, size, False, size, intra.name, intra.latency_s, intra.bytes_per_s)
+    # Fewest members on any one node over all groups of this axis: that group's channels are
+    # the fewest. Each group is visited once, by its first member.
+    seen: set[int] = set()
+    fewest = size
+    for rank in range(layout.world_size):
+        ranks = layout.group_ranks(axis, rank)
+        if ranks[0] in seen:
+            continue
+        seen.add(ranks[0])
+        fewest = min(fewest, min(Counter(r // gpn for r in ranks).values()))
+    bandwidth = min(intra.bytes_per_s, fewest * inter.bytes_per_s)
+    return GroupLink(axis, size, True, fewest, inter.name, inter.latency_s, bandwidth)
+
+
+def all_reduce_time(nbytes: float, link: GroupLink) -> float:
+    n = link.size
+    if n == 1 or nbytes == 0:
+        return 0.0
+    ring = 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / link.bytes_per_s
+    tree = 2 * math.ceil(math.log2(n)) * link.latency_s + 2 * nbytes / link.bytes_per_s
+    return min(ring, tree)
+
+
+def all_gather_time(full_bytes: float, link: GroupLink) -> float:
+    """All-gather whose gathered result is `full_bytes` (each rank contributes 1/n of it)."""
+    n = link.size
+    if n == 1 or full_bytes == 0:
+        return 0.0
+    return (n - 1) * link.latency_s + (n - 1) / n * full_bytes / link.bytes_per_s
+
+
+reduce_scatter_time = all_gather_time  # the same ring, run the other way
+
+
+def p2p_time(nbytes: float, latency_s: float, bytes_per_s: float) -> float:
+    if nbytes == 0:
+        return 0.0
+    return latency_s + nbytes / bytes_per_s

@@ -1,0 +1,507 @@
+"""The analytic cost model: one training step of the GPT, projected onto a hardware profile.
+
+Nothing is executed. For a layout (dp × tp × pp, microbatches, schedule, ZeRO, recomputation,
+sequence parallelism) the model builds the slowest pipeline device's time for one microbatch
+from its exact GEMMs (`flops_model`), memory-bound elementwise traffic and tensor-parallel
+collectives (`collectives_model`), adds the pipeline bubble (`pipeline_model`), the exposed
+point-to-point and data-parallel communication and the optimizer step, and reports throughput,
+MFU/HFU, memory per GPU by category (`memory_model`) and bytes per axis.
+
+Step time = m·(t_f + t_b) + bubble + exposed pp + exposed dp + optimizer, where t_f and t_b
+are one microbatch's forward and backward (with recomputation and the tensor-parallel
+collectives, which are not overlapped) on the slowest device. Documented simplifications:
+
+- DP gradient reduction runs bucket by bucket during the last microbatch's backward (what
+  `parallel.data_parallel` buckets for): exposed = max(last bucket, dp time - that backward); with
+  `CostOptions.overlap_dp=False` all of it is exposed. ZeRO-1/2 reduce-scatter the gradients the
+  same way and all-gather the updated weights after the step (exposed); ZeRO-3 gathers the
+  weights before every forward, recomputation and backward and reduce-scatters the gradients of
+  every microbatch, overlapped with that microbatch's compute (prefetch).
+- Pipeline messages sit on the critical path: 2 per tick over (m·v + p - 1) ticks.
+- Time is that of the slowest device; every device of a data-parallel replica waits for it.
+
+Conventions: bytes in `comm_bytes` follow the ledger of `parallel.comm` (the buffer this rank
+passes: all-reduce input, all-gather shard, reduce-scatter full input, sent messages only), per
+GPU per step, for the busiest GPU. Memory is in bytes (GB = 1e9, GiB = 2**30 when printed).
+MFU counts model FLOPs (forward + backward), HFU adds recomputation; both divide by the dense
+peak of the training dtype. The bubble fraction is the idle pipeline time over the step time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from civetta.models.gpt import GPTConfig
+from parallel.collectives_model import (
+    GroupLink,
+    all_gather_time,
+    all_reduce_time,
+    group_link,
+    p2p_time,
+    reduce_scatter_time,
+)
+from parallel.flops_model import (
+    ATTENTION_CORE,
+    RECOMPUTE,
+    Gemm,
+    head_gemm,
+    layer_gemms,
+    step_flops,
+)
+from parallel.hardware import CostModelError, HardwareProfile
+from parallel.memory_model import (
+    ELEMENT_BYTES,
+    MemoryPerGPU,
+    block_activation_bytes,
+    block_params_per_rank,
+    device_memory,
+    device_params,
+    element_bytes,
+    state_bytes_per_param,
+)
+from parallel.mesh import MeshError, MeshLayout
+from parallel.pipeline_model import SCHEDULES, Replay, StageTimes, bubble_time
+
+MIB = 1 << 20
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainingLayout:
+    """How one step is split: the parallel layout and what each rank runs."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    microbatch_size: int = 1  # sequences per microbatch on one dp rank
+    microbatches: int = 1  # per step
+    order: str = "tp-dp-pp"
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    zero: int = 0
+    recompute: str = "none"
+    dtype: str = "bf16"
+    optimizer: str = "adamw"
+    bucket_mb: float = 25.0  # MiB, as parallel.data_parallel
+    seq_len: int | None = None  # tokens per sequence; default the model's block_size
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def global_batch(self) -> int:
+        return self.dp * self.microbatch_size * self.microbatches
+
+    def check(self, config: GPTConfig) -> None:
+        """Refuse what the model cannot project, with one line naming the value."""
+
+        def bad(message: str) -> CostModelError:
+            return CostModelError(f"error: {message}")
+
+        try:
+            MeshLayout(self.dp, self.tp, self.pp, self.order)
+        except MeshError as exc:
+            raise bad(str(exc)) from None
+        for name in ("microbatch_size", "microbatches", "virtual_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(f"{name} must be a positive integer, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise bad(f"schedule expected one of {' | '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.recompute not in RECOMPUTE:
+            raise bad(f"recompute expected one of {' | '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.dtype not in ELEMENT_BYTES:
+            raise bad(f"dtype expected one of {' | '.join(ELEMENT_BYTES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad(f"optimizer expected one of {' | '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise bad(f"zero expected one of 0 | 1 | 2 | 3, got {self.zero!r}")
+        seq = self.seq_len or config.block_size
+        if seq > config.block_size:
+            raise bad(f"seq_len={seq} exceeds model.block_size={config.block_size}")
+        if config.n_head % self.tp:
+            raise bad(f"parallel.tp={self.tp} does not divide model.n_head={config.n_head}")
+        if config.vocab_size % self.tp:
+            raise bad(f"parallel.tp={self.tp} does not divide model.vocab_size={config.vocab_size}")
+        if self.sequence_parallel and seq % self.tp:
+            raise bad(f"parallel.tp={self.tp} does not divide the sequence length {seq}")
+        chunks = self.pp * self.virtual_stages
+        if config.n_layer % chunks:
+            raise bad(
+                f"parallel.pp·parallel.virtual_stages={chunks} does not divide "
+                f"model.n_layer={config.n_layer}"
+            )
+        if self.virtual_stages > 1 and self.schedule != "interleaved-1f1b":
+            raise bad(
+                f"parallel.virtual_stages={self.virtual_stages} needs "
+                f"parallel.schedule=interleaved-1f1b, got {self.schedule}"
+            )
+        if self.schedule == "interleaved-1f1b" and self.pp > 1 and self.microbatches % self.pp:
+            raise bad(
+                f"interleaved-1f1b needs microbatches ({self.microbatches}) to be a multiple "
+                f"of parallel.pp={self.pp}"
+            )
+
+
+@dataclass(frozen=True)
+class CostOptions:
+    """Software behaviour the layout does not say (defaults: a modern framework)."""
+
+    overlap_dp: bool = True  # gradient buckets reduced during the last backward
+    # Megatron-LM §4.1: each tp rank sends 1/tp of a pipeline message over its own network
+    # adapter and the receiving node all-gathers it over NVLink. civetta's executor sends whole.
+    pp_scatter_gather: bool = False
+    replay: Replay | None = None  # discrete-event replay of the schedule (pipeline_model)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One projected training step. Times in seconds, bytes per GPU, FLOP/s per GPU."""
+
+    step_time_s: float
+    breakdown_s: dict[str, float]  # compute, optimizer, tp/pp/dp exposed comm, bubble
+    tflops_per_gpu: float  # model FLOPs / (step time · GPUs), in TFLOP/s
+    hardware_tflops_per_gpu: float  # with recomputation
+    mfu: float
+    hfu: float
+    bubble_fraction: float
+    memory_per_gpu: dict[str, int]  # params, grads, optimizer, activations, total
+    memory_capacity_bytes: int  # what the process can fill (capacity minus reserve)
+    fits: bool
+    comm_bytes: dict[str, int]  # tp, pp, dp per GPU per step (ledger convention)
+    model_flops_per_step: int
+    hardware_flops_per_step: int
+    tokens_per_step: int
+    world_size: int
+    links: dict[str, str] = field(default_factory=dict)
+    price_per_gpu_hour: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_time_s
+
+    def training(self, tokens: int) -> dict[str, float]:
+        """Steps, wall-clock seconds, GPU-hours and cost of training on `tokens` tokens."""
+        steps = math.ceil(tokens / self.tokens_per_step)
+        wall = steps * self.step_time_s
+        gpu_hours = wall * self.world_size / 3600
+        return {
+            "tokens": tokens,
+            "steps": steps,
+            "wall_time_s": wall,
+            "gpu_hours": gpu_hours,
+            "cost": gpu_hours * self.price_per_gpu_hour,
+        }
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "step_time_s": self.step_time_s,
+            "breakdown_s": dict(self.breakdown_s),
+            "tflops_per_gpu": self.tflops_per_gpu,
+            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
+            "mfu": self.mfu,
+            "hfu": self.hfu,
+            "bubble_fraction": self.bubble_fraction,
+            "memory_per_gpu": dict(self.memory_per_gpu),
+            "memory_capacity_bytes": self.memory_capacity_bytes,
+            "fits": self.fits,
+            "comm_bytes": dict(self.comm_bytes),
+            "model_flops_per_step": self.model_flops_per_step,
+            "hardware_flops_per_step": self.hardware_flops_per_step,
+            "tokens_per_step": self.tokens_per_step,
+            "tokens_per_s": self.tokens_per_s,
+            "world_size": self.world_size,
+            "links": dict(self.links),
+        }
+
+
+# ---- one microbatch on one device ---------------------------------------------------------------
+@dataclass
+class _Tick:
+    """One microbatch's work on one device, split into compute and tp communication."""
+
+    compute_f: float = 0.0
+    comm_f: float = 0.0
+    compute_b: float = 0.0  # with recomputation
+    comm_b: float = 0.0
+    wgrad: float = 0.0  # weight-gradient GEMMs, what zb-h1 may defer
+    tp_bytes: int = 0  # ledger bytes of tp collectives for this microbatch
+
+    @property
+    def forward(self) -> float:
+        return self.compute_f + self.comm_f
+
+    @property
+    def backward(self) -> float:
+        return self.compute_b + self.comm_b
+
+
+class _Device:
+    """Timing of the pieces of the model on one tensor-parallel rank."""
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        layout: TrainingLayout,
+        profile: HardwareProfile,
+        tp_link: GroupLink,
+    ) -> None:
+        self.config, self.layout, self.profile, self.tp_link = config, layout, profile, tp_link
+        self.s = layout.seq_len or config.block_size
+        self.b = layout.microbatch_size
+        self.e = element_bytes(layout.dtype)
+        self.hbm = profile.device.hbm_bytes_per_s
+        self.traffic = profile.device.elementwise_traffic
+        self.hidden_bytes = self.b * self.s * config.n_embd * self.e  # one (b, s, h) activation
+
+    def gemm(self, g: Gemm) -> float:
+        return self.profile.gemm_time(g.flops, g.nbytes(self.e), self.layout.dtype)
+
+    # tp collectives of one (b, s, h) activation, as civetta's redirections issue them
+    def _enter(self) -> tuple[float, float, int, int]:
+        """(forward, backward) seconds and ledger bytes of entering a tp region."""
+        x, link = self.hidden_bytes, self.tp_link
+        if link.size == 1:
+            return 0.0, 0.0, 0, 0
+        if self.layout.sequence_parallel:  # all-gather forward, reduce-scatter backward
+            return all_gather_time(x, link), reduce_scatter_time(x, link), x // link.size, x
+        return 0.0, all_reduce_time(x, link), 0, x  # copy forward, all-reduce backward
+
+    def _exit(self) -> tuple[float, float, int, int]:
+        x, link = self.hidden_bytes, self.tp_link
+        if link.size == 1:
+            return 0.0, 0.0, 0, 0
+        if self.layout.sequence_parallel:  # reduce-scatter forward, all-gather backward
+            return reduce_scatter_time(x, link), all_gather_time(x, link), x, x // link.size
+        return all_reduce_time(x, link), 0.0, x, 0  # all-reduce forward, identity backward
+
+    def block(self) -> _Tick:
+        """One transformer block, one microbatch."""
+        c, lay, tp = self.config, self.layout, self.layout.tp
+        gemms = layer_gemms(c, self.b, self.s, tp)
+        fwd = sum(self.gemm(g) for g in gemms)
+        dgrad = sum(self.gemm(g.backward()[0]) for g in gemms)
+        wgrad = sum(self.gemm(g.backward()[1]) for g in gemms)
+        acts = block_activation_bytes(
+            c, self.b, self.s, tp, lay.sequence_parallel, "none", lay.dtype
+        )
+        elem_f = self.traffic * acts / self.hbm
+        # Two regions per block (attention, MLP), each entered and exited once.
+        en_f, en_b, en_fb, en_bb = self._enter()
+        ex_f, ex_b, ex_fb, ex_bb = self._exit()
+        comm_f, comm_b = 2 * (en_f + ex_f), 2 * (en_b + ex_b)
+        fwd_bytes, bwd_bytes = 2 * (en_fb + ex_fb), 2 * (en_bb + ex_bb)
+        tick = _Tick(
+            compute_f=fwd + elem_f,
+            comm_f=comm_f,
+            compute_b=dgrad + wgrad + 2 * elem_f,  # backward reads and writes twice as much
+            comm_b=comm_b,
+            wgrad=wgrad,
+            tp_bytes=fwd_bytes + bwd_bytes,
+        )
+        if lay.recompute == "full":
+            tick.compute_b += fwd + elem_f
+            tick.comm_b += comm_f
+            tick.tp_bytes += fwd_bytes
+        elif lay.recompute == "selective":
+            # Scores, softmax and values again: their GEMMs and the a·s² elementwise traffic.
+            core = sum(self.gemm(g) for g in gemms if g.name in ATTENTION_CORE)
+            kept = block_activation_bytes(
+                c, self.b, self.s, tp, lay.sequence_parallel, "selective", lay.dtype
+            )
+            tick.compute_b += core + self.traffic * (acts - kept) / self.hbm
+        return tick
+
+    def embedding(self) -> _Tick:
+        """Token + position lookup; the vocabulary-parallel lookup leaves the tp region."""
+        f, b, fb, bb = self._exit()
+        # No matmul: two (b, s, h) reads (token and position rows) and the sum written.
+        return _Tick(
+            compute_f=self.hidden_bytes * 3 / self.hbm, comm_f=f, comm_b=b, tp_bytes=fb + bb
+        )
+
+    def head(self) -> _Tick:
+        """Final layer norm, logits and the vocabulary-parallel cross-entropy."""
+        c, tp = self.config, self.layout.tp
+        g = head_gemm(c, self.b, self.s, tp)
+        dgrad, wgrad = (self.gemm(x) for x in g.backward())
+        logits_bytes = 4 * self.b * self.s * c.vocab_size / tp  # fp32 for the loss
+        elem_f = self.traffic * (logits_bytes + self.hidden_bytes) / self.hbm
+        en_f, en_b, en_fb, en_bb = self._enter()
+        # max, sum of exponentials and the target logit: three all-reduces of (b, s) values
+        small = self.b * self.s * self.e
+        ce = 3 * all_reduce_time(small, self.tp_link)
+        ce_bytes = 3 * small if self.tp_link.size > 1 else 0
+        return _Tick(
+            compute_f=self.gemm(g) + elem_f,
+            comm_f=en_f + ce,
+            compute_b=dgrad + wgrad + 2 * elem_f,
+            comm_b=en_b,
+            wgrad=wgrad,
+            tp_bytes=en_fb + en_bb + ce_bytes,
+        )
+
+
+def _device_tick(parts: list[tuple[_Tick, int]]) -> _Tick:
+    total = _Tick()
+    for tick, count in parts:
+        for name in ("compute_f", "comm_f", "compute_b", "comm_b", "wgrad", "tp_bytes"):
+            setattr(total, name, getattr(total, name) + count * getattr(tick, name))
+    return total
+
+
+def _bucketed(
+    total_bytes: int, bucket_bytes: int, op: Callable[[float, GroupLink], float], link: GroupLink
+) -> tuple[float, float]:
+    """(all buckets, the last bucket) seconds of a bucketed collective."""
+    if total_bytes == 0 or link.size == 1:
+        return 0.0, 0.0
+    full, rest = divmod(total_bytes, bucket_bytes)
+    whole = full * op(bucket_bytes, link) + (op(rest, link) if rest else 0.0)
+    return whole, op(min(bucket_bytes, total_bytes), link)
+
+
+# ---- the projection -----------------------------------------------------------------------------
+def project(
+    config: GPTConfig,
+    layout: TrainingLayout,
+    profile: HardwareProfile,
+    options: CostOptions | None = None,
+) -> Projection:
+    """Project one training step of `config` under `layout` onto `profile`."""
+    options = options or CostOptions()
+    layout.check(config)
+    mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
+    links = {axis: group_link(mesh, axis, profile) for axis in ("tp", "dp", "pp")}
+    dev = _Device(config, layout, profile, links["tp"])
+    p, m, v, dp = layout.pp, layout.microbatches, layout.virtual_stages, layout.dp
+    s = dev.s
+    blocks_per_device = config.n_layer // p
+
+    block, embed, head = dev.block(), dev.embedding(), dev.head()
+    positions = sorted({0, p - 1})
+    ticks = {
+        d: _device_tick([(block, blocks_per_device), (embed, int(d == 0)), (head, int(d == p - 1))])
+        for d in positions
+    }
+    slowest = max(positions, key=lambda d: ticks[d].forward + ticks[d].backward)
+    tick = ticks[slowest]
+    times = StageTimes(tick.forward, tick.backward, tick.wgrad)
+    bubble = bubble_time(layout.schedule, p, m, v, times, options.replay)
+
+    # Pipeline messages: one (b, s, h) activation forward, its gradient backward.
+    message = dev.hidden_bytes // (layout.tp if layout.sequence_parallel else 1)
+    pp_exposed = 0.0
+    sends = 0
+    if p > 1:
+        pl = links["pp"]
+        wire, latency, bandwidth = message, pl.latency_s, pl.bytes_per_s
+        if pl.crosses_node:  # one message leaves through one network adapter
+            bandwidth = profile.inter_node.bytes_per_s
+        per_message = 0.0
+        if options.pp_scatter_gather and not layout.sequence_parallel and layout.tp > 1:
+            wire = message // layout.tp
+            per_message += all_gather_time(message, links["tp"])
+        per_message += p2p_time(wire, latency, bandwidth)
+        pp_exposed = (m * v + p - 1) * 2 * per_message
+        sends = m * (2 * v if p > 2 else 2 * v - 1)
+
+    # Data parallelism: gradient reduction (and ZeRO gathers) on each device; the slowest counts.
+    w_b, g_b, _ = state_bytes_per_param(layout.dtype, layout.optimizer)
+    bucket = max(1, int(layout.bucket_mb * MIB))
+    dl = links["dp"]
+    dp_exposed, dp_bytes, optimizer_s = 0.0, 0, 0.0
+    for d in positions:
+        params = device_params(config, layout.tp, p, d)
+        grads, weights = params * g_b, params * w_b
+        exposed, nbytes = 0.0, 0
+        if dp > 1 and layout.zero <= 2:
+            op = all_reduce_time if layout.zero == 0 else reduce_scatter_time
+            whole, last = _bucketed(grads, bucket, op, dl)
+            # The last microbatch's backward hides all buckets but the last one at best.
+            window = ticks[d].backward
+            exposed = max(last, whole - window) if options.overlap_dp else whole
+            nbytes = grads
+            if layout.zero >= 1:
+                exposed += all_gather_time(weights, dl)
+                nbytes += weights // dp
+        elif dp > 1:  # ZeRO-3: gather before each forward, recomputation and backward
+            gathers = 3 if layout.recompute == "full" else 2
+            # Block by block (one collective each, so latency counts), then the rest.
+            block = block_params_per_rank(config, layout.tp)
+            rest = params - blocks_per_device * block
+            gather = blocks_per_device * all_gather_time(block * w_b, dl)
+            gather += all_gather_time(rest * w_b, dl)
+            scatter = blocks_per_device * reduce_scatter_time(block * g_b, dl)
+            scatter += reduce_scatter_time(rest * g_b, dl)
+            busy = ticks[d].forward + ticks[d].backward
+            exposed = m * max(0.0, gathers * gather + scatter - busy)
+            nbytes = m * (gathers * (weights // dp) + grads)
+        dp_exposed = max(dp_exposed, exposed)
+        dp_bytes = max(dp_bytes, nbytes)
+        # Optimizer: a memory-bound sweep over this rank's shard of the state.
+        mine = params / dp if layout.zero >= 1 else params
+        _, _, o_b = state_bytes_per_param(layout.dtype, layout.optimizer)
+        optimizer_s = max(optimizer_s, mine * (g_b + 2 * o_b + 2 * w_b) / dev.hbm)
+
+    compute = m * (tick.compute_f + tick.compute_b)
+    tp_exposed = m * (tick.comm_f + tick.comm_b)
+    step = compute + tp_exposed + bubble + pp_exposed + dp_exposed + optimizer_s
+    breakdown = {
+        "compute": compute,
+        "optimizer": optimizer_s,
+        "tp_exposed": tp_exposed,
+        "pp_exposed": pp_exposed,
+        "dp_exposed": dp_exposed,
+        "bubble": bubble,
+    }
+
+    flops = step_flops(config, layout.global_batch, s, layout.recompute)
+    world = layout.world_size
+    peak = profile.device.peak_flops(layout.dtype)
+    memories = [
+        device_memory(
+            config,
+            device=d,
+            dp=dp,
+            tp=layout.tp,
+            pp=p,
+            microbatch=layout.microbatch_size,
+            microbatches=m,
+            seq_len=s,
+            schedule=layout.schedule,
+            virtual_stages=v,
+            sequence_parallel=layout.sequence_parallel,
+            zero=layout.zero,
+            recompute=layout.recompute,
+            dtype=layout.dtype,
+            optimizer=layout.optimizer,
+        )
+        for d in positions
+    ]
+    memory: MemoryPerGPU = max(memories, key=lambda mem: mem.total)
+    capacity = profile.device.usable_memory_bytes
+    tp_bytes = m * max(t.tp_bytes for t in ticks.values())
+    return Projection(
+        step_time_s=step,
+        breakdown_s=breakdown,
+        tflops_per_gpu=flops.model / (step * world) / 1e12,
+        hardware_tflops_per_gpu=flops.hardware / (step * world) / 1e12,
+        mfu=flops.model / (step * world * peak),
+        hfu=flops.hardware / (step * world * peak),
+        bubble_fraction=bubble / step,
+        memory_per_gpu=memory.as_dict(),
+        memory_capacity_bytes=capacity,
+        fits=memory.total <= capacity,
+        comm_bytes={"tp": tp_bytes, "pp": sends * message, "dp": dp_bytes},
+        model_flops_per_step=flops.model,
+        hardware_flops_per_step=flops.hardware,
+        tokens_per_step=layout.global_batch * s,
+        world_size=world,
+        links={axis: link.describe() for axis, link in links.items()},
+        price_per_gpu_hour=profile.price_per_gpu_hour,
+    )
