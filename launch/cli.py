@@ -1,7 +1,7 @@
 """The `civetta` command line.
 
     civetta train CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
-    civetta compare CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
+    civetta compare CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH] [--timeout S]
     civetta simulate CONFIG.yaml --hardware a100-dgx [--set ...] [--tokens N] [--json OUT]
     civetta schedule --pp 4 --microbatches 8 --schedule 1f1b [--virtual-stages 2]
 
@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="report and run directories (default: runs/<config>)"
     )
     compare.add_argument("--mpiexec", default=None, help="MPI launcher for multi-rank layouts")
+    compare.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="fail a run that takes longer than this (default: no limit)",
+    )
     schedule = commands.add_parser(
         "schedule", help="draw a pipeline schedule per rank in the terminal, with its bubble"
     )
@@ -130,12 +137,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     # Problems every rank would hit are reported once, here, before any rank starts.
     load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
     if config.world_size > 1 and not launcher.inside_mpi_job():
-        code = launcher.relaunch(config.world_size, argv, args.mpiexec)
-        if code not in (0, 2):
-            message = worker.explain_failure(out_dir, config.world_size, code)
+        job = launcher.relaunch(config.world_size, argv, args.mpiexec)
+        if job.exit_code not in (0, 2):
+            message = worker.explain_failure(
+                out_dir, config.world_size, job.exit_code, job.bad_pids
+            )
             if message:
                 print(message, file=sys.stderr)
-        return code
+        return job.exit_code
     return worker.train(config, out_dir)
 
 
@@ -145,7 +154,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(args.config)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
-    return compare_command(args.config, args.overrides, out_dir, args.mpiexec)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"error: --timeout expected a positive number, got {args.timeout:g}")
+    return compare_command(args.config, args.overrides, out_dir, args.mpiexec, args.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

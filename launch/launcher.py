@@ -8,9 +8,11 @@ this Python (the `mpich` wheel puts it there), then `mpiexec` on PATH. Each rank
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from parallel.comm import launched_by_mpi
@@ -63,11 +65,38 @@ def mpi_command(n: int, argv: list[str], mpiexec: str | None = None) -> list[str
     return [find_mpiexec(mpiexec), "-n", str(n), *python, *argv]
 
 
-def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> int:
-    """Run this command line again on `n` ranks and return the job's exit code."""
+@dataclass
+class JobResult:
+    exit_code: int
+    # Process ids MPICH's launcher reported as terminated badly (the rank that died first).
+    bad_pids: list[int] = field(default_factory=list)
+
+
+BAD_TERMINATION = re.compile(rb"BAD TERMINATION.*?PID (\d+)", re.DOTALL)
+
+
+def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> JobResult:
+    """Run this command line again on `n` ranks and return how the job ended.
+
+    The job's output is passed through as it comes (rank 0's progress bar included) and also
+    scanned for the launcher's report of a rank that died, so the caller can name it.
+    """
     try:
         command = mpi_command(n, argv, mpiexec)
     except LauncherError as exc:
         print(str(exc), file=sys.stderr)
-        return 2
-    return subprocess.run(command, env=rank_environment(n), check=False).returncode
+        return JobResult(2)
+    env = rank_environment(n)
+    if sys.stdout.isatty():
+        env.setdefault("TTY_COMPATIBLE", "1")  # rank 0 keeps its live progress bar
+        env.setdefault("TTY_INTERACTIVE", "1")
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
+    assert job.stdout is not None
+    tail = b""
+    out = sys.stdout.buffer
+    while chunk := job.stdout.read1(65536):
+        out.write(chunk)
+        out.flush()
+        tail = (tail + chunk)[-4096:]
+    code = job.wait()
+    return JobResult(code, [int(pid) for pid in BAD_TERMINATION.findall(tail)])

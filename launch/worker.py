@@ -196,14 +196,24 @@ def read_status(out_dir: Path, rank: int) -> str:
         return "not started"
 
 
-def explain_failure(out_dir: Path, world_size: int, exit_code: int) -> str:
-    """After a failed job, one line on what happened, from the status files the ranks left;
-    empty when a rank already printed its own error line."""
+def explain_failure(
+    out_dir: Path, world_size: int, exit_code: int, dead_pids: list[int] = ()
+) -> str:
+    """After a failed job, one line on what happened, from the status files the ranks left
+    and the process ids the MPI launcher reported dead; empty when a rank already printed its
+    own error line."""
     statuses = [read_status(out_dir, rank) for rank in range(world_size)]
     if any(status.startswith("failed") for status in statuses):
         return ""
     # A rank killed by a signal leaves no word; the launcher then stops all the others.
+    dead = [r for r, status in enumerate(statuses) if _pid_of(status) in dead_pids]
+    who = f"rank {', '.join(map(str, dead))} died" if dead else "a rank died"
     return (
-        f"error: the MPI job exited with code {exit_code} and no rank reported an error "
-        f"(a rank was killed?); rank logs: {out_dir / 'logs'}"
+        f"error: {who} without reporting an error (killed?); the MPI job exited with code "
+        f"{exit_code}; rank logs: {out_dir / 'logs'}"
     )
+
+
+def _pid_of(status: str) -> int | None:
+    prefix = "running pid="
+    return int(status.removeprefix(prefix)) if status.startswith(prefix) else None

@@ -11,6 +11,7 @@ say so ("Currently: ...").
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -41,6 +42,7 @@ class Bad:
     overrides: tuple[str, ...] = ()
     yaml: str | bytes = TINY_YAML
     args: tuple[str, ...] = ()  # replaces ("{config}",) when given
+    command: str = "train"
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -306,6 +308,159 @@ DATA_CASES = [
     ),
 ]
 
+INCLUDE_CASES = [
+    Bad(
+        "include-missing",
+        "error: {config}: included file '{dir}/base.yaml' does not exist",
+        yaml="include: base.yaml\n" + TINY_YAML,
+    ),
+    Bad(
+        "include-self",
+        "error: include cycle: {dir}/config.yaml -> {dir}/config.yaml",
+        yaml="include: config.yaml\n",
+    ),
+    Bad(
+        "include-cycle",
+        "error: include cycle: {dir}/config.yaml -> {dir}/loop.yaml -> {dir}/config.yaml",
+        yaml="include: [loop.yaml]\n",
+    ),
+    Bad(
+        "include-not-a-name",
+        "error: {config}: include expected a file name or a list of file names, got 5 (int)",
+        yaml="include: 5\n",
+    ),
+    Bad(
+        "include-unknown-section-names-the-included-file",
+        "error: unknown section 'modle' in {dir}/typo.yaml (did you mean 'model'?)",
+        yaml="include: typo.yaml\n",
+    ),
+    Bad(
+        "include-checks-the-merged-config",
+        "error: parallel.tp=3 does not divide model.n_head=4",
+        yaml="include: tiny.yaml\nparallel: {tp: 3}\n",
+    ),
+    Bad(
+        "unknown-top-level-key-did-you-mean-sweep",
+        "error: unknown section 'sweeps' in {config} (did you mean 'sweep'?)",
+        yaml=TINY_YAML + "sweeps: []\n",
+    ),
+]
+
+
+def _sweep(text: str) -> str:
+    return TINY_YAML + text
+
+
+# `civetta compare` validates the whole sweep before any run starts.
+SWEEP_CASES = [
+    Bad(
+        "sweep-not-a-list-or-grid",
+        "error: sweep expected a list of layouts or a mapping with 'grid', got 'dp' (str)",
+        yaml=_sweep("sweep: dp\n"),
+    ),
+    Bad(
+        "sweep-empty",
+        "error: sweep expected at least one layout, got an empty list",
+        yaml=_sweep("sweep: []\n"),
+    ),
+    Bad(
+        "sweep-mapping-without-grid",
+        "error: unknown key 'sweep.gird' (did you mean 'sweep.grid'?)",
+        yaml=_sweep("sweep: {gird: {parallel.dp: [1, 2]}}\n"),
+    ),
+    Bad(
+        "sweep-grid-not-a-mapping",
+        "error: sweep.grid expected a mapping of section.name: [values], got [1, 2] (list)",
+        yaml=_sweep("sweep: {grid: [1, 2]}\n"),
+    ),
+    Bad(
+        "sweep-grid-values-not-a-list",
+        "error: sweep.grid.parallel.dp expected a non-empty list of values, got 2 (int)",
+        yaml=_sweep("sweep: {grid: {parallel.dp: 2}}\n"),
+    ),
+    Bad(
+        "sweep-entry-breaks-a-rule-names-its-index",
+        "error: sweep[2]: parallel.tp=3 does not divide model.n_head=4",
+        yaml=_sweep("sweep:\n  - {parallel.dp: 2}\n  - {parallel.tp: 2}\n  - {parallel.tp: 3}\n"),
+    ),
+    Bad(
+        "sweep-grid-entry-names-its-combination",
+        "error: sweep[1] (parallel.dp=1, parallel.tp=3): parallel.tp=3 does not divide "
+        "model.n_head=4",
+        yaml=_sweep("sweep:\n  grid:\n    parallel.dp: [1, 2]\n    parallel: {tp: [2, 3]}\n"),
+    ),
+    Bad(
+        "sweep-entry-unknown-key-did-you-mean",
+        "error: sweep[1]: unknown key 'parallel.sequence_paralel' (did you mean 'parallel.sequence_parallel'?)",
+        yaml=_sweep("sweep:\n  - {parallel.dp: 2}\n  - {parallel.sequence_paralel: true}\n"),
+    ),
+    Bad(
+        "sweep-entry-unknown-nested-key",
+        "error: sweep[0]: unknown key 'parallel.schedul' (did you mean 'parallel.schedule'?)",
+        yaml=_sweep("sweep:\n  - parallel: {pp: 1, schedul: gpipe}\n"),
+    ),
+    Bad(
+        "sweep-entry-unknown-section",
+        "error: sweep[0]: unknown section 'paralel' (did you mean 'parallel'?)",
+        yaml=_sweep("sweep:\n  - {paralel.dp: 2}\n"),
+    ),
+    Bad(
+        "sweep-entry-bare-key",
+        "error: sweep[0]: expected 'section.name: value' or a section mapping, got 'dp' "
+        "(did you mean 'parallel.dp'?)",
+        yaml=_sweep("sweep:\n  - {dp: 2}\n"),
+    ),
+    Bad(
+        "sweep-entry-not-a-mapping",
+        "error: sweep[0] expected a mapping of overrides such as {{parallel.dp: 2}}, got 2 (int)",
+        yaml=_sweep("sweep: [2]\n"),
+    ),
+    Bad(
+        "sweep-entry-bad-type",
+        "error: sweep[0]: parallel.dp expected int, got 'two' (str)",
+        yaml=_sweep("sweep:\n  - {parallel.dp: two}\n"),
+    ),
+    Bad(
+        "sweep-entry-duplicate-name",
+        "error: sweep[1].name 'a' is already used by sweep[0]",
+        yaml=_sweep("sweep:\n  - {name: a, parallel.dp: 2}\n  - {name: a, parallel.tp: 2}\n"),
+    ),
+    Bad(
+        "sweep-entry-name-not-a-directory-name",
+        "error: sweep[0].name expected letters, digits and . _ + - (a directory name), "
+        "got 'a/b' (str)",
+        yaml=_sweep("sweep:\n  - {name: a/b, parallel.dp: 2}\n"),
+    ),
+    Bad(
+        "sweep-set-breaks-the-base",
+        "error: parallel.tp=3 does not divide model.n_head=4",
+        ("parallel.tp=3",),
+        yaml=_sweep("sweep:\n  - {parallel.dp: 2}\n"),
+    ),
+    Bad(
+        "sweep-entry-bad-data-source",
+        "error: text corpus no-such-corpus.txt: no such file",
+        yaml=_sweep("sweep:\n  - {data.source: no-such-corpus.txt}\n"),
+    ),
+    Bad(
+        "compare-missing-config-file",
+        "error: config file '{dir}/nope.yaml' does not exist",
+        args=("{dir}/nope.yaml",),
+    ),
+    Bad(
+        "compare-mpiexec-missing",
+        "error: --mpiexec '{dir}/no-such-mpiexec' is not an executable",
+        yaml=_sweep("sweep:\n  - {parallel.dp: 2}\n"),
+        args=("{config}", "--mpiexec", "{dir}/no-such-mpiexec"),
+    ),
+    Bad(
+        "compare-timeout-not-positive",
+        "error: --timeout expected a positive number, got 0",
+        args=("{config}", "--timeout", "0"),
+    ),
+]
+SWEEP_CASES = [dataclasses.replace(case, command="compare") for case in SWEEP_CASES]
+
 CONFIG_CASES = (
     FILE_CASES
     + KEY_AND_TYPE_CASES
@@ -314,19 +469,24 @@ CONFIG_CASES = (
     + CONSISTENCY_CASES
     + NOT_YET_CASES
     + SET_CASES
+    + INCLUDE_CASES
+    + SWEEP_CASES
 )
 
 
 def _argv(case: Bad, config: Path, scratch: Path) -> list[str]:
-    args = [a.format(dir=scratch) for a in case.args] or [str(config)]
+    args = [a.format(dir=scratch, config=config) for a in case.args] or [str(config)]
     sets = [item for o in case.overrides for item in ("--set", o.format(dir=scratch))]
-    return ["train", *args, *sets, "--out", str(scratch / "out")]
+    return [case.command, *args, *sets, "--out", str(scratch / "out")]
 
 
 @pytest.fixture
 def scratch(tmp_path: Path) -> Path:
     (tmp_path / "short.txt").write_bytes(b"hello")
     (tmp_path / "twelve.txt").write_bytes(b"twelve bytes")
+    (tmp_path / "loop.yaml").write_text("include: config.yaml\n", encoding="utf-8")
+    (tmp_path / "typo.yaml").write_text("modle: {n_layer: 2}\n", encoding="utf-8")
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML, encoding="utf-8")
     return tmp_path
 
 
@@ -436,13 +596,13 @@ def test_out_that_is_a_file_is_refused_before_training(
 def test_relaunch_forwards_the_arguments_given_to_main(
     scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Currently: cmd_train relaunches with sys.argv[1:] (pytest's own arguments here), not
-    the argv passed to main(), so `main([...])` from Python starts the wrong command."""
+    """cmd_train relaunches with the argv given to main(), not sys.argv (pytest's own
+    arguments here)."""
     recorded: list[list[str]] = []
 
-    def fake_relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> int:
+    def fake_relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> launcher.JobResult:
         recorded.append([str(n), *argv])
-        return 0
+        return launcher.JobResult(0)
 
     monkeypatch.setattr(launcher, "relaunch", fake_relaunch)
     monkeypatch.setattr(launcher, "inside_mpi_job", lambda: False)

@@ -59,7 +59,7 @@ def test_killed_rank_ends_the_job_quickly_with_no_process_left(tmp_path: Path) -
     result, seconds = civetta_train(tmp_path, "rank=1,step=2,kind=kill", "--set", "parallel.dp=2")
     assert result.returncode != 0
     assert seconds < 30
-    assert "no rank reported an error (a rank was killed?)" in result.stderr
+    assert "error: rank 1 died without reporting an error (killed?)" in result.stderr
     assert leftover_ranks(tmp_path) == []
 
 
