@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from civetta.data import DataError, load_dataset
+from launch import checkpoint
 from launch.config import ConfigError, ExperimentConfig, load
 from launch.launcher import LauncherError
 from parallel.schedules import ScheduleError
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set parallel.dp=2 (repeatable)",
     )
     train.add_argument("--out", default=None, help="output directory (default: runs/<config>)")
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue from a checkpoint: a run's output directory or a checkpoint directory",
+    )
     train.add_argument(
         "--mpiexec",
         default=None,
@@ -85,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="for interleaved-1f1b")
     schedule.add_argument("--save", default=None, help="write the schedule to a .csv or .yaml")
     schedule.add_argument("--load", default=None, help="read a schedule from a .csv or .yaml")
+    export = commands.add_parser(
+        "export", help="write a checkpoint's full weights with nanoGPT names to one .npz"
+    )
+    export.add_argument("checkpoint", help="a run's output directory or a checkpoint directory")
+    export.add_argument("--out", required=True, help="the .npz file to write")
     simulate = commands.add_parser(
         "simulate", help="project an experiment onto a GPU cluster (analytic, nothing runs)"
     )
@@ -100,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--tokens", type=int, default=None, help="training tokens to cost")
     simulate.add_argument("--json", dest="json_out", default=None, help="write the projection")
     return parser
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UsageError(f"error: --out expected a path ending in .npz, got {args.out!r}")
+    count = checkpoint.export(Path(args.checkpoint), out)
+    print(f"wrote {count} tensors to {out}")
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -136,6 +157,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
     # Problems every rank would hit are reported once, here, before any rank starts.
     load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
+    resume = None
+    if args.resume is not None:
+        resume = checkpoint.find(Path(args.resume))
+        checkpoint.check_resumable(resume, config)
     if config.world_size > 1 and not launcher.inside_mpi_job():
         job = launcher.relaunch(config.world_size, argv, args.mpiexec)
         if job.exit_code not in (0, 2):
@@ -145,7 +170,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             if message:
                 print(message, file=sys.stderr)
         return job.exit_code
-    return worker.train(config, out_dir)
+    return worker.train(config, out_dir, resume)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -175,7 +200,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "simulate":
             return cmd_simulate(args)
-    except (ConfigError, UsageError, DataError, ScheduleError, LauncherError) as exc:
+        if args.command == "export":
+            return cmd_export(args)
+    except (
+        ConfigError,
+        UsageError,
+        DataError,
+        ScheduleError,
+        LauncherError,
+        checkpoint.CheckpointError,
+    ) as exc:
         message = str(exc)
         print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
         return 2

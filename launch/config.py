@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 1.0
     eval_batches: int = 4
+    checkpoint_every: int = 0  # steps between checkpoints; 0: none
     loss_scale: float = 65536.0  # fp16: the initial dynamic loss scale
     loss_scale_window: int = 1000  # fp16: good steps before the scale doubles
 
@@ -135,7 +136,13 @@ POSITIVE = {
     "parallel.virtual_stages",
     "parallel.bucket_mb",
 }
-NON_NEGATIVE = {"train.weight_decay", "train.grad_clip", "train.warmup_steps", "data.seed"}
+NON_NEGATIVE = {
+    "train.checkpoint_every",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.warmup_steps",
+    "data.seed",
+}
 
 
 def _did_you_mean(name: str, options: list[str], prefix: str = "") -> str:
@@ -223,8 +230,17 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
         raise ConfigError(
             f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
         )
-    if p.zero and for_execution:  # a simulation (for_execution=False) projects it
-        raise ConfigError("error: parallel.zero > 0 (ZeRO sharding) is not supported yet")
+    # ZeRO combinations the runtime refuses (a simulation, for_execution=False, projects them).
+    if for_execution and p.zero >= 2 and p.pp > 1:
+        raise ConfigError(
+            f"error: parallel.zero={p.zero} with parallel.pp={p.pp} is not supported "
+            "(ZeRO-2/3 compose with pp only at stage 1)"
+        )
+    if for_execution and p.zero and t.dtype in ("bf16", "fp16"):
+        raise ConfigError(
+            f"error: parallel.zero={p.zero} with train.dtype={t.dtype} is not supported "
+            "(ZeRO shards float32/float64 training only)"
+        )
     _check_pipeline(config)
 
 
@@ -508,9 +524,10 @@ def _sweep_entries(sweep: Any) -> list[tuple[str, Any]]:
 
 
 def load_experiment(
-    path: str | Path | None, overrides: list[str] = ()
+    path: str | Path | None, overrides: list[str] = (), for_execution: bool = True
 ) -> tuple[ExperimentConfig, list[tuple[str, ExperimentConfig]]]:
-    """The base config and its sweep's layouts as (label, config), each validated in full.
+    """The base config and its sweep's layouts as (label, config), each validated in full
+    (`for_execution` as in `from_dict`).
 
     `--set`s change the base; each sweep entry then overrides the base. Without a `sweep:` the
     list is empty. An error in an entry names it: `error: sweep[2]: parallel.tp=3 does not
@@ -519,7 +536,7 @@ def load_experiment(
     raw = _read_base(path, overrides)
     sweep = raw.pop("sweep", None)
     origin = str(path) if path else "config"
-    base = from_dict(copy.deepcopy(raw), origin=origin)
+    base = from_dict(copy.deepcopy(raw), origin=origin, for_execution=for_execution)
     if sweep is None:
         return base, []
     layouts: list[tuple[str, ExperimentConfig]] = []
@@ -527,7 +544,7 @@ def load_experiment(
     for where, entry in _sweep_entries(sweep):
         name, sections = _entry_sections(entry, where)
         try:
-            config = from_dict(_merge(raw, sections), origin=origin)
+            config = from_dict(_merge(raw, sections), origin=origin, for_execution=for_execution)
         except ConfigError as exc:
             detail = str(exc).removeprefix("error: ")
             raise ConfigError(f"error: {where}: {detail}") from None

@@ -12,7 +12,7 @@ from launch.config import ExperimentConfig
 
 
 class TrainingProgress:
-    def __init__(self, config: ExperimentConfig, enabled: bool = True) -> None:
+    def __init__(self, config: ExperimentConfig, enabled: bool = True, start: int = 0) -> None:
         self.enabled = enabled
         self.tokens_per_step = config.train.batch_size * config.model.block_size
         self.console = Console(stderr=False)
@@ -26,7 +26,9 @@ class TrainingProgress:
             console=self.console,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("train", total=config.train.steps, loss="-", speed="-")
+        self.task = self.progress.add_task(
+            "train", total=config.train.steps, completed=start, loss="-", speed="-"
+        )
 
     def __enter__(self) -> TrainingProgress:
         self.progress.__enter__()

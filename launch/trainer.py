@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from civetta import activation_meter, flop_meter, no_grad
+from civetta import Tensor, activation_meter, flop_meter, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
 from civetta.models.gpt import GPTConfig, GPTStage
 from civetta.nn import Model, merge
@@ -29,9 +29,11 @@ from civetta.optim import (
 from civetta.precision import PRECISIONS, LossScaler, MasterWeights, autocast, has_overflow
 from launch.config import ExperimentConfig
 from launch.faults import maybe_fail
+from parallel.memory_model import state_bytes_per_param
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
 from parallel.schedules import check_schedule, make_schedule
+from parallel.zero import ShardedStore, ZeroOptimizer, model_state_bytes
 
 # train.dtype -> the dtype of the arrays; bf16/fp16 are emulated on float32 arrays.
 DTYPES = {"float32": np.float32, "float64": np.float64, "bf16": np.float32, "fp16": np.float32}
@@ -134,17 +136,33 @@ class Trainer:
         self.loss_scaler = None
         if config.train.dtype == "fp16":
             self.loss_scaler = LossScaler(config.train.loss_scale, config.train.loss_scale_window)
-        self.optimizer: Optimizer = make_optimizer(
-            config.train.optimizer,
-            self.masters.master if self.masters else self.model.params,
-            config.train.lr,
-            weight_decay=config.train.weight_decay,
-        )
+        self.tied = ("transformer.wte.weight",) if model_config.tie_embeddings else ()
+
+        def build_optimizer(params: dict[str, Tensor]) -> Optimizer:
+            t = config.train
+            return make_optimizer(t.optimizer, params, t.lr, weight_decay=t.weight_decay)
+
+        assert runtime.zero == p.zero, "build the Runtime with zero=config.parallel.zero"
+        self.zero: ZeroOptimizer | None = None
+        if p.zero:  # the optimizer holds state for this rank's shard only (parallel.zero)
+            assert self.masters is None, "the config refuses ZeRO with mixed precision"
+            self.zero = ZeroOptimizer(
+                runtime,
+                self.model.params,
+                build_optimizer,
+                p.zero,
+                self.tied,
+                config.train.grad_clip,
+            )
+            self.optimizer: Optimizer = self.zero.optimizer
+        else:
+            self.optimizer = build_optimizer(
+                self.masters.master if self.masters else self.model.params
+            )
         self.lr_schedule = lr_schedule(config)
         self.grad_bytes = 0
         self.last_grads: dict[str, np.ndarray] = {}
         self.timelines: list[StepTimeline] = []
-        self.tied = ("transformer.wte.weight",) if model_config.tie_embeddings else ()
 
     def _microbatches(self, split: str, step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """This DP rank's rows of the global batch, cut into microbatches."""
@@ -158,7 +176,7 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self, step: int) -> StepRecord:
-        c, rt = self.config, self.runtime
+        rt = self.runtime
         started = time.perf_counter()
         flop_meter.reset()
         inputs, targets = self._microbatches("train", step)
@@ -167,31 +185,42 @@ class Trainer:
         with autocast(self.precision):
             losses, timeline = self.executor.run(inputs, targets, scale / len(inputs))
         self.timelines.append(timeline)
-        grads = {name: p.grad for name, p in self.model.params.items()}
         lr = self.lr_schedule(step)
         with rt.ledger.phase("optimizer"):
-            grads = rt.synchronize_gradients(grads, self.tied)
-            if self.loss_scaler is not None:
-                grads, take_step = self._unscale(grads)
+            if self.zero is not None:  # ZeRO: the sharded optimizer synchronises, clips, updates
+                grad_norm, take_step = self.zero.step(lr), True
+                self.last_grads, self.grad_bytes = self.zero.last_grads, self.zero.grad_bytes
             else:
-                take_step = True
-            self.last_grads = grads  # the step's synchronised gradients, before clipping
-            grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied)) if take_step else 0.0
-            coef = clip_coefficient(grad_norm, c.train.grad_clip) if c.train.grad_clip else 1.0
-            if coef < 1.0:
-                grads = {name: g * g.dtype.type(coef) for name, g in grads.items()}
-            if take_step:
-                self.optimizer.lr = lr
-                self.optimizer.step(grads)
-                if self.masters is not None:
-                    self.masters.publish()
+                grad_norm, take_step = self._update(lr)
         mean_loss = rt.mean_loss(losses)
-        self.grad_bytes = sum(g.nbytes for g in grads.values() if g is not None)
         self.model.zero_grad()
         elapsed = time.perf_counter() - started
         return StepRecord(
             step, mean_loss, elapsed, lr, grad_norm, flop_meter.total, not take_step, scale
         )
+
+    def _update(self, lr: float) -> tuple[float, bool]:
+        """Replicated optimizer state: all-reduce, unscale (fp16), clip, update. Returns the
+        global gradient norm and whether the optimizer stepped."""
+        c, rt = self.config, self.runtime
+        grads = {name: p.grad for name, p in self.model.params.items()}
+        grads = rt.synchronize_gradients(grads, self.tied)
+        if self.loss_scaler is not None:
+            grads, take_step = self._unscale(grads)
+        else:
+            take_step = True
+        self.last_grads = grads  # the step's synchronised gradients, before clipping
+        grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied)) if take_step else 0.0
+        coef = clip_coefficient(grad_norm, c.train.grad_clip) if c.train.grad_clip else 1.0
+        if coef < 1.0:
+            grads = {name: g * g.dtype.type(coef) for name, g in grads.items()}
+        if take_step:
+            self.optimizer.lr = lr
+            self.optimizer.step(grads)
+            if self.masters is not None:
+                self.masters.publish()
+        self.grad_bytes = sum(g.nbytes for g in grads.values() if g is not None)
+        return grad_norm, take_step
 
     def _unscale(self, grads: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
         """fp16: divide out the loss scale, unless some rank's gradients overflowed (then the
@@ -225,21 +254,46 @@ class Trainer:
             shrink = self.precision.itemsize / np.dtype(self.dtype).itemsize
             params, grads = int(params * shrink), int(grads * shrink)
             optimizer += self.masters.nbytes()
+        store = self.runtime.layout.store
         return {
             "params": params,
             "grads": grads,
             "optimizer": optimizer,
             "activations_peak": activation_meter.peak,
+            # ZeRO-3's working set: the most bytes of whole parameters gathered at once.
+            "params_gathered_peak": store.gathered_peak if isinstance(store, ShardedStore) else 0,
         }
 
-    def run(self, on_step: Callable[[StepRecord], Any] | None = None) -> RunResult:
+    def memory_closed_form(self) -> dict[str, int]:
+        """What `memory()` must report for params, grads and optimizer, in closed form."""
+        c, rt = self.config, self.runtime
+        store = rt.layout.store
+        if isinstance(store, ShardedStore):
+            sizes = list(store.whole_sizes().values())  # the params are this rank's chunks
+        else:
+            sizes = [p.size for p in self.model.params.values()]
+        return model_state_bytes(
+            sizes,
+            stage=c.parallel.zero,
+            dp=rt.dp_size,
+            rank=rt.dp_rank,
+            per_element=state_bytes_per_param(c.train.dtype, c.train.optimizer),
+            itemsize=np.dtype(self.dtype).itemsize,
+            bucket_mb=c.parallel.bucket_mb,
+        )
+
+    def run(
+        self, on_step: Callable[[StepRecord], Any] | None = None, start_step: int = 0
+    ) -> RunResult:
+        """Steps `start_step` .. train.steps-1 (a resumed run starts after its checkpoint),
+        then the validation loss."""
         tokens = self.config.train.batch_size * self.config.model.block_size
         result = RunResult(
             tokens_per_step=tokens,
             model_flops_per_step=self.model.config.flops_per_token() * tokens,
         )
         activation_meter.reset_peak()
-        for step in range(self.config.train.steps):
+        for step in range(start_step, self.config.train.steps):
             maybe_fail(self.runtime.rank, step)
             record = self.step(step)
             result.steps.append(record)

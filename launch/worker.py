@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from civetta.allocator import keep_freed_memory
+from launch import checkpoint
 from launch.config import ExperimentConfig
 from launch.progress import TrainingProgress
-from launch.trainer import RunResult, Trainer
+from launch.trainer import RunResult, StepRecord, Trainer
 from parallel.comm import launched_by_mpi
 from parallel.mesh import Mesh
 from parallel.pipeline import COMPUTE_KINDS, StepTimeline
@@ -46,6 +47,8 @@ def gather_json(comm: Any, payload: Any) -> list[Any] | None:
 def pipeline_summary(timelines: list[StepTimeline]) -> dict[str, Any]:
     """One rank's pipeline figures: median bubble over the steps after the first (which pays
     for warm-up), peak in-flight microbatches, and the last step's action timeline."""
+    if not timelines:  # a run resumed at its last step
+        return {"bubble_fraction": 0.0, "peak_in_flight": 0, "timeline": [], "window_s": 0.0}
     steady = timelines[1:] or timelines
     last = timelines[-1]
     return {
@@ -123,21 +126,32 @@ def write_json_atomically(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def _run(config: ExperimentConfig, out_dir: Path) -> int:
+def _run(config: ExperimentConfig, out_dir: Path, resume: Path | None) -> int:
     keep_freed_memory()
     p = config.parallel
     mesh = Mesh(p.dp, p.tp, p.pp, p.order)
-    runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb)
+    runtime = Runtime(
+        mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb, zero=p.zero
+    )
     trainer = Trainer(config, runtime)
+    start = checkpoint.load(trainer, resume) + 1 if resume is not None else 0
+    every = config.train.checkpoint_every
     leader = mesh.rank == 0
-    progress = TrainingProgress(config, enabled=leader)
+    progress = TrainingProgress(config, enabled=leader, start=start)
+
+    def after_step(record: StepRecord) -> None:
+        progress.update(record)
+        if every and (record.step + 1) % every == 0:
+            checkpoint.save(trainer, out_dir, record.step)
+
     with progress:
-        result = trainer.run(progress.update)
+        result = trainer.run(after_step, start_step=start)
     per_rank = gather_json(
         mesh.comm,
         {
             "rank": mesh.rank,
-            "memory": result.memory,
+            # Measured bytes, and beside them the closed forms they must equal (parallel.zero).
+            "memory": {**result.memory, "closed_form": trainer.memory_closed_form()},
             "ops": runtime.ledger.as_list(),
             "pipeline": pipeline_summary(trainer.timelines),
             "flops_per_step": result.steps[-1].flops if result.steps else 0,
@@ -161,7 +175,7 @@ def write_status(out_dir: Path, rank: int, text: str) -> None:
     path.write_text(text + "\n", encoding="utf-8")
 
 
-def train(config: ExperimentConfig, out_dir: Path) -> int:
+def train(config: ExperimentConfig, out_dir: Path, resume: Path | None = None) -> int:
     """Run on this rank. A failure prints one line naming the rank (the traceback goes to
     `OUT/logs/rankR.log`) and, under MPI, aborts the whole job so no rank waits forever."""
     under_mpi = launched_by_mpi()
@@ -172,7 +186,7 @@ def train(config: ExperimentConfig, out_dir: Path) -> int:
         rank = MPI.COMM_WORLD.Get_rank()
     write_status(out_dir, rank, f"running pid={os.getpid()}")
     try:
-        code = _run(config, out_dir)
+        code = _run(config, out_dir, resume)
     except Exception as exc:
         log = out_dir / "logs" / f"rank{rank}.log"
         log.write_text(traceback.format_exc(), encoding="utf-8")
