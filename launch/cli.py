@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run the single-process baseline and every layout of the config's sweep; report",
     )
-    compare.add_argument("config", help="experiment YAML with a sweep: section")
+    compare.add_argument(
+        "config", help="experiment YAML with a sweep: section (without one: the config itself)"
+    )
     compare.add_argument(
         "--set",
         dest="overrides",

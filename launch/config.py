@@ -238,7 +238,7 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
         )
     if for_execution and p.zero and t.dtype in ("bf16", "fp16"):
         raise ConfigError(
-            f"error: parallel.zero={p.zero} with train.dtype={t.dtype} is not supported "
+            f"error: parallel.zero={p.zero} with train.dtype={t.dtype} is not supported yet "
             "(ZeRO shards float32/float64 training only)"
         )
     _check_pipeline(config)

@@ -140,8 +140,7 @@ CHOICE_CASES = [
         "error: parallel.recompute expected one of none | full | selective, got 'partial'",
         ("parallel.recompute=partial",),
     ),
-    # Currently: "parallel.zero > 0 (ZeRO sharding) is not supported yet" for any non-zero
-    # value, even -1; DESIGN.md names the stages 0–3.
+    # DESIGN.md names the stages 0–3.
     Bad(
         "zero-out-of-range",
         "error: parallel.zero expected one of 0 | 1 | 2 | 3, got 7",
@@ -243,9 +242,22 @@ NOT_YET_CASES = [
         ("model.n_layer=4", "parallel.pp=2", "parallel.schedule=interleaved-1f1b"),
     ),
     Bad(
-        "zero-not-yet",
-        "error: parallel.zero > 0 (ZeRO sharding) is not supported yet",
-        ("parallel.zero=1",),
+        "zero-2-with-pp",
+        "error: parallel.zero=2 with parallel.pp=2 is not supported "
+        "(ZeRO-2/3 compose with pp only at stage 1)",
+        ("parallel.pp=2", "parallel.zero=2"),
+    ),
+    Bad(
+        "zero-3-with-pp",
+        "error: parallel.zero=3 with parallel.pp=2 is not supported "
+        "(ZeRO-2/3 compose with pp only at stage 1)",
+        ("parallel.pp=2", "parallel.zero=3"),
+    ),
+    Bad(
+        "zero-with-mixed-precision",
+        "error: parallel.zero=1 with train.dtype=bf16 is not supported yet "
+        "(ZeRO shards float32/float64 training only)",
+        ("parallel.zero=1", "train.dtype=bf16"),
     ),
     Bad(
         "virtual-stages-need-pp",
@@ -391,7 +403,8 @@ SWEEP_CASES = [
     ),
     Bad(
         "sweep-entry-unknown-key-did-you-mean",
-        "error: sweep[1]: unknown key 'parallel.sequence_paralel' (did you mean 'parallel.sequence_parallel'?)",
+        "error: sweep[1]: unknown key 'parallel.sequence_paralel' "
+        "(did you mean 'parallel.sequence_parallel'?)",
         yaml=_sweep("sweep:\n  - {parallel.dp: 2}\n  - {parallel.sequence_paralel: true}\n"),
     ),
     Bad(
