@@ -176,30 +176,47 @@ def write_status(out_dir: Path, rank: int, text: str) -> None:
 
 
 def train(config: ExperimentConfig, out_dir: Path, resume: Path | None = None) -> int:
-    """Run on this rank. A failure prints one line naming the rank (the traceback goes to
-    `OUT/logs/rankR.log`) and, under MPI, aborts the whole job so no rank waits forever."""
+    """Run on this rank. Only rank 0 writes to the console; every other rank's output goes to
+    `OUT/logs/rankR.log`. A failure leaves the traceback in that log and a one-line status, is
+    printed once (by rank 0 itself, or by `civetta train` for the other ranks) and, under MPI,
+    aborts the whole job so no rank waits forever."""
     under_mpi = launched_by_mpi()
     rank = 0
     if under_mpi:
         from mpi4py import MPI
 
         rank = MPI.COMM_WORLD.Get_rank()
+    log = out_dir / "logs" / f"rank{rank}.log"
     write_status(out_dir, rank, f"running pid={os.getpid()}")
+    if rank > 0:
+        _redirect_output(log)
     try:
         code = _run(config, out_dir, resume)
     except Exception as exc:
-        log = out_dir / "logs" / f"rank{rank}.log"
-        log.write_text(traceback.format_exc(), encoding="utf-8")
         message = f"{type(exc).__name__}: {exc}"
+        with log.open("a", encoding="utf-8") as file:
+            file.write(traceback.format_exc())
         write_status(out_dir, rank, f"failed: {message}")
-        print(
-            f"error: rank {rank} failed: {message} (traceback: {log})", file=sys.stderr, flush=True
-        )
+        print(failure_line(rank, message, log), file=sys.stderr, flush=True)
         if under_mpi:
             MPI.COMM_WORLD.Abort(1)
         return 1
     write_status(out_dir, rank, "done")
     return code
+
+
+def failure_line(rank: int, message: str, log: Path) -> str:
+    return f"error: rank {rank} failed: {message} (traceback: {log})"
+
+
+def _redirect_output(log: Path) -> None:
+    """Send this process's stdout and stderr, C libraries' included, to `log`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def read_status(out_dir: Path, rank: int) -> str:
@@ -214,11 +231,15 @@ def explain_failure(
     out_dir: Path, world_size: int, exit_code: int, dead_pids: list[int] = ()
 ) -> str:
     """After a failed job, one line on what happened, from the status files the ranks left
-    and the process ids the MPI launcher reported dead; empty when a rank already printed its
+    and the process ids the MPI launcher reported dead; empty when rank 0 already printed its
     own error line."""
     statuses = [read_status(out_dir, rank) for rank in range(world_size)]
-    if any(status.startswith("failed") for status in statuses):
-        return ""
+    for rank, status in enumerate(statuses):
+        if status.startswith("failed: "):
+            if rank == 0:
+                return ""  # rank 0 printed its own line
+            log = out_dir / "logs" / f"rank{rank}.log"
+            return failure_line(rank, status.removeprefix("failed: "), log)
     # A rank killed by a signal leaves no word; the launcher then stops all the others.
     dead = [r for r, status in enumerate(statuses) if _pid_of(status) in dead_pids]
     who = f"rank {', '.join(map(str, dead))} died" if dead else "a rank died"
