@@ -122,6 +122,41 @@ def parameter(array: np.ndarray, dtype: Any) -> Tensor:
     return Tensor(np.ascontiguousarray(array, dtype=dtype), requires_grad=True)
 
 
+# ---- parameter stores: where a parameter's values live --------------------------------------
+class ParameterStore:
+    """Creates parameters and applies them to activations, every parameter whole on this process.
+
+    Modules never read a parameter's array themselves: they go through their store's ops
+    (`linear`, `lookup`, `affine`). That is what lets ZeRO-3 (`parallel.zero.ShardedStore`)
+    keep only a shard of each parameter and gather the whole value around each use, without the
+    modules knowing. A layout owns one store (`DenseLayout.store`) and hands it to the modules it
+    builds.
+    """
+
+    def create(self, name: str, value: np.ndarray, dtype: Any) -> Tensor:
+        """The parameter `name`, initialised to `value` (the whole of this layout's part)."""
+        return parameter(value, dtype)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x · weightᵀ + bias."""
+        return fused.linear(x, weight, bias)
+
+    def lookup(self, table: Tensor, rows: np.ndarray) -> Tensor:
+        """Rows of `table` picked by integer index (an embedding)."""
+        return ax.getitem(table, rows)
+
+    def affine(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """x · weight + bias along the last axis (LayerNorm's affine part, or a bias alone)."""
+        if weight is not None:
+            x = ax.mul(x, weight)
+        if bias is not None:
+            x = ax.add(x, bias)
+        return x
+
+
+WHOLE = ParameterStore()
+
+
 # ---- dense modules ------------------------------------------------------------------------------
 def Linear(  # noqa: N802 - a module constructor reads like a class
     name: str,
@@ -132,17 +167,19 @@ def Linear(  # noqa: N802 - a module constructor reads like a class
     std: float = 0.02,
     seed: int = 0,
     dtype: Any = np.float32,
+    store: ParameterStore = WHOLE,
 ) -> Module:
     """y = x · Wᵀ + b with W of shape (out_features, in_features), PyTorch's layout."""
-    weight = parameter(normal_init(f"{name}.weight", (out_features, in_features), std, seed), dtype)
+    init = normal_init(f"{name}.weight", (out_features, in_features), std, seed)
+    weight = store.create(f"{name}.weight", init, dtype)
     params = {f"{name}.weight": weight}
     b = None
     if bias:
-        b = parameter(np.zeros(out_features), dtype)
+        b = store.create(f"{name}.bias", np.zeros(out_features), dtype)
         params[f"{name}.bias"] = b
 
     def forward(x: Tensor) -> Tensor:
-        return fused.linear(x, weight, b)
+        return store.linear(x, weight, b)
 
     return Module(forward, params)
 
@@ -155,28 +192,37 @@ def Embedding(  # noqa: N802
     std: float = 0.02,
     seed: int = 0,
     dtype: Any = np.float32,
+    store: ParameterStore = WHOLE,
 ) -> Module:
     """Rows of a (num_embeddings, dim) table picked by integer index."""
-    weight = parameter(normal_init(f"{name}.weight", (num_embeddings, dim), std, seed), dtype)
+    init = normal_init(f"{name}.weight", (num_embeddings, dim), std, seed)
+    weight = store.create(f"{name}.weight", init, dtype)
 
     def forward(idx: np.ndarray) -> Tensor:
-        return ax.getitem(weight, np.asarray(idx))
+        return store.lookup(weight, np.asarray(idx))
 
     return Module(forward, {f"{name}.weight": weight})
 
 
 def LayerNorm(  # noqa: N802
-    name: str, dim: int, *, bias: bool = True, eps: float = 1e-5, dtype: Any = np.float32
+    name: str,
+    dim: int,
+    *,
+    bias: bool = True,
+    eps: float = 1e-5,
+    dtype: Any = np.float32,
+    store: ParameterStore = WHOLE,
 ) -> Module:
-    weight = parameter(np.ones(dim), dtype)
+    """The fused normalisation, then the affine part (`fused.layer_norm` through the store)."""
+    weight = store.create(f"{name}.weight", np.ones(dim), dtype)
     params = {f"{name}.weight": weight}
     b = None
     if bias:
-        b = parameter(np.zeros(dim), dtype)
+        b = store.create(f"{name}.bias", np.zeros(dim), dtype)
         params[f"{name}.bias"] = b
 
     def forward(x: Tensor) -> Tensor:
-        return fused.layer_norm(x, weight, b, eps)
+        return store.affine(fused.normalize(x, eps), weight, b)
 
     return Module(forward, params)
 
@@ -184,23 +230,30 @@ def LayerNorm(  # noqa: N802
 # ---- layouts: where a module's parameters live --------------------------------------------------
 class DenseLayout:
     """Every parameter whole, on one process. `parallel.tensor_parallel` provides a layout with
-    the same methods that shards by the same parameter names."""
+    the same methods that shards by the same parameter names.
+
+    `store` keeps the parameters the layout's modules create (whole by default; a shard under
+    ZeRO-3); modules the model builds itself (LayerNorms, the position table) use it too.
+    """
 
     tp_size = 1
+
+    def __init__(self, store: ParameterStore = WHOLE) -> None:
+        self.store = store
 
     def column_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
         """A linear whose output features a tensor-parallel layout splits across ranks.
         `packed` (default 1) says the outputs are that many equal blocks (q, k, v), each split
         separately so heads stay whole."""
         kw.pop("packed", None)
-        return Linear(name, in_features, out_features, **kw)
+        return Linear(name, in_features, out_features, store=self.store, **kw)
 
     def row_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
         """A linear whose input features a tensor-parallel layout splits across ranks."""
-        return Linear(name, in_features, out_features, **kw)
+        return Linear(name, in_features, out_features, store=self.store, **kw)
 
     def token_embedding(self, name: str, vocab_size: int, dim: int, **kw: Any) -> Module:
-        return Embedding(name, vocab_size, dim, **kw)
+        return Embedding(name, vocab_size, dim, store=self.store, **kw)
 
     def local_positions(self, block: int) -> np.ndarray:
         """Positions of the sequence this rank holds in the residual stream."""
@@ -208,11 +261,11 @@ class DenseLayout:
 
     def lm_loss(self, hidden: Tensor, weight: Tensor, targets: np.ndarray) -> Tensor:
         """Mean cross-entropy of the logits hidden · weightᵀ."""
-        logits = ax.matmul(hidden, ax.transpose(weight, (1, 0)))  # (B, T, V)
+        logits = self.store.linear(hidden, weight, None)  # (B, T, V)
         return fused.cross_entropy(logits, targets)
 
     def lm_logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
-        return ax.matmul(hidden, ax.transpose(weight, (1, 0)))
+        return self.store.linear(hidden, weight, None)
 
 
 DENSE = DenseLayout()
@@ -302,11 +355,11 @@ def Block(  # noqa: N802
     """
     assert recompute in RECOMPUTE_MODES, recompute
     common = dict(bias=bias, seed=seed, dtype=dtype, layout=layout, proj_std=proj_std)
-    ln_1 = LayerNorm(f"{name}.ln_1", dim, bias=bias, dtype=dtype)
+    ln_1 = LayerNorm(f"{name}.ln_1", dim, bias=bias, dtype=dtype, store=layout.store)
     attn = CausalSelfAttention(
         f"{name}.attn", dim, n_head, recompute_core=recompute == "selective", **common
     )
-    ln_2 = LayerNorm(f"{name}.ln_2", dim, bias=bias, dtype=dtype)
+    ln_2 = LayerNorm(f"{name}.ln_2", dim, bias=bias, dtype=dtype, store=layout.store)
     mlp = MLP(f"{name}.mlp", dim, 4 * dim, **common)
 
     def block(x: Tensor) -> Tensor:

@@ -241,6 +241,11 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
             f"error: parallel.zero={p.zero} with train.dtype={t.dtype} is not supported yet "
             "(ZeRO shards float32/float64 training only)"
         )
+    if for_execution and p.zero and t.checkpoint_every:
+        raise ConfigError(
+            f"error: parallel.zero={p.zero} with train.checkpoint_every={t.checkpoint_every} is "
+            "not supported yet (checkpoints assume every dp rank holds the whole state)"
+        )
     _check_pipeline(config)
 
 

@@ -269,7 +269,8 @@ class Trainer:
         c, rt = self.config, self.runtime
         store = rt.layout.store
         if isinstance(store, ShardedStore):
-            sizes = list(store.whole_sizes().values())  # the params are this rank's chunks
+            whole = store.whole_sizes()  # the params are this rank's chunks
+            sizes = [whole[name] for name in self.model.params]
         else:
             sizes = [p.size for p in self.model.params.values()]
         return model_state_bytes(

@@ -5,13 +5,28 @@ mpi4py's uppercase buffer methods only; the pickling lowercase methods never app
 call that moves data is recorded in a `Ledger` under (op, axis, phase) with its bytes, calls and
 seconds, which is what metrics.json reports in its "comm" section.
 
-Bytes are the exact ``nbytes`` of the buffer this rank passed in:
+Two measures are recorded per call. ``bytes`` is the exact ``nbytes`` of the buffer this rank
+passed in:
 
 - all_reduce: the input array;
 - all_gather: this rank's input shard (not the gathered result);
 - reduce_scatter: the full input array (not the returned chunk);
 - broadcast: the broadcast buffer, on every rank;
 - send / recv: the message, on each side (count "send" alone for the bytes on the links).
+
+``wire_bytes`` is what this rank sends on the links when a group of n ranks runs the collective
+as a ring (the bandwidth-optimal algorithm, NCCL's default for large buffers). With it a
+reduce-scatter plus an all-gather costs exactly one all-reduce, which is the accounting of the
+ZeRO paper (Rajbhandari et al. 2020, §7); ``bytes`` cannot compare them. For a buffer of S bytes
+(N elements of e bytes):
+
+- all_reduce: 2(n−1)·⌈N/n⌉·e, a reduce-scatter then an all-gather of n chunks of ⌈N/n⌉ elements
+  (2(n−1)/n·S when n divides N);
+- all_gather: (n−1)·shard bytes: the ring forwards every other rank's shard once;
+- reduce_scatter: (n−1)·S/n, one chunk per ring step;
+- broadcast: S on every rank (a pipelined chain forwards the whole buffer at each hop; the last
+  rank's 0 is not told apart);
+- send: S; recv: 0 (the sender counts the message).
 
 A group of one rank sends nothing and records nothing. `SelfComm` stands in for an MPI
 communicator when the process was not started by an MPI launcher, so a world of size 1 never
@@ -49,7 +64,8 @@ class Ledger:
     """
 
     def __init__(self) -> None:
-        # Values are [bytes, calls, seconds] lists: mutated in place, cheaper than a dataclass.
+        # Values are [bytes, calls, seconds, wire_bytes] lists: mutated in place, cheaper than a
+        # dataclass.
         self._totals: dict[tuple[str, str, str], list[Any]] = {}
         self.current_phase = "other"
 
@@ -64,15 +80,20 @@ class Ledger:
         finally:
             self.current_phase = previous
 
-    def record(self, op: str, axis: str, nbytes: int, seconds: float) -> None:
+    def record(
+        self, op: str, axis: str, nbytes: int, seconds: float, wire_bytes: int | None = None
+    ) -> None:
+        """Add one call; `wire_bytes` defaults to `nbytes` (a point-to-point message)."""
         key = (op, axis, self.current_phase)
+        wire = nbytes if wire_bytes is None else wire_bytes
         entry = self._totals.get(key)
         if entry is None:
-            self._totals[key] = [nbytes, 1, seconds]
+            self._totals[key] = [nbytes, 1, seconds, wire]
         else:
             entry[0] += nbytes
             entry[1] += 1
             entry[2] += seconds
+            entry[3] += wire
 
     def _select(self, op: str | None, axis: str | None, phase: str | None) -> Iterator[list[Any]]:
         for (k_op, k_axis, k_phase), entry in self._totals.items():
@@ -101,11 +122,26 @@ class Ledger:
         """Wall-clock seconds spent in the calls matching every given filter."""
         return sum(entry[2] for entry in self._select(op, axis, phase))
 
+    def wire_bytes(
+        self, op: str | None = None, axis: str | None = None, phase: str | None = None
+    ) -> int:
+        """Bytes this rank sent on the links (ring algorithms) in the matching calls."""
+        return sum(entry[3] for entry in self._select(op, axis, phase))
+
     def as_list(self) -> list[dict[str, Any]]:
-        """Rows for metrics.json: op, axis, phase, bytes, calls, time_s; sorted for stable diffs."""
+        """Rows for metrics.json: op, axis, phase, bytes, calls, time_s, wire_bytes; sorted for
+        stable diffs."""
         return [
-            {"op": op, "axis": axis, "phase": phase, "bytes": b, "calls": c, "time_s": s}
-            for (op, axis, phase), (b, c, s) in sorted(self._totals.items())
+            {
+                "op": op,
+                "axis": axis,
+                "phase": phase,
+                "bytes": b,
+                "calls": c,
+                "time_s": s,
+                "wire_bytes": w,
+            }
+            for (op, axis, phase), (b, c, s, w) in sorted(self._totals.items())
         ]
 
     def reset(self) -> None:
@@ -231,7 +267,9 @@ class Group:
             send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
             result = np.empty_like(send) if out is None else _checked(out, send.shape, send)
             self.comm.Allreduce(send, result, mpi_op)
-        self.ledger.record("all_reduce", self.axis, x.nbytes, time.perf_counter() - start)
+        chunk = -(-x.size // self.size) * x.itemsize  # ⌈N/n⌉ elements
+        wire = 2 * (self.size - 1) * chunk
+        self.ledger.record("all_reduce", self.axis, x.nbytes, time.perf_counter() - start, wire)
         return result
 
     def all_gather(self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None) -> np.ndarray:
@@ -252,7 +290,8 @@ class Group:
             blocks = np.empty((n, *send.shape), send.dtype)  # (n, *x.shape)
             self.comm.Allgather(send, blocks)
             result = np.concatenate(blocks, axis=axis, out=out)
-        self.ledger.record("all_gather", self.axis, x.nbytes, time.perf_counter() - start)
+        wire = (self.size - 1) * x.nbytes
+        self.ledger.record("all_gather", self.axis, x.nbytes, time.perf_counter() - start, wire)
         return result
 
     def reduce_scatter(
@@ -282,7 +321,9 @@ class Group:
             send = np.ascontiguousarray(np.moveaxis(split, axis, 0))
         result = np.empty(chunk_shape, x.dtype) if out is None else _checked(out, chunk_shape, x)
         self.comm.Reduce_scatter_block(send, result, self._ops["sum"])
-        self.ledger.record("reduce_scatter", self.axis, x.nbytes, time.perf_counter() - start)
+        wire = (n - 1) * result.nbytes
+        seconds = time.perf_counter() - start
+        self.ledger.record("reduce_scatter", self.axis, x.nbytes, seconds, wire)
         return result
 
     def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
@@ -342,7 +383,7 @@ class Group:
         start = time.perf_counter()
         buf = np.empty(shape, dtype) if out is None else out
         self.comm.Recv(buf, source, tag)
-        self.ledger.record("recv", self.axis, buf.nbytes, time.perf_counter() - start)
+        self.ledger.record("recv", self.axis, buf.nbytes, time.perf_counter() - start, 0)
         return buf
 
     def barrier(self) -> None:

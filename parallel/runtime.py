@@ -1,34 +1,44 @@
 """What a training loop needs to know about the layout it runs in.
 
-A `Runtime` ties a `Mesh` to the parameter layout of the model (dense or tensor-parallel) and
-offers the few layout-dependent steps of a training step: this rank's share of the batch,
-gradient synchronisation, the global gradient norm, and the loss averaged over data-parallel
-ranks. With a world of one rank every step is local and nothing is sent.
+A `Runtime` ties a `Mesh` to the parameter layout of the model (dense or tensor-parallel, its
+parameters whole or, under ZeRO-3, sharded over dp) and offers the few layout-dependent steps of
+a training step: this rank's share of the batch, gradient synchronisation, the global gradient
+norm, and the loss averaged over data-parallel ranks. With a world of one rank every step is
+local and nothing is sent. ZeRO's own update (stages 1–3) is `parallel.zero.ZeroOptimizer`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from civetta.nn import DENSE, DenseLayout
+from civetta.nn import DENSE, WHOLE, DenseLayout, ParameterStore
 from parallel.comm import Ledger
 from parallel.data_parallel import GradientAverager
 from parallel.mesh import Mesh
 from parallel.tensor_parallel import TensorParallelLayout
+from parallel.zero import ShardedStore
 
 
 class Runtime:
     def __init__(
-        self, mesh: Mesh | None = None, sequence_parallel: bool = False, bucket_mb: float = 25.0
+        self,
+        mesh: Mesh | None = None,
+        sequence_parallel: bool = False,
+        bucket_mb: float = 25.0,
+        zero: int = 0,
     ) -> None:
         self.mesh = Mesh() if mesh is None else mesh
         self.ledger: Ledger = self.mesh.ledger
         self.dp_group = self.mesh.group("dp")
         self.tp_group = self.mesh.group("tp")
         self.pp_group = self.mesh.group("pp")
-        self.layout: DenseLayout = DENSE
+        self.zero = zero
+        self.bucket_mb = bucket_mb
+        # ZeRO-3 shards every parameter (each tensor-parallel slice) over the dp group.
+        store: ParameterStore = ShardedStore(self.dp_group) if zero == 3 else WHOLE
+        self.layout: DenseLayout = DENSE if store is WHOLE else DenseLayout(store)
         if self.tp_group.size > 1:
-            self.layout = TensorParallelLayout(self.tp_group, sequence_parallel)
+            self.layout = TensorParallelLayout(self.tp_group, sequence_parallel, store)
         self.sequence_parallel = sequence_parallel and self.tp_group.size > 1
         self.averager = GradientAverager(self.dp_group, bucket_mb)
 
@@ -61,19 +71,28 @@ class Runtime:
         return isinstance(layout, TensorParallelLayout) and layout.is_sharded(name)
 
     def full_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Whole parameters or gradients from this rank's shards (collective over tp)."""
-        layout = self.layout
-        if not isinstance(layout, TensorParallelLayout):
-            return dict(arrays)
+        """Whole parameters or gradients from arrays shaped like this rank's parameters
+        (collective over dp under ZeRO-3, then over tp)."""
+        layout, store = self.layout, self.layout.store
         with self.ledger.phase("other"):
-            return {name: layout.full_array(name, a) for name, a in arrays.items()}
+            if isinstance(store, ShardedStore):
+                arrays = {name: store.full_array(name, a) for name, a in arrays.items()}
+            if isinstance(layout, TensorParallelLayout):
+                arrays = {name: layout.full_array(name, a) for name, a in arrays.items()}
+        return dict(arrays)
 
     def synchronize_gradients(
         self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
     ) -> dict[str, np.ndarray]:
-        """Sum the two copies of weights `tied` across the first and last pipeline stage (as
-        Megatron-LM's embedding group does), sum sequence-parallel partial gradients over tp,
-        then average over dp."""
+        """Combine partial gradients (`combine_partial_gradients`), then average over dp."""
+        return self.averager(self.combine_partial_gradients(grads, tied))
+
+    def combine_partial_gradients(
+        self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
+    ) -> dict[str, np.ndarray]:
+        """Everything before the dp reduction: sum the two copies of weights `tied` across the
+        first and last pipeline stage (as Megatron-LM's embedding group does), and sum
+        sequence-parallel partial gradients over tp."""
         if self.pp_group.size > 1:
             grads = {**grads, **self._sum_tied_copies(grads, tied)}
         if self.sequence_parallel:
@@ -82,7 +101,7 @@ class Runtime:
                 name: g if self._sharded(name) else self.tp_group.all_reduce(g)
                 for name, g in grads.items()
             }
-        return self.averager(grads)
+        return grads
 
     def _sum_tied_copies(
         self, grads: dict[str, np.ndarray], tied: tuple[str, ...]
@@ -107,10 +126,14 @@ class Runtime:
         return summed
 
     def global_grad_sq_norm(
-        self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
+        self,
+        grads: dict[str, np.ndarray],
+        tied: tuple[str, ...] = (),
+        sharded_over_dp: bool = False,
     ) -> float:
         """Σ g² over the whole model: shards counted on their rank, replicated parameters and
-        tied copies once."""
+        tied copies once. `sharded_over_dp`: each dp rank holds a different part of the
+        gradients (ZeRO), so the partial sums are added over dp as well."""
         total = np.zeros(1)
         for name, g in grads.items():
             if self._holds_tied_copy(name, tied):
@@ -119,7 +142,10 @@ class Runtime:
                 flat = g.reshape(-1).astype(np.float64, copy=False)
                 total[0] += np.dot(flat, flat)
         total = self.tp_group.all_reduce(total)
-        return float(self.pp_group.all_reduce(total)[0])
+        total = self.pp_group.all_reduce(total)
+        if sharded_over_dp:
+            total = self.dp_group.all_reduce(total)
+        return float(total[0])
 
     def mean_loss(self, losses: list[float]) -> float:
         """The mean of the microbatch losses, which only the last pipeline stage holds, over

@@ -17,7 +17,9 @@ row-parallel layers exit through a reduce-scatter, and replicated parameters rec
 gradients that the runtime sums over the tp group.
 
 Every rank builds the full weight from the name-seeded initialiser and keeps its slice, so every
-layout starts from exactly the single-process weights.
+layout starts from exactly the single-process weights. Parameters are created and applied
+through the layout's parameter store, so ZeRO-3 (`parallel.zero.ShardedStore`) can further shard
+each tensor-parallel slice over the data-parallel group.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta import fused
-from civetta.nn import DenseLayout, Module, normal_init, parameter
+from civetta.nn import WHOLE, DenseLayout, Module, ParameterStore, normal_init
 from civetta.tensor import Tensor
 from parallel.comm import Group
 from parallel.redirect import (
@@ -60,7 +61,10 @@ def column_rows(out_features: int, packed: int, rank: int, size: int) -> np.ndar
 class TensorParallelLayout(DenseLayout):
     """Where each GPT parameter lives under tensor (and optionally sequence) parallelism."""
 
-    def __init__(self, group: Group, sequence_parallel: bool = False) -> None:
+    def __init__(
+        self, group: Group, sequence_parallel: bool = False, store: ParameterStore = WHOLE
+    ) -> None:
+        super().__init__(store)
         self.group = group
         self.tp_size = group.size
         self.rank = group.rank
@@ -110,16 +114,17 @@ class TensorParallelLayout(DenseLayout):
     ) -> Module:
         rows = column_rows(out_features, packed, self.rank, self.tp_size)
         full = normal_init(f"{name}.weight", (out_features, in_features), std, seed)
-        weight = parameter(full[rows], dtype)
+        store = self.store
+        weight = store.create(f"{name}.weight", full[rows], dtype)
         params = {f"{name}.weight": weight}
         b = None
         if bias:
-            b = parameter(np.zeros(len(rows)), dtype)
+            b = store.create(f"{name}.bias", np.zeros(len(rows)), dtype)
             params[f"{name}.bias"] = b
         self.placements.update((p, (0, packed)) for p in params)
 
         def forward(x: Tensor) -> Tensor:
-            return fused.linear(self._enter(x), weight, b)  # (B, T, out/tp)
+            return store.linear(self._enter(x), weight, b)  # (B, T, out/tp)
 
         return Module(forward, params)
 
@@ -136,17 +141,18 @@ class TensorParallelLayout(DenseLayout):
     ) -> Module:
         cols = shard_range(in_features, self.rank, self.tp_size)
         full = normal_init(f"{name}.weight", (out_features, in_features), std, seed)
-        weight = parameter(full[:, cols], dtype)
+        store = self.store
+        weight = store.create(f"{name}.weight", full[:, cols], dtype)
         params = {f"{name}.weight": weight}
         self.placements[f"{name}.weight"] = (1, 1)
         b = None
         if bias:  # replicated: added once, after the partial sums are combined
-            b = parameter(np.zeros(out_features), dtype)
+            b = store.create(f"{name}.bias", np.zeros(out_features), dtype)
             params[f"{name}.bias"] = b
 
         def forward(x: Tensor) -> Tensor:
-            y = self._exit(fused.linear(x, weight, None))
-            return y if b is None else ax.add(y, b)
+            y = self._exit(store.linear(x, weight, None))
+            return y if b is None else store.affine(y, None, b)
 
         return Module(forward, params)
 
@@ -157,14 +163,15 @@ class TensorParallelLayout(DenseLayout):
         self.vocab_start = rows.start
         local_vocab = rows.stop - rows.start
         full = normal_init(f"{name}.weight", (vocab_size, dim), std, seed)
-        weight = parameter(full[rows], dtype)
+        store = self.store
+        weight = store.create(f"{name}.weight", full[rows], dtype)
         self.placements[f"{name}.weight"] = (0, 1)
         start = rows.start
 
         def forward(idx: np.ndarray) -> Tensor:
             local = idx - start
             outside = (local < 0) | (local >= local_vocab)
-            rows_picked = ax.getitem(weight, np.where(outside, 0, local))  # (B, T, C)
+            rows_picked = store.lookup(weight, np.where(outside, 0, local))  # (B, T, C)
             keep = (~outside)[..., None].astype(weight.dtype)
             return self._exit(ax.mul(rows_picked, keep))  # tokens of other ranks count 0
 
@@ -179,11 +186,11 @@ class TensorParallelLayout(DenseLayout):
     # ---- the head -------------------------------------------------------------------------------
     def lm_logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
         """Full logits, gathered over the vocabulary (for evaluation and sampling only)."""
-        local = fused.linear(self._enter(hidden), weight)
+        local = self.store.linear(self._enter(hidden), weight, None)
         return gather_from_region(local, self.group, axis=-1)
 
     def lm_loss(self, hidden: Tensor, weight: Tensor, targets: np.ndarray) -> Tensor:
-        logits = fused.linear(self._enter(hidden), weight)  # (B, T, V/tp)
+        logits = self.store.linear(self._enter(hidden), weight, None)  # (B, T, V/tp)
         return vocab_parallel_cross_entropy(logits, targets, self.group, self.vocab_start)
 
 

@@ -17,13 +17,24 @@ def test_ledger_totals_and_filters() -> None:
         ledger.record("all_reduce", "dp", 40, 0.25)
         ledger.record("all_gather", "tp", 8, 0.125)
     ledger.record("all_reduce", "dp", 10, 0.5)
+    with ledger.phase("forward"):
+        ledger.record("all_gather", "dp", 16, 0.0, wire_bytes=48)
     rows = [tuple(row.values()) for row in ledger.as_list()]
     assert rows == [
-        ("all_gather", "tp", "backward", 8, 1, 0.125),
-        ("all_reduce", "dp", "backward", 40, 1, 0.25),
-        ("all_reduce", "dp", "other", 110, 2, 1.0),
+        ("all_gather", "dp", "forward", 16, 1, 0.0, 48),
+        ("all_gather", "tp", "backward", 8, 1, 0.125, 8),  # wire bytes default to the bytes
+        ("all_reduce", "dp", "backward", 40, 1, 0.25, 40),
+        ("all_reduce", "dp", "other", 110, 2, 1.0, 110),
     ]
-    assert list(ledger.as_list()[0]) == ["op", "axis", "phase", "bytes", "calls", "time_s"]
+    keys = ["op", "axis", "phase", "bytes", "calls", "time_s", "wire_bytes"]
+    assert list(ledger.as_list()[0]) == keys
+    assert ledger.wire_bytes(op="all_gather") == 56
+    ledger.reset()
+    ledger.record("all_reduce", "dp", 100, 0.5)
+    with ledger.phase("backward"):
+        ledger.record("all_reduce", "dp", 40, 0.25)
+        ledger.record("all_gather", "tp", 8, 0.125)
+    ledger.record("all_reduce", "dp", 10, 0.5)
     assert ledger.bytes() == 158
     assert ledger.bytes(op="all_reduce") == 150
     assert ledger.bytes(axis="tp") == 8

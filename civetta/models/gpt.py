@@ -123,12 +123,14 @@ def GPTStage(  # noqa: N802
         wte = layout.token_embedding(
             "transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
         )
-        wpe = Embedding("transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype)
+        wpe = Embedding(
+            "transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype, store=layout.store
+        )
         modules += [wte, wpe]
     modules += blocks
     head_weight = None
     if last:
-        ln_f = LayerNorm("transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype)
+        ln_f = LayerNorm("transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype, store=layout.store)
         modules.append(ln_f)
         if c.tie_embeddings:
             table = (

@@ -155,19 +155,26 @@ def ledger_is_exact() -> None:
     rows = LEDGER.as_list()
     assert all(row["time_s"] > 0 for row in rows), rows
     got = [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+    # wire_bytes, ring algorithms: all-reduce 2(n−1)·⌈N/n⌉ elements (zeros(3) on 2 ranks: 2·2·8),
+    # all-gather (n−1)·shard, reduce-scatter (n−1)·chunk (3·32), broadcast and send the buffer.
+    row = ("op", "axis", "phase", "bytes", "calls", "wire_bytes")
     want = [
-        {"op": "all_gather", "axis": "tp", "phase": "forward", "bytes": 96, "calls": 1},
-        {"op": "all_reduce", "axis": "dp", "phase": "optimizer", "bytes": 64, "calls": 2},
-        {"op": "all_reduce", "axis": "tp", "phase": "backward", "bytes": 16, "calls": 1},
-        {"op": "all_reduce", "axis": "tp", "phase": "forward", "bytes": 24, "calls": 1},
-        {"op": "broadcast", "axis": "tp", "phase": "other", "bytes": 40, "calls": 1},
-        {"op": "reduce_scatter", "axis": "world", "phase": "backward", "bytes": 128, "calls": 1},
+        dict(zip(row, values, strict=True))
+        for values in [
+            ("all_gather", "tp", "forward", 96, 1, 96),
+            ("all_reduce", "dp", "optimizer", 64, 2, 40 + 24),
+            ("all_reduce", "tp", "backward", 16, 1, 16),
+            ("all_reduce", "tp", "forward", 24, 1, 32),
+            ("broadcast", "tp", "other", 40, 1, 40),
+            ("reduce_scatter", "world", "backward", 128, 1, 96),
+        ]
     ]
     if r == 0:
-        want.append({"op": "send", "axis": "world", "phase": "other", "bytes": 28, "calls": 1})
+        want.append(dict(zip(row, ("send", "world", "other", 28, 1, 28), strict=True)))
     if r == 1:
-        want.insert(5, {"op": "recv", "axis": "world", "phase": "other", "bytes": 28, "calls": 1})
+        want.insert(5, dict(zip(row, ("recv", "world", "other", 28, 1, 0), strict=True)))
     assert got == want, got
+    assert LEDGER.wire_bytes(op="all_reduce", axis="tp") == 48
     assert LEDGER.bytes() == sum(row["bytes"] for row in want)
     assert LEDGER.bytes(op="all_reduce") == 104
     assert LEDGER.bytes(axis="tp") == 96 + 16 + 24 + 40

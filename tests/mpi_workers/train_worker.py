@@ -4,8 +4,9 @@
 
 Rank 0 writes OUT.npz: each step's loss (`loss`) and global gradient norm (`grad_norm`), the
 synchronised full gradients of every step gathered from the shards (`grad.<step>.<name>`), the
-final full parameters (`param.<name>`), and this rank's ledger totals by (op, axis, phase) as
-a JSON string (`ledger`). Run without MPI it is the single-process reference.
+final full parameters (`param.<name>`), this rank's ledger totals by (op, axis, phase) as
+a JSON string (`ledger`), and every rank's measured model-state bytes beside their closed forms
+(`memory`, JSON, by world rank). Run without MPI it is the single-process reference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def main() -> None:
     config = load(None, overrides)
     p = config.parallel
     mesh = Mesh(p.dp, p.tp, p.pp, p.order)
-    runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb)
+    runtime = Runtime(
+        mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb, zero=p.zero
+    )
     trainer = Trainer(config, runtime)
     losses, norms, local_grads = [], [], []
     for step in range(config.train.steps):
@@ -37,6 +40,8 @@ def main() -> None:
     ledger = runtime.ledger.as_list()  # the training's traffic, before the gathers below
     arrays: dict[str, np.ndarray] = {}
     for step, grads in enumerate(local_grads):
+        if trainer.zero is not None:  # ZeRO-1/2 keep pieces of the gradients: assemble them
+            grads = trainer.zero.full_gradients(grads)
         full = runtime.full_arrays(grads)
         arrays.update({f"grad.{step}.{name}": g for name, g in full.items()})
     params = runtime.full_arrays({n: p.data for n, p in trainer.model.params.items()})
@@ -50,14 +55,17 @@ def main() -> None:
                 for key, value in other.items():
                     arrays.setdefault(key, value)
     peaks = [max(t.peak_in_flight for t in trainer.timelines)]
+    memory = [{**trainer.memory(), "closed_form": trainer.memory_closed_form()}]
     if mesh.world_size > 1:
         peaks = mesh.comm.gather(peaks[0], root=0)
+        memory = mesh.comm.gather(memory[0], root=0)
     if mesh.rank == 0:
         arrays["loss"] = np.array(losses)
         arrays["grad_norm"] = np.array(norms)
         arrays["ledger"] = np.array(json.dumps(ledger))
         arrays["grad_bytes"] = np.array(trainer.grad_bytes)
         arrays["peak_in_flight"] = np.array(peaks)  # by world rank
+        arrays["memory"] = np.array(json.dumps(memory))  # by world rank
         np.savez(out_path, **arrays)
 
 
