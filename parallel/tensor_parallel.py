@@ -39,6 +39,7 @@ from parallel.redirect import (
     reduce_from_region,
     reduce_scatter_to_region,
 )
+from parallel.sharding import join_shards
 
 SEQUENCE_AXIS = 1  # activations are (B, T, C)
 
@@ -80,13 +81,9 @@ class TensorParallelLayout(DenseLayout):
         """The whole parameter (or gradient) from every rank's shard; collective over tp."""
         if name not in self.placements:
             return local
-        axis, packed = self.placements[name]
-        pieces = np.split(self.group.all_gather(local, axis=axis), self.tp_size, axis=axis)
-        if packed == 1:
-            return np.concatenate(pieces, axis=axis)
-        # Each rank holds its part of every packed block (q, k, v): regroup block by block.
-        blocks = [np.split(piece, packed, axis=axis) for piece in pieces]
-        return np.concatenate([part[i] for i in range(packed) for part in blocks], axis=axis)
+        placement = self.placements[name]
+        gathered = self.group.all_gather(local, axis=placement[0])
+        return join_shards(np.split(gathered, self.tp_size, axis=placement[0]), placement)
 
     # ---- entry and exit of the tensor-parallel regions ----------------------------------------
     def _enter(self, x: Tensor) -> Tensor:
