@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--mpiexec", default=None, help="MPI launcher for multi-rank layouts")
     compare.add_argument(
+        "--hardware",
+        default=None,
+        help="also project every layout onto this profile (configs/hardware/: a100-dgx, ...)",
+    )
+    compare.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -188,7 +193,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
     if args.timeout is not None and args.timeout <= 0:
         raise UsageError(f"error: --timeout expected a positive number, got {args.timeout:g}")
-    return compare_command(args.config, args.overrides, out_dir, args.mpiexec, args.timeout)
+    return compare_command(
+        args.config, args.overrides, out_dir, args.mpiexec, args.timeout, args.hardware
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,12 +42,16 @@ from rich.table import Table
 from civetta.data import load_dataset
 from launch import launcher, report
 from launch.config import (
+    ConfigError,
     ExperimentConfig,
     ParallelConfig,
     from_dict,
     layout_label,
     load_experiment,
 )
+from launch.simulate import to_layout, to_model
+from parallel.cost import project
+from parallel.hardware import CostModelError, HardwareProfile, load_profile
 
 FAULT_ENV = "CIVETTA_COMPARE_FAULT"
 # Variables an MPI launcher sets in its ranks: a run started from inside an MPI job must not
@@ -203,7 +207,23 @@ def _kill_group(process: subprocess.Popen[str], grace_s: float = 3.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def rows_of(runs: list[Run]) -> list[dict[str, Any]]:
+def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[str, Any]:
+    """The cost model's view of a layout on `profile` (nothing executed)."""
+    projected = project(to_model(config), to_layout(config), profile)
+    return {
+        "hardware": profile.name,
+        "step_time_s": projected.step_time_s,
+        "tokens_per_s": projected.tokens_per_s,
+        "tflops_per_gpu": projected.tflops_per_gpu,
+        "mfu": projected.mfu,
+        "bubble_fraction": projected.bubble_fraction,
+        "memory_total_bytes": projected.memory_per_gpu["total"],
+        "fits": projected.fits,
+        "breakdown_s": projected.breakdown_s,
+    }
+
+
+def rows_of(runs: list[Run], profile: HardwareProfile | None = None) -> list[dict[str, Any]]:
     losses = {
         r.label: [s["loss"] for s in r.metrics["steps"]] for r in runs if r.metrics is not None
     }
@@ -219,6 +239,8 @@ def rows_of(runs: list[Run]) -> list[dict[str, Any]]:
             reference=losses.get(run.baseline or ""),
         )
         row.update(error=run.error, wall_s=run.wall_s, run_dir=str(run.run_dir))
+        if profile is not None:
+            row["projection"] = projection_of(run.config, profile)
         rows.append(row)
     return rows
 
@@ -252,6 +274,7 @@ def compare_command(
     out_dir: Path,
     mpiexec: str | None = None,
     timeout_s: float | None = None,
+    hardware: str | None = None,
 ) -> int:
     """Run the baseline and every layout, print the tables, write the four reports.
 
@@ -259,6 +282,12 @@ def compare_command(
     Config and data errors raise before anything runs; so does a missing MPI launcher.
     """
     base, layouts = load_experiment(config_path, overrides)
+    profile = None
+    if hardware is not None:
+        try:
+            profile = load_profile(hardware)
+        except CostModelError as exc:
+            raise ConfigError(str(exc)) from None
     runs = plan_runs(base, layouts, out_dir)
     # A bad data source would fail every run alike: one line and exit 2 before any starts.
     sources = {(r.config.data.source, r.config.data.seed, r.config.model.block_size) for r in runs}
@@ -294,7 +323,7 @@ def compare_command(
             progress.console.print(line, highlight=False)
             progress.advance(task)
         progress.update(task, description="done")
-    rows = rows_of(runs)
+    rows = rows_of(runs, profile)
     command = ["civetta", "compare", config_path]
     for text in overrides:
         command += ["--set", text]

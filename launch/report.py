@@ -125,7 +125,7 @@ def summarize(
         "memory_per_rank": None,
         "comm_bytes_per_step": None,
         "pipeline_timelines": None,
-        # Filled by the cost model's projection once `civetta simulate` exists.
+        # The cost model's projection onto `civetta compare --hardware PROFILE`, when given.
         "projection": None,
     }
     if metrics is None:
@@ -240,8 +240,46 @@ COLUMNS: list[Column] = [
         )
         for axis in (*AXES, "total")
     ],
-    # The cost model's projection goes here, group "projection": e.g.
-    # Column("proj_step_s", "proj. step ms", "projection", _get("projection", "step_time_s"), ...)
+    Column("proj_hardware", "hardware", "projection", _get("projection", "hardware")),
+    Column(
+        "proj_step_ms",
+        "proj. step ms",
+        "projection",
+        _get("projection", "step_time_s"),
+        lambda v: f"{v * 1e3:.3f}",
+    ),
+    Column(
+        "proj_tokens_per_s",
+        "proj. tokens/s",
+        "projection",
+        _get("projection", "tokens_per_s"),
+        lambda v: f"{v:,.0f}",
+    ),
+    Column(
+        "proj_tflops", "TFLOP/s/GPU", "projection", _get("projection", "tflops_per_gpu"), _fixed(1)
+    ),
+    Column("proj_mfu", "MFU", "projection", _get("projection", "mfu"), lambda v: f"{v:.1%}"),
+    Column(
+        "proj_bubble",
+        "proj. bubble",
+        "projection",
+        _get("projection", "bubble_fraction"),
+        _fixed(3),
+    ),
+    Column(
+        "proj_memory",
+        "GiB/GPU",
+        "projection",
+        _get("projection", "memory_total_bytes"),
+        lambda v: f"{v / 2**30:.3f}",
+    ),
+    Column(
+        "proj_fits",
+        "fits",
+        "projection",
+        _get("projection", "fits"),
+        lambda v: "yes" if v else "no",
+    ),
     Column("wall_s", "wall s", "id", _get("wall_s"), _fixed(1), in_tables=False),
     Column("error", "error", "id", _get("error"), in_tables=False),
 ]
@@ -254,7 +292,10 @@ TABLES = [
         "Peak memory per rank (MB, max over ranks) and communication per step (MB, max over ranks)",
         ("memory", "comm"),
     ),
-    ("Cost-model projection", ("projection",)),
+    (
+        "Cost-model projection (the same step on the chosen hardware, one GPU per rank)",
+        ("projection",),
+    ),
 ]
 
 
