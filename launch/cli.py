@@ -3,6 +3,9 @@
     civetta train CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
     civetta compare CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH] [--timeout S]
     civetta simulate CONFIG.yaml --hardware a100-dgx [--set ...] [--tokens N] [--json OUT]
+    civetta tune CONFIG.yaml --hardware a100-dgx --gpus N [--batch B] [--set ...]
+    civetta calibrate [--out configs/hardware/local.yaml] [--quick]
+    civetta export RUN_DIR --out model.npz
     civetta schedule --pp 4 --microbatches 8 --schedule 1f1b [--virtual-stages 2]
 
 A config error is one line on stderr and exit code 2, checked before any MPI process starts.
@@ -99,6 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="for interleaved-1f1b")
     schedule.add_argument("--save", default=None, help="write the schedule to a .csv or .yaml")
     schedule.add_argument("--load", default=None, help="read a schedule from a .csv or .yaml")
+    calibrate = commands.add_parser(
+        "calibrate", help="measure this machine and write the `local` hardware profile"
+    )
+    calibrate.add_argument("--out", default="configs/hardware/local.yaml", help="profile to write")
+    calibrate.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    calibrate.add_argument("--mpiexec", default=None, help="MPI launcher for the collectives")
+    tune = commands.add_parser(
+        "tune", help="rank the feasible layouts of a model on N GPUs by projected throughput"
+    )
+    tune.add_argument("config", help="experiment YAML (the model and the training settings)")
+    tune.add_argument("--hardware", default="a100-dgx", help="a profile in configs/hardware/")
+    tune.add_argument("--gpus", type=int, required=True, help="how many GPUs to lay out")
+    tune.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix a choice (e.g. parallel.tp=8) while the rest is searched",
+    )
+    tune.add_argument("--top", type=int, default=10, help="layouts to show (default 10)")
+    tune.add_argument("--json", dest="json_out", default=None, help="write the ranking")
     export = commands.add_parser(
         "export", help="write a checkpoint's full weights with nanoGPT names to one .npz"
     )
@@ -216,6 +242,23 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_simulate(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "calibrate":
+            from launch.calibrate import calibrate_command
+
+            return calibrate_command(args.out, args.quick, mpiexec=args.mpiexec)
+        if args.command == "tune":
+            from launch.tune import tune_command
+
+            return tune_command(
+                args.config,
+                args.hardware,
+                args.gpus,
+                args.batch,
+                args.overrides,
+                args.top,
+                args.json_out,
+                None,
+            )
     except (
         ConfigError,
         UsageError,

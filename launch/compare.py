@@ -50,7 +50,7 @@ from launch.config import (
     load_experiment,
 )
 from launch.simulate import to_layout, to_model
-from parallel.cost import project
+from parallel.cost import CIVETTA_EXECUTOR, project
 from parallel.hardware import CostModelError, HardwareProfile, load_profile
 
 FAULT_ENV = "CIVETTA_COMPARE_FAULT"
@@ -209,7 +209,10 @@ def _kill_group(process: subprocess.Popen[str], grace_s: float = 3.0) -> None:
 
 def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[str, Any]:
     """The cost model's view of a layout on `profile` (nothing executed)."""
-    projected = project(to_model(config), to_layout(config), profile)
+    # On this machine's own profile, project civetta's executor (gradients reduced after the
+    # backward, not during it); elsewhere, a framework that overlaps them.
+    options = CIVETTA_EXECUTOR if profile.name == "local" else None
+    projected = project(to_model(config), to_layout(config), profile, options)
     return {
         "hardware": profile.name,
         "step_time_s": projected.step_time_s,

@@ -48,8 +48,8 @@ def comm_per_step(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Bytes per step on each axis, as the max and the mean over ranks.
 
     A rank's figure is what it passed to collectives plus what it sent; a `recv` is left out,
-    so every point-to-point message counts once, at its sender. Totals are over the run
-    (including the final validation pass), divided by the number of training steps.
+    so every point-to-point message counts once, at its sender. Totals are over the training
+    steps (the validation pass is not in the ledger), divided by their number.
     """
     steps = max(len(metrics["steps"]), 1)
     per_rank = []
@@ -331,8 +331,9 @@ NOTES = [
     "rank's sum. activations is the peak of graph activations measured by the engine; gathered "
     "is ZeRO-3's peak of full parameters gathered for one layer at a time.",
     "Communication is the bytes a rank passes to collectives or sends (a message counts once, "
-    "at its sender), summed over ops on each axis, totals over the run (which include the "
-    "validation pass) divided by the steps; the max over ranks (report.json also has the mean).",
+    "at its sender), summed over ops on each axis, totals over the training steps (not the "
+    "validation pass) divided by their number; the max over ranks (report.json also has the "
+    "mean).",
     "With more ranks than cores, ranks take turns on a core: step times and pipeline timelines "
     "then include the time a rank waits for one.",
 ]

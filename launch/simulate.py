@@ -29,7 +29,8 @@ CONVENTIONS = (
     "also counts recomputation; both against "
     "the dense peak of train.dtype. Bubble = idle pipeline time as a fraction of the whole step "
     "(not of the compute time). Bytes per axis follow civetta's ledger: the buffer each rank "
-    "passes (all-reduce input, all-gather shard, reduce-scatter input, sent messages)."
+    "passes (all-reduce input, all-gather shard, reduce-scatter input, sent messages), per step, "
+    "for the busiest GPU of each axis, the log's loss averaging excluded."
 )
 
 
@@ -186,6 +187,13 @@ def render(
         f"GPU, MFU {pr.mfu:.1%}; with recomputation {pr.hardware_tflops_per_gpu:.1f} TFLOP/s, "
         f"HFU {pr.hfu:.1%}; bubble {pr.bubble_fraction:.1%} of the step"
     )
+    if pr.pipeline_model == "replay":
+        console.print(
+            f"pipeline: the {p.schedule} schedule replayed event by event with each stage's "
+            "compute and each message's p2p time"
+        )
+    elif pr.pipeline_model == "closed form":
+        console.print("pipeline: closed-form bubble (the schedule is too long to replay quickly)")
 
     memory = Table(title="Memory per GPU", title_justify="left")
     memory.add_column("category")

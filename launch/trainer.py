@@ -58,6 +58,7 @@ class RunResult:
     memory: dict[str, int] = field(default_factory=dict)
     tokens_per_step: int = 0
     model_flops_per_step: int = 0
+    ledger: list[dict[str, Any]] = field(default_factory=list)
 
 
 def gpt_config(config: ExperimentConfig) -> GPTConfig:
@@ -301,5 +302,7 @@ class Trainer:
             if on_step is not None:
                 on_step(record)
         result.memory = self.memory()
+        # The ledger of the training steps alone: the validation pass below is not training.
+        result.ledger = self.runtime.ledger.as_list()
         result.val_loss = self.evaluate()
         return result

@@ -152,7 +152,7 @@ def _run(config: ExperimentConfig, out_dir: Path, resume: Path | None) -> int:
             "rank": mesh.rank,
             # Measured bytes, and beside them the closed forms they must equal (parallel.zero).
             "memory": {**result.memory, "closed_form": trainer.memory_closed_form()},
-            "ops": runtime.ledger.as_list(),
+            "ops": result.ledger,
             "pipeline": pipeline_summary(trainer.timelines),
             "flops_per_step": result.steps[-1].flops if result.steps else 0,
         },

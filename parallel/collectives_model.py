@@ -47,20 +47,22 @@ def group_link(layout: MeshLayout, axis: str, profile: HardwareProfile) -> Group
     """The link of the slowest group along `axis` (every group of an axis runs at once)."""
     gpn = profile.gpus_per_node
     size = layout.size(axis)
-    crosses = layout.crosses_node(axis, gpn)
     intra, inter = profile.intra_node, profile.inter_node
+    # Walk each group once, from its first member (axis coordinate 0): the members are
+    # `stride` apart. Count, per group, its members on each node; a group on one node talks over
+    # the intra-node link, and among groups that span nodes the one with the fewest members on
+    # some node has the fewest network channels: it is the bottleneck.
+    stride = layout.stride(axis)
+    crosses, fewest = False, size
+    for first in range(layout.world_size):
+        if (first // stride) % size:
+            continue
+        per_node = Counter((first + i * stride) // gpn for i in range(size))
+        if len(per_node) > 1:
+            crosses = True
+            fewest = min(fewest, min(per_node.values()))
     if not crosses:
         return GroupLink(axis, size, False, size, intra.name, intra.latency_s, intra.bytes_per_s)
-    # Fewest members on any one node over all groups of this axis: that group's channels are
-    # the fewest. Each group is visited once, by its first member.
-    seen: set[int] = set()
-    fewest = size
-    for rank in range(layout.world_size):
-        ranks = layout.group_ranks(axis, rank)
-        if ranks[0] in seen:
-            continue
-        seen.add(ranks[0])
-        fewest = min(fewest, min(Counter(r // gpn for r in ranks).values()))
     bandwidth = min(intra.bytes_per_s, fewest * inter.bytes_per_s)
     return GroupLink(axis, size, True, fewest, inter.name, inter.latency_s, bandwidth)
 

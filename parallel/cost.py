@@ -1,37 +1,48 @@
 """The analytic cost model: one training step of the GPT, projected onto a hardware profile.
 
 Nothing is executed. For a layout (dp × tp × pp, microbatches, schedule, ZeRO, recomputation,
-sequence parallelism) the model builds the slowest pipeline device's time for one microbatch
-from its exact GEMMs (`flops_model`), memory-bound elementwise traffic and tensor-parallel
-collectives (`collectives_model`), adds the pipeline bubble (`pipeline_model`), the exposed
-point-to-point and data-parallel communication and the optimizer step, and reports throughput,
-MFU/HFU, memory per GPU by category (`memory_model`) and bytes per axis.
+sequence parallelism) the model builds every pipeline stage's time for one microbatch from its
+exact GEMMs (`flops_model`), memory-bound elementwise traffic and tensor-parallel collectives
+(`collectives_model`), replays the actual pipeline schedule with those times and the p2p time
+of each message (`pipeline_model`, a discrete-event replay of `parallel.schedules`), adds the
+exposed data-parallel communication and the optimizer step, and reports throughput, MFU/HFU,
+memory per GPU by category (`memory_model`) and bytes per axis.
 
-Step time = m·(t_f + t_b) + bubble + exposed pp + exposed dp + optimizer, where t_f and t_b
-are one microbatch's forward and backward (with recomputation and the tensor-parallel
-collectives, which are not overlapped) on the slowest device. Documented simplifications:
+Step time = m·(t_f + t_b) + bubble + exposed pp + exposed tp + exposed dp + optimizer, where t_f
+and t_b are one microbatch's forward and backward (with recomputation and the tensor-parallel
+collectives, which are not overlapped) on the busiest device. Documented simplifications:
 
 - DP gradient reduction runs bucket by bucket during the last microbatch's backward (what
   `parallel.data_parallel` buckets for): exposed = max(last bucket, dp time - that backward); with
-  `CostOptions.overlap_dp=False` all of it is exposed. ZeRO-1/2 reduce-scatter the gradients the
-  same way and all-gather the updated weights after the step (exposed); ZeRO-3 gathers the
-  weights before every forward, recomputation and backward and reduce-scatters the gradients of
-  every microbatch, overlapped with that microbatch's compute (prefetch).
-- Pipeline messages sit on the critical path: 2 per tick over (m·v + p - 1) ticks.
-- Time is that of the slowest device; every device of a data-parallel replica waits for it.
+  `CostOptions.overlap_dp=False` (civetta's own executor, `CIVETTA_EXECUTOR`) all of it is
+  exposed. ZeRO-1/2 reduce-scatter the gradients the same way and all-gather the updated weights
+  after the step (exposed); ZeRO-3 gathers the weights before every forward, recomputation and
+  backward and reduce-scatters the gradients of every microbatch, overlapped with that
+  microbatch's compute (prefetch).
+- Pipeline messages: replayed (a message delays its receiver by its p2p time); with
+  `CostOptions(replay=None)` or schedules too long to replay, 2 per tick over (m·v + p - 1) ticks.
+- Time is that of the busiest device; every device of a data-parallel replica waits for it.
 
-Conventions: bytes in `comm_bytes` follow the ledger of `parallel.comm` (the buffer this rank
-passes: all-reduce input, all-gather shard, reduce-scatter full input, sent messages only), per
-GPU per step, for the busiest GPU. Memory is in bytes (GB = 1e9, GiB = 2**30 when printed).
-MFU counts model FLOPs (forward + backward), HFU adds recomputation; both divide by the dense
-peak of the training dtype. The bubble fraction is the idle pipeline time over the step time.
+Conventions. ``comm_bytes[axis]`` counts one training step of the GPU that sends the most on that
+axis the way civetta's ledger counts (`parallel.comm`): the ``bytes`` of the buffer a rank passes
+to each collective (all-reduce input, all-gather shard, reduce-scatter full input), messages
+counted by their sender only (the ledger's "send" rows, not "recv"). Every collective of the
+training step is in it, the 8-byte gradient-norm all-reduces and the tied-embedding gradient
+exchange included; the bookkeeping outside the step's arithmetic (the ledger's phase "other":
+the loss averaged for the log, shards gathered for a checkpoint) and evaluation are not.
+`tests/test_cost_vs_run.py` checks these bytes, the FLOPs and the model-state bytes against
+executed runs, exactly. Memory is in bytes (GB = 1e9, GiB = 2**30 when printed). MFU counts
+model FLOPs (forward + backward), HFU adds recomputation; both divide by the dense peak of the
+training dtype. The bubble fraction is the idle pipeline time over the step time.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from civetta.models.gpt import GPTConfig
 from parallel.collectives_model import (
@@ -42,6 +53,7 @@ from parallel.collectives_model import (
     p2p_time,
     reduce_scatter_time,
 )
+from parallel.data_parallel import plan_buckets
 from parallel.flops_model import (
     ATTENTION_CORE,
     RECOMPUTE,
@@ -50,19 +62,28 @@ from parallel.flops_model import (
     layer_gemms,
     step_flops,
 )
-from parallel.hardware import CostModelError, HardwareProfile
+from parallel.hardware import CostModelError, HardwareProfile, LinkSpec
 from parallel.memory_model import (
     ELEMENT_BYTES,
     MemoryPerGPU,
     block_activation_bytes,
     block_params_per_rank,
+    ceil_div,
     device_memory,
     device_params,
+    device_tensors,
     element_bytes,
     state_bytes_per_param,
 )
 from parallel.mesh import MeshError, MeshLayout
-from parallel.pipeline_model import SCHEDULES, Replay, StageTimes, bubble_time
+from parallel.pipeline_model import (
+    SCHEDULES,
+    PipelineTimes,
+    Replay,
+    StageTimes,
+    pipeline_time,
+    replayed_makespan,
+)
 
 MIB = 1 << 20
 OPTIMIZERS = ("adamw", "sgd")
@@ -155,7 +176,12 @@ class CostOptions:
     # Megatron-LM §4.1: each tp rank sends 1/tp of a pipeline message over its own network
     # adapter and the receiving node all-gathers it over NVLink. civetta's executor sends whole.
     pp_scatter_gather: bool = False
-    replay: Replay | None = None  # discrete-event replay of the schedule (pipeline_model)
+    # Discrete-event replay of the schedule (pipeline_model); None: closed forms.
+    replay: Replay | None = replayed_makespan
+
+
+# How civetta's executor runs a step: the gradient all-reduce waits for the last backward.
+CIVETTA_EXECUTOR = CostOptions(overlap_dp=False)
 
 
 @dataclass(frozen=True)
@@ -179,6 +205,7 @@ class Projection:
     world_size: int
     links: dict[str, str] = field(default_factory=dict)
     price_per_gpu_hour: float = 0.0
+    pipeline_model: str = "none"  # "replay" | "closed form" | "none" (pp = 1)
 
     @property
     def tokens_per_s(self) -> float:
@@ -216,13 +243,14 @@ class Projection:
             "tokens_per_s": self.tokens_per_s,
             "world_size": self.world_size,
             "links": dict(self.links),
+            "pipeline_model": self.pipeline_model,
         }
 
 
 # ---- one microbatch on one device ---------------------------------------------------------------
 @dataclass
 class _Tick:
-    """One microbatch's work on one device, split into compute and tp communication."""
+    """One microbatch's work on one stage or device, split into compute and tp communication."""
 
     compute_f: float = 0.0
     comm_f: float = 0.0
@@ -238,6 +266,9 @@ class _Tick:
     @property
     def backward(self) -> float:
         return self.compute_b + self.comm_b
+
+    def times(self) -> StageTimes:
+        return StageTimes(self.forward, self.backward, self.wgrad)
 
 
 class _Device:
@@ -256,6 +287,8 @@ class _Device:
         self.e = element_bytes(layout.dtype)
         self.hbm = profile.device.hbm_bytes_per_s
         self.traffic = profile.device.elementwise_traffic
+        self.overhead = profile.device.layer_overhead_us * 1e-6
+        self.backward_ratio = profile.device.backward_elementwise_ratio
         self.hidden_bytes = self.b * self.s * config.n_embd * self.e  # one (b, s, h) activation
 
     def gemm(self, g: Gemm) -> float:
@@ -289,7 +322,7 @@ class _Device:
         acts = block_activation_bytes(
             c, self.b, self.s, tp, lay.sequence_parallel, "none", lay.dtype
         )
-        elem_f = self.traffic * acts / self.hbm
+        elem_f = self.traffic * acts / self.hbm + self.overhead
         # Two regions per block (attention, MLP), each entered and exited once.
         en_f, en_b, en_fb, en_bb = self._enter()
         ex_f, ex_b, ex_fb, ex_bb = self._exit()
@@ -298,7 +331,7 @@ class _Device:
         tick = _Tick(
             compute_f=fwd + elem_f,
             comm_f=comm_f,
-            compute_b=dgrad + wgrad + 2 * elem_f,  # backward reads and writes twice as much
+            compute_b=dgrad + wgrad + self.backward_ratio * elem_f,
             comm_b=comm_b,
             wgrad=wgrad,
             tp_bytes=fwd_bytes + bwd_bytes,
@@ -325,12 +358,13 @@ class _Device:
         )
 
     def head(self) -> _Tick:
-        """Final layer norm, logits and the vocabulary-parallel cross-entropy."""
+        """Final layer norm, logits and the vocabulary-parallel cross-entropy; its fixed
+        overhead counts as one layer's (the embedding's few ops are folded into it)."""
         c, tp = self.config, self.layout.tp
         g = head_gemm(c, self.b, self.s, tp)
         dgrad, wgrad = (self.gemm(x) for x in g.backward())
         logits_bytes = 4 * self.b * self.s * c.vocab_size / tp  # fp32 for the loss
-        elem_f = self.traffic * (logits_bytes + self.hidden_bytes) / self.hbm
+        elem_f = self.traffic * (logits_bytes + self.hidden_bytes) / self.hbm + self.overhead
         en_f, en_b, en_fb, en_bb = self._enter()
         # max, sum of exponentials and the target logit: three all-reduces of (b, s) values
         small = self.b * self.s * self.e
@@ -339,14 +373,14 @@ class _Device:
         return _Tick(
             compute_f=self.gemm(g) + elem_f,
             comm_f=en_f + ce,
-            compute_b=dgrad + wgrad + 2 * elem_f,
+            compute_b=dgrad + wgrad + self.backward_ratio * elem_f,
             comm_b=en_b,
             wgrad=wgrad,
             tp_bytes=en_fb + en_bb + ce_bytes,
         )
 
 
-def _device_tick(parts: list[tuple[_Tick, int]]) -> _Tick:
+def _combine(parts: list[tuple[_Tick, int]]) -> _Tick:
     total = _Tick()
     for tick, count in parts:
         for name in ("compute_f", "comm_f", "compute_b", "comm_b", "wgrad", "tp_bytes"):
@@ -365,6 +399,91 @@ def _bucketed(
     return whole, op(min(bucket_bytes, total_bytes), link)
 
 
+_LINKS: dict[tuple[MeshLayout, int, LinkSpec, LinkSpec], dict[str, GroupLink]] = {}
+
+
+def _group_links(mesh: MeshLayout, profile: HardwareProfile) -> dict[str, GroupLink]:
+    """The link of each axis, memoised: finding a spanning group's bottleneck visits every rank,
+    and a tuner projects many layouts of the same mesh."""
+    key = (mesh, profile.gpus_per_node, profile.intra_node, profile.inter_node)
+    if key not in _LINKS:
+        if len(_LINKS) > 512:
+            _LINKS.clear()
+        _LINKS[key] = {axis: group_link(mesh, axis, profile) for axis in ("tp", "dp", "pp")}
+    return _LINKS[key]
+
+
+def replicated_tensors(config: GPTConfig, pp: int, device: int) -> list[int]:
+    """Element counts of the parameters a tensor-parallel rank holds whole at pipeline position
+    `device`: layer norms, row-parallel biases, positions. Under sequence parallelism each saw
+    only this rank's part of the sequence, so its gradient is all-reduced over tp, one tensor
+    per call (`parallel.runtime`)."""
+    h, bias = config.n_embd, bool(config.bias)
+    norm = [h, h] if bias else [h]
+    block = norm * 2 + ([h, h] if bias else [])  # ln_1, ln_2, attn.c_proj.bias, mlp.c_proj.bias
+    sizes = block * (config.n_layer // pp)
+    if device == 0:
+        sizes.append(config.block_size * h)  # transformer.wpe
+    if device == pp - 1:
+        sizes += norm  # ln_f
+    return sizes
+
+
+def pipeline_sends(pp: int, virtual_stages: int, device: int) -> int:
+    """Messages pipeline rank `device` sends per microbatch: an activation from each of its
+    stages but the last, a gradient from each but the first."""
+    if pp == 1:
+        return 0
+    stages = range(device, pp * virtual_stages, pp)
+    last = pp * virtual_stages - 1
+    return sum((s < last) + (s > 0) for s in stages)
+
+
+@lru_cache(maxsize=256)
+def _tensors(
+    config: GPTConfig, tp: int, pp: int, device: int, v: int
+) -> tuple[tuple[str, int], ...]:
+    return tuple(device_tensors(config, tp, pp, device, v))
+
+
+@lru_cache(maxsize=256)
+def _buckets(
+    config: GPTConfig, tp: int, pp: int, device: int, v: int, cap: int, element: int
+) -> tuple[int, ...]:
+    """Elements per gradient bucket of one rank, as `parallel.data_parallel` plans them
+    (memoised: a tuner projects the same model many times)."""
+    tensors = _tensors(config, tp, pp, device, v)
+    sizes = dict(tensors)
+    plan = plan_buckets([(name, n * element) for name, n in tensors], cap)
+    return tuple(sum(sizes[name] for name in names) for names in plan)
+
+
+@lru_cache(maxsize=1024)
+def _zero3_shards(
+    config: GPTConfig, tp: int, pp: int, device: int, v: int, dp: int
+) -> tuple[int, int]:
+    """(elements one rank gathers per pass over its ops, of which in blocks) under ZeRO-3:
+    each parameter padded to dp equal chunks; a tied embedding used by the lookup and the head
+    on one device counts for each."""
+    tensors = _tensors(config, tp, pp, device, v)
+    shard = sum(ceil_div(n, dp) for _, n in tensors)
+    if config.tie_embeddings and pp == 1:
+        shard += ceil_div(dict(tensors)["transformer.wte.weight"], dp)
+    blocks = sum(ceil_div(n, dp) for name, n in tensors if name.startswith("transformer.h."))
+    return shard, blocks
+
+
+def _zero3_bytes(config: GPTConfig, layout: TrainingLayout, device: int, w_b: int, g_b: int) -> int:
+    """Ledger bytes of one microbatch under ZeRO-3 (`parallel.zero`): every op all-gathers its
+    parameters' shards before its forward and again before its backward, full recomputation
+    gathers the blocks' once more, and each op reduce-scatters its parameters' padded
+    gradients."""
+    dp = layout.dp
+    shard, blocks = _zero3_shards(config, layout.tp, layout.pp, device, layout.virtual_stages, dp)
+    gathered = 2 * shard + (blocks if layout.recompute == "full" else 0)
+    return gathered * w_b + dp * shard * g_b
+
+
 # ---- the projection -----------------------------------------------------------------------------
 def project(
     config: GPTConfig,
@@ -376,80 +495,116 @@ def project(
     options = options or CostOptions()
     layout.check(config)
     mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
-    links = {axis: group_link(mesh, axis, profile) for axis in ("tp", "dp", "pp")}
+    links = _group_links(mesh, profile)
     dev = _Device(config, layout, profile, links["tp"])
-    p, m, v, dp = layout.pp, layout.microbatches, layout.virtual_stages, layout.dp
+    p, m, v, dp, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.dp, layout.tp
     s = dev.s
-    blocks_per_device = config.n_layer // p
+    num_stages = p * v
+    blocks_per_stage = config.n_layer // num_stages
+    w_b, g_b, o_b = state_bytes_per_param(layout.dtype, layout.optimizer)
 
     block, embed, head = dev.block(), dev.embedding(), dev.head()
-    positions = sorted({0, p - 1})
-    ticks = {
-        d: _device_tick([(block, blocks_per_device), (embed, int(d == 0)), (head, int(d == p - 1))])
-        for d in positions
+    # Three kinds of stage: the first (with the embedding), the last (the head), the others.
+    kinds = {
+        (first, last): _combine([(block, blocks_per_stage), (embed, first), (head, last)])
+        for first, last in {(int(k == 0), int(k == num_stages - 1)) for k in range(num_stages)}
     }
+    stage_ticks = [kinds[int(k == 0), int(k == num_stages - 1)] for k in range(num_stages)]
+    # The devices that differ: the first (embedding), the last (head), and a middle one.
+    positions = sorted({0, p - 1} | ({1} if p > 2 else set()))
+    ticks = {d: _combine([(t, 1) for t in stage_ticks[d::p]]) for d in positions}
     slowest = max(positions, key=lambda d: ticks[d].forward + ticks[d].backward)
     tick = ticks[slowest]
-    times = StageTimes(tick.forward, tick.backward, tick.wgrad)
-    bubble = bubble_time(layout.schedule, p, m, v, times, options.replay)
 
     # Pipeline messages: one (b, s, h) activation forward, its gradient backward.
-    message = dev.hidden_bytes // (layout.tp if layout.sequence_parallel else 1)
-    pp_exposed = 0.0
-    sends = 0
+    message = dev.hidden_bytes // (tp if layout.sequence_parallel else 1)
+    per_message = 0.0
+    pl = links["pp"]
+    # One message leaves through one network adapter when the pipeline crosses nodes.
+    p2p_bandwidth = profile.inter_node.bytes_per_s if pl.crosses_node else pl.bytes_per_s
     if p > 1:
-        pl = links["pp"]
-        wire, latency, bandwidth = message, pl.latency_s, pl.bytes_per_s
-        if pl.crosses_node:  # one message leaves through one network adapter
-            bandwidth = profile.inter_node.bytes_per_s
-        per_message = 0.0
-        if options.pp_scatter_gather and not layout.sequence_parallel and layout.tp > 1:
-            wire = message // layout.tp
+        wire, latency, bandwidth = message, pl.latency_s, p2p_bandwidth
+        if options.pp_scatter_gather and not layout.sequence_parallel and tp > 1:
+            wire = message // tp
             per_message += all_gather_time(message, links["tp"])
         per_message += p2p_time(wire, latency, bandwidth)
-        pp_exposed = (m * v + p - 1) * 2 * per_message
-        sends = m * (2 * v if p > 2 else 2 * v - 1)
+    times = PipelineTimes(tuple(t.times() for t in stage_ticks), per_message)
+    bubble, pp_exposed, pipeline_model = pipeline_time(
+        layout.schedule, p, m, v, times, options.replay
+    )
+    # After backward: the first and last stage exchange their tied embedding gradients (one
+    # message each way, one after the other), then the gradient norm is all-reduced.
+    tied = config.tie_embeddings and p > 1
+    tied_bytes = config.vocab_size * config.n_embd // tp * g_b if tied else 0
+    if tied:
+        pp_exposed += 2 * p2p_time(tied_bytes, pl.latency_s, p2p_bandwidth)
+    norm_bytes = 8  # one float64: the squared gradient norm
+    pp_exposed += all_reduce_time(norm_bytes, pl)
+
+    # Tensor parallelism beyond the microbatches: sequence-parallel replicated gradients and
+    # the gradient norm, once per step.
+    tl = links["tp"]
+    tp_step_s = all_reduce_time(norm_bytes, tl)
+    tp_step_bytes = {d: (norm_bytes if tp > 1 else 0) for d in positions}
+    if layout.sequence_parallel and tp > 1:
+        for d in positions:
+            sizes = replicated_tensors(config, p, d)
+            tp_step_bytes[d] += sum(sizes) * g_b
+            if d == slowest:
+                tp_step_s += sum(all_reduce_time(n * g_b, tl) for n in sizes)
 
     # Data parallelism: gradient reduction (and ZeRO gathers) on each device; the slowest counts.
-    w_b, g_b, _ = state_bytes_per_param(layout.dtype, layout.optimizer)
-    bucket = max(1, int(layout.bucket_mb * MIB))
+    cap = max(1, int(layout.bucket_mb * MIB))
     dl = links["dp"]
     dp_exposed, dp_bytes, optimizer_s = 0.0, 0, 0.0
     for d in positions:
-        params = device_params(config, layout.tp, p, d)
-        grads, weights = params * g_b, params * w_b
+        params = device_params(config, tp, p, d)
         exposed, nbytes = 0.0, 0
         if dp > 1 and layout.zero <= 2:
-            op = all_reduce_time if layout.zero == 0 else reduce_scatter_time
-            whole, last = _bucketed(grads, bucket, op, dl)
-            # The last microbatch's backward hides all buckets but the last one at best.
+            # The buckets `parallel.data_parallel` plans (ZeRO-1/2 pad each to dp equal chunks).
+            buckets = _buckets(config, tp, p, d, v, cap, g_b)
+            chunks = [ceil_div(b, dp) for b in buckets]
+            if layout.zero == 0:
+                op, sent = all_reduce_time, [b * g_b for b in buckets]
+                nbytes = sum(buckets) * g_b
+            else:
+                op, sent = reduce_scatter_time, [dp * c * g_b for c in chunks]
+                nbytes = sum(chunks) * (dp * g_b + w_b)  # reduce-scatter input, gathered shard
+            # Buckets mostly share one size: time each size once.
+            whole = sum(k * op(size, dl) for size, k in Counter(sent).items())
+            # Backward fills the buckets in reverse order; the last one (the model's first
+            # parameters) is reduced after it, the others can hide behind the last microbatch.
+            last = op(sent[-1], dl)
             window = ticks[d].backward
             exposed = max(last, whole - window) if options.overlap_dp else whole
-            nbytes = grads
             if layout.zero >= 1:
-                exposed += all_gather_time(weights, dl)
-                nbytes += weights // dp
+                exposed += sum(
+                    k * all_gather_time(dp * c * w_b, dl) for c, k in Counter(chunks).items()
+                )
         elif dp > 1:  # ZeRO-3: gather before each forward, recomputation and backward
             gathers = 3 if layout.recompute == "full" else 2
             # Block by block (one collective each, so latency counts), then the rest.
-            block = block_params_per_rank(config, layout.tp)
-            rest = params - blocks_per_device * block
-            gather = blocks_per_device * all_gather_time(block * w_b, dl)
+            per_block = block_params_per_rank(config, tp)
+            blocks = config.n_layer // p
+            rest = params - blocks * per_block
+            gather = blocks * all_gather_time(per_block * w_b, dl)
             gather += all_gather_time(rest * w_b, dl)
-            scatter = blocks_per_device * reduce_scatter_time(block * g_b, dl)
+            scatter = blocks * reduce_scatter_time(per_block * g_b, dl)
             scatter += reduce_scatter_time(rest * g_b, dl)
             busy = ticks[d].forward + ticks[d].backward
             exposed = m * max(0.0, gathers * gather + scatter - busy)
-            nbytes = m * (gathers * (weights // dp) + grads)
+            nbytes = m * _zero3_bytes(config, layout, d, w_b, g_b)
+        if dp > 1 and layout.zero >= 1:  # the norm's terms live on different dp ranks
+            exposed += all_reduce_time(norm_bytes, dl)
+            nbytes += norm_bytes
         dp_exposed = max(dp_exposed, exposed)
         dp_bytes = max(dp_bytes, nbytes)
         # Optimizer: a memory-bound sweep over this rank's shard of the state.
         mine = params / dp if layout.zero >= 1 else params
-        _, _, o_b = state_bytes_per_param(layout.dtype, layout.optimizer)
         optimizer_s = max(optimizer_s, mine * (g_b + 2 * o_b + 2 * w_b) / dev.hbm)
 
     compute = m * (tick.compute_f + tick.compute_b)
-    tp_exposed = m * (tick.comm_f + tick.comm_b)
+    tp_exposed = m * (tick.comm_f + tick.comm_b) + (tp_step_s if tp > 1 else 0.0)
     step = compute + tp_exposed + bubble + pp_exposed + dp_exposed + optimizer_s
     breakdown = {
         "compute": compute,
@@ -463,29 +618,20 @@ def project(
     flops = step_flops(config, layout.global_batch, s, layout.recompute)
     world = layout.world_size
     peak = profile.device.peak_flops(layout.dtype)
-    memories = [
-        device_memory(
-            config,
-            device=d,
-            dp=dp,
-            tp=layout.tp,
-            pp=p,
-            microbatch=layout.microbatch_size,
-            microbatches=m,
-            seq_len=s,
-            schedule=layout.schedule,
-            virtual_stages=v,
-            sequence_parallel=layout.sequence_parallel,
-            zero=layout.zero,
-            recompute=layout.recompute,
-            dtype=layout.dtype,
-            optimizer=layout.optimizer,
-        )
-        for d in positions
-    ]
-    memory: MemoryPerGPU = max(memories, key=lambda mem: mem.total)
+    memory = max(
+        (device_memory_of(config, layout, d) for d in sorted({0, p - 1})),
+        key=lambda mem: mem.total,
+    )
     capacity = profile.device.usable_memory_bytes
-    tp_bytes = m * max(t.tp_bytes for t in ticks.values())
+    tp_bytes = max(m * ticks[d].tp_bytes + tp_step_bytes[d] for d in positions)
+    pp_bytes = 0
+    if p > 1:
+        pp_bytes = max(
+            m * pipeline_sends(p, v, d) * message
+            + (tied_bytes if d in (0, p - 1) else 0)
+            + norm_bytes
+            for d in positions
+        )
     return Projection(
         step_time_s=step,
         breakdown_s=breakdown,
@@ -497,11 +643,52 @@ def project(
         memory_per_gpu=memory.as_dict(),
         memory_capacity_bytes=capacity,
         fits=memory.total <= capacity,
-        comm_bytes={"tp": tp_bytes, "pp": sends * message, "dp": dp_bytes},
+        comm_bytes={"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes},
         model_flops_per_step=flops.model,
         hardware_flops_per_step=flops.hardware,
         tokens_per_step=layout.global_batch * s,
         world_size=world,
         links={axis: link.describe() for axis, link in links.items()},
         price_per_gpu_hour=profile.price_per_gpu_hour,
+        pipeline_model=pipeline_model,
     )
+
+
+def device_memory_of(config: GPTConfig, layout: TrainingLayout, device: int) -> MemoryPerGPU:
+    """Memory of the GPU at pipeline position `device` (0 = first) under `layout`."""
+    return device_memory(
+        config,
+        device=device,
+        dp=layout.dp,
+        tp=layout.tp,
+        pp=layout.pp,
+        microbatch=layout.microbatch_size,
+        microbatches=layout.microbatches,
+        seq_len=layout.seq_len or config.block_size,
+        schedule=layout.schedule,
+        virtual_stages=layout.virtual_stages,
+        sequence_parallel=layout.sequence_parallel,
+        zero=layout.zero,
+        recompute=layout.recompute,
+        dtype=layout.dtype,
+        optimizer=layout.optimizer,
+    )
+
+
+def microbatch_times(
+    config: GPTConfig, layout: TrainingLayout, profile: HardwareProfile
+) -> StageTimes:
+    """One microbatch's forward and backward seconds on the busiest pipeline device (all its
+    stages, tensor-parallel collectives included): the compute side of `project`, exposed for
+    calibrating a profile against measured times (`parallel.calibration`)."""
+    layout.check(config)
+    mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
+    dev = _Device(config, layout, profile, _group_links(mesh, profile)["tp"])
+    p = layout.pp
+    blocks = config.n_layer // p
+    block, embed, head = dev.block(), dev.embedding(), dev.head()
+    devices = [
+        _combine([(block, blocks), (embed, int(d == 0)), (head, int(d == p - 1))])
+        for d in sorted({0, p - 1})
+    ]
+    return max((t.times() for t in devices), key=lambda t: t.forward_s + t.backward_s)

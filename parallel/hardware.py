@@ -12,7 +12,14 @@ The compute side is a small roofline with three calibrated numbers:
   peak rises with size and saturates at ``gemm_max_efficiency`` (`gemm_efficiency` below);
 - everything that is not a GEMM (layer norm, softmax, GELU, dropout, residual adds, casts) is
   memory-bound: ``elementwise_traffic`` bytes of HBM traffic per byte of activation a layer
-  stores, at ``memory_bandwidth · memory_efficiency``.
+  stores, at ``memory_bandwidth · memory_efficiency``, plus an optional fixed
+  ``layer_overhead_us`` per layer and microbatch (the dispatch of many small ops: what dominates
+  civetta's own numpy engine on small models); backward takes ``backward_elementwise_ratio``
+  (default 2) times forward's non-GEMM time.
+
+`configs/hardware/local.yaml` is written by `civetta calibrate` from measurements of this
+machine (one core = one "GPU"); the GPU profiles carry datasheet figures and a few numbers
+fitted to published runs.
 """
 
 from __future__ import annotations
@@ -44,6 +51,11 @@ class DeviceSpec:
     kernel_overhead_us: float
     elementwise_traffic: float
     memory_reserved_gib: float = 0.0
+    # Fixed time of one layer's non-GEMM ops per microbatch, forward (kernel launches on a GPU,
+    # op dispatch in civetta's interpreted engine); 0 where elementwise_traffic absorbs it.
+    layer_overhead_us: float = 0.0
+    # Backward's non-GEMM time over forward's: 2 when backward moves twice the bytes.
+    backward_elementwise_ratio: float = 2.0
 
     @property
     def memory_bytes(self) -> int:
@@ -197,6 +209,8 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
             "kernel_overhead_us": {"positive": False},
             "elementwise_traffic": {"positive": False},
             "memory_reserved_gib": {"positive": False},
+            "layer_overhead_us": {"positive": False},
+            "backward_elementwise_ratio": {},
         },
     )
     if device.memory_reserved_gib >= device.memory_gib:

@@ -72,6 +72,59 @@ def device_params(config: GPTConfig, tp: int, pp: int, device: int) -> int:
     return count
 
 
+def block_tensors(config: GPTConfig, tp: int, index: int) -> list[tuple[str, int]]:
+    """(name, elements) of block `index`'s parameters on one tensor-parallel rank, in the
+    model's order (`civetta.models.gpt`)."""
+    h, bias = config.n_embd, config.bias
+    prefix = f"transformer.h.{index}"
+
+    def linear(name: str, rows: int, cols: int, bias_size: int) -> list[tuple[str, int]]:
+        weight = [(f"{prefix}.{name}.weight", rows * cols)]
+        return weight + ([(f"{prefix}.{name}.bias", bias_size)] if bias else [])
+
+    def norm(name: str) -> list[tuple[str, int]]:
+        return [(f"{prefix}.{name}.weight", h)] + ([(f"{prefix}.{name}.bias", h)] if bias else [])
+
+    return [
+        *norm("ln_1"),
+        *linear("attn.c_attn", 3 * h // tp, h, 3 * h // tp),  # column-parallel
+        *linear("attn.c_proj", h, h // tp, h),  # row-parallel: the bias stays whole
+        *norm("ln_2"),
+        *linear("mlp.c_fc", 4 * h // tp, h, 4 * h // tp),
+        *linear("mlp.c_proj", h, 4 * h // tp, h),
+    ]
+
+
+def device_tensors(
+    config: GPTConfig, tp: int, pp: int, device: int, virtual_stages: int = 1
+) -> list[tuple[str, int]]:
+    """(name, elements) of every parameter one rank holds at pipeline position `device`, in the
+    order the trainer merges its stages (the order gradient buckets are planned in). A tied
+    head on a last stage that is not the first holds its own copy of the token embedding."""
+    h = config.n_embd
+    stages = pp * virtual_stages
+    per_stage = config.n_layer // stages
+    token = config.vocab_size * h // tp
+    out: list[tuple[str, int]] = []
+    for stage in range(device, stages, pp):
+        if stage == 0:
+            out += [
+                ("transformer.wte.weight", token),
+                ("transformer.wpe.weight", config.block_size * h),
+            ]
+        for index in range(stage * per_stage, (stage + 1) * per_stage):
+            out += block_tensors(config, tp, index)
+        if stage == stages - 1:
+            out.append(("transformer.ln_f.weight", h))
+            if config.bias:
+                out.append(("transformer.ln_f.bias", h))
+            if not config.tie_embeddings:
+                out.append(("lm_head.weight", token))
+            elif stage != 0:
+                out.append(("transformer.wte.weight", token))
+    return out
+
+
 # ---- activations --------------------------------------------------------------------------------
 def block_activation_bytes(
     config: GPTConfig,

@@ -1,41 +1,82 @@
-"""The pipeline bubble from per-stage forward and backward times: analytic, with a seam for the
-discrete-event replay of a real schedule.
+"""The pipeline's share of a step: the bubble and the exposed point-to-point messages, either
+replayed from the actual schedule or from closed forms.
 
-`bubble_time` takes the time of one microbatch through the slowest device (forward, backward,
-and the weight-gradient part of backward) and returns the idle time the schedule adds to a step.
-When a `replay` callable is given (for `parallel.schedules.simulate` once it lands: it builds the
-schedule, replays it with these durations and returns the makespan), the bubble is the replayed
-makespan minus the busy time; otherwise the closed forms below are used, with p stages,
-m microbatches and v virtual stages per device:
+The replay (the default of `parallel.cost.CostOptions`) builds the named schedule with
+`parallel.schedules.make_schedule` and runs it through `parallel.schedules.simulate`, the
+discrete-event replay the executor's checker uses: every forward, backward (or input-gradient
+and weight-gradient half) of every microbatch on every virtual stage takes that stage's time,
+and every message takes the p2p time between its SEND and its RECV. The replay is per pipeline
+(p ranks), never per GPU: every data-parallel replica and tensor-parallel rank runs the same one.
+It is replayed twice, without and with message times, so the step splits into
+
+    bubble       = makespan without messages - busy time of the busiest device
+    exposed p2p  = makespan with messages - makespan without
+
+The closed forms, used when no replay is given (or when the schedule is too long to replay
+quickly), with p stages, m microbatches, v virtual stages per device and the slowest device's
+t_f, t_b (t_b includes t_W, the weight-gradient part):
 
     gpipe, 1f1b          (p - 1)·(t_f + t_b)               Huang et al. 2019; Narayanan et al. 2021
     interleaved-1f1b     (p - 1)·(t_f + t_b) / v           Narayanan et al. 2021, §2.2.2
     zb-h1                (p - 1)·(t_f + t_b - 2·t_w)       Qi et al. 2023 ("Zero Bubble"), with
                          t_b = t_B + t_W: deferring the weight gradients W fills the cool-down,
                          leaving (p - 1)·(T_F + T_B - T_W); ≈ (p - 1)·t_f when t_B = t_W.
+    exposed p2p          2·(m·v + p - 1) messages on the critical path
 
-Bubble times are in seconds; as a fraction they are taken of the whole step time.
+Times are in seconds; as a fraction, the bubble is taken of the whole step time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+
+from parallel.schedules import Action, Schedule, make_schedule, simulate
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+
+# Above this many actions per replay the closed forms are used: the replay is linear in the
+# actions but runs in Python (about a microsecond each, twice per projection).
+REPLAY_LIMIT = 120_000
 
 
 @dataclass(frozen=True)
 class StageTimes:
-    """One microbatch on the slowest pipeline device, all its virtual stages together."""
+    """One microbatch's forward and backward times on one stage (or one device's stages)."""
 
     forward_s: float
     backward_s: float  # includes recomputation and the weight-gradient part
     weight_grad_s: float  # the part of backward_s that zb-h1 may defer
 
 
+@dataclass(frozen=True)
+class PipelineTimes:
+    """What a replay needs: every virtual stage's times, in model order (p·v of them), and the
+    time from a SEND to its RECV for one activation or gradient message."""
+
+    stages: tuple[StageTimes, ...]
+    p2p_s: float = 0.0
+
+    def device(self, rank: int, pp: int) -> StageTimes:
+        """The stages of pipeline rank `rank` together (rank r holds stages r, r+p, ...)."""
+        mine = self.stages[rank::pp]
+        return StageTimes(
+            sum(s.forward_s for s in mine),
+            sum(s.backward_s for s in mine),
+            sum(s.weight_grad_s for s in mine),
+        )
+
+    def slowest(self, pp: int) -> StageTimes:
+        devices = [self.device(r, pp) for r in range(pp)]
+        return max(devices, key=lambda t: t.forward_s + t.backward_s)
+
+    def without_messages(self) -> PipelineTimes:
+        return PipelineTimes(self.stages, 0.0)
+
+
 # (schedule, stages, microbatches, virtual_stages, times) -> makespan in seconds
-Replay = Callable[[str, int, int, int, StageTimes], float]
+Replay = Callable[[str, int, int, int, PipelineTimes], float]
 
 
 def busy_time(microbatches: int, times: StageTimes) -> float:
@@ -58,6 +99,76 @@ def analytic_bubble(
     return (stages - 1) * max(0.0, tick - 2 * times.weight_grad_s)  # zb-h1
 
 
+def analytic_p2p(stages: int, microbatches: int, virtual_stages: int, p2p_s: float) -> float:
+    """Messages on the critical path: one forward and one backward per tick."""
+    if stages == 1:
+        return 0.0
+    return (microbatches * virtual_stages + stages - 1) * 2 * p2p_s
+
+
+@lru_cache(maxsize=32)
+def _schedule(name: str, stages: int, microbatches: int, virtual_stages: int) -> Schedule:
+    # Built once per shape: a tuner projects many layouts that share their pipeline shape.
+    return make_schedule(name, stages, microbatches, virtual_stages)
+
+
+def replay_actions(stages: int, microbatches: int, virtual_stages: int) -> int:
+    """Upper bound on the actions of one replay: F, B (or I and W), SEND and RECV per
+    microbatch and virtual stage."""
+    return 6 * stages * microbatches * virtual_stages
+
+
+def replayed_makespan(
+    schedule: str, stages: int, microbatches: int, virtual_stages: int, times: PipelineTimes
+) -> float:
+    """Makespan of the named schedule replayed with `times` (`parallel.schedules.simulate`)."""
+    built = _schedule(schedule, stages, microbatches, virtual_stages)
+    forward = [s.forward_s for s in times.stages]
+    backward = [s.backward_s for s in times.stages]
+    weight = [s.weight_grad_s for s in times.stages]
+    # Per action kind, the duration on each virtual stage.
+    table = {
+        "F": forward,
+        "B": backward,
+        "I": [b - w for b, w in zip(backward, weight, strict=True)],
+        "W": weight,
+        "SEND_F": [times.p2p_s] * len(forward),
+        "SEND_B": [times.p2p_s] * len(forward),
+        "RECV_F": [0.0] * len(forward),
+        "RECV_B": [0.0] * len(forward),
+    }
+
+    def duration(action: Action) -> float:
+        return table[action.kind][action.stage]
+
+    # The generators' schedules are proven by tests/test_schedules.py: no need to check each one.
+    timeline = simulate(built, duration, check=False)
+    return max((end for rank_line in timeline for _, _, end in rank_line), default=0.0)
+
+
+def pipeline_time(
+    schedule: str,
+    stages: int,
+    microbatches: int,
+    virtual_stages: int,
+    times: PipelineTimes,
+    replay: Replay | None = replayed_makespan,
+) -> tuple[float, float, str]:
+    """(bubble seconds, exposed p2p seconds, "replay" | "closed form") of one step."""
+    slowest = times.slowest(stages)
+    if stages == 1:
+        return 0.0, 0.0, "none"
+    too_long = replay_actions(stages, microbatches, virtual_stages) > REPLAY_LIMIT
+    if replay is None or (too_long and replay is replayed_makespan):
+        bubble = analytic_bubble(schedule, stages, microbatches, virtual_stages, slowest)
+        p2p = analytic_p2p(stages, microbatches, virtual_stages, times.p2p_s)
+        return bubble, p2p, "closed form"
+    idle = replay(schedule, stages, microbatches, virtual_stages, times.without_messages())
+    with_messages = replay(schedule, stages, microbatches, virtual_stages, times)
+    bubble = max(0.0, idle - busy_time(microbatches, slowest))
+    return bubble, max(0.0, with_messages - max(idle, busy_time(microbatches, slowest))), "replay"
+
+
 def bubble_time(
     schedule: str,
     stages: int,
@@ -66,11 +177,16 @@ def bubble_time(
     times: StageTimes,
     replay: Replay | None = None,
 ) -> float:
-    """Idle time a step spends in the pipeline bubble (seconds)."""
-    if replay is None or stages == 1:
-        return analytic_bubble(schedule, stages, microbatches, virtual_stages, times)
-    makespan = replay(schedule, stages, microbatches, virtual_stages, times)
-    return max(0.0, makespan - busy_time(microbatches, times))
+    """Idle time a step spends in the pipeline bubble (seconds), every stage of a device taking
+    `times` / virtual_stages and messages taking no time."""
+    per_stage = StageTimes(
+        times.forward_s / virtual_stages,
+        times.backward_s / virtual_stages,
+        times.weight_grad_s / virtual_stages,
+    )
+    uniform = PipelineTimes((per_stage,) * (stages * virtual_stages))
+    bubble, _, _ = pipeline_time(schedule, stages, microbatches, virtual_stages, uniform, replay)
+    return bubble
 
 
 def bubble_fraction_analytic(schedule: str, stages: int, microbatches: int, v: int = 1) -> float:

@@ -32,7 +32,17 @@ from parallel.memory_model import (
     in_flight_layers,
 )
 from parallel.mesh import MeshLayout
-from parallel.pipeline_model import StageTimes, bubble_fraction_analytic, bubble_time
+from parallel.pipeline_model import (
+    REPLAY_LIMIT,
+    PipelineTimes,
+    StageTimes,
+    analytic_bubble,
+    analytic_p2p,
+    bubble_fraction_analytic,
+    bubble_time,
+    pipeline_time,
+    replayed_makespan,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")
@@ -165,42 +175,98 @@ def test_bubble_seam_takes_a_replayed_makespan() -> None:
     times = StageTimes(forward_s=1.0, backward_s=2.0, weight_grad_s=1.0)
     calls = []
 
-    def replay(schedule: str, p: int, m: int, v: int, t: StageTimes) -> float:
+    def replay(schedule: str, p: int, m: int, v: int, t: PipelineTimes) -> float:
         calls.append((schedule, p, m, v, t))
         return 40.0
 
     assert bubble_time("1f1b", 4, 8, 1, times, replay) == pytest.approx(40.0 - 8 * 3.0)
-    assert calls == [("1f1b", 4, 8, 1, times)]
+    assert calls == [("1f1b", 4, 8, 1, PipelineTimes((times,) * 4))] * 2  # without, with p2p
     assert bubble_time("1f1b", 4, 8, 1, times) == pytest.approx(3 * 3.0)
     layout = TrainingLayout(pp=4, microbatches=8, dtype="bf16")
     replayed = project(SMALL, layout, A100, CostOptions(replay=lambda *a: 10.0))
     busy = replayed.breakdown_s["compute"] + replayed.breakdown_s["tp_exposed"]
     assert replayed.breakdown_s["bubble"] == pytest.approx(10.0 - busy)
+    assert replayed.pipeline_model == "replay"
     too_short = project(SMALL, layout, A100, CostOptions(replay=lambda *a: 0.0))
     assert too_short.breakdown_s["bubble"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "p", "m", "v"),
+    [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved-1f1b", 4, 8, 2), ("zb-h1", 4, 8, 1)],
+)
+def test_replay_matches_the_closed_forms_without_messages(
+    schedule: str, p: int, m: int, v: int
+) -> None:
+    """Equal stages, messages free, m >= p: the replay of the real schedule gives the textbook
+    bubble; messages then cost at most the closed form's 2 per tick."""
+    device = StageTimes(1.0, 2.0, 1.0)
+    stage = StageTimes(1.0 / v, 2.0 / v, 1.0 / v)
+    replayed = bubble_time(schedule, p, m, v, device, replayed_makespan)
+    assert replayed == pytest.approx(analytic_bubble(schedule, p, m, v, device))
+    times = PipelineTimes((stage,) * (p * v), p2p_s=0.1)
+    bubble, p2p, how = pipeline_time(schedule, p, m, v, times)
+    assert how == "replay" and bubble == pytest.approx(replayed)
+    assert 0 < p2p <= analytic_p2p(p, m, v, 0.1)
+
+
+def test_zero_bubble_with_few_microbatches_is_replayed_not_guessed() -> None:
+    # ZB-H1's closed form assumes m >= p; with 2 microbatches on 4 stages its cool-down cannot be
+    # filled and the replay shows the larger bubble.
+    device = StageTimes(1.0, 2.0, 1.0)
+    assert bubble_time("zb-h1", 4, 2, 1, device, replayed_makespan) > analytic_bubble(
+        "zb-h1", 4, 2, 1, device
+    )
+
+
+def test_projections_replay_the_schedule_by_default() -> None:
+    layout = TrainingLayout(pp=4, microbatches=8, schedule="zb-h1", dtype="bf16")
+    replayed = project(SMALL, layout, A100)
+    closed = project(SMALL, layout, A100, CostOptions(replay=None))
+    assert (replayed.pipeline_model, closed.pipeline_model) == ("replay", "closed form")
+    assert replayed.breakdown_s["compute"] == closed.breakdown_s["compute"]
+    # Unequal stages (the embedding on the first, the head on the last) move the bubble away
+    # from the closed form's equal-stage value, not far.
+    assert replayed.breakdown_s["bubble"] == pytest.approx(closed.breakdown_s["bubble"], rel=0.3)
+    # Messages overlap with other stages' compute in the replay; the closed form puts all of
+    # them on the critical path.
+    assert 0 < replayed.breakdown_s["pp_exposed"] <= closed.breakdown_s["pp_exposed"]
+    assert project(SMALL, TrainingLayout(), A100).pipeline_model == "none"
+    # Too long to replay quickly: the closed forms are used.
+    huge = TrainingLayout(pp=4, microbatches=REPLAY_LIMIT, dtype="bf16")
+    assert project(SMALL, huge, A100).pipeline_model == "closed form"
 
 
 # ---- bytes per axis (ledger convention) ---------------------------------------------------------
 def test_comm_bytes_closed_forms() -> None:
     c, b, m, e = SMALL, 2, 3, 2
-    T, h, L = b * c.block_size, c.n_embd, c.n_layer
+    T, h, L, V = b * c.block_size, c.n_embd, c.n_layer, c.vocab_size
     x = T * h * e
+    norm = 8  # the float64 all-reduce of the squared gradient norm, once per step
     tp = project(c, TrainingLayout(tp=2, microbatch_size=b, microbatches=m), A100)
     # 4 all-reduces per block, the embedding's forward, the head's backward, 3 loss all-reduces
-    assert tp.comm_bytes["tp"] == m * (4 * L * x + x + x + 3 * T * e)
+    assert tp.comm_bytes["tp"] == m * (4 * L * x + x + x + 3 * T * e) + norm
     sp = project(
         c, TrainingLayout(tp=2, microbatch_size=b, microbatches=m, sequence_parallel=True), A100
     )
     per_block = 4 * (x + x // 2)  # all-gathers count their shard, reduce-scatters their input
-    assert sp.comm_bytes["tp"] == m * (L * per_block + (x + x // 2) * 2 + 3 * T * e)
+    # Replicated parameters' gradients, all-reduced once per step: per block two layer norms
+    # (weight, bias) and two row-parallel biases; the positions; the final layer norm.
+    replicated = (L * 6 * h + c.block_size * h + 2 * h) * e
+    assert sp.comm_bytes["tp"] == m * (L * per_block + (x + x // 2) * 2 + 3 * T * e) + (
+        norm + replicated
+    )
     dp = project(c, TrainingLayout(dp=4, microbatch_size=b, microbatches=m), A100)
     assert dp.comm_bytes == {"tp": 0, "pp": 0, "dp": 2 * c.num_parameters()}
     z1 = project(c, TrainingLayout(dp=4, microbatch_size=b, microbatches=m, zero=1), A100)
-    assert z1.comm_bytes["dp"] == 2 * c.num_parameters() + 2 * c.num_parameters() // 4
+    assert z1.comm_bytes["dp"] == 2 * c.num_parameters() + 2 * c.num_parameters() // 4 + norm
+    # pp = 2: each rank sends one message per microbatch (activations one way, gradients the
+    # other) and its copy of the tied embedding's gradient to the other end.
+    tied = V * h * e
     pp2 = project(c, TrainingLayout(pp=2, microbatch_size=b, microbatches=m), A100)
-    assert pp2.comm_bytes["pp"] == m * x  # activations one way, gradients the other
+    assert pp2.comm_bytes["pp"] == m * x + tied + norm
     pp4 = project(c, TrainingLayout(pp=4, microbatch_size=b, microbatches=m), A100)
-    assert pp4.comm_bytes["pp"] == 2 * m * x
+    assert pp4.comm_bytes["pp"] == max(2 * m * x, m * x + tied) + norm  # middle vs end ranks
 
 
 # ---- links --------------------------------------------------------------------------------------

@@ -1,0 +1,388 @@
+"""The layout tuner: every feasible way to split one model over N GPUs, ranked by the cost model.
+
+`tune` enumerates dp × tp × pp = N, the microbatch size, the pipeline schedule and its virtual
+stages, the ZeRO stage, recomputation and sequence parallelism; keeps the layouts whose memory
+fits the profile's GPU; projects each (`parallel.cost.project`) and ranks them by throughput;
+then explains in a few sentences why the best one wins.
+
+Pruning:
+
+- what cannot run: tp divides the heads and the vocabulary, pp·v the layers, dp the batch, the
+  microbatch size batch/dp;
+- tp ≤ GPUs per node, a policy (a tensor-parallel group across nodes pays the network on every
+  layer, as Megatron-LM's authors advise against); `SearchSpace.max_tp` widens it;
+- recomputation only adds work in the cost model (none ≤ selective ≤ full in time, the reverse in
+  memory), so each layout keeps the least recomputation that fits: nothing faster is lost.
+
+One shortcut is a heuristic: the whole space is projected with the closed-form pipeline terms
+(fast), and only the best `replay_top` are projected again with the replay of the actual
+schedule (the default of `CostOptions`), which decides their final order. The replay moves a
+layout by a few percent; a layout ranked below them would have to gain more than that.
+
+Nothing here prints; `launch/tune.py` renders the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from civetta.models.gpt import GPTConfig
+from parallel.cost import (
+    CostOptions,
+    Projection,
+    TrainingLayout,
+    device_memory_of,
+    project,
+)
+from parallel.flops_model import RECOMPUTE
+from parallel.hardware import CostModelError, HardwareProfile
+from parallel.pipeline_model import SCHEDULES
+
+GIB = 2**30
+TERMS = {
+    "compute": "compute",
+    "bubble": "pipeline bubble",
+    "tp_exposed": "tensor-parallel communication",
+    "pp_exposed": "pipeline messages",
+    "dp_exposed": "exposed data-parallel communication",
+    "optimizer": "optimizer step",
+}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the tuner may choose. Defaults: everything civetta can run or project."""
+
+    max_microbatch: int = 16
+    schedules: tuple[str, ...] = SCHEDULES
+    max_virtual_stages: int = 8
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    recompute: tuple[str, ...] = RECOMPUTE  # tried in this order: least work first
+    sequence_parallel: tuple[bool, ...] = (False, True)
+    max_tp: int | None = None  # default: GPUs per node
+    order: str = "tp-dp-pp"
+    # Held fixed when given (the user's --set parallel.tp=8 and the like).
+    dp: int | None = None
+    tp: int | None = None
+    pp: int | None = None
+    microbatch_size: int | None = None
+    virtual_stages: int | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    layout: TrainingLayout
+    projection: Projection
+
+
+@dataclass
+class TuneResult:
+    ranked: list[Ranked]  # best first: the replayed few, then the rest by closed form
+    enumerated: int = 0  # layouts with dp·tp·pp = N that satisfy the divisibility rules
+    fitting: int = 0  # of those, layouts some recomputation makes fit in memory
+    replayed: int = 0  # re-projected with the schedule replay
+    smallest_memory: tuple[int, TrainingLayout] | None = None  # when nothing fits
+    explanation: list[str] = field(default_factory=list)
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pipelines(
+    config: GPTConfig, pp: int, microbatches: int, space: SearchSpace
+) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) choices for pp stages and this many microbatches."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    out = [(s, 1) for s in space.schedules if s != "interleaved-1f1b"]
+    if "interleaved-1f1b" in space.schedules and microbatches % pp == 0:
+        chunks = config.n_layer // pp
+        out += [
+            ("interleaved-1f1b", v) for v in divisors(chunks) if 2 <= v <= space.max_virtual_stages
+        ]
+    return out
+
+
+def _fits(config: GPTConfig, layout: TrainingLayout, capacity: int) -> tuple[bool, int]:
+    """Whether every pipeline position fits, and the largest total."""
+    total = max(device_memory_of(config, layout, d).total for d in sorted({0, layout.pp - 1}))
+    return total <= capacity, total
+
+
+def enumerate_layouts(
+    config: GPTConfig,
+    profile: HardwareProfile,
+    gpus: int,
+    batch: int,
+    base: TrainingLayout,
+    space: SearchSpace,
+) -> tuple[list[TrainingLayout], int, tuple[int, TrainingLayout] | None]:
+    """(layouts that fit, with their least recomputation; how many were enumerated; the
+    smallest memory seen, when none fits)."""
+    capacity = profile.device.usable_memory_bytes
+    max_tp = space.max_tp or profile.gpus_per_node
+    seq = base.seq_len or config.block_size
+    fitting: list[TrainingLayout] = []
+    enumerated = 0
+    smallest: tuple[int, TrainingLayout] | None = None
+    for tp in divisors(gpus):
+        if tp > max_tp or config.n_head % tp or config.vocab_size % tp:
+            continue
+        if space.tp is not None and tp != space.tp:
+            continue
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            if config.n_layer % pp or batch % dp:
+                continue
+            if (space.pp is not None and pp != space.pp) or (
+                space.dp is not None and dp != space.dp
+            ):
+                continue
+            for b in divisors(batch // dp):
+                if b > space.max_microbatch:
+                    break
+                if space.microbatch_size is not None and b != space.microbatch_size:
+                    continue
+                m = batch // (dp * b)
+                for schedule, v in _pipelines(config, pp, m, space):
+                    if space.virtual_stages is not None and v != space.virtual_stages:
+                        continue
+                    for sp in space.sequence_parallel:
+                        if sp and (tp == 1 or seq % tp):
+                            continue
+                        for zero in space.zero_stages if dp > 1 else (0,):
+                            enumerated += 1
+                            layout = dataclasses.replace(
+                                base,
+                                dp=dp,
+                                tp=tp,
+                                pp=pp,
+                                microbatch_size=b,
+                                microbatches=m,
+                                schedule=schedule,
+                                virtual_stages=v,
+                                sequence_parallel=sp,
+                                zero=zero,
+                                order=space.order,
+                            )
+                            for recompute in space.recompute:
+                                candidate = dataclasses.replace(layout, recompute=recompute)
+                                ok, total = _fits(config, candidate, capacity)
+                                if ok:
+                                    fitting.append(candidate)
+                                    break
+                                if smallest is None or total < smallest[0]:
+                                    smallest = (total, candidate)
+    return fitting, enumerated, smallest
+
+
+def tune(
+    config: GPTConfig,
+    profile: HardwareProfile,
+    gpus: int,
+    batch: int,
+    base: TrainingLayout | None = None,
+    space: SearchSpace | None = None,
+    options: CostOptions | None = None,
+    replay_top: int = 30,
+) -> TuneResult:
+    """Every feasible layout of `config` on `gpus` GPUs for a global batch of `batch`
+    sequences, best first. `base` carries what is not searched (dtype, optimizer, bucket
+    size, sequence length)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise CostModelError(f"error: --gpus expected a positive integer, got {gpus!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise CostModelError(f"error: --batch expected a positive integer, got {batch!r}")
+    base = base or TrainingLayout()
+    space = space or SearchSpace()
+    options = options or CostOptions()
+    layouts, enumerated, smallest = enumerate_layouts(config, profile, gpus, batch, base, space)
+    result = TuneResult([], enumerated, len(layouts), smallest_memory=smallest)
+    if not layouts:
+        result.explanation = explain_nothing_fits(config, profile, gpus, batch, smallest)
+        return result
+    # Closed forms for the whole space, then the schedule replay for the best few.
+    quick = dataclasses.replace(options, replay=None)
+    ranked = sorted(
+        (Ranked(layout, project(config, layout, profile, quick)) for layout in layouts),
+        key=lambda r: r.projection.step_time_s,
+    )
+    top = [
+        Ranked(r.layout, project(config, r.layout, profile, options)) for r in ranked[:replay_top]
+    ]
+    top.sort(key=lambda r: r.projection.step_time_s)
+    result.ranked = top + ranked[replay_top:]
+    result.replayed = len(top)
+    result.explanation = explain(config, profile, result.ranked)
+    return result
+
+
+# ---- why the best wins --------------------------------------------------------------------------
+def describe(layout: TrainingLayout) -> str:
+    """A layout in one line: dp×tp×pp, microbatches, schedule, ZeRO, recompute, SP."""
+    parts = [f"dp={layout.dp} × tp={layout.tp} × pp={layout.pp}"]
+    parts.append(f"microbatch {layout.microbatch_size} × {layout.microbatches}")
+    if layout.pp > 1:
+        v = f" v={layout.virtual_stages}" if layout.virtual_stages > 1 else ""
+        parts.append(f"{layout.schedule}{v}")
+    if layout.zero:
+        parts.append(f"ZeRO-{layout.zero}")
+    parts.append(f"recompute {layout.recompute}")
+    if layout.sequence_parallel:
+        parts.append("sequence parallel")
+    return ", ".join(parts)
+
+
+def differences(a: TrainingLayout, b: TrainingLayout) -> str:
+    """What `b` changes from `a`, in the settings the tuner chooses."""
+    names = {
+        "dp": "dp",
+        "tp": "tp",
+        "pp": "pp",
+        "microbatch_size": "microbatch",
+        "schedule": "schedule",
+        "virtual_stages": "v",
+        "zero": "ZeRO",
+        "recompute": "recompute",
+        "sequence_parallel": "SP",
+    }
+    changed = []
+    for attr, label in names.items():
+        if getattr(a, attr) != getattr(b, attr):
+            value = getattr(b, attr)
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            changed.append(f"{label} {value}")
+    return ", ".join(changed) or "the same settings"
+
+
+def _why(term: str, loser: Ranked, best: Ranked) -> str:
+    """A short reason why `term` is larger in `loser` than in `best`, from what differs."""
+    lay, win, pr = loser.layout, best.layout, loser.projection
+    if term == "bubble":
+        v = f", v={lay.virtual_stages}" if lay.virtual_stages > 1 else ""
+        return f" ({lay.schedule} over pp={lay.pp} with {lay.microbatches} microbatches{v})"
+    if term == "tp_exposed":
+        where = pr.links.get("tp", "")
+        if "across nodes" in where:
+            return f" (its tp={lay.tp} group crosses nodes: {where})"
+        return f" (tp={lay.tp} over {where})"
+    if term == "dp_exposed":
+        zero = f", ZeRO-{lay.zero}" if lay.zero else ""
+        return f" (dp={lay.dp}{zero} over {pr.links.get('dp', '')})"
+    if term == "pp_exposed":
+        return f" (2 messages per microbatch and stage boundary, pp={lay.pp})"
+    if term == "compute":
+        order = {name: i for i, name in enumerate(RECOMPUTE)}
+        if order[lay.recompute] > order[win.recompute]:
+            return f" (recompute {lay.recompute} runs more of the forward again)"
+        if lay.microbatch_size != win.microbatch_size:
+            return (
+                f" (microbatch {lay.microbatch_size} instead of {win.microbatch_size}: GEMMs "
+                "of another size, at another efficiency)"
+            )
+        if win.sequence_parallel and not lay.sequence_parallel:
+            return " (without sequence parallelism every tp rank repeats the norms and dropouts)"
+        if lay.tp != win.tp:
+            return f" (tp={lay.tp} instead of {win.tp}: GEMMs of another shape)"
+    return ""
+
+
+def compare(best: Ranked, other: Ranked) -> str:
+    """'X% slower, mostly <term> (+Y s)' for `other` against `best`."""
+    slower = other.projection.step_time_s / best.projection.step_time_s - 1
+    deltas = {
+        term: other.projection.breakdown_s[term] - best.projection.breakdown_s[term]
+        for term in TERMS
+    }
+    worst = max(deltas, key=lambda t: deltas[t])
+    gain = min(deltas, key=lambda t: deltas[t])
+    text = (
+        f"{slower:.1%} slower: {_seconds(deltas[worst])} more {TERMS[worst]}"
+        f"{_why(worst, other, best)}"
+    )
+    if deltas[gain] < -0.05 * deltas[worst]:
+        text += f", though {_seconds(-deltas[gain])} less {TERMS[gain]}"
+    return text
+
+
+def _seconds(value: float) -> str:
+    if abs(value) >= 1:
+        return f"{value:.2f} s"
+    if abs(value) >= 1e-3:
+        return f"{value * 1e3:.1f} ms"
+    return f"{value * 1e6:.0f} µs"
+
+
+def explain(config: GPTConfig, profile: HardwareProfile, ranked: list[Ranked]) -> list[str]:
+    """A few sentences: the winner, what the runner-up loses on, why this much memory saving,
+    and what a different tp and pp would cost."""
+    best = ranked[0]
+    pr = best.projection
+    share = max(TERMS, key=lambda t: pr.breakdown_s[t] if t != "compute" else -1.0)
+    lines = [
+        f"Best: {describe(best.layout)}: {_seconds(pr.step_time_s)} per step, "
+        f"{pr.tflops_per_gpu:.1f} TFLOP/s per GPU (MFU {pr.mfu:.1%}); compute is "
+        f"{pr.breakdown_s['compute'] / pr.step_time_s:.0%} of the step, the largest overhead "
+        f"is {TERMS[share]} ({pr.breakdown_s[share] / pr.step_time_s:.1%})."
+    ]
+    tolerance = 1e-3 * pr.step_time_s
+    ties = [r for r in ranked[1:] if r.projection.step_time_s - pr.step_time_s <= tolerance]
+    runner = next((r for r in ranked[1:] if r not in ties), None)
+    if ties:
+        example = differences(best.layout, ties[0].layout)
+        lines.append(f"{len(ties)} other layout(s) tie within 0.1% (e.g. {example}).")
+    if runner is not None:
+        lines.append(
+            f"The runner-up ({differences(best.layout, runner.layout)}) is {compare(best, runner)}."
+        )
+    # Memory: what the best layout would need without its memory savings.
+    lay = best.layout
+    if lay.recompute != "none" or lay.zero:
+        plain = dataclasses.replace(lay, recompute="none", zero=0)
+        need = max(device_memory_of(config, plain, d).total for d in sorted({0, lay.pp - 1}))
+        capacity = profile.device.usable_memory_bytes
+        if need > capacity:
+            saving = []
+            if lay.recompute != "none":
+                saving.append(f"recompute {lay.recompute}")
+            if lay.zero:
+                saving.append(f"ZeRO-{lay.zero}")
+            them = "them" if len(saving) > 1 else "it"
+            lines.append(
+                f"Memory forces {' and '.join(saving)}: without {them} this layout needs "
+                f"{need / GIB:.1f} GiB per GPU, over the {capacity / GIB:.1f} GiB usable."
+            )
+    for axis in ("tp", "pp"):
+        mine = getattr(lay, axis)
+        other = next((r for r in ranked if getattr(r.layout, axis) != mine), None)
+        if other is not None:
+            value = getattr(other.layout, axis)
+            lines.append(
+                f"The best with {axis}={value} ({describe(other.layout)}) is "
+                f"{compare(best, other)}."
+            )
+    return lines
+
+
+def explain_nothing_fits(
+    config: GPTConfig,
+    profile: HardwareProfile,
+    gpus: int,
+    batch: int,
+    smallest: tuple[int, TrainingLayout] | None,
+) -> list[str]:
+    capacity = profile.device.usable_memory_bytes / GIB
+    if smallest is None:
+        return [
+            f"No layout of {gpus} GPUs satisfies the divisibility rules for this model and a "
+            f"batch of {batch} (dp must divide the batch, tp the heads and vocabulary, pp the "
+            "layers)."
+        ]
+    total, layout = smallest
+    return [
+        f"No layout fits in {capacity:.1f} GiB per GPU: the smallest needs {total / GIB:.1f} GiB "
+        f"({describe(layout)}). Use more GPUs or a smaller batch."
+    ]

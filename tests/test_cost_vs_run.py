@@ -1,0 +1,188 @@
+"""The cost model's counts against executed runs, exactly: FLOPs, bytes per axis, model state.
+
+Each layout trains a tiny GPT for two steps through the trainer `civetta train` uses
+(tests/mpi_workers/cost_worker.py: the same Trainer, Runtime and metrics.json builder, without the
+evaluation that follows training), and the analytic projection of the same config must give:
+
+- FLOPs: `model_flops_per_step` = the matmul FLOPs the engine's meter counts without
+  recomputation (and the trainer's `flops.model_per_step`); `hardware_flops_per_step` = the
+  meter's count summed over ranks (`flops.hardware_per_step`), recomputation included;
+- bytes per axis: `comm_bytes[axis]` = max over ranks of the ledger's `bytes` on that axis, per
+  step, summed over every row except receives (a message is counted by its sender) and phase
+  "other" (the loss averaged for the log: bookkeeping outside the step's arithmetic);
+- model state: params, grads and optimizer bytes of `memory.per_rank`, rank by rank (pipeline
+  position by position), and the projection's busiest GPU equal to the largest rank.
+
+Float32 throughout except one mixed-precision run (bf16 is emulated on float32 arrays, so its
+ledger bytes are float32's; its model state follows the 2 + 2 + 12 bytes per parameter rule).
+No wall-clock time is asserted here: predicted against measured step times is
+benchmarks/bench_cost_local.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any
+
+import pytest
+from mpi_helpers import WORKERS, run_mpi_json
+
+from civetta.models.gpt import GPTStage
+from civetta.nn import merge
+from launch.config import load
+from launch.simulate import to_layout, to_model
+from parallel.cost import device_memory_of, project
+from parallel.hardware import load_profile
+from parallel.memory_model import device_tensors
+from parallel.pipeline import partition_layers
+
+PROFILE = load_profile("a100-dgx")  # counts do not depend on the profile
+STEPS = 2
+TINY = [
+    "model.vocab_size=256",
+    "model.block_size=16",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.n_embd=32",
+    "train.batch_size=8",
+    f"train.steps={STEPS}",
+    "train.warmup_steps=0",
+    "data.source=synthetic",
+    "train.dtype=float32",
+]
+# An odd hidden size, so dp does not divide the parameters and ZeRO pads its shards.
+ODD = ["model.n_embd=36", "model.n_head=3"]
+
+# name: (ranks, overrides)
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    "single-full-recompute": (1, ["parallel.recompute=full"]),
+    "single-selective-recompute": (1, ["parallel.recompute=selective"]),
+    "single-bf16": (1, ["train.dtype=bf16"]),
+    "dp2": (2, ["parallel.dp=2", "parallel.bucket_mb=0.02"]),  # several gradient buckets
+    "tp2": (2, ["parallel.tp=2"]),
+    "tp2-full-recompute": (2, ["parallel.tp=2", "parallel.recompute=full"]),
+    "tp2-sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tp2-sp-untied-nobias": (
+        2,
+        [
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "model.tie_embeddings=false",
+            "model.bias=false",
+        ],
+    ),
+    "pp2-1f1b-m4": (2, ["parallel.pp=2", "parallel.schedule=1f1b", "train.microbatch_size=2"]),
+    "pp2-zb-h1-m4": (2, ["parallel.pp=2", "parallel.schedule=zb-h1", "train.microbatch_size=2"]),
+    "pp2-interleaved-v2": (
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.schedule=interleaved-1f1b",
+            "parallel.virtual_stages=2",
+            "model.n_layer=4",
+            "train.microbatch_size=2",
+        ],
+    ),
+    "dp2xtp2": (4, ["parallel.dp=2", "parallel.tp=2"]),
+    "dp2-zero1": (2, ["parallel.dp=2", "parallel.zero=1", "parallel.bucket_mb=0.02", *ODD]),
+    "dp2-zero2": (2, ["parallel.dp=2", "parallel.zero=2", *ODD]),
+    "dp2-zero3-full-recompute": (
+        2,
+        ["parallel.dp=2", "parallel.zero=3", "parallel.recompute=full", *ODD],
+    ),
+}
+
+
+@functools.cache
+def executed(name: str) -> dict[str, Any]:
+    """metrics.json of the layout's run (each layout runs once per session)."""
+    ranks, overrides = LAYOUTS[name]
+    return run_mpi_json(ranks, [str(WORKERS / "cost_worker.py"), *TINY, *overrides], timeout=90)
+
+
+def projected(name: str) -> tuple[Any, Any]:
+    config = load(None, [*TINY, *LAYOUTS[name][1]])
+    return config, project(to_model(config), to_layout(config), PROFILE)
+
+
+def ledger_bytes(metrics: dict[str, Any], axis: str) -> float:
+    """The ledger convention of `Projection.comm_bytes`: per step, the busiest rank."""
+    return max(
+        sum(
+            row["bytes"]
+            for row in rank["ops"]
+            if row["axis"] == axis and row["op"] != "recv" and row["phase"] != "other"
+        )
+        for rank in metrics["comm"]["per_rank"]
+    ) / len(metrics["steps"])
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_flops_equal_the_engines_meter(name: str) -> None:
+    metrics = executed(name)
+    config, projection = projected(name)
+    assert projection.hardware_flops_per_step == metrics["flops"]["hardware_per_step"]
+    assert projection.model_flops_per_step == metrics["flops"]["model_per_step"]
+    if config.parallel.recompute == "none":
+        assert projection.model_flops_per_step == projection.hardware_flops_per_step
+    else:
+        assert projection.hardware_flops_per_step > projection.model_flops_per_step
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_bytes_per_axis_equal_the_ledger(name: str) -> None:
+    metrics = executed(name)
+    _, projection = projected(name)
+    measured = {axis: ledger_bytes(metrics, axis) for axis in ("tp", "pp", "dp")}
+    assert projection.comm_bytes == measured
+    # What the convention leaves out: the loss mean for the log, 16 bytes (sum and count) a call.
+    for rank in metrics["comm"]["per_rank"]:
+        for row in rank["ops"]:
+            if row["phase"] == "other":
+                assert row["op"] == "all_reduce" and row["bytes"] == 16 * row["calls"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_model_state_bytes_equal_the_run(name: str) -> None:
+    metrics = executed(name)
+    config, projection = projected(name)
+    layout, model = to_layout(config), to_model(config)
+    keys = ("params", "grads", "optimizer")
+    ranks = metrics["memory"]["per_rank"]
+    if layout.zero == 0:  # replicas are identical: compare every rank with its position
+        for rank in ranks:
+            position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
+            expected = device_memory_of(model, layout, position).as_dict()
+            assert {k: rank[k] for k in keys} == {k: expected[k] for k in keys}
+    else:  # ZeRO shards differ by their padding: the projection reports the busiest GPU
+        assert layout.pp == 1
+        busiest = max(ranks, key=lambda r: sum(r[k] for k in keys))
+        assert {k: busiest[k] for k in keys} == {k: projection.memory_per_gpu[k] for k in keys}
+
+
+@pytest.mark.parametrize(
+    ("tie", "bias", "pp", "v"),
+    [(t, b, pp, v) for t, b in itertools.product([True, False], repeat=2) for pp, v in
+     ((1, 1), (2, 1), (2, 2))],
+)  # fmt: skip
+def test_gradient_buckets_see_the_models_parameters_in_order(
+    tie: bool, bias: bool, pp: int, v: int
+) -> None:
+    """`device_tensors` (what the projection plans buckets and ZeRO shards from) lists each
+    pipeline rank's parameters as the trainer merges them: same names, sizes and order."""
+    config = load(
+        None, [*TINY, "model.n_layer=4", f"model.tie_embeddings={str(tie).lower()}",
+               f"model.bias={str(bias).lower()}"],
+    )  # fmt: skip
+    model = to_model(config)
+    stages = pp * v
+    layers = partition_layers(model.n_layer, stages)
+    for rank in range(pp):
+        mine = [
+            GPTStage(model, layers[s], first=s == 0, last=s == stages - 1)
+            for s in range(rank, stages, pp)
+        ]
+        actual = [(name, t.data.size) for name, t in merge(*mine).items()]
+        assert device_tensors(model, 1, pp, rank, v) == actual
