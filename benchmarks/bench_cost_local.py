@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.config import load
-from launch.simulate import to_layout, to_model
+from launch.config import gpt_config, load
+from launch.simulate import to_layout
 from parallel.cost import CIVETTA_EXECUTOR, project
 from parallel.hardware import load_profile
 
@@ -70,7 +70,7 @@ def main() -> None:
     for label, overrides in LAYOUTS.items():
         config = load(str(QUICKSTART), [*overrides, "train.warmup_steps=0"])
         predicted = project(
-            to_model(config), to_layout(config), profile, CIVETTA_EXECUTOR
+            gpt_config(config), to_layout(config), profile, CIVETTA_EXECUTOR
         ).step_time_s
         times = run(overrides, args.steps)
         median, best = float(np.median(times)), min(times)

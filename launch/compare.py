@@ -46,10 +46,11 @@ from launch.config import (
     ExperimentConfig,
     ParallelConfig,
     from_dict,
+    gpt_config,
     layout_label,
     load_experiment,
 )
-from launch.simulate import to_layout, to_model
+from launch.simulate import to_layout
 from parallel.cost import CIVETTA_EXECUTOR, project
 from parallel.hardware import CostModelError, HardwareProfile, load_profile
 
@@ -212,7 +213,7 @@ def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[st
     # On this machine's own profile, project civetta's executor (gradients reduced after the
     # backward, not during it); elsewhere, a framework that overlaps them.
     options = CIVETTA_EXECUTOR if profile.name == "local" else None
-    projected = project(to_model(config), to_layout(config), profile, options)
+    projected = project(gpt_config(config), to_layout(config), profile, options)
     return {
         "hardware": profile.name,
         "step_time_s": projected.step_time_s,

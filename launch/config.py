@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from civetta.models.gpt import GPTConfig
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message is the one line the user sees."""
@@ -95,6 +97,19 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def gpt_config(config: ExperimentConfig) -> GPTConfig:
+    m = config.model
+    return GPTConfig(
+        vocab_size=m.vocab_size,
+        block_size=m.block_size,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        n_embd=m.n_embd,
+        tie_embeddings=m.tie_embeddings,
+        bias=m.bias,
+    )
 
 
 SECTIONS = {

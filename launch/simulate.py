@@ -15,8 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from civetta.models.gpt import GPTConfig
-from launch.config import ConfigError, ExperimentConfig, load
+from launch.config import ConfigError, ExperimentConfig, gpt_config, load
 from parallel.cost import CostOptions, Projection, TrainingLayout, project
 from parallel.hardware import CostModelError, HardwareProfile, load_profile
 
@@ -37,19 +36,6 @@ CONVENTIONS = (
 def load_for_simulation(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
     """The experiment config, validated without the refusals of what cannot run yet."""
     return load(path, list(overrides), for_execution=False)
-
-
-def to_model(config: ExperimentConfig) -> GPTConfig:
-    m = config.model
-    return GPTConfig(
-        vocab_size=m.vocab_size,
-        block_size=m.block_size,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_embd=m.n_embd,
-        tie_embeddings=m.tie_embeddings,
-        bias=m.bias,
-    )
 
 
 def to_layout(config: ExperimentConfig) -> TrainingLayout:
@@ -76,7 +62,7 @@ def simulate(
     config: ExperimentConfig, profile: HardwareProfile, options: CostOptions | None = None
 ) -> Projection:
     try:
-        return project(to_model(config), to_layout(config), profile, options)
+        return project(gpt_config(config), to_layout(config), profile, options)
     except CostModelError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -142,7 +128,7 @@ def render(
     tokens: int | None,
 ) -> None:
     model, p = config.model, config.parallel
-    params = to_model(config).num_parameters()
+    params = gpt_config(config).num_parameters()
     nodes = -(-pr.world_size // profile.gpus_per_node)
     console.print(
         f"[bold]civetta simulate[/bold] {config_path} on [bold]{profile.name}[/bold] "

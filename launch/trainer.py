@@ -17,7 +17,7 @@ import numpy as np
 
 from civetta import Tensor, activation_meter, flop_meter, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
-from civetta.models.gpt import GPTConfig, GPTStage
+from civetta.models.gpt import GPTStage
 from civetta.nn import Model, merge
 from civetta.optim import (
     Optimizer,
@@ -27,7 +27,7 @@ from civetta.optim import (
     make_optimizer,
 )
 from civetta.precision import PRECISIONS, LossScaler, MasterWeights, autocast, has_overflow
-from launch.config import ExperimentConfig
+from launch.config import ExperimentConfig, gpt_config
 from launch.faults import maybe_fail
 from parallel.memory_model import state_bytes_per_param
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
@@ -59,19 +59,6 @@ class RunResult:
     tokens_per_step: int = 0
     model_flops_per_step: int = 0
     ledger: list[dict[str, Any]] = field(default_factory=list)
-
-
-def gpt_config(config: ExperimentConfig) -> GPTConfig:
-    m = config.model
-    return GPTConfig(
-        vocab_size=m.vocab_size,
-        block_size=m.block_size,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_embd=m.n_embd,
-        tie_embeddings=m.tie_embeddings,
-        bias=m.bias,
-    )
 
 
 def _not_whole_model(*args: Any) -> Any:

@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.config import ConfigError, ExperimentConfig
-from launch.simulate import load_for_simulation, to_layout, to_model
+from launch.config import ConfigError, ExperimentConfig, gpt_config
+from launch.simulate import load_for_simulation, to_layout
 from parallel.hardware import CostModelError, load_profile
 from parallel.tuning import Ranked, SearchSpace, TuneResult, tune
 
@@ -151,7 +151,7 @@ def tune_command(
     batch = _positive("--batch", config.train.batch_size if batch is None else batch)
     try:
         profile = load_profile(hardware)
-        model = to_model(config)
+        model = gpt_config(config)
         # What the tuner does not choose comes from the config: dtype, optimizer, buckets.
         base = to_layout(config)
         result = tune(model, profile, gpus, batch, base, search_space(config, list(overrides)))

@@ -286,14 +286,15 @@ def test_a_run_past_its_timeout_is_failed_and_leaves_no_process(
 
 def test_projection_columns_come_from_the_cost_model() -> None:
     from launch.compare import projection_of
-    from launch.simulate import to_layout, to_model
+    from launch.config import gpt_config
+    from launch.simulate import to_layout
     from parallel.cost import project
     from parallel.hardware import load_profile
 
     config = load("configs/quickstart.yaml", ["parallel.dp=2", "parallel.tp=2"])
     profile = load_profile("a100-dgx")
     row = {"projection": projection_of(config, profile)}
-    expected = project(to_model(config), to_layout(config), profile)
+    expected = project(gpt_config(config), to_layout(config), profile)
     assert row["projection"]["step_time_s"] == expected.step_time_s
     assert row["projection"]["memory_total_bytes"] == expected.memory_per_gpu["total"]
     columns = [c for c in report.COLUMNS if c.group == "projection"]

@@ -30,8 +30,8 @@ from mpi_helpers import WORKERS, run_mpi_json
 
 from civetta.models.gpt import GPTStage
 from civetta.nn import merge
-from launch.config import load
-from launch.simulate import to_layout, to_model
+from launch.config import gpt_config, load
+from launch.simulate import to_layout
 from parallel.cost import device_memory_of, project
 from parallel.hardware import load_profile
 from parallel.memory_model import device_tensors
@@ -104,7 +104,7 @@ def executed(name: str) -> dict[str, Any]:
 
 def projected(name: str) -> tuple[Any, Any]:
     config = load(None, [*TINY, *LAYOUTS[name][1]])
-    return config, project(to_model(config), to_layout(config), PROFILE)
+    return config, project(gpt_config(config), to_layout(config), PROFILE)
 
 
 def ledger_bytes(metrics: dict[str, Any], axis: str) -> float:
@@ -148,7 +148,7 @@ def test_bytes_per_axis_equal_the_ledger(name: str) -> None:
 def test_model_state_bytes_equal_the_run(name: str) -> None:
     metrics = executed(name)
     config, projection = projected(name)
-    layout, model = to_layout(config), to_model(config)
+    layout, model = to_layout(config), gpt_config(config)
     keys = ("params", "grads", "optimizer")
     ranks = metrics["memory"]["per_rank"]
     if layout.zero == 0:  # replicas are identical: compare every rank with its position
@@ -176,7 +176,7 @@ def test_gradient_buckets_see_the_models_parameters_in_order(
         None, [*TINY, "model.n_layer=4", f"model.tie_embeddings={str(tie).lower()}",
                f"model.bias={str(bias).lower()}"],
     )  # fmt: skip
-    model = to_model(config)
+    model = gpt_config(config)
     stages = pp * v
     layers = partition_layers(model.n_layer, stages)
     for rank in range(pp):
