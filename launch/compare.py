@@ -250,7 +250,7 @@ def rows_of(runs: list[Run], profile: HardwareProfile | None = None) -> list[dic
 
 
 def print_tables(console: Console, rows: list[dict[str, Any]]) -> None:
-    for title, columns in report.tables():
+    for title, columns in report.tables(rows):
         table = Table(title=title, title_justify="left", header_style="bold")
         for column in columns:
             table.add_column(column.header, justify="left" if column.group == "id" else "right")

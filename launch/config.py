@@ -197,7 +197,7 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     raise ConfigError(f"error: {key} expected {base}, got {_describe(value)}")
 
 
-def _check_values(config: ExperimentConfig, for_execution: bool = True) -> None:
+def _check_values(config: ExperimentConfig) -> None:
     for section in SECTIONS:
         values = getattr(config, section)
         for f in dataclasses.fields(values):
@@ -256,11 +256,6 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
             f"error: parallel.zero={p.zero} with train.dtype={t.dtype} is not supported yet "
             "(ZeRO shards float32/float64 training only)"
         )
-    if for_execution and p.zero and t.checkpoint_every:
-        raise ConfigError(
-            f"error: parallel.zero={p.zero} with train.checkpoint_every={t.checkpoint_every} is "
-            "not supported yet (checkpoints assume every dp rank holds the whole state)"
-        )
     _check_pipeline(config)
 
 
@@ -310,7 +305,7 @@ def from_dict(raw: Any, origin: str = "config", for_execution: bool = True) -> E
                 hint = _did_you_mean(str(name), list(fields), prefix=f"{section}.")
                 raise ConfigError(f"error: unknown key '{key}'{hint}")
             setattr(target, name, _coerce(key, value, str(fields[name].type)))
-    _check_values(config, for_execution)
+    _check_values(config)
     _check_consistency(config, for_execution)
     return config
 

@@ -307,13 +307,13 @@ def cell(column: Column, row: dict[str, Any]) -> str:
     return column.fmt(value)
 
 
-def tables() -> list[tuple[str, list[Column]]]:
-    """The (title, columns) of each table that has columns to show: the first leads with the
-    label and status, the others with the label only."""
+def tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[Column]]]:
+    """The (title, columns) of each table that has something to show for `rows`: the first
+    leads with the label and status, the others with the label only."""
     shown = []
     for title, groups in TABLES:
         columns = [c for c in COLUMNS if c.group in groups and c.in_tables]
-        if columns:
+        if any(c.value(row) is not None for c in columns for row in rows):
             lead = [c for c in COLUMNS if c.group == "id" and c.in_tables]
             shown.append((title, (lead if not shown else lead[:1]) + columns))
     return shown
@@ -406,7 +406,7 @@ def markdown(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines += [f"- {line}" for line in highlights(rows)]
-    for title, columns in tables():
+    for title, columns in tables(rows):
         lines += ["", f"## {title}", ""]
         lines.append("| " + " | ".join(_md(c.header) for c in columns) + " |")
         lines.append("|" + "|".join("---" if c.group == "id" else "--:" for c in columns) + "|")
@@ -442,7 +442,7 @@ def html_page(report: dict[str, Any]) -> str:
         f"{len(rows)} runs in {report['wall_s']:.0f} s.</p>",
         "<ul>" + "".join(f"<li>{escape(line)}</li>" for line in highlights(rows)) + "</ul>",
     ]
-    for title, columns in tables():
+    for title, columns in tables(rows):
         parts.append(f"<h2>{escape(title)}</h2><table><tr>")
         parts += [f"<th class='{c.group}'>{escape(c.header)}</th>" for c in columns]
         parts.append("</tr>")

@@ -300,3 +300,12 @@ def test_projection_columns_come_from_the_cost_model() -> None:
     columns = [c for c in report.COLUMNS if c.group == "projection"]
     assert report.cell(columns[0], row) == "a100-dgx"
     assert all(report.cell(c, row) != "-" for c in columns)
+
+
+def test_the_projection_table_shows_only_when_a_layout_was_projected() -> None:
+    row = {"label": "dp2", "status": "ok", "projection": None}
+    titles = [title for title, _ in report.tables([row])]
+    assert not any(title.startswith("Cost-model projection") for title in titles)
+    row["projection"] = {"hardware": "a100-dgx", "step_time_s": 0.1}
+    titles = [title for title, _ in report.tables([row])]
+    assert any(title.startswith("Cost-model projection") for title in titles)
