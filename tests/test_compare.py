@@ -303,7 +303,7 @@ def test_projection_columns_come_from_the_cost_model() -> None:
 
 
 def test_the_projection_table_shows_only_when_a_layout_was_projected() -> None:
-    row = {"label": "dp2", "status": "ok", "projection": None}
+    row = report.summarize("dp2", "layout", load("configs/quickstart.yaml").to_dict(), 1, None)
     titles = [title for title, _ in report.tables([row])]
     assert not any(title.startswith("Cost-model projection") for title in titles)
     row["projection"] = {"hardware": "a100-dgx", "step_time_s": 0.1}
