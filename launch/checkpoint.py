@@ -6,8 +6,11 @@
 A rank's file holds its parameter shards (`param/<name>`), optimizer state (`optim/<key>`),
 float32 master weights under mixed precision (`master/<name>`) and a JSON `meta` entry: the
 step, the layout, this rank's coordinates and how each tensor-parallel parameter was cut
-(`parallel.sharding`). Files are written under a `.partial` directory that is renamed once every
-rank has written, so a crash mid-write leaves the previous checkpoint as it was.
+(`parallel.sharding`). Under ZeRO (`parallel.zero`) the state is gathered over the dp group
+before it is written, so the arrays are whole parameters as without ZeRO and only the files of
+dp rank 0 hold them (the others hold `meta` alone). Files are written under a `.partial`
+directory that is renamed once every rank has written, so a crash mid-write leaves the previous
+checkpoint as it was.
 
 Loading reassembles each full tensor from the shards of any one data-parallel replica and cuts
 the part this rank holds in the new layout: dp2·tp2 can resume as pp2, or as one process.
@@ -67,8 +70,17 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
         staging.mkdir(parents=True)
     world.barrier()
 
-    arrays: dict[str, np.ndarray] = {f"param/{n}": p.data for n, p in trainer.model.params.items()}
-    arrays.update({f"optim/{k}": v for k, v in trainer.optimizer.state_dict().items()})
+    zero = getattr(trainer, "zero", None)
+    if zero is not None:  # gathered over dp: whole parameters, as plain data parallelism holds
+        params, optim = zero.whole_state()
+    else:
+        params = {n: p.data for n, p in trainer.model.params.items()}
+        optim = trainer.optimizer.state_dict()
+    arrays: dict[str, np.ndarray] = {}
+    # Under ZeRO every dp replica gathered the same state: only dp rank 0 writes it.
+    if zero is None or runtime.mesh.coords["dp"] == 0:
+        arrays.update({f"param/{n}": a for n, a in params.items()})
+        arrays.update({f"optim/{k}": v for k, v in optim.items()})
     if trainer.masters is not None:
         arrays.update({f"master/{n}": t.data for n, t in trainer.masters.master.items()})
     mesh = runtime.mesh
@@ -81,6 +93,7 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
         "coords": mesh.coords,
         "placements": _placements(trainer),
         "dtype": trainer.config.train.dtype,
+        "zero": trainer.config.parallel.zero,  # the arrays are whole over dp all the same
         "model": dataclasses.asdict(trainer.config.model),
         "data_position": step + 1,  # batches are a pure function of (seed, step)
         "loss_scaler": None
@@ -185,10 +198,18 @@ def load(trainer: Any, directory: Path) -> int:
             return take_shard(full[key], tuple(placements[name]), tp.rank, tp.size)
         return full[key]
 
-    for name, p in trainer.model.params.items():
-        _fill(p.data, local(f"param/{name}"), name)
     state = {k: local(f"optim/{k}") for k in trainer.optimizer.state_dict()}
-    trainer.optimizer.load_state_dict(state)
+    zero = getattr(trainer, "zero", None)
+    if zero is not None:  # each dp rank keeps its chunk (stage 3) or piece (stages 1, 2)
+        params = {name: local(f"param/{name}") for name in trainer.model.params}
+        try:
+            zero.load_whole_state(params, state)
+        except ValueError as e:
+            raise CheckpointError(f"error: checkpoint tensor {e}") from None
+    else:
+        for name, p in trainer.model.params.items():
+            _fill(p.data, local(f"param/{name}"), name)
+        trainer.optimizer.load_state_dict(state)
     if trainer.masters is not None:
         for name, master in trainer.masters.master.items():
             key = f"master/{name}"

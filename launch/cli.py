@@ -192,11 +192,6 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
     resume = None
     if args.resume is not None:
-        if config.parallel.zero:
-            raise UsageError(
-                f"error: --resume with parallel.zero={config.parallel.zero} is not supported yet "
-                "(checkpoints assume every dp rank holds the whole state)"
-            )
         resume = checkpoint.find(Path(args.resume))
         checkpoint.check_resumable(resume, config)
     if config.world_size > 1 and not launcher.inside_mpi_job():

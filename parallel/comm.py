@@ -68,6 +68,16 @@ class Ledger:
         # dataclass.
         self._totals: dict[tuple[str, str, str], list[Any]] = {}
         self.current_phase = "other"
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside the block: traffic outside training (a checkpoint's gathers)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -84,6 +94,8 @@ class Ledger:
         self, op: str, axis: str, nbytes: int, seconds: float, wire_bytes: int | None = None
     ) -> None:
         """Add one call; `wire_bytes` defaults to `nbytes` (a point-to-point message)."""
+        if self._paused:
+            return
         key = (op, axis, self.current_phase)
         wire = nbytes if wire_bytes is None else wire_bytes
         entry = self._totals.get(key)

@@ -309,6 +309,8 @@ class ZeroOptimizer:
         self.last_grads: dict[str, np.ndarray] = {}  # this rank's gradient shards, before clipping
         self.grad_bytes = 0
         self.buckets: list[_Bucket] = []
+        self._owned: dict[str, slice] = {}  # stages 1, 2: this rank's piece of each parameter
+        self._state_kinds: list[str] = []
         if stage == 3:
             self.optimizer = build_optimizer(params)
             return
@@ -323,12 +325,17 @@ class ZeroOptimizer:
             # stage 2 keeps only the chunk.
             length = n * bucket.chunk if stage == 1 else bucket.chunk
             bucket.grad_buffer = np.zeros(length, dtype=dtype)
-        owned = {
-            name: Tensor(self._flat(name)[param_range])
-            for bucket in self.buckets
-            for name, param_range, _ in bucket.pieces
+        # Each parameter lies in one bucket, so this rank owns at most one piece of it.
+        self._owned = {
+            name: param_range for bucket in self.buckets for name, param_range, _ in bucket.pieces
         }
-        self.optimizer = build_optimizer(owned)
+        self.optimizer = build_optimizer(
+            {name: Tensor(self._flat(name)[r]) for name, r in self._owned.items()}
+        )
+        # The kinds of optimizer state ("exp_avg", ...), the same on every rank even if one owns
+        # no piece at all: read off an optimizer built on one probe element.
+        probe = build_optimizer({"probe": Tensor(np.zeros(1, dtype=dtype))})
+        self._state_kinds = sorted(k.partition(".")[0] for k in probe.state_dict() if k != "step")
 
     def _flat(self, name: str) -> np.ndarray:
         return self.params[name].data.reshape(-1)  # a view: parameters are contiguous
@@ -398,6 +405,103 @@ class ZeroOptimizer:
             whole = self.group.all_gather(mine)
             for name, start, stop in bucket.entries:
                 self._flat(name)[...] = whole[start:stop]
+
+    # -- checkpoints: the state as whole parameters, whatever the stage --
+    def whole_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """This rank's parameters and optimizer state as plain data parallelism holds them:
+        whole parameters (this rank's tensor-parallel and pipeline part), optimizer state keyed
+        `<kind>.<name>` in the parameter's shape, and `step`. Collective over dp; every dp rank
+        gets the same arrays. Not recorded in the ledger: checkpointing is not training."""
+        with self.group.ledger.paused():
+            if self.stage == 3:
+                return self._whole_state_sharded()
+            return self._whole_state_buckets()
+
+    def _whole_state_sharded(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Stage 3: every chunk (parameters, then optimizer state) in one all-gather."""
+        store = self.runtime.layout.store
+        assert isinstance(store, ShardedStore)
+        state = self.optimizer.state_dict()
+        shard_of = {name: store._by_leaf[p] for name, p in self.params.items()}
+        items = [(f"param/{name}", shard_of[name], p.data) for name, p in self.params.items()]
+        for key, value in state.items():
+            if key != "step":
+                items.append((f"optim/{key}", shard_of[key.partition(".")[2]], value))
+        n = self.group.size
+        width = sum(s.chunk for _, s, _ in items)
+        mine = np.concatenate([np.ravel(a) for _, _, a in items])
+        blocks = self.group.all_gather(mine).reshape(n, width)  # row r: rank r's chunks
+        params, optim = {}, {"step": state["step"]}
+        offset = 0
+        for key, s, _ in items:
+            whole = blocks[:, offset : offset + s.chunk].reshape(-1)[: s.size].reshape(s.shape)
+            kind, _, rest = key.partition("/")
+            (params if kind == "param" else optim)[rest] = whole
+            offset += s.chunk
+        return params, optim
+
+    def _whole_state_buckets(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Stages 1, 2: the parameters are already whole; each bucket's optimizer state is
+        packed as every kind's chunk side by side and all-gathered once."""
+        state = self.optimizer.state_dict()
+        kinds = self._state_kinds
+        n = self.group.size
+        optim = {"step": state["step"]}
+        for bucket in self.buckets:
+            if not kinds:
+                break
+            mine = np.zeros((len(kinds), bucket.chunk), dtype=bucket.grad_buffer.dtype)
+            for name, _, chunk_range in bucket.pieces:
+                for k, kind in enumerate(kinds):
+                    mine[k, chunk_range] = state[f"{kind}.{name}"]
+            blocks = self.group.all_gather(mine.reshape(-1)).reshape(n, len(kinds), bucket.chunk)
+            for k, kind in enumerate(kinds):
+                flat = blocks[:, k, :].reshape(-1)  # the bucket's state of this kind
+                for name, start, stop in bucket.entries:
+                    optim[f"{kind}.{name}"] = flat[start:stop].reshape(self.params[name].shape)
+        params = {name: p.data.copy() for name, p in self.params.items()}
+        return params, optim
+
+    def load_whole_state(self, params: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
+        """The inverse of `whole_state`: each rank keeps its chunk or piece. `params` holds every
+        parameter by name; `state` every key of this rank's optimizer's `state_dict`, in the
+        whole parameter's shape. Raises ValueError on a shape that does not fit. Local."""
+        store = self.runtime.layout.store
+        n, rank = self.group.size, self.group.rank
+
+        def whole_shape(name: str) -> tuple[int, ...]:
+            if self.stage == 3:
+                return store._by_leaf[self.params[name]].shape
+            return self.params[name].shape
+
+        def checked(name: str, value: np.ndarray, what: str) -> np.ndarray:
+            value, shape = np.asarray(value), whole_shape(name)
+            if value.shape != shape:
+                raise ValueError(f"{what!r} has shape {value.shape}, the model {shape}")
+            return value
+
+        def mine(name: str, value: np.ndarray, what: str) -> np.ndarray:
+            flat = checked(name, value, what).reshape(-1)
+            if self.stage == 3:
+                chunk = store._by_leaf[self.params[name]].chunk
+                padded = np.zeros(n * chunk, dtype=flat.dtype)
+                padded[: flat.size] = flat
+                return padded[rank * chunk : (rank + 1) * chunk]
+            return flat[self._owned[name]]
+
+        for name, p in self.params.items():
+            # In place: under stages 1 and 2 the optimizer holds views of these arrays.
+            if self.stage == 3:
+                p.data[...] = mine(name, params[name], name)
+            else:
+                p.data[...] = checked(name, params[name], name)
+        local = {}
+        for key, value in state.items():
+            if key == "step":
+                local[key] = value
+            else:
+                local[key] = mine(key.partition(".")[2], value, key)
+        self.optimizer.load_state_dict(local)
 
     def full_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Gradients shaped like this rank's parameters, from every rank's pieces (stages 1, 2;

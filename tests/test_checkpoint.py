@@ -101,3 +101,45 @@ def test_resume_from_a_directory_without_checkpoint_is_one_line(tmp_path) -> Non
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr == f"error: --resume {str(tmp_path)!r} holds no complete checkpoint\n"
+
+
+# ---- ZeRO: the state is gathered over dp when saved and cut again when loaded ----------------
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[float]]:
+    """ZeRO-3 over dp=2 with a checkpoint every 3 steps."""
+    out = tmp_path_factory.mktemp("zero3")
+    losses = train(out, "parallel.dp=2", "parallel.zero=3", "train.checkpoint_every=3")
+    return out, losses
+
+
+def test_zero3_resume_reproduces_the_uninterrupted_run(zero3, tmp_path) -> None:
+    out, losses = zero3
+    checkpoint = out / "checkpoints" / "step000002"
+    with np.load(checkpoint / "rank1.npz", allow_pickle=False) as data:
+        assert data.files == ["meta"]  # the gathered state is written by dp rank 0 only
+        assert json.loads(str(data["meta"]))["zero"] == 3
+    resumed = train(tmp_path, "parallel.dp=2", "parallel.zero=3", resume=checkpoint)
+    assert resumed == losses[3:]  # bitwise: same layout, same state, same batches
+
+
+def test_a_zero1_checkpoint_resumes_as_one_process(tmp_path) -> None:
+    layout = ["parallel.dp=2", "parallel.zero=1"]
+    losses = train(tmp_path / "full", *layout, "train.checkpoint_every=3")
+    resumed = train(tmp_path / "single", resume=tmp_path / "full" / "checkpoints" / "step000002")
+    np.testing.assert_allclose(resumed, losses[3:], rtol=1e-10, atol=0)
+
+
+def test_export_from_a_zero3_run_writes_full_nanogpt_weights(zero3, uninterrupted, tmp_path):
+    weights = {}
+    for name, (out, _) in {"zero3": zero3, "plain": uninterrupted}.items():
+        target = tmp_path / f"{name}.npz"
+        command = [sys.executable, "-m", "launch", "export", str(out), "--out", str(target)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        with np.load(target, allow_pickle=False) as data:
+            weights[name] = {key: data[key] for key in data.files}
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=4, n_embd=32))
+    assert set(weights["zero3"]) == set(model.state_dict())
+    model.load_state_dict(weights["zero3"])  # whole tensors: the shards' padding is cut off
+    for key, value in weights["plain"].items():  # same shapes as a dp2·tp2 run's export
+        assert weights["zero3"][key].shape == value.shape, key
