@@ -1,6 +1,10 @@
 """Predicted against measured step time of the quickstart layouts on this machine.
 
-    python benchmarks/bench_cost_local.py [--profile configs/hardware/local.yaml] [--steps 30]
+    python benchmarks/bench_cost_local.py [--profile PROFILE.yaml] [--steps 30]
+
+First `civetta calibrate` measures this machine into a fresh `local` profile (about a minute),
+because a shared machine's speed drifts by 10-15% over hours: a profile written earlier predicts
+the machine as it was then. `--profile` skips that and projects onto a given profile.
 
 Each layout of configs/quickstart.yaml (single process, dp=2, tp=2, pp=2 with 1F1B over 4
 microbatches, dp=2 × tp=2) trains for a few steps through `civetta train` (one BLAS thread per
@@ -31,7 +35,7 @@ import numpy as np
 from launch.config import gpt_config, load
 from launch.simulate import to_layout
 from parallel.cost import CIVETTA_EXECUTOR, project
-from parallel.hardware import load_profile
+from parallel.hardware import HardwareProfile, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -59,12 +63,22 @@ def run(overrides: list[str], steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default=str(REPO / "configs" / "hardware" / "local.yaml"))
+    parser.add_argument("--profile", help="project onto this profile instead of calibrating")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    profile = load_profile(args.profile)
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.profile is None:
+            args.profile = str(Path(scratch) / "local.yaml")
+            print("calibrating this machine (civetta calibrate) ...", flush=True)
+            command = [sys.executable, "-m", "launch", "calibrate", "--out", args.profile]
+            subprocess.run(command, check=True, capture_output=True, timeout=900)
+        profile = load_profile(args.profile)
+        compare(profile, args.profile, args.steps)
+
+
+def compare(profile: HardwareProfile, path: str, steps: int) -> None:
     cores = os.cpu_count() or 1
-    print(f"profile {args.profile}; {cores} cores; load average {os.getloadavg()[0]:.2f}")
+    print(f"profile {path}; {cores} cores; load average {os.getloadavg()[0]:.2f}")
     header = f"{'layout':<16}{'predicted':>11}{'median':>11}{'best':>11}{'pred/median':>13}"
     print(header + f"{'pred/best':>11}{'core-share adj.':>17}")
     for label, overrides in LAYOUTS.items():
@@ -72,7 +86,7 @@ def main() -> None:
         predicted = project(
             gpt_config(config), to_layout(config), profile, CIVETTA_EXECUTOR
         ).step_time_s
-        times = run(overrides, args.steps)
+        times = run(overrides, steps)
         median, best = float(np.median(times)), min(times)
         share = max(1.0, config.world_size / cores)
         adjusted = f"{predicted * share / median:.2f}" if share > 1 else "-"

@@ -71,7 +71,11 @@ def measure_compute(quick: bool) -> dict[str, Any]:
         }
         for s in cal.measure_engine(cal.engine_models(quick), repeats=5 if quick else 12)
     ]
-    return {"bandwidth": bandwidth, "gemms": gemms, "engine": engine}
+    optimizer = [
+        dataclasses.asdict(s)
+        for s in cal.measure_optimizer(cal.optimizer_shapes(quick), repeats=5 if quick else 12)
+    ]
+    return {"bandwidth": bandwidth, "gemms": gemms, "engine": engine, "optimizer": optimizer}
 
 
 def measure_comm(quick: bool) -> dict[str, Any] | None:
@@ -270,6 +274,10 @@ def build_profile(
     raw["device"]["elementwise_traffic"] = _round(elementwise.traffic)
     raw["device"]["layer_overhead_us"] = _round(elementwise.layer_overhead_s * 1e6)
     raw["device"]["backward_elementwise_ratio"] = _round(elementwise.backward_ratio)
+    steps = [cal.OptimizerSample(**row) for row in compute["optimizer"]]
+    optimizer = cal.fit_optimizer(steps, profile)
+    raw["device"]["optimizer_traffic"] = _round(optimizer.traffic)
+    raw["device"]["optimizer_overhead_us"] = _round(optimizer.overhead_s * 1e6)
     profile_from_dict(raw, origin="calibration")  # the written file must load
     report = {
         "bandwidth": bandwidth,
@@ -281,6 +289,8 @@ def build_profile(
         # The largest message of each collective, beyond the fitted range: (bytes, seconds).
         "largest": {op: max(rows) for op, rows in comm["samples"].items()},
         "engine_samples": len(engine),
+        "optimizer": optimizer,
+        "optimizer_samples": len(steps),
         "gemm_samples": {d: len(rows) for d, rows in gemms.items()},
     }
     return raw, report
@@ -290,7 +300,7 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
     """The YAML header comment: when, how and on what the profile was measured, and the fits."""
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     f32, f64 = report["gemm"]["float32"], report["gemm"]["float64"]
-    ew, link = report["elementwise"], report["link"]
+    ew, link, opt = report["elementwise"], report["link"], report["optimizer"]
     lines = [
         "This machine as a hardware profile: one core = one GPU, the machine = one node.",
         f"Written by `civetta calibrate{' --quick' if quick else ''}` on {when}",
@@ -313,6 +323,9 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
         f"- civetta's engine, forward and backward of {report['engine_samples']} small GPTs: "
         f"elementwise traffic {ew.traffic:.2f}, {ew.layer_overhead_s * 1e6:.0f} us per layer, "
         f"backward/forward {ew.backward_ratio:.2f} (worst step error {ew.max_error:.0%})",
+        f"- the optimizer step (norm, clipping, AdamW) over {report['optimizer_samples']} "
+        f"tensor sets: traffic {opt.traffic:.2f}x a fused optimizer's, "
+        f"{opt.overhead_s * 1e6:.1f} us per tensor (worst {opt.max_error:.0%})",
         f"- MPI, {COMM_RANKS} ranks, all collectives together: latency "
         f"{link.latency_s * 1e6:.2f} us, {link.bytes_per_s / 1e9:.2f} GB/s "
         f"(worst {link.max_error:.0%}); each alone:",
@@ -358,6 +371,8 @@ def render(console: Console, raw: dict[str, Any], out: Path) -> None:
         ("engine: elementwise traffic", f"{d['elementwise_traffic']:g} bytes per activation byte"),
         ("engine: overhead per layer", f"{d['layer_overhead_us']:g} µs forward"),
         ("engine: backward / forward", f"{d['backward_elementwise_ratio']:g}"),
+        ("optimizer: traffic, per tensor", f"{d['optimizer_traffic']:g}×, "
+         f"{d['optimizer_overhead_us']:g} µs"),
         ("MPI latency, bandwidth", f"{link['latency_us']:g} µs, {link['bandwidth_gbs']:g} GB/s"),
         ("GPUs (cores) per node", str(raw["gpus_per_node"])),
         ("memory per GPU", f"{d['memory_gib']:g} GiB ({d['memory_reserved_gib']:g} reserved)"),

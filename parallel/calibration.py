@@ -10,6 +10,8 @@ writes `configs/hardware/local.yaml`):
   gives the profile's elementwise numbers (traffic per activation byte, a fixed overhead per
   layer, backward over forward), fitted through the cost model's own formulas
   (`parallel.cost.microbatch_times`);
+- the optimizer step (gradient norm, clipping, AdamW) over tensors of several counts and sizes,
+  fitted to `parallel.cost.optimizer_time` (traffic multiplier, fixed cost per tensor);
 - the collectives of the local MPI over a group of ranks (all-reduce, all-gather,
   reduce-scatter and a point-to-point ping-pong through `parallel.comm`), fitted to the
   alpha-beta formulas of `parallel.collectives_model`.
@@ -33,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from civetta.models.gpt import GPT, GPTConfig
+from civetta.optim import AdamW, clip_coefficient
+from civetta.tensor import Tensor
 from parallel.collectives_model import (
     GroupLink,
     all_gather_time,
@@ -40,8 +44,9 @@ from parallel.collectives_model import (
     p2p_time,
     reduce_scatter_time,
 )
-from parallel.cost import TrainingLayout, microbatch_times
+from parallel.cost import TrainingLayout, microbatch_times, optimizer_time
 from parallel.hardware import HardwareProfile
+from parallel.runtime import Runtime
 
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
 
@@ -319,6 +324,87 @@ def fit_elementwise(
         f, b = times(s.config, s.batch, fitted)
         errors.append(abs((f + b) / (s.forward_s + s.backward_s) - 1))
     return ElementwiseFit(traffic, overhead, ratio, max(errors))
+
+
+# ---- the optimizer step -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerSample:
+    """Best seconds of one optimizer step over `tensors` float32 tensors of `elements` each."""
+
+    tensors: int
+    elements: int
+    seconds: float
+
+
+def optimizer_shapes(quick: bool = False) -> list[tuple[int, int]]:
+    """(tensors, elements per tensor): many small tensors expose the fixed cost per tensor, a
+    few large ones the bytes. Up to 1 MiB per array, what the small models trained here hold: a
+    state far beyond the caches sweeps several times slower (not modelled)."""
+    shapes = [(96, 64), (64, 1024), (32, 4096), (16, 16384), (8, 65536), (4, 262144)]
+    return shapes[::2] if quick else shapes
+
+
+def measure_optimizer(
+    shapes: Sequence[tuple[int, int]], repeats: int = 10
+) -> list[OptimizerSample]:
+    """The end of a single-process `civetta train` step, timed: the global gradient norm,
+    clipping (every step clips: the gradients are large), the AdamW update and dropping the
+    gradients, through the same functions the trainer calls."""
+    runtime = Runtime()
+    rng = np.random.default_rng(0)
+    samples = []
+    for count, elements in shapes:
+        params = {
+            f"layer{i}.weight": Tensor(rng.standard_normal(elements, dtype=np.float32))
+            for i in range(count)
+        }
+        grads = {name: rng.standard_normal(elements, dtype=np.float32) for name in params}
+        optimizer = AdamW(params, lr=1e-4)
+
+        def step(params: dict[str, Tensor] = params, grads: dict[str, np.ndarray] = grads,
+                 optimizer: AdamW = optimizer) -> None:  # fmt: skip
+            synced = runtime.synchronize_gradients(grads)
+            norm = math.sqrt(runtime.global_grad_sq_norm(synced))
+            coef = clip_coefficient(norm, 1.0)
+            optimizer.step({name: g * g.dtype.type(coef) for name, g in synced.items()})
+            for p in params.values():
+                p.grad = None
+
+        seconds = best_time(step, min_time_s=0.002, repeats=repeats)
+        samples.append(OptimizerSample(count, elements, seconds))
+    return samples
+
+
+@dataclass(frozen=True)
+class OptimizerFit:
+    traffic: float  # device.optimizer_traffic
+    overhead_s: float  # device.optimizer_overhead_us · 1e-6
+    max_error: float  # largest |predicted / measured - 1|
+
+
+def fit_optimizer(samples: Sequence[OptimizerSample], profile: HardwareProfile) -> OptimizerFit:
+    """The profile's optimizer numbers by non-negative least squares on relative error, through
+    the cost model's own formula (`parallel.cost.optimizer_time`, linear in both)."""
+    layout = TrainingLayout(dtype="float32", optimizer="adamw")
+
+    def predict(traffic: float, overhead_us: float, s: OptimizerSample) -> float:
+        device = dataclasses.replace(
+            profile.device, optimizer_traffic=traffic, optimizer_overhead_us=overhead_us
+        )
+        variant = dataclasses.replace(profile, device=device)
+        return optimizer_time(s.tensors * s.elements, s.tensors, layout, variant)
+
+    rows = [[predict(1.0, 0.0, s) / s.seconds, predict(0.0, 1.0, s) / s.seconds] for s in samples]
+    a, y = np.array(rows), np.ones(len(samples))
+    solution, *_ = np.linalg.lstsq(a, y, rcond=None)
+    if solution.min() < 0:  # non-negative: refit with the negative one held at zero
+        keep = int(np.argmax(solution))
+        only, *_ = np.linalg.lstsq(a[:, [keep]], y, rcond=None)
+        solution = np.zeros(2)
+        solution[keep] = max(0.0, float(only[0]))
+    traffic, overhead_us = float(solution[0]), float(solution[1])
+    errors = [abs(predict(traffic, overhead_us, s) / s.seconds - 1) for s in samples]
+    return OptimizerFit(traffic, overhead_us * 1e-6, max(errors))
 
 
 # ---- collectives --------------------------------------------------------------------------------

@@ -501,7 +501,7 @@ def project(
     s = dev.s
     num_stages = p * v
     blocks_per_stage = config.n_layer // num_stages
-    w_b, g_b, o_b = state_bytes_per_param(layout.dtype, layout.optimizer)
+    w_b, g_b, _ = state_bytes_per_param(layout.dtype, layout.optimizer)
 
     block, embed, head = dev.block(), dev.embedding(), dev.head()
     # Three kinds of stage: the first (with the embedding), the last (the head), the others.
@@ -540,6 +540,9 @@ def project(
         pp_exposed += 2 * p2p_time(tied_bytes, pl.latency_s, p2p_bandwidth)
     norm_bytes = 8  # one float64: the squared gradient norm
     pp_exposed += all_reduce_time(norm_bytes, pl)
+    # The loss averaged for the log (sum and count, float64): over pp, then over dp.
+    loss_bytes = 16
+    pp_exposed += all_reduce_time(loss_bytes, pl)
 
     # Tensor parallelism beyond the microbatches: sequence-parallel replicated gradients and
     # the gradient norm, once per step.
@@ -597,11 +600,12 @@ def project(
         if dp > 1 and layout.zero >= 1:  # the norm's terms live on different dp ranks
             exposed += all_reduce_time(norm_bytes, dl)
             nbytes += norm_bytes
+        exposed += all_reduce_time(loss_bytes, dl)
         dp_exposed = max(dp_exposed, exposed)
         dp_bytes = max(dp_bytes, nbytes)
-        # Optimizer: a memory-bound sweep over this rank's shard of the state.
         mine = params / dp if layout.zero >= 1 else params
-        optimizer_s = max(optimizer_s, mine * (g_b + 2 * o_b + 2 * w_b) / dev.hbm)
+        tensors = len(device_tensors(config, tp, p, d, v))
+        optimizer_s = max(optimizer_s, optimizer_time(mine, tensors, layout, profile))
 
     compute = m * (tick.compute_f + tick.compute_b)
     tp_exposed = m * (tick.comm_f + tick.comm_b) + (tp_step_s if tp > 1 else 0.0)
@@ -652,6 +656,18 @@ def project(
         price_per_gpu_hour=profile.price_per_gpu_hour,
         pipeline_model=pipeline_model,
     )
+
+
+def optimizer_time(
+    elements: float, tensors: int, layout: TrainingLayout, profile: HardwareProfile
+) -> float:
+    """One optimizer step on one device over `elements` parameters in `tensors` tensors: a
+    memory-bound sweep of the gradient, optimizer state and weights (read and written), times the
+    device's `optimizer_traffic`, plus its `optimizer_overhead_us` per tensor."""
+    w_b, g_b, o_b = state_bytes_per_param(layout.dtype, layout.optimizer)
+    d = profile.device
+    sweep = elements * (g_b + 2 * o_b + 2 * w_b) * d.optimizer_traffic / d.hbm_bytes_per_s
+    return sweep + tensors * d.optimizer_overhead_us * 1e-6
 
 
 def device_memory_of(config: GPTConfig, layout: TrainingLayout, device: int) -> MemoryPerGPU:

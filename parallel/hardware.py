@@ -15,7 +15,9 @@ The compute side is a small roofline with three calibrated numbers:
   stores, at ``memory_bandwidth · memory_efficiency``, plus an optional fixed
   ``layer_overhead_us`` per layer and microbatch (the dispatch of many small ops: what dominates
   civetta's own numpy engine on small models); backward takes ``backward_elementwise_ratio``
-  (default 2) times forward's non-GEMM time.
+  (default 2) times forward's non-GEMM time;
+- the optimizer step sweeps each rank's state once, ``optimizer_traffic`` times the bytes a
+  fused optimizer moves (default 1), plus ``optimizer_overhead_us`` per parameter tensor.
 
 `configs/hardware/local.yaml` is written by `civetta calibrate` from measurements of this
 machine (one core = one "GPU"); the GPU profiles carry datasheet figures and a few numbers
@@ -56,6 +58,11 @@ class DeviceSpec:
     layer_overhead_us: float = 0.0
     # Backward's non-GEMM time over forward's: 2 when backward moves twice the bytes.
     backward_elementwise_ratio: float = 2.0
+    # The optimizer step: its memory traffic over one read and write of the state a fused
+    # optimizer moves (1 on a GPU; numpy's one-op-at-a-time update moves several times that),
+    # and a fixed cost per parameter tensor (norm, clipping and update dispatched one by one).
+    optimizer_traffic: float = 1.0
+    optimizer_overhead_us: float = 0.0
 
     @property
     def memory_bytes(self) -> int:
@@ -211,6 +218,8 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
             "memory_reserved_gib": {"positive": False},
             "layer_overhead_us": {"positive": False},
             "backward_elementwise_ratio": {},
+            "optimizer_traffic": {},
+            "optimizer_overhead_us": {"positive": False},
         },
     )
     if device.memory_reserved_gib >= device.memory_gib:

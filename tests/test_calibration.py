@@ -15,7 +15,8 @@ from civetta.models.gpt import GPTConfig
 from launch.calibrate import build_profile, header, measure_compute, run_comm, write_profile
 from parallel import calibration as cal
 from parallel.collectives_model import GroupLink
-from parallel.hardware import load_profile, profile_from_dict
+from parallel.cost import TrainingLayout, optimizer_time
+from parallel.hardware import HardwareProfile, load_profile, profile_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")
@@ -86,6 +87,30 @@ def test_elementwise_fit_recovers_the_engine_numbers() -> None:
     assert fit.max_error < 1e-9
 
 
+def _optimizer_samples(profile: HardwareProfile) -> list[cal.OptimizerSample]:
+    """Synthetic optimizer timings made by the cost model itself from `profile`."""
+    layout = TrainingLayout(dtype="float32", optimizer="adamw")
+    return [
+        cal.OptimizerSample(n, e, optimizer_time(n * e, n, layout, profile))
+        for n, e in cal.optimizer_shapes()
+    ]
+
+
+def test_optimizer_fit_recovers_traffic_and_overhead_per_tensor() -> None:
+    device = dataclasses.replace(A100.device, optimizer_traffic=3.5, optimizer_overhead_us=12.0)
+    truth = dataclasses.replace(A100, device=device)
+    fit = cal.fit_optimizer(_optimizer_samples(truth), A100)
+    assert fit.traffic == pytest.approx(3.5, rel=1e-6)
+    assert fit.overhead_s == pytest.approx(12e-6, rel=1e-6)
+    assert fit.max_error < 1e-9
+
+
+def test_the_optimizer_measurement_times_every_shape() -> None:
+    samples = cal.measure_optimizer([(3, 16), (1, 64)], repeats=1)
+    assert [(s.tensors, s.elements) for s in samples] == [(3, 16), (1, 64)]
+    assert all(s.seconds > 0 and math.isfinite(s.seconds) for s in samples)
+
+
 def _measurements() -> tuple[dict, dict]:
     gemms = {
         dtype: [dataclasses.asdict(s) for s in _gemm_samples(rate, 1e-6, 30e9, dtype)]
@@ -102,7 +127,14 @@ def _measurements() -> tuple[dict, dict]:
         forward, backward = cal.engine_times(config, batch, truth)
         row = {"config": dataclasses.asdict(config), "batch": batch}
         engine.append({**row, "forward_s": forward, "backward_s": backward})
-    compute = {"bandwidth": {"copy_gbs": 25.0, "add_gbs": 30.0}, "gemms": gemms, "engine": engine}
+    fused = dataclasses.replace(device, optimizer_traffic=4.0, optimizer_overhead_us=9.0)
+    steps = _optimizer_samples(dataclasses.replace(truth, device=fused))
+    compute = {
+        "bandwidth": {"copy_gbs": 25.0, "add_gbs": 30.0},
+        "gemms": gemms,
+        "engine": engine,
+        "optimizer": [dataclasses.asdict(s) for s in steps],
+    }
     samples = _collective_samples(4e-6, 5e9)
     comm = {"ranks": 2, "samples": samples, "rank_rss_bytes": 120 << 20, "mpi": "MPICH 5.0.2"}
     return compute, comm
@@ -126,6 +158,8 @@ def test_the_written_profile_is_valid_and_reloads(tmp_path: Path) -> None:
     assert d.elementwise_traffic == pytest.approx(8.0, rel=0.02)
     assert d.layer_overhead_us == pytest.approx(250.0, rel=0.02)
     assert d.backward_elementwise_ratio == pytest.approx(0.7, rel=0.02)
+    assert d.optimizer_traffic == pytest.approx(4.0, rel=0.02)
+    assert d.optimizer_overhead_us == pytest.approx(9.0, rel=0.02)
     assert profile.intra_node.latency_us == pytest.approx(4.0, rel=0.05)
     assert profile.intra_node.bandwidth_gbs == pytest.approx(5.0, rel=0.05)
     assert profile.inter_node.bandwidth_gbs == profile.intra_node.bandwidth_gbs
@@ -149,6 +183,8 @@ def test_the_shipped_local_profile_loads() -> None:
         ("backward_elementwise_ratio", 0, r"^error: device\.backward_elementwise_ratio expected a"),
         ("layer_overhead_us", "fast", r"^error: device\.layer_overhead_us expected a number, got"),
         ("layer_overheads_us", 1, r"did you mean 'device\.layer_overhead_us'"),
+        ("optimizer_traffic", 0, r"^error: device\.optimizer_traffic expected a number > 0, "),
+        ("optimizer_overhead_us", -2, r"^error: device\.optimizer_overhead_us expected a number"),
     ],
 )
 def test_new_profile_fields_are_validated(key: str, value: object, message: str) -> None:
@@ -165,8 +201,10 @@ def test_the_compute_measurement_runs_quickly_in_process(monkeypatch: pytest.Mon
     small = GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=2, n_embd=8)
     monkeypatch.setattr(cal, "engine_models", lambda quick: [(small, 2)])
     monkeypatch.setattr(cal, "measure_bandwidth", lambda nbytes: {"copy_gbs": 1.0, "add_gbs": 1.0})
+    monkeypatch.setattr(cal, "optimizer_shapes", lambda quick: [(2, 8)])
     result = measure_compute(quick=True)
-    assert set(result) == {"bandwidth", "gemms", "engine"}
+    assert set(result) == {"bandwidth", "gemms", "engine", "optimizer"}
+    assert result["optimizer"][0]["tensors"] == 2
     assert len(result["gemms"]["float32"]) == 2 and result["engine"][0]["forward_s"] > 0
 
 
