@@ -45,6 +45,9 @@ from parallel.mesh import Mesh
 DEFAULT_OUT = Path("configs") / "hardware" / "local.yaml"
 COMM_RANKS = 2
 MAX_COPIES = 8  # compute measurements at once (each holds a few hundred MB)
+# Twice as many ranks as cores are started to measure oversubscription, on machines this small
+# (where running more ranks than cores is how a layout fits at all).
+MAX_OVERSUBSCRIBED_CORES = 8
 # One BLAS thread per process, as `launch.launcher.rank_environment` gives every rank.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -75,7 +78,14 @@ def measure_compute(quick: bool) -> dict[str, Any]:
         dataclasses.asdict(s)
         for s in cal.measure_optimizer(cal.optimizer_shapes(quick), repeats=5 if quick else 12)
     ]
-    return {"bandwidth": bandwidth, "gemms": gemms, "engine": engine, "optimizer": optimizer}
+    chunks = {str(g): t for g, t in cal.measure_chunks(repeats=5 if quick else 10).items()}
+    return {
+        "bandwidth": bandwidth,
+        "gemms": gemms,
+        "engine": engine,
+        "optimizer": optimizer,
+        "chunks": chunks,
+    }
 
 
 def measure_comm(quick: bool) -> dict[str, Any] | None:
@@ -101,12 +111,29 @@ def measure_comm(quick: bool) -> dict[str, Any] | None:
     }
 
 
+def measure_oversubscribed(quick: bool) -> dict[str, Any] | None:
+    """Compute chunks and all-reduces in turn on every rank of this (oversubscribed) job;
+    rank 0 returns them."""
+    from mpi4py import MPI
+
+    mesh = Mesh(dp=MPI.COMM_WORLD.Get_size())
+    loops = cal.measure_loops(mesh.group("dp"), iterations=20 if quick else 40)
+    return {"ranks": mesh.world_size, "loops": loops} if mesh.rank == 0 else None
+
+
+MEASUREMENTS = {
+    "compute": measure_compute,
+    "comm": measure_comm,
+    "oversubscribed": measure_oversubscribed,
+}
+
+
 def _worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.calibrate")
-    parser.add_argument("--measure", choices=["compute", "comm"], required=True)
+    parser.add_argument("--measure", choices=list(MEASUREMENTS), required=True)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    result = measure_compute(args.quick) if args.measure == "compute" else measure_comm(args.quick)
+    result = MEASUREMENTS[args.measure](args.quick)
     if result is not None:
         print(json.dumps(result), flush=True)
     return 0
@@ -165,10 +192,18 @@ def run_compute(quick: bool, copies: int = 1) -> dict[str, Any]:
 
 
 def run_comm(quick: bool, mpiexec: str | None = None) -> dict[str, Any]:
-    command = [find_mpiexec(mpiexec), "-n", str(COMM_RANKS), sys.executable, "-m", "mpi4py"]
-    command += ["-m", "launch.calibrate", "--measure", "comm"] + (["--quick"] if quick else [])
-    env = {**rank_environment(COMM_RANKS), **ONE_THREAD}
-    return _run(command, env, "communication", 600)
+    return _run_ranks("comm", COMM_RANKS, quick, mpiexec)
+
+
+def run_oversubscribed(quick: bool, ranks: int, mpiexec: str | None = None) -> dict[str, Any]:
+    return _run_ranks("oversubscribed", ranks, quick, mpiexec)
+
+
+def _run_ranks(what: str, ranks: int, quick: bool, mpiexec: str | None) -> dict[str, Any]:
+    command = [find_mpiexec(mpiexec), "-n", str(ranks), sys.executable, "-m", "mpi4py"]
+    command += ["-m", "launch.calibrate", "--measure", what] + (["--quick"] if quick else [])
+    env = {**rank_environment(), **ONE_THREAD}
+    return _run(command, env, f"{what} communication", 600)
 
 
 # ---- from measurements to a profile -------------------------------------------------------------
@@ -197,9 +232,14 @@ def _round(value: float, digits: int = 3) -> float:
 
 
 def build_profile(
-    compute: dict[str, Any], comm: dict[str, Any], cores: int, memory_bytes: int
+    compute: dict[str, Any],
+    comm: dict[str, Any],
+    cores: int,
+    memory_bytes: int,
+    oversubscribed: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(profile mapping in the schema of `parallel.hardware`, fit report for the header)."""
+    """(profile mapping in the schema of `parallel.hardware`, fit report for the header).
+    Without `oversubscribed` measurements the profile has no `oversubscribed` section."""
     bandwidth = compute["bandwidth"]
     memory_gbs = max(bandwidth["copy_gbs"], bandwidth["add_gbs"])
     efficiency = min(1.0, bandwidth["add_gbs"] / memory_gbs)
@@ -278,6 +318,17 @@ def build_profile(
     optimizer = cal.fit_optimizer(steps, profile)
     raw["device"]["optimizer_traffic"] = _round(optimizer.traffic)
     raw["device"]["optimizer_overhead_us"] = _round(optimizer.overhead_s * 1e6)
+    over_fit = None
+    if oversubscribed is not None:
+        loops = [tuple(row) for row in oversubscribed["loops"]]
+        chunks = {int(g): t for g, t in compute["chunks"].items()}
+        over_fit = cal.fit_oversubscription(loops, chunks, oversubscribed["ranks"], cores)
+        raw["oversubscribed"] = {
+            "ranks": oversubscribed["ranks"],
+            "compute_stretch": _round(over_fit.compute_stretch),
+            "latency_us": _round(over_fit.latency_s * 1e6),
+            "bandwidth_gbs": _round(over_fit.bytes_per_s / 1e9),
+        }
     profile_from_dict(raw, origin="calibration")  # the written file must load
     report = {
         "bandwidth": bandwidth,
@@ -289,6 +340,8 @@ def build_profile(
         # The largest message of each collective, beyond the fitted range: (bytes, seconds).
         "largest": {op: max(rows) for op, rows in comm["samples"].items()},
         "engine_samples": len(engine),
+        "oversubscribed": over_fit,
+        "oversubscribed_ranks": oversubscribed["ranks"] if oversubscribed else 0,
         "optimizer": optimizer,
         "optimizer_samples": len(steps),
         "gemm_samples": {d: len(rows) for d, rows in gemms.items()},
@@ -335,6 +388,14 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
             f"    {op}: {fit.latency_s * 1e6:.2f} us, {fit.bytes_per_s / 1e9:.2f} GB/s "
             f"(worst {fit.max_error:.0%})"
         )
+    over = report.get("oversubscribed")
+    if over is not None:
+        lines.append(
+            f"- {report['oversubscribed_ranks']} ranks on {os.cpu_count()} cores, compute chunks "
+            f"and all-reduces in turn: compute stretched {over.compute_stretch:.2f}x beyond its "
+            f"share of a core; latency {over.latency_s * 1e6:.1f} us, "
+            f"{over.bytes_per_s / 1e9:.2f} GB/s (worst {over.max_error:.0%})"
+        )
     fitted = cal.FIT_MAX_BYTES
     largest = report.get("largest", {})
     size = max((b for b, _ in largest.values()), default=0)
@@ -377,6 +438,14 @@ def render(console: Console, raw: dict[str, Any], out: Path) -> None:
         ("GPUs (cores) per node", str(raw["gpus_per_node"])),
         ("memory per GPU", f"{d['memory_gib']:g} GiB ({d['memory_reserved_gib']:g} reserved)"),
     ]  # fmt: skip
+    if "oversubscribed" in raw:
+        o = raw["oversubscribed"]
+        rows.append(
+            (
+                f"{o['ranks']} ranks: stretch, latency, bandwidth",
+                f"{o['compute_stretch']:g}×, {o['latency_us']:g} µs, {o['bandwidth_gbs']:g} GB/s",
+            )
+        )
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -412,11 +481,16 @@ def calibrate_command(
             compute = run_compute(quick, copies)
         with console.status(f"measuring MPI collectives on {COMM_RANKS} ranks..."):
             comm = run_comm(quick, mpiexec)
+        oversubscribed = None
+        if cores <= MAX_OVERSUBSCRIBED_CORES:
+            ranks = 2 * cores
+            with console.status(f"measuring {ranks} ranks on {cores} cores..."):
+                oversubscribed = run_oversubscribed(quick, ranks, mpiexec)
     except (CalibrationError, LauncherError) as exc:
         message = str(exc)
         print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
         return 2
-    raw, report = build_profile(compute, comm, cores, _memory_bytes())
+    raw, report = build_profile(compute, comm, cores, _memory_bytes(), oversubscribed)
     report["copies"] = copies
     write_profile(out, raw, header(report, quick, load))
     render(console, raw, out)

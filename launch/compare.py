@@ -104,7 +104,7 @@ def run_environment(label: str) -> dict[str, str]:
     """The run's environment: one BLAS thread per process unless the user set it, as every rank
     of a multi-rank layout gets, so the baseline is not timed with threads the layouts lack
     (measured: multi-threaded BLAS on these small matrices is also 6x slower on 2 cores)."""
-    env = launcher.rank_environment(1)
+    env = launcher.rank_environment()
     env = {k: v for k, v in env.items() if not k.startswith(MPI_ENV_PREFIXES)}
     scoped = env.pop(FAULT_ENV, "")
     target, _, spec = scoped.partition(":")

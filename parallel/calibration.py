@@ -14,7 +14,11 @@ writes `configs/hardware/local.yaml`):
   fitted to `parallel.cost.optimizer_time` (traffic multiplier, fixed cost per tensor);
 - the collectives of the local MPI over a group of ranks (all-reduce, all-gather,
   reduce-scatter and a point-to-point ping-pong through `parallel.comm`), fitted to the
-  alpha-beta formulas of `parallel.collectives_model`.
+  alpha-beta formulas of `parallel.collectives_model`;
+- more ranks than cores: a fixed compute chunk alone on a core, then chunks and all-reduces in
+  turn on twice as many ranks as cores, fitted to the profile's `oversubscribed` numbers (how
+  much a rank's compute stretches beyond its share of a core, and the latency and bandwidth of
+  its collectives).
 
 Every timing is the best of several repetitions: other processes on the machine only ever slow a
 run down, so the minimum is the closest to what the hardware does. Fits minimise a squared log
@@ -535,3 +539,100 @@ def fit_link(
         float(np.sqrt(np.mean(np.log(ratio) ** 2))),
         float(np.max(np.abs(ratio - 1))),
     )
+
+
+# ---- more ranks than cores ----------------------------------------------------------------------
+class ComputeChunk:
+    """A fixed piece of single-thread work, `gemms` float32 128 × 128 GEMMs (about 2 ms on a
+    core for the default), timed alone and then between collectives of an oversubscribed job."""
+
+    def __init__(self, gemms: int = 48) -> None:
+        self.gemms = gemms
+        self.a = np.random.default_rng(0).standard_normal((128, 128), dtype=np.float32)
+        self.out = np.empty_like(self.a)
+
+    def __call__(self) -> None:
+        for _ in range(self.gemms):
+            np.matmul(self.a, self.a, out=self.out)
+
+
+CHUNKS = (12, 48)  # GEMMs per chunk: about 0.5 and 2 ms, the spacing of a step's collectives
+LOOP_BYTES = (16, 64 << 10, 1 << 20)  # all-reduce sizes between the chunks
+
+
+def measure_chunks(repeats: int = 10) -> dict[int, float]:
+    """Best seconds of each chunk of `CHUNKS` on this process (run with every core busy)."""
+    return {g: best_time(ComputeChunk(g), min_time_s=0.01, repeats=repeats) for g in CHUNKS}
+
+
+def measure_loops(
+    group: Any, iterations: int = 40, repeats: int = 3
+) -> list[tuple[int, int, float]]:
+    """(gemms per chunk, all-reduce bytes, seconds per iteration) of a loop every rank of
+    `group` runs: a chunk, then an all-reduce over the group. Each is the median over `repeats`
+    of the mean over `iterations` (single iterations of an oversubscribed job vary severalfold,
+    so their mean is what a training step sees)."""
+    results = []
+    for gemms in CHUNKS:
+        chunk = ComputeChunk(gemms)
+        for nbytes in LOOP_BYTES:
+            buffer = np.ones(max(group.size, nbytes // 4 // group.size * group.size), np.float32)
+            out = np.empty_like(buffer)
+            means = []
+            for _ in range(repeats):
+                group.barrier()
+                for _ in range(3):  # warm-up
+                    chunk()
+                    group.all_reduce(buffer, out=out)
+                start = time.perf_counter()
+                for _ in range(iterations):
+                    chunk()
+                    group.all_reduce(buffer, out=out)
+                elapsed = np.array([(time.perf_counter() - start) / iterations])
+                means.append(float(group.all_reduce(elapsed, op="max")[0]))
+            results.append((gemms, buffer.nbytes, float(np.median(means))))
+    return results
+
+
+@dataclass(frozen=True)
+class OversubscriptionFit:
+    compute_stretch: float
+    latency_s: float
+    bytes_per_s: float
+    max_error: float  # largest |predicted / measured - 1| of a loop's iteration
+
+
+def fit_oversubscription(
+    loops: Sequence[tuple[int, int, float]], chunk_s: dict[int, float], ranks: int, cores: int
+) -> OversubscriptionFit:
+    """Iteration = share · stretch · chunk alone + all-reduce time on the oversubscribed link
+    (`collective_time`), share = ranks / cores: grid search over latency and bandwidth in log
+    space, with the stretch solved in closed form (relative least squares) at each point."""
+    share = ranks / cores
+    measured = np.array([t for _, _, t in loops])
+    compute = np.array([share * chunk_s[g] for g, _, _ in loops])
+
+    def solve(latency: float, bandwidth: float) -> tuple[float, float, np.ndarray]:
+        link = GroupLink("oversubscribed", ranks, False, ranks, "", latency, bandwidth)
+        comm = np.array([collective_time("all_reduce", b, link) for _, b, _ in loops])
+        a, rest = compute / measured, 1 - comm / measured
+        stretch = max(float(np.dot(a, rest) / np.dot(a, a)), 1e-3)
+        ratio = (stretch * compute + comm) / measured
+        return float(np.sum((ratio - 1) ** 2)), stretch, ratio
+
+    spare = max(float(np.min(measured - compute)), 1e-6)  # what a collective could take
+    latencies = _log_grid(spare / 1000, spare * 2, 41)
+    bandwidths = _log_grid(1e8, 1e11, 41)
+    best = (math.inf, 0.0, 0.0)
+    for _ in range(3):
+        for latency in latencies:
+            for bandwidth in bandwidths:
+                loss = solve(latency, bandwidth)[0]
+                if loss < best[0]:
+                    best = (loss, latency, bandwidth)
+        _, latency, bandwidth = best
+        latencies = _log_grid(latency / 1.5, latency * 1.5, 15)
+        bandwidths = _log_grid(bandwidth / 1.5, bandwidth * 1.5, 15)
+    _, latency, bandwidth = best
+    _, stretch, ratio = solve(latency, bandwidth)
+    return OversubscriptionFit(stretch, latency, bandwidth, float(np.max(np.abs(ratio - 1))))

@@ -67,7 +67,6 @@ from parallel.memory_model import (
     ELEMENT_BYTES,
     MemoryPerGPU,
     block_activation_bytes,
-    block_params_per_rank,
     ceil_div,
     device_memory,
     device_params,
@@ -172,7 +171,8 @@ class TrainingLayout:
 class CostOptions:
     """Software behaviour the layout does not say (defaults: a modern framework)."""
 
-    overlap_dp: bool = True  # gradient buckets reduced during the last backward
+    # Gradient buckets reduced during the last backward, ZeRO-3 gathers prefetched behind compute.
+    overlap_dp: bool = True
     # Megatron-LM §4.1: each tp rank sends 1/tp of a pipeline message over its own network
     # adapter and the receiving node all-gathers it over NVLink. civetta's executor sends whole.
     pp_scatter_gather: bool = False
@@ -180,7 +180,8 @@ class CostOptions:
     replay: Replay | None = replayed_makespan
 
 
-# How civetta's executor runs a step: the gradient all-reduce waits for the last backward.
+# How civetta's executor runs a step: the gradient all-reduce waits for the last backward, and
+# each ZeRO-3 gather for its op.
 CIVETTA_EXECUTOR = CostOptions(overlap_dp=False)
 
 
@@ -473,6 +474,27 @@ def _zero3_shards(
     return shard, blocks
 
 
+@lru_cache(maxsize=1024)
+def zero3_ops(
+    config: GPTConfig, tp: int, pp: int, device: int, v: int, dp: int
+) -> tuple[tuple[int, bool], ...]:
+    """(elements of the padded shards one rank contributes, in a block?) of each op that holds
+    parameters under ZeRO-3, one all-gather and one reduce-scatter each (`parallel.zero`): a
+    linear gathers its weight and bias together, but a row-parallel linear (tp > 1) adds its
+    whole bias after the all-reduce, in an op of its own; a layer norm scales and shifts in two
+    ops; each embedding is one op, and a tied head on the embedding's device is one more."""
+    ops: dict[str, int] = {}
+    for name, n in _tensors(config, tp, pp, device, v):
+        module = name.rsplit(".", 1)[0]
+        apart = "ln_" in module or (tp > 1 and module.endswith("c_proj"))
+        key = name if apart else module
+        ops[key] = ops.get(key, 0) + ceil_div(n, dp)
+    out = [(n, key.startswith("transformer.h.")) for key, n in ops.items()]
+    if config.tie_embeddings and pp == 1:  # (ZeRO-3 runs without pipelining)
+        out.append((ops["transformer.wte"], False))
+    return tuple(out)
+
+
 def _zero3_bytes(config: GPTConfig, layout: TrainingLayout, device: int, w_b: int, g_b: int) -> int:
     """Ledger bytes of one microbatch under ZeRO-3 (`parallel.zero`): every op all-gathers its
     parameters' shards before its forward and again before its backward, full recomputation
@@ -494,6 +516,10 @@ def project(
     """Project one training step of `config` under `layout` onto `profile`."""
     options = options or CostOptions()
     layout.check(config)
+    # Timing and capacity as each rank sees the machine (cores shared by more ranks than there
+    # are); MFU stays relative to the device's own peak.
+    peak = profile.device.peak_flops(layout.dtype)
+    profile = profile.for_ranks(layout.world_size)
     mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
     links = _group_links(mesh, profile)
     dev = _Device(config, layout, profile, links["tp"])
@@ -585,17 +611,16 @@ def project(
                     k * all_gather_time(dp * c * w_b, dl) for c, k in Counter(chunks).items()
                 )
         elif dp > 1:  # ZeRO-3: gather before each forward, recomputation and backward
-            gathers = 3 if layout.recompute == "full" else 2
-            # Block by block (one collective each, so latency counts), then the rest.
-            per_block = block_params_per_rank(config, tp)
-            blocks = config.n_layer // p
-            rest = params - blocks * per_block
-            gather = blocks * all_gather_time(per_block * w_b, dl)
-            gather += all_gather_time(rest * w_b, dl)
-            scatter = blocks * reduce_scatter_time(per_block * g_b, dl)
-            scatter += reduce_scatter_time(rest * g_b, dl)
+            # Op by op, one collective each (so latency counts per op): a framework prefetches
+            # them behind the microbatch's compute; civetta's executor waits for each.
+            again = layout.recompute == "full"
+            traffic = sum(
+                (2 + (again and in_block)) * all_gather_time(dp * n * w_b, dl)
+                + reduce_scatter_time(dp * n * g_b, dl)
+                for n, in_block in zero3_ops(config, tp, p, d, v, dp)
+            )
             busy = ticks[d].forward + ticks[d].backward
-            exposed = m * max(0.0, gathers * gather + scatter - busy)
+            exposed = m * (max(0.0, traffic - busy) if options.overlap_dp else traffic)
             nbytes = m * _zero3_bytes(config, layout, d, w_b, g_b)
         if dp > 1 and layout.zero >= 1:  # the norm's terms live on different dp ranks
             exposed += all_reduce_time(norm_bytes, dl)
@@ -621,7 +646,6 @@ def project(
 
     flops = step_flops(config, layout.global_batch, s, layout.recompute)
     world = layout.world_size
-    peak = profile.device.peak_flops(layout.dtype)
     memory = max(
         (device_memory_of(config, layout, d) for d in sorted({0, p - 1})),
         key=lambda mem: mem.total,
@@ -698,6 +722,7 @@ def microbatch_times(
     stages, tensor-parallel collectives included): the compute side of `project`, exposed for
     calibrating a profile against measured times (`parallel.calibration`)."""
     layout.check(config)
+    profile = profile.for_ranks(layout.world_size)
     mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
     dev = _Device(config, layout, profile, _group_links(mesh, profile)["tp"])
     p = layout.pp

@@ -20,14 +20,15 @@ The compute side is a small roofline with three calibrated numbers:
   fused optimizer moves (default 1), plus ``optimizer_overhead_us`` per parameter tensor.
 
 `configs/hardware/local.yaml` is written by `civetta calibrate` from measurements of this
-machine (one core = one "GPU"); the GPU profiles carry datasheet figures and a few numbers
+machine (one core = one "GPU", the machine one node; its ``oversubscribed`` section says how
+more ranks than cores share them); the GPU profiles carry datasheet figures and a few numbers
 fitted to published runs.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,21 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class Oversubscription:
+    """A machine that runs more ranks than it has cores (only `local`: civetta on a CPU).
+
+    The ranks time-share the cores: each computes at cores / ranks of one, further slowed by
+    `compute_stretch` (switches, caches shared by more processes), and every collective runs at
+    the latency and bandwidth measured with `ranks` ranks on the machine.
+    """
+
+    ranks: int  # the world size these numbers were measured with
+    compute_stretch: float
+    latency_us: float
+    bandwidth_gbs: float
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     device: DeviceSpec
@@ -112,6 +128,37 @@ class HardwareProfile:
     gpus_per_node: int
     price_per_gpu_hour: float
     source: str = ""
+    oversubscribed: Oversubscription | None = None
+
+    def for_ranks(self, world: int) -> HardwareProfile:
+        """The profile as each of `world` ranks sees it. Unchanged unless the profile is one
+        machine that `world` oversubscribes (`oversubscribed`, and more ranks than cores): then
+        the machine stays one node, each rank's device is slowed by its share of a core times the
+        stretch (every rate divided, every fixed overhead multiplied), holds its share of the
+        memory, and every link is the oversubscribed one."""
+        over, cores = self.oversubscribed, self.gpus_per_node
+        if over is None or world <= cores:
+            return self
+        slow = world / cores * over.compute_stretch
+        d = self.device
+        device = replace(
+            d,
+            name=f"{d.name}, {world} ranks on {cores} cores",
+            peak_tflops={dtype: peak / slow for dtype, peak in d.peak_tflops.items()},
+            memory_gib=d.memory_gib * cores / world,
+            memory_reserved_gib=d.memory_reserved_gib * cores / world,
+            memory_bandwidth_gbs=d.memory_bandwidth_gbs / slow,
+            kernel_overhead_us=d.kernel_overhead_us * slow,
+            layer_overhead_us=d.layer_overhead_us * slow,
+            optimizer_overhead_us=d.optimizer_overhead_us * slow,
+        )
+        link = LinkSpec(
+            f"{self.intra_node.name}, {world} ranks on {cores} cores",
+            over.bandwidth_gbs,
+            over.latency_us,
+            1.0,
+        )
+        return replace(self, device=device, intra_node=link, inter_node=link, gpus_per_node=world)
 
     def gemm_time(self, flops: float, nbytes: float, dtype: str) -> float:
         """Seconds of one GEMM kernel of `flops` FLOPs moving `nbytes` bytes: roofline + launch."""
@@ -188,7 +235,7 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
     if not isinstance(raw, dict):
         raise CostModelError(f"error: {origin} expected a mapping, got {_describe(raw)}")
     top = ["name", "source", "device", "intra_node", "inter_node", "gpus_per_node"]
-    _check_keys(raw, [*top, "price_per_gpu_hour"], "")
+    _check_keys(raw, [*top, "price_per_gpu_hour", "oversubscribed"], "")
     fraction = {"at_most": 1.0}
     dev_raw = _section(raw, "device")
     peaks = dev_raw.get("peak_tflops")
@@ -238,7 +285,22 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
         raise CostModelError(f"error: name expected a profile name, got {_describe(name)}")
     price = _number("price_per_gpu_hour", raw.get("price_per_gpu_hour", 0.0), positive=False)
     source = raw.get("source", "")
-    return HardwareProfile(name, device, intra, inter, gpus, price, str(source or ""))
+    over = None
+    if "oversubscribed" in raw:
+        over_raw = _section(raw, "oversubscribed")
+        over = _build(
+            Oversubscription,
+            over_raw,
+            "oversubscribed.",
+            {"compute_stretch": {}, "latency_us": {"positive": False}, "bandwidth_gbs": {}},
+        )
+        ranks = over_raw.get("ranks")
+        if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks <= gpus:
+            raise CostModelError(
+                f"error: oversubscribed.ranks expected an integer above gpus_per_node={gpus}, "
+                f"got {ranks!r}"
+            )
+    return HardwareProfile(name, device, intra, inter, gpus, price, str(source or ""), over)
 
 
 def resolve_profile_path(name_or_path: str | Path) -> Path:

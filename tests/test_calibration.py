@@ -12,7 +12,14 @@ import pytest
 import yaml
 
 from civetta.models.gpt import GPTConfig
-from launch.calibrate import build_profile, header, measure_compute, run_comm, write_profile
+from launch.calibrate import (
+    build_profile,
+    header,
+    measure_compute,
+    run_comm,
+    run_oversubscribed,
+    write_profile,
+)
 from parallel import calibration as cal
 from parallel.collectives_model import GroupLink
 from parallel.cost import TrainingLayout, optimizer_time
@@ -203,7 +210,8 @@ def test_the_compute_measurement_runs_quickly_in_process(monkeypatch: pytest.Mon
     monkeypatch.setattr(cal, "measure_bandwidth", lambda nbytes: {"copy_gbs": 1.0, "add_gbs": 1.0})
     monkeypatch.setattr(cal, "optimizer_shapes", lambda quick: [(2, 8)])
     result = measure_compute(quick=True)
-    assert set(result) == {"bandwidth", "gemms", "engine", "optimizer"}
+    assert set(result) == {"bandwidth", "gemms", "engine", "optimizer", "chunks"}
+    assert set(result["chunks"]) == {str(g) for g in cal.CHUNKS}
     assert result["optimizer"][0]["tensors"] == 2
     assert len(result["gemms"]["float32"]) == 2 and result["engine"][0]["forward_s"] > 0
 
@@ -214,3 +222,36 @@ def test_the_comm_measurement_runs_under_mpiexec() -> None:
     for rows in comm["samples"].values():
         assert [size for size, _ in rows] == cal.message_sizes(quick=True)
         assert all(seconds > 0 and math.isfinite(seconds) for _, seconds in rows)
+
+
+def test_the_oversubscribed_measurement_runs_under_mpiexec() -> None:
+    """Twice as many ranks as this machine has cores (at least 2) run chunks and all-reduces."""
+    ranks = 4
+    over = run_oversubscribed(quick=True, ranks=ranks)
+    assert over["ranks"] == ranks
+    loops = [tuple(row) for row in over["loops"]]
+    assert [(g, b) for g, b, _ in loops] == [
+        (g, max(ranks, b // 4 // ranks * ranks) * 4) for g in cal.CHUNKS for b in cal.LOOP_BYTES
+    ]
+    assert all(seconds > 0 and math.isfinite(seconds) for _, _, seconds in loops)
+
+
+def test_the_written_profile_says_how_more_ranks_share_the_cores(tmp_path: Path) -> None:
+    compute, comm = _measurements()
+    chunks = {12: 0.4e-3, 48: 1.6e-3}
+    compute["chunks"] = {str(g): t for g, t in chunks.items()}
+    link = GroupLink("dp", 8, False, 8, "", 50e-6, 2e9)
+    loops = [
+        (g, b, 2 * 1.2 * t + cal.collective_time("all_reduce", b, link))
+        for g, t in chunks.items()
+        for b in cal.LOOP_BYTES
+    ]
+    raw, report = build_profile(compute, comm, 4, 32 << 30, {"ranks": 8, "loops": loops})
+    path = tmp_path / "local.yaml"
+    write_profile(path, raw, header(report, quick=False, load=(0.1, 0.2, 0.3)))
+    assert "8 ranks on" in path.read_text()
+    over = load_profile(path).oversubscribed
+    assert over is not None and over.ranks == 8
+    assert over.compute_stretch == pytest.approx(1.2, rel=0.02)
+    assert over.latency_us == pytest.approx(50.0, rel=0.05)
+    assert over.bandwidth_gbs == pytest.approx(2.0, rel=0.05)

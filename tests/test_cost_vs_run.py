@@ -32,7 +32,7 @@ from civetta.models.gpt import GPTStage
 from civetta.nn import merge
 from launch.config import gpt_config, load
 from launch.simulate import to_layout
-from parallel.cost import device_memory_of, project
+from parallel.cost import device_memory_of, project, zero3_ops
 from parallel.hardware import load_profile
 from parallel.memory_model import device_tensors
 from parallel.pipeline import partition_layers
@@ -92,6 +92,7 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         2,
         ["parallel.dp=2", "parallel.zero=3", "parallel.recompute=full", *ODD],
     ),
+    "dp2xtp2-zero3": (4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=3"]),
 }
 
 
@@ -186,3 +187,20 @@ def test_gradient_buckets_see_the_models_parameters_in_order(
         ]
         actual = [(name, t.data.size) for name, t in merge(*mine).items()]
         assert device_tensors(model, 1, pp, rank, v) == actual
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if "zero3" in n])
+def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
+    """The time of ZeRO-3 counts one latency per op: as many collectives as the run makes."""
+    metrics = executed(name)
+    config, _ = projected(name)
+    layout, model = to_layout(config), gpt_config(config)
+    ops = zero3_ops(model, layout.tp, layout.pp, 0, layout.virtual_stages, layout.dp)
+    again = sum(in_block for _, in_block in ops) if layout.recompute == "full" else 0
+    expected = {"all_gather": 2 * len(ops) + again, "reduce_scatter": len(ops)}
+    for rank in metrics["comm"]["per_rank"]:
+        calls = dict.fromkeys(expected, 0)
+        for row in rank["ops"]:
+            if row["axis"] == "dp" and row["op"] in expected:
+                calls[row["op"]] += row["calls"] // len(metrics["steps"])
+        assert calls == expected
