@@ -1,4 +1,4 @@
-"""What the engine measures as it runs: live activation bytes and matmul FLOPs.
+"""What the engine measures as it runs: live activation bytes, graph nodes and matmul FLOPs.
 
 Both meters are process-wide (one rank is one process) and cost an integer add per op.
 """
@@ -17,6 +17,8 @@ class ActivationMeter:
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
+        self.nodes = 0  # graph nodes ever built: the engine's per-op dispatch, counted
+
 
     def reset_peak(self) -> None:
         self.peak = self.live

@@ -352,6 +352,7 @@ def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardF
         out.requires_grad = True
         out._parents = parents
         out._backward = backward
+        activation_meter.nodes += 1
         held = data.nbytes if fresh else 0
         if _precision is not None:  # memory in bytes of the simulated dtype
             held = held // data.itemsize * _precision.itemsize

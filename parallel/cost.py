@@ -272,6 +272,17 @@ class _Tick:
         return StageTimes(self.forward, self.backward, self.wgrad)
 
 
+def engine_nodes(config: GPTConfig, tp: int) -> tuple[int, int]:
+    """Autograd nodes civetta's engine builds per microbatch on one rank: (one block, the
+    embedding with the head and the loss), as counted by tests/test_cost_vs_run.py. Tensor
+    parallelism adds the region boundaries and the split bias adds of each block, and the
+    reductions of the vocabulary-parallel loss."""
+    bias = int(config.bias)
+    if tp == 1:
+        return 28 + 4 * bias, 9 + 2 * bias
+    return 32 + 8 * bias, 25 + 2 * bias
+
+
 class _Device:
     """Timing of the pieces of the model on one tensor-parallel rank."""
 
@@ -288,7 +299,13 @@ class _Device:
         self.e = element_bytes(layout.dtype)
         self.hbm = profile.device.hbm_bytes_per_s
         self.traffic = profile.device.elementwise_traffic
-        self.overhead = profile.device.layer_overhead_us * 1e-6
+        # The fixed cost of dispatching ops: the profile's is one block's on one rank; a layout
+        # that builds more graph nodes (the redirections of tensor parallelism, the
+        # vocabulary-parallel loss) pays in proportion.
+        block_nodes, rest_nodes = engine_nodes(config, layout.tp)
+        per_node = profile.device.layer_overhead_us * 1e-6 / engine_nodes(config, 1)[0]
+        self.overhead = per_node * block_nodes
+        self.rest_overhead = per_node * rest_nodes
         self.backward_ratio = profile.device.backward_elementwise_ratio
         self.hidden_bytes = self.b * self.s * config.n_embd * self.e  # one (b, s, h) activation
 
@@ -359,13 +376,13 @@ class _Device:
         )
 
     def head(self) -> _Tick:
-        """Final layer norm, logits and the vocabulary-parallel cross-entropy; its fixed
-        overhead counts as one layer's (the embedding's few ops are folded into it)."""
+        """Final layer norm, logits and the vocabulary-parallel cross-entropy; the fixed
+        overhead of the embedding's few ops is folded into it."""
         c, tp = self.config, self.layout.tp
         g = head_gemm(c, self.b, self.s, tp)
         dgrad, wgrad = (self.gemm(x) for x in g.backward())
         logits_bytes = 4 * self.b * self.s * c.vocab_size / tp  # fp32 for the loss
-        elem_f = self.traffic * (logits_bytes + self.hidden_bytes) / self.hbm + self.overhead
+        elem_f = self.traffic * (logits_bytes + self.hidden_bytes) / self.hbm + self.rest_overhead
         en_f, en_b, en_fb, en_bb = self._enter()
         # max, sum of exponentials and the target logit: three all-reduces of (b, s) values
         small = self.b * self.s * self.e

@@ -32,7 +32,7 @@ from civetta.models.gpt import GPTStage
 from civetta.nn import merge
 from launch.config import gpt_config, load
 from launch.simulate import to_layout
-from parallel.cost import device_memory_of, project, zero3_ops
+from parallel.cost import device_memory_of, engine_nodes, project, zero3_ops
 from parallel.hardware import load_profile
 from parallel.memory_model import device_tensors
 from parallel.pipeline import partition_layers
@@ -204,3 +204,22 @@ def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
             if row["axis"] == "dp" and row["op"] in expected:
                 calls[row["op"]] += row["calls"] // len(metrics["steps"])
         assert calls == expected
+
+
+@pytest.mark.parametrize(
+    ("tp", "extra"),
+    [(1, []), (1, ["model.bias=false"]), (2, []), (2, ["parallel.sequence_parallel=true"]),
+     (2, ["model.bias=false", "model.tie_embeddings=false"])],
+)  # fmt: skip
+def test_engine_nodes_equal_the_graph_the_run_builds(tp: int, extra: list[str]) -> None:
+    """The fixed cost of op dispatch scales with the graph nodes a layout builds (one microbatch
+    per step here: the whole batch)."""
+    counts = {}
+    for layers in (1, 2):
+        overrides = [*TINY, f"model.n_layer={layers}", f"parallel.tp={tp}", *extra]
+        worker = str(WORKERS / "nodes_worker.py")
+        counts[layers] = run_mpi_json(tp, [worker, *overrides], timeout=90)["nodes"]
+    config = gpt_config(load(None, [*TINY, *extra]))
+    block, rest = engine_nodes(config, tp)
+    assert counts[1] == [block + rest] * tp
+    assert counts[2] == [2 * block + rest] * tp
