@@ -116,6 +116,7 @@ def measure_oversubscribed(quick: bool) -> dict[str, Any] | None:
     rank 0 returns them."""
     from mpi4py import MPI
 
+    keep_freed_memory()  # as `civetta train` does, and as the chunks were timed alone
     mesh = Mesh(dp=MPI.COMM_WORLD.Get_size())
     loops = cal.measure_loops(mesh.group("dp"), iterations=20 if quick else 40)
     return {"ranks": mesh.world_size, "loops": loops} if mesh.rank == 0 else None

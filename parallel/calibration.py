@@ -22,7 +22,8 @@ writes `configs/hardware/local.yaml`):
 
 Every timing is the best of several repetitions: other processes on the machine only ever slow a
 run down, so the minimum is the closest to what the hardware does (the oversubscribed loops
-excepted: sharing a core is the slowing down they measure, so they take means). Fits minimise a squared log
+excepted: sharing a core is the slowing down they measure, so they take means; and the engine's
+passes, which take medians: they stand for a typical step). Fits minimise a squared log
 error (every size counts the same, whatever its duration) that penalises predicting slower than
 measured more than faster, for the same reason. Nothing here prints, reads YAML or starts
 processes.
@@ -239,23 +240,29 @@ def engine_models(quick: bool = False) -> list[tuple[GPTConfig, int]]:
 def measure_engine(
     models: Sequence[tuple[GPTConfig, int]], repeats: int = 8, dtype: str = "float32"
 ) -> list[EngineSample]:
-    """Best forward (loss) and backward seconds of one batch through each model."""
+    """Median forward (loss) and backward seconds of one batch through each model. The median,
+    not the best: what the cost model predicts from these is a typical training step (the
+    median step a run reports), and a pass of hundreds of small ops is seldom its best."""
     rng = np.random.default_rng(0)
     samples = []
     for config, batch in models:
         model = GPT(config, seed=0, dtype=NUMPY_DTYPES[dtype])
         x = rng.integers(0, config.vocab_size, (batch, config.block_size))
         y = rng.integers(0, config.vocab_size, (batch, config.block_size))
-        forward, backward = math.inf, math.inf
-        for _ in range(repeats + 1):  # the first pass warms the allocator up
+        forward, backward = [], []
+        for i in range(repeats + 1):
             start = time.perf_counter()
             loss = model(x, y)
             middle = time.perf_counter()
             loss.backward()
             end = time.perf_counter()
             model.zero_grad()
-            forward, backward = min(forward, middle - start), min(backward, end - middle)
-        samples.append(EngineSample(config, batch, forward, backward))
+            if i:  # the first pass warms the allocator up
+                forward.append(middle - start)
+                backward.append(end - middle)
+        samples.append(
+            EngineSample(config, batch, float(np.median(forward)), float(np.median(backward)))
+        )
     return samples
 
 
