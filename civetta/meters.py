@@ -19,7 +19,6 @@ class ActivationMeter:
         self.peak = 0
         self.nodes = 0  # graph nodes ever built: the engine's per-op dispatch, counted
 
-
     def reset_peak(self) -> None:
         self.peak = self.live
 
