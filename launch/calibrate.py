@@ -323,7 +323,7 @@ def build_profile(
     if oversubscribed is not None:
         loops = [tuple(row) for row in oversubscribed["loops"]]
         chunks = {int(g): t for g, t in compute["chunks"].items()}
-        over_fit = cal.fit_oversubscription(loops, chunks, oversubscribed["ranks"], cores)
+        over_fit = cal.fit_oversubscription(loops, chunks, oversubscribed["ranks"], cores, link)
         raw["oversubscribed"] = {
             "ranks": oversubscribed["ranks"],
             "compute_stretch": _round(over_fit.compute_stretch),

@@ -616,11 +616,18 @@ class OversubscriptionFit:
 
 
 def fit_oversubscription(
-    loops: Sequence[tuple[int, int, float]], chunk_s: dict[int, float], ranks: int, cores: int
+    loops: Sequence[tuple[int, int, float]],
+    chunk_s: dict[int, float],
+    ranks: int,
+    cores: int,
+    link: LinkFit | None = None,
 ) -> OversubscriptionFit:
     """Iteration = share · stretch · chunk alone + all-reduce time on the oversubscribed link
     (`collective_time`), share = ranks / cores: grid search over latency and bandwidth in log
-    space, with the stretch solved in closed form (relative least squares) at each point."""
+    space, with the stretch solved in closed form (relative least squares) at each point.
+    Sharing cores never speeds a collective up: given the machine's own `link`, the latency is
+    at least its latency and the bandwidth at most its bandwidth (a collective's few
+    microseconds hide in milliseconds of compute, so the loops alone barely fix them)."""
     share = ranks / cores
     measured = np.array([t for _, _, t in loops])
     compute = np.array([share * chunk_s[g] for g, _, _ in loops])
@@ -634,12 +641,13 @@ def fit_oversubscription(
         return float(np.sum((ratio - 1) ** 2)), stretch, ratio
 
     spare = max(float(np.min(measured - compute)), 1e-6)  # what a collective could take
-    latencies = _log_grid(spare / 1000, spare * 2, 41)
-    bandwidths = _log_grid(1e8, 1e11, 41)
+    floor, ceiling = (link.latency_s, link.bytes_per_s) if link else (0.0, math.inf)
+    latencies = _log_grid(max(spare / 1000, floor), max(spare * 2, 2 * floor), 41)
+    bandwidths = _log_grid(min(1e8, ceiling / 10), min(1e11, ceiling), 41)
     best = (math.inf, 0.0, 0.0)
     for _ in range(3):
-        for latency in latencies:
-            for bandwidth in bandwidths:
+        for latency in np.maximum(latencies, floor):
+            for bandwidth in np.minimum(bandwidths, ceiling):
                 loss = solve(latency, bandwidth)[0]
                 if loss < best[0]:
                     best = (loss, latency, bandwidth)

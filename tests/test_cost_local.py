@@ -119,3 +119,17 @@ def test_bad_oversubscription_sections_are_one_line(edit: dict, message: str) ->
     with pytest.raises(CostModelError, match=message) as info:
         profile_from_dict(raw)
     assert "\n" not in str(info.value)
+
+
+def test_sharing_cores_never_makes_a_collective_faster_than_the_machines_link() -> None:
+    chunks = {2: 1.5e-3, 8: 5.5e-3}
+    fast = GroupLink("dp", 4, False, 4, "", 1e-6, 50e9)  # a fit that would go below the link
+    loops = [
+        (g, b, 2 * 1.1 * t + cal.collective_time("all_reduce", b, fast))
+        for g, t in chunks.items()
+        for b in cal.LOOP_BYTES
+    ]
+    link = cal.LinkFit(latency_s=10e-6, bytes_per_s=5e9, rms_log_error=0.0, max_error=0.0)
+    fit = cal.fit_oversubscription(loops, chunks, ranks=4, cores=2, link=link)
+    assert fit.latency_s >= 10e-6 and fit.bytes_per_s <= 5e9
+    assert fit.compute_stretch == pytest.approx(1.1, rel=0.05)
