@@ -51,7 +51,7 @@ from launch.config import (
     load_experiment,
 )
 from launch.simulate import to_layout
-from parallel.cost import CIVETTA_EXECUTOR, project
+from parallel.cost import project
 from parallel.hardware import CostModelError, HardwareProfile, load_profile
 
 FAULT_ENV = "CIVETTA_COMPARE_FAULT"
@@ -210,10 +210,8 @@ def _kill_group(process: subprocess.Popen[str], grace_s: float = 3.0) -> None:
 
 def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[str, Any]:
     """The cost model's view of a layout on `profile` (nothing executed)."""
-    # On this machine's own profile, project civetta's executor (gradients reduced after the
-    # backward, not during it); elsewhere, a framework that overlaps them.
-    options = CIVETTA_EXECUTOR if profile.name == "local" else None
-    projected = project(gpt_config(config), to_layout(config), profile, options)
+    # On this machine's own profile the projection is of civetta's executor (`executor_options`).
+    projected = project(gpt_config(config), to_layout(config), profile)
     return {
         "hardware": profile.name,
         "step_time_s": projected.step_time_s,

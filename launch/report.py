@@ -179,6 +179,11 @@ def _fixed(digits: int) -> Callable[[Any], str]:
     return lambda v: f"{v:.{digits}f}"
 
 
+def _significant(value: float) -> str:
+    """Three significant digits: 141 TFLOP/s on a GPU, 0.0132 on a CPU core."""
+    return f"{value:.3g}"
+
+
 def _mb(value: float) -> str:
     return "0" if value == 0 else f"{value / MB:.3f}"
 
@@ -256,7 +261,11 @@ COLUMNS: list[Column] = [
         lambda v: f"{v:,.0f}",
     ),
     Column(
-        "proj_tflops", "TFLOP/s/GPU", "projection", _get("projection", "tflops_per_gpu"), _fixed(1)
+        "proj_tflops",
+        "TFLOP/s/GPU",
+        "projection",
+        _get("projection", "tflops_per_gpu"),
+        _significant,
     ),
     Column("proj_mfu", "MFU", "projection", _get("projection", "mfu"), lambda v: f"{v:.1%}"),
     Column(

@@ -169,8 +169,8 @@ def render(
     console.print(time)
 
     console.print(
-        f"throughput {pr.tokens_per_s:,.0f} tokens/s; model {pr.tflops_per_gpu:.1f} TFLOP/s per "
-        f"GPU, MFU {pr.mfu:.1%}; with recomputation {pr.hardware_tflops_per_gpu:.1f} TFLOP/s, "
+        f"throughput {pr.tokens_per_s:,.0f} tokens/s; model {pr.tflops_per_gpu:.3g} TFLOP/s per "
+        f"GPU, MFU {pr.mfu:.1%}; with recomputation {pr.hardware_tflops_per_gpu:.3g} TFLOP/s, "
         f"HFU {pr.hfu:.1%}; bubble {pr.bubble_fraction:.1%} of the step"
     )
     if pr.pipeline_model == "replay":

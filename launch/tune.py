@@ -87,7 +87,7 @@ def _row(rank: int, r: Ranked) -> list[str]:
         "on" if lay.sequence_parallel else "",
         _step(pr.step_time_s),
         f"{pr.tokens_per_s:,.0f}",
-        f"{pr.tflops_per_gpu:.1f}",
+        f"{pr.tflops_per_gpu:.3g}",
         f"{pr.mfu:.1%}",
         f"{pr.bubble_fraction:.1%}",
         f"{pr.memory_per_gpu['total'] / GIB:.1f}",

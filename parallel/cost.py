@@ -185,6 +185,13 @@ class CostOptions:
 CIVETTA_EXECUTOR = CostOptions(overlap_dp=False)
 
 
+def executor_options(profile: HardwareProfile) -> CostOptions:
+    """The software a projection assumes by default: civetta's own executor on this machine's
+    profile (`local`, as `civetta calibrate` names it), a framework that overlaps its
+    communication with compute on a cluster's."""
+    return CIVETTA_EXECUTOR if profile.name == "local" else CostOptions()
+
+
 @dataclass(frozen=True)
 class Projection:
     """One projected training step. Times in seconds, bytes per GPU, FLOP/s per GPU."""
@@ -530,8 +537,9 @@ def project(
     profile: HardwareProfile,
     options: CostOptions | None = None,
 ) -> Projection:
-    """Project one training step of `config` under `layout` onto `profile`."""
-    options = options or CostOptions()
+    """Project one training step of `config` under `layout` onto `profile` (with
+    `executor_options(profile)` unless `options` are given)."""
+    options = options or executor_options(profile)
     layout.check(config)
     # Timing and capacity as each rank sees the machine (cores shared by more ranks than there
     # are); MFU stays relative to the device's own peak.

@@ -33,6 +33,7 @@ from parallel.cost import (
     Projection,
     TrainingLayout,
     device_memory_of,
+    executor_options,
     project,
 )
 from parallel.flops_model import RECOMPUTE
@@ -197,7 +198,7 @@ def tune(
         raise CostModelError(f"error: --batch expected a positive integer, got {batch!r}")
     base = base or TrainingLayout()
     space = space or SearchSpace()
-    options = options or CostOptions()
+    options = options or executor_options(profile)
     layouts, enumerated, smallest = enumerate_layouts(config, profile, gpus, batch, base, space)
     result = TuneResult([], enumerated, len(layouts), smallest_memory=smallest)
     if not layouts:
@@ -324,7 +325,7 @@ def explain(config: GPTConfig, profile: HardwareProfile, ranked: list[Ranked]) -
     share = max(TERMS, key=lambda t: pr.breakdown_s[t] if t != "compute" else -1.0)
     lines = [
         f"Best: {describe(best.layout)}: {_seconds(pr.step_time_s)} per step, "
-        f"{pr.tflops_per_gpu:.1f} TFLOP/s per GPU (MFU {pr.mfu:.1%}); compute is "
+        f"{pr.tflops_per_gpu:.3g} TFLOP/s per GPU (MFU {pr.mfu:.1%}); compute is "
         f"{pr.breakdown_s['compute'] / pr.step_time_s:.0%} of the step, the largest overhead "
         f"is {TERMS[share]} ({pr.breakdown_s[share] / pr.step_time_s:.1%})."
     ]
