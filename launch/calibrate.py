@@ -364,7 +364,7 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
         "MACHINE-SPECIFIC: re-run `civetta calibrate` on your machine before trusting "
         "projections onto it.",
         "",
-        f"Measured (best of repeated timings, one BLAS thread, {report.get('copies', 1)} core(s) "
+        f"Measured (best of repeated timings unless noted, one BLAS thread, {report.get('copies', 1)} core(s) "
         "measuring at once):",
         f"- sgemm over {report['gemm_samples']['float32']} shapes: best "
         f"{report['best_gflops']['float32']:.1f} GFLOP/s; fit rate {f32.rate_flops / 1e9:.1f} "
@@ -374,7 +374,8 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
         f"{f64.rate_flops / 1e9:.1f} GFLOP/s (same overhead; worst {f64.max_error:.0%})",
         f"- memory: copy {report['bandwidth']['copy_gbs']:.1f} GB/s, add "
         f"{report['bandwidth']['add_gbs']:.1f} GB/s (bytes read + written)",
-        f"- civetta's engine, forward and backward of {report['engine_samples']} small GPTs: "
+        f"- civetta's engine, forward and backward of {report['engine_samples']} small GPTs "
+        "(median passes): "
         f"elementwise traffic {ew.traffic:.2f}, {ew.layer_overhead_s * 1e6:.0f} us per layer, "
         f"backward/forward {ew.backward_ratio:.2f} (worst step error {ew.max_error:.0%})",
         f"- the optimizer step (norm, clipping, AdamW) over {report['optimizer_samples']} "
@@ -389,14 +390,6 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
             f"    {op}: {fit.latency_s * 1e6:.2f} us, {fit.bytes_per_s / 1e9:.2f} GB/s "
             f"(worst {fit.max_error:.0%})"
         )
-    over = report.get("oversubscribed")
-    if over is not None:
-        lines.append(
-            f"- {report['oversubscribed_ranks']} ranks on {os.cpu_count()} cores, compute chunks "
-            f"and all-reduces in turn: compute stretched {over.compute_stretch:.2f}x beyond its "
-            f"share of a core; latency {over.latency_s * 1e6:.1f} us, "
-            f"{over.bytes_per_s / 1e9:.2f} GB/s (worst {over.max_error:.0%})"
-        )
     fitted = cal.FIT_MAX_BYTES
     largest = report.get("largest", {})
     size = max((b for b, _ in largest.values()), default=0)
@@ -405,6 +398,14 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
         times = ", ".join(f"{op} {t * 1e3:.2f} ms" for op, (_, t) in largest.items())
         note += f"; at {size >> 20} MiB (beyond the caches): {times}"
     lines.append(note)
+    over = report.get("oversubscribed")
+    if over is not None:
+        lines.append(
+            f"- {report['oversubscribed_ranks']} ranks on {os.cpu_count()} cores, compute chunks "
+            f"and all-reduces in turn: compute stretched {over.compute_stretch:.2f}x beyond its "
+            f"share of a core; latency {over.latency_s * 1e6:.1f} us, "
+            f"{over.bytes_per_s / 1e9:.2f} GB/s (means of loops; worst {over.max_error:.0%})"
+        )
     lines += [
         "peak_tflops is the best GEMM rate measured on one core (no datasheet peak), so MFU on",
         "this profile is relative to it; bf16/fp16 are emulated on float32 arrays.",
