@@ -364,8 +364,8 @@ def header(report: dict[str, Any], quick: bool, load: tuple[float, float, float]
         "MACHINE-SPECIFIC: re-run `civetta calibrate` on your machine before trusting "
         "projections onto it.",
         "",
-        f"Measured (best of repeated timings unless noted, one BLAS thread, {report.get('copies', 1)} core(s) "
-        "measuring at once):",
+        "Measured (best of repeated timings unless noted, one BLAS thread, "
+        f"{report.get('copies', 1)} core(s) measuring at once):",
         f"- sgemm over {report['gemm_samples']['float32']} shapes: best "
         f"{report['best_gflops']['float32']:.1f} GFLOP/s; fit rate {f32.rate_flops / 1e9:.1f} "
         f"GFLOP/s + {f32.overhead_s * 1e6:.2f} us per call (rms log error "
