@@ -38,6 +38,7 @@ training dtype. The bubble fraction is the idle pipeline time over the step time
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -538,13 +539,45 @@ def project(
     options: CostOptions | None = None,
 ) -> Projection:
     """Project one training step of `config` under `layout` onto `profile` (with
-    `executor_options(profile)` unless `options` are given)."""
+    `executor_options(profile)` unless `options` are given).
+
+    On a machine with fewer cores than ranks (`HardwareProfile.for_ranks`) every rank computes
+    at its share of a core, except that ranks idle in a pipeline bubble leave their core to the
+    others: the step is the shared one without its bubble, unless the schedule alone (each rank
+    stretched but on a core of its own) takes longer.
+    """
     options = options or executor_options(profile)
     layout.check(config)
-    # Timing and capacity as each rank sees the machine (cores shared by more ranks than there
-    # are); MFU stays relative to the device's own peak.
+    # MFU stays relative to the device's own peak.
     peak = profile.device.peak_flops(layout.dtype)
-    profile = profile.for_ranks(layout.world_size)
+    world = layout.world_size
+    shared = _project(config, layout, profile.for_ranks(world), options, peak)
+    if profile.for_ranks(world) is profile or shared.breakdown_s["bubble"] == 0:
+        return shared
+    own = _project(config, layout, profile.for_ranks(world, own_cores=True), options, peak)
+    busy = shared.step_time_s - shared.breakdown_s["bubble"]
+    step = max(busy, own.step_time_s)
+    scale = shared.step_time_s / step
+    return dataclasses.replace(
+        shared,
+        step_time_s=step,
+        breakdown_s={**shared.breakdown_s, "bubble": step - busy},
+        tflops_per_gpu=shared.tflops_per_gpu * scale,
+        hardware_tflops_per_gpu=shared.hardware_tflops_per_gpu * scale,
+        mfu=shared.mfu * scale,
+        hfu=shared.hfu * scale,
+        bubble_fraction=(step - busy) / step,
+    )
+
+
+def _project(
+    config: GPTConfig,
+    layout: TrainingLayout,
+    profile: HardwareProfile,
+    options: CostOptions,
+    peak: float,
+) -> Projection:
+    """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
     links = _group_links(mesh, profile)
     dev = _Device(config, layout, profile, links["tp"])

@@ -130,16 +130,17 @@ class HardwareProfile:
     source: str = ""
     oversubscribed: Oversubscription | None = None
 
-    def for_ranks(self, world: int) -> HardwareProfile:
+    def for_ranks(self, world: int, own_cores: bool = False) -> HardwareProfile:
         """The profile as each of `world` ranks sees it. Unchanged unless the profile is one
         machine that `world` oversubscribes (`oversubscribed`, and more ranks than cores): then
         the machine stays one node, each rank's device is slowed by its share of a core times the
-        stretch (every rate divided, every fixed overhead multiplied), holds its share of the
+        stretch (every rate divided, every fixed overhead multiplied; by the stretch alone with
+        `own_cores`, the bound of a rank whose core-mates are idle), holds its share of the
         memory, and every link is the oversubscribed one."""
         over, cores = self.oversubscribed, self.gpus_per_node
         if over is None or world <= cores:
             return self
-        slow = world / cores * over.compute_stretch
+        slow = (1 if own_cores else world / cores) * over.compute_stretch
         d = self.device
         device = replace(
             d,

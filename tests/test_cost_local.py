@@ -133,3 +133,21 @@ def test_sharing_cores_never_makes_a_collective_faster_than_the_machines_link() 
     fit = cal.fit_oversubscription(loops, chunks, ranks=4, cores=2, link=link)
     assert fit.latency_s >= 10e-6 and fit.bytes_per_s <= 5e9
     assert fit.compute_stretch == pytest.approx(1.1, rel=0.05)
+
+
+def test_ranks_idle_in_a_pipeline_bubble_leave_their_core_to_the_others() -> None:
+    profile, config = machine(), dataclasses.replace(CONFIG, n_layer=4)
+    layout = TrainingLayout(pp=4, microbatch_size=1, microbatches=8, dtype="float32")
+    # The same projection on the profiles each rank sees: all sharing, or each on its own core.
+    shared = project(config, layout, profile.for_ranks(4), CIVETTA_EXECUTOR)
+    own = project(config, layout, profile.for_ranks(4, own_cores=True), CIVETTA_EXECUTOR)
+    result = project(config, layout, profile, CIVETTA_EXECUTOR)
+    busy = shared.step_time_s - shared.breakdown_s["bubble"]
+    assert shared.breakdown_s["bubble"] > 0
+    assert result.step_time_s == pytest.approx(max(busy, own.step_time_s))
+    assert own.step_time_s < result.step_time_s < shared.step_time_s
+    assert result.breakdown_s["bubble"] == pytest.approx(result.step_time_s - busy)
+    peak = profile.device.peak_flops("float32")  # a core's own, not its share
+    assert result.mfu == pytest.approx(
+        result.model_flops_per_step / (4 * result.step_time_s * peak)
+    )
