@@ -22,6 +22,12 @@ collectives, which are not overlapped) on the busiest device. Documented simplif
 - Pipeline messages: replayed (a message delays its receiver by its p2p time); with
   `CostOptions(replay=None)` or schedules too long to replay, 2 per tick over (m·v + p - 1) ticks.
 - Time is that of the busiest device; every device of a data-parallel replica waits for it.
+- The optimizer sweeps each rank's state once (`optimizer_time`), plus a fixed cost per
+  parameter tensor; op dispatch costs per graph node (`engine_nodes`): both are what dominates
+  civetta's numpy engine on small models, and zero on the GPU profiles.
+- More ranks than cores (the `local` profile's `oversubscribed` section): every rank computes at
+  its share of a core, stretched, and communicates over the oversubscribed link; ranks idle in a
+  pipeline bubble leave their core to the others (`project`).
 
 Conventions. ``comm_bytes[axis]`` counts one training step of the GPU that sends the most on that
 axis the way civetta's ledger counts (`parallel.comm`): the ``bytes`` of the buffer a rank passes
