@@ -266,6 +266,18 @@ def measure_engine(
     return samples
 
 
+def _nonnegative_fit(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of `a @ x = y` for two non-negative coefficients: where the free fit makes
+    one negative, it is held at zero and the other refitted alone."""
+    solution, *_ = np.linalg.lstsq(a, y, rcond=None)
+    if solution.min() < 0:
+        keep = int(np.argmax(solution))
+        only, *_ = np.linalg.lstsq(a[:, [keep]], y, rcond=None)
+        solution = np.zeros(2)
+        solution[keep] = max(0.0, float(only[0]))
+    return solution
+
+
 @dataclass(frozen=True)
 class ElementwiseFit:
     traffic: float  # device.elementwise_traffic
@@ -316,13 +328,7 @@ def fit_elementwise(
         # Relative error: divide each row by the measured forward.
         rows.append([(f1 - f0) / s.forward_s, (f2 - f0) * 1e6 / s.forward_s])
         targets.append((s.forward_s - f0) / s.forward_s)
-    a, y = np.array(rows), np.array(targets)
-    solution, *_ = np.linalg.lstsq(a, y, rcond=None)
-    if solution.min() < 0:  # non-negative: refit with the negative one held at zero
-        keep = int(np.argmax(solution))
-        only, *_ = np.linalg.lstsq(a[:, [keep]], y, rcond=None)
-        solution = np.zeros(2)
-        solution[keep] = max(0.0, float(only[0]))
+    solution = _nonnegative_fit(np.array(rows), np.array(targets))
     traffic, overhead = float(solution[0]), float(solution[1])  # overhead in seconds
     fwd_extra = [traffic * t + overhead * o for t, o in zip(per_traffic, per_overhead, strict=True)]
     bwd_extra = [s.backward_s - b0 for s, (_, b0) in zip(samples, base, strict=True)]
@@ -407,13 +413,7 @@ def fit_optimizer(samples: Sequence[OptimizerSample], profile: HardwareProfile) 
         return optimizer_time(s.tensors * s.elements, s.tensors, layout, variant)
 
     rows = [[predict(1.0, 0.0, s) / s.seconds, predict(0.0, 1.0, s) / s.seconds] for s in samples]
-    a, y = np.array(rows), np.ones(len(samples))
-    solution, *_ = np.linalg.lstsq(a, y, rcond=None)
-    if solution.min() < 0:  # non-negative: refit with the negative one held at zero
-        keep = int(np.argmax(solution))
-        only, *_ = np.linalg.lstsq(a[:, [keep]], y, rcond=None)
-        solution = np.zeros(2)
-        solution[keep] = max(0.0, float(only[0]))
+    solution = _nonnegative_fit(np.array(rows), np.ones(len(samples)))
     traffic, overhead_us = float(solution[0]), float(solution[1])
     errors = [abs(predict(traffic, overhead_us, s) / s.seconds - 1) for s in samples]
     return OptimizerFit(traffic, overhead_us * 1e-6, max(errors))
@@ -494,6 +494,29 @@ def collective_time(op: str, nbytes: float, link: GroupLink) -> float:
     return p2p_time(nbytes, link.latency_s, link.bytes_per_s)
 
 
+def _grid_search(
+    loss: Callable[[float, float], float],
+    latencies: np.ndarray,
+    bandwidths: np.ndarray,
+    bounds: tuple[float, float] = (0.0, math.inf),
+) -> tuple[float, float]:
+    """(latency, bandwidth) of least `loss` over the grids, refined twice around the best point
+    (each time ±50%, 15 points a side, in log space); latency at least `bounds[0]`, bandwidth
+    at most `bounds[1]`."""
+    floor, ceiling = bounds
+    best = (math.inf, 0.0, 0.0)
+    for _ in range(3):
+        for latency in np.maximum(latencies, floor):
+            for bandwidth in np.minimum(bandwidths, ceiling):
+                value = loss(float(latency), float(bandwidth))
+                if value < best[0]:
+                    best = (value, float(latency), float(bandwidth))
+        _, latency, bandwidth = best
+        latencies = _log_grid(latency / 1.5, latency * 1.5, 15)
+        bandwidths = _log_grid(bandwidth / 1.5, bandwidth * 1.5, 15)
+    return best[1], best[2]
+
+
 @dataclass(frozen=True)
 class LinkFit:
     latency_s: float
@@ -529,17 +552,9 @@ def fit_link(
         link = GroupLink("calibration", group_size, False, group_size, "", latency, bandwidth)
         return np.array([collective_time(op, nbytes, link) for op, nbytes, _ in points])
 
-    best = (math.inf, 0.0, 0.0)
-    for _ in range(3):
-        for latency in latencies:
-            for bandwidth in bandwidths:
-                loss = float(_loss(predict(latency, bandwidth), measured))
-                if loss < best[0]:
-                    best = (loss, latency, bandwidth)
-        _, latency, bandwidth = best
-        latencies = _log_grid(latency / 1.5, latency * 1.5, 15)
-        bandwidths = _log_grid(bandwidth / 1.5, bandwidth * 1.5, 15)
-    _, latency, bandwidth = best
+    latency, bandwidth = _grid_search(
+        lambda lat, bw: float(_loss(predict(lat, bw), measured)), latencies, bandwidths
+    )
     ratio = predict(latency, bandwidth) / measured
     return LinkFit(
         float(latency),
@@ -644,16 +659,8 @@ def fit_oversubscription(
     floor, ceiling = (link.latency_s, link.bytes_per_s) if link else (0.0, math.inf)
     latencies = _log_grid(max(spare / 1000, floor), max(spare * 2, 2 * floor), 41)
     bandwidths = _log_grid(min(1e8, ceiling / 10), min(1e11, ceiling), 41)
-    best = (math.inf, 0.0, 0.0)
-    for _ in range(3):
-        for latency in np.maximum(latencies, floor):
-            for bandwidth in np.minimum(bandwidths, ceiling):
-                loss = solve(latency, bandwidth)[0]
-                if loss < best[0]:
-                    best = (loss, latency, bandwidth)
-        _, latency, bandwidth = best
-        latencies = _log_grid(latency / 1.5, latency * 1.5, 15)
-        bandwidths = _log_grid(bandwidth / 1.5, bandwidth * 1.5, 15)
-    _, latency, bandwidth = best
+    latency, bandwidth = _grid_search(
+        lambda lat, bw: solve(lat, bw)[0], latencies, bandwidths, (floor, ceiling)
+    )
     _, stretch, ratio = solve(latency, bandwidth)
     return OversubscriptionFit(stretch, latency, bandwidth, float(np.max(np.abs(ratio - 1))))
