@@ -557,8 +557,9 @@ def project(
     # MFU stays relative to the device's own peak.
     peak = profile.device.peak_flops(layout.dtype)
     world = layout.world_size
-    shared = _project(config, layout, profile.for_ranks(world), options, peak)
-    if profile.for_ranks(world) is profile or shared.breakdown_s["bubble"] == 0:
+    seen = profile.for_ranks(world)
+    shared = _project(config, layout, seen, options, peak)
+    if seen is profile or shared.breakdown_s["bubble"] == 0:
         return shared
     own = _project(config, layout, profile.for_ranks(world, own_cores=True), options, peak)
     busy = shared.step_time_s - shared.breakdown_s["bubble"]
