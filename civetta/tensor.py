@@ -338,13 +338,22 @@ def set_precision(policy: Any) -> Any:
     return previous
 
 
-def make_node(data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardFn) -> Tensor:
-    """Wrap an op's result; attach the closure only when some parent needs a gradient."""
+def current_precision() -> Any:
+    """The low-precision policy ops round to now (None outside `autocast`)."""
+    return _precision
+
+
+def make_node(
+    data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardFn, round_grads: bool = True
+) -> Tensor:
+    """Wrap an op's result; attach the closure only when some parent needs a gradient.
+    `round_grads=False`: the op rounds its input gradients itself (under autocast)."""
     fresh = _owns_new_memory(data, parents)
     if _precision is not None:
         if fresh:  # a view of an input shares its already-rounded values
             data = _precision.round(data)
-        backward = _rounding(backward, _precision)
+        if round_grads:
+            backward = _rounding(backward, _precision)
     out = Tensor.__new__(Tensor)
     out.data = data
     out.grad = None

@@ -72,17 +72,17 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
 
     zero = getattr(trainer, "zero", None)
     if zero is not None:  # gathered over dp: whole parameters, as plain data parallelism holds
-        params, optim = zero.whole_state()
+        params, optim, masters = zero.whole_state()
     else:
         params = {n: p.data for n, p in trainer.model.params.items()}
         optim = trainer.optimizer.state_dict()
+        masters = {n: t.data for n, t in trainer.masters.master.items()} if trainer.masters else {}
     arrays: dict[str, np.ndarray] = {}
     # Under ZeRO every dp replica gathered the same state: only dp rank 0 writes it.
     if zero is None or runtime.mesh.coords["dp"] == 0:
         arrays.update({f"param/{n}": a for n, a in params.items()})
         arrays.update({f"optim/{k}": v for k, v in optim.items()})
-    if trainer.masters is not None:
-        arrays.update({f"master/{n}": t.data for n, t in trainer.masters.master.items()})
+        arrays.update({f"master/{n}": a for n, a in masters.items()})
     mesh = runtime.mesh
     scaler = trainer.loss_scaler
     meta = {
@@ -200,21 +200,26 @@ def load(trainer: Any, directory: Path) -> int:
 
     state = {k: local(f"optim/{k}") for k in trainer.optimizer.state_dict()}
     zero = getattr(trainer, "zero", None)
+
+    def master(name: str) -> np.ndarray:  # a checkpoint without masters: the weights
+        key = f"master/{name}"
+        return local(key) if key in full else local(f"param/{name}")
+
     if zero is not None:  # each dp rank keeps its chunk (stage 3) or piece (stages 1, 2)
         params = {name: local(f"param/{name}") for name in trainer.model.params}
+        masters = {name: master(name) for name in params} if trainer.masters else None
         try:
-            zero.load_whole_state(params, state)
+            zero.load_whole_state(params, state, masters)
         except ValueError as e:
             raise CheckpointError(f"error: checkpoint tensor {e}") from None
     else:
         for name, p in trainer.model.params.items():
             _fill(p.data, local(f"param/{name}"), name)
         trainer.optimizer.load_state_dict(state)
-    if trainer.masters is not None:
-        for name, master in trainer.masters.master.items():
-            key = f"master/{name}"
-            _fill(master.data, local(key) if key in full else local(f"param/{name}"), name)
-        trainer.masters.publish()
+        if trainer.masters is not None:
+            for name, weights in trainer.masters.master.items():
+                _fill(weights.data, master(name), name)
+            trainer.masters.publish()
     if trainer.loss_scaler is not None and meta["loss_scaler"]:
         scaler = trainer.loss_scaler
         scaler.scale, scaler.good_steps, scaler.skipped = meta["loss_scaler"]

@@ -251,11 +251,6 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
             f"error: parallel.zero={p.zero} with parallel.pp={p.pp} is not supported "
             "(ZeRO-2/3 compose with pp only at stage 1)"
         )
-    if for_execution and p.zero and t.dtype in ("bf16", "fp16"):
-        raise ConfigError(
-            f"error: parallel.zero={p.zero} with train.dtype={t.dtype} is not supported yet "
-            "(ZeRO shards float32/float64 training only)"
-        )
     _check_pipeline(config)
 
 

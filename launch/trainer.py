@@ -120,7 +120,9 @@ class Trainer:
         )
         # Mixed precision: the optimizer updates float32 masters, the model holds their rounding.
         self.precision = PRECISIONS.get(config.train.dtype)
-        self.masters = MasterWeights(self.model.params, self.precision) if self.precision else None
+        self.masters: MasterWeights | None = None  # under ZeRO, the masters of the shard
+        if self.precision and not p.zero:
+            self.masters = MasterWeights(self.model.params, self.precision)
         self.loss_scaler = None
         if config.train.dtype == "fp16":
             self.loss_scaler = LossScaler(config.train.loss_scale, config.train.loss_scale_window)
@@ -133,7 +135,6 @@ class Trainer:
         assert runtime.zero == p.zero, "build the Runtime with zero=config.parallel.zero"
         self.zero: ZeroOptimizer | None = None
         if p.zero:  # the optimizer holds state for this rank's shard only (parallel.zero)
-            assert self.masters is None, "the config refuses ZeRO with mixed precision"
             self.zero = ZeroOptimizer(
                 runtime,
                 self.model.params,
@@ -141,8 +142,10 @@ class Trainer:
                 p.zero,
                 self.tied,
                 config.train.grad_clip,
+                self.precision,
             )
             self.optimizer: Optimizer = self.zero.optimizer
+            self.masters = self.zero.masters
         else:
             self.optimizer = build_optimizer(
                 self.masters.master if self.masters else self.model.params
@@ -176,7 +179,8 @@ class Trainer:
         lr = self.lr_schedule(step)
         with rt.ledger.phase("optimizer"):
             if self.zero is not None:  # ZeRO: the sharded optimizer synchronises, clips, updates
-                grad_norm, take_step = self.zero.step(lr), True
+                unscale = self._unscale if self.loss_scaler else None
+                grad_norm, take_step = self.zero.step(lr, unscale)
                 self.last_grads, self.grad_bytes = self.zero.last_grads, self.zero.grad_bytes
             else:
                 grad_norm, take_step = self._update(lr)

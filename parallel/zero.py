@@ -45,6 +45,13 @@ with S = Σ_buckets ⌈B/dp⌉ (the padded shard), Ψ_r the real parameters insi
 every parameter these are DeepSpeed's Ψ/dp. Stage 1's gradient buffers keep the whole bucket
 (as plain DP's do), the reduced shard written back in place.
 
+Mixed precision (bf16/fp16): the float32 masters are optimizer state like Adam's moments, so
+stage 1 shards them with it (K = 12 bytes per element: master, m, v; weights and gradients count
+2 bytes). A rank updates the masters of its shard and writes their rounding into the shard before
+the gather. Gradients are reduced as plain DP reduces them: each rank's rounded gradients summed
+in float32. fp16's loss scaling checks the gradient shards for overflow on every rank and skips
+the step everywhere if any overflowed.
+
 What the simulation does not model: the engine accumulates each parameter's whole gradient
 during backward (it has no per-parameter hooks), so under stage 2 the whole gradients exist until
 the step's reduce-scatter; a framework reduce-scatters each bucket as soon as backward fills it.
@@ -64,14 +71,19 @@ from civetta.axioms import _scatter_add_rows
 from civetta.meters import flop_meter
 from civetta.nn import ParameterStore
 from civetta.optim import Optimizer, clip_coefficient
-from civetta.tensor import Tensor, make_node, weight_grads_deferred
+from civetta.precision import MasterWeights, Precision
+from civetta.tensor import Tensor, current_precision, make_node, weight_grads_deferred
 from parallel.comm import Group
 from parallel.data_parallel import MB, plan_buckets
 
 if TYPE_CHECKING:
     from parallel.runtime import Runtime
 
+# fp16 loss scaling: gradient shards → (unscaled shards, whether to step).
+Unscale = Callable[[dict[str, np.ndarray]], tuple[dict[str, np.ndarray], bool]]
+
 STAGES = (0, 1, 2, 3)
+MASTER = "master"  # the masters' kind when packed beside the optimizer state
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -143,7 +155,12 @@ class ShardedStore(ParameterStore):
         return whole
 
     def reduce_scatter(self, shards: Sequence[_Shard], grads: Sequence[np.ndarray]) -> list:
-        """This rank's chunk of each whole gradient summed over dp, in one reduce-scatter."""
+        """This rank's chunk of each whole gradient summed over dp, in one reduce-scatter.
+        Under mixed precision each rank's gradients are rounded before the sum, as the whole
+        store's ops round theirs before plain DP's all-reduce; the sums are kept (`_node`)."""
+        policy = current_precision()
+        if policy is not None:
+            grads = [policy.round(g) for g in grads]
         n = self.group.size
         width = sum(s.chunk for s in shards)
         send = np.zeros((n, width), dtype=grads[0].dtype)  # row r: what rank r receives
@@ -159,6 +176,23 @@ class ShardedStore(ParameterStore):
         return [mine[bounds[i] : bounds[i + 1]] for i in range(len(shards))]
 
     # -- the ops: gather, compute, free; in backward gather again and reduce-scatter --
+    @staticmethod
+    def _node(out: np.ndarray, parents: tuple[Tensor, ...], backward: Any, sums: int) -> Tensor:
+        """`make_node` for an op whose last `sums` input gradients are reduce-scattered sums:
+        under mixed precision the others are rounded, those are not (`reduce_scatter`)."""
+        policy = current_precision()
+        if policy is None:
+            return make_node(out, parents, backward)
+
+        def rounded(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+            grads = backward(g)
+            head = len(grads) - sums
+            return tuple(
+                policy.round(x) if i < head and x is not None else x for i, x in enumerate(grads)
+            )
+
+        return make_node(out, parents, rounded, round_grads=False)
+
     def _shards(self, *params: Tensor | None) -> list[_Shard]:
         return [self._by_leaf[p] for p in params if p is not None]
 
@@ -194,7 +228,8 @@ class ShardedStore(ParameterStore):
             return (dx, *self.reduce_scatter(shards, grads))
 
         parents = (x, weight) if bias is None else (x, weight, bias)
-        return make_node(out.reshape(*data.shape[:-1], out_features), parents, backward)
+        out = out.reshape(*data.shape[:-1], out_features)
+        return self._node(out, parents, backward, sums=len(shards))
 
     def lookup(self, table: Tensor, rows: np.ndarray) -> Tensor:
         shards = self._shards(table)
@@ -208,7 +243,7 @@ class ShardedStore(ParameterStore):
             full = _scatter_add_rows(rows, g, shape)  # the dense lookup's backward
             return tuple(self.reduce_scatter(shards, [full]))
 
-        return make_node(out, (table,), backward)
+        return self._node(out, (table,), backward, sums=1)
 
     def affine(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """x · weight, then + bias: two nodes, as the whole store builds them (so the activation
@@ -231,7 +266,7 @@ class ShardedStore(ParameterStore):
             dx = g * w if need_x else None
             return (dx, *self.reduce_scatter(shards, [np.sum(g * data, axis=leading)]))
 
-        return make_node(out, (x, weight), backward)
+        return self._node(out, (x, weight), backward, sums=1)
 
     def _shift(self, x: Tensor, bias: Tensor) -> Tensor:
         shards = self._shards(bias)
@@ -242,7 +277,7 @@ class ShardedStore(ParameterStore):
             self.gather(shards)  # DeepSpeed's pre-backward fetch; a bias's gradient needs no value
             return (g, *self.reduce_scatter(shards, [np.sum(g, axis=leading)]))
 
-        return make_node(out, (x, bias), backward)
+        return self._node(out, (x, bias), backward, sums=1)
 
 
 # ---- stages 1 and 2: gradient buckets partitioned over dp ----------------------------------------
@@ -286,7 +321,10 @@ class ZeroOptimizer:
     `step(lr)` replaces plain DP's all-reduce → norm → clip → update. The optimizer that
     `build_optimizer` makes sees only this rank's shard: views into the parameters' arrays
     (stages 1, 2; named after their parameter, so weight decay still goes by name) or the
-    parameters themselves (stage 3, where they are the shards).
+    parameters themselves (stage 3, where they are the shards). With mixed precision
+    (`precision`) it updates float32 masters of that shard only (`masters`), whose rounding is
+    written into the shard before the parameters are gathered (ZeRO's 16Ψ: the 12 bytes of
+    masters and Adam state per parameter are what stage 1 shards).
     """
 
     def __init__(
@@ -297,6 +335,7 @@ class ZeroOptimizer:
         stage: int,
         tied: tuple[str, ...] = (),
         grad_clip: float = 0.0,
+        precision: Precision | None = None,
     ) -> None:
         assert stage in (1, 2, 3), stage
         assert (stage == 3) == isinstance(runtime.layout.store, ShardedStore), stage
@@ -311,8 +350,9 @@ class ZeroOptimizer:
         self.buckets: list[_Bucket] = []
         self._owned: dict[str, slice] = {}  # stages 1, 2: this rank's piece of each parameter
         self._state_kinds: list[str] = []
+        self.masters: MasterWeights | None = None
         if stage == 3:
-            self.optimizer = build_optimizer(params)
+            self.optimizer = self._build(build_optimizer, params, precision)
             return
         dtype = next(iter(params.values())).dtype
         sizes = {name: p.size for name, p in params.items()}
@@ -329,19 +369,35 @@ class ZeroOptimizer:
         self._owned = {
             name: param_range for bucket in self.buckets for name, param_range, _ in bucket.pieces
         }
-        self.optimizer = build_optimizer(
-            {name: Tensor(self._flat(name)[r]) for name, r in self._owned.items()}
-        )
+        pieces = {name: Tensor(self._flat(name)[r]) for name, r in self._owned.items()}
+        self.optimizer = self._build(build_optimizer, pieces, precision)
         # The kinds of optimizer state ("exp_avg", ...), the same on every rank even if one owns
         # no piece at all: read off an optimizer built on one probe element.
         probe = build_optimizer({"probe": Tensor(np.zeros(1, dtype=dtype))})
         self._state_kinds = sorted(k.partition(".")[0] for k in probe.state_dict() if k != "step")
 
+    def _build(
+        self,
+        build_optimizer: Callable[[dict[str, Tensor]], Optimizer],
+        shard: dict[str, Tensor],
+        precision: Precision | None,
+    ) -> Optimizer:
+        """The optimizer over this rank's shard, or over float32 masters of it."""
+        if precision is None:
+            return build_optimizer(shard)
+        self.masters = MasterWeights(shard, precision)  # masters of the float32 initial values
+        for p in self.params.values():  # the model computes with roundings from the first step
+            p.data[...] = precision.round(p.data)
+        return build_optimizer(self.masters.master)
+
     def _flat(self, name: str) -> np.ndarray:
         return self.params[name].data.reshape(-1)  # a view: parameters are contiguous
 
-    def step(self, lr: float) -> float:
-        """Synchronise, clip and update; returns the global gradient norm before clipping."""
+    def step(self, lr: float, unscale: Unscale | None = None) -> tuple[float, bool]:
+        """Synchronise, clip and update; returns the global gradient norm before clipping and
+        whether the optimizer stepped. `unscale` (fp16's loss scaling) takes this rank's
+        gradient shards and returns them unscaled and whether to step, the same on every rank
+        (an overflow anywhere skips the step everywhere)."""
         grads = {name: p.grad for name, p in self.params.items()}
         # Tied copies across pipeline stages, sequence-parallel partial sums across tp.
         grads = self.runtime.combine_partial_gradients(grads, self.tied)
@@ -353,6 +409,11 @@ class ZeroOptimizer:
                     p.grad = None
             shards = self._reduce_scatter(grads)
         del grads
+        if unscale is not None:
+            shards, take_step = unscale(shards)
+            if not take_step:
+                self.last_grads = shards
+                return 0.0, False
         self.last_grads = shards
         sq_norm = self.runtime.global_grad_sq_norm(shards, self.tied, sharded_over_dp=True)
         grad_norm = math.sqrt(sq_norm)
@@ -361,9 +422,11 @@ class ZeroOptimizer:
             shards = {name: g * g.dtype.type(coef) for name, g in shards.items()}
         self.optimizer.lr = lr
         self.optimizer.step(shards)
+        if self.masters is not None:
+            self.masters.publish()  # the shard's rounding, which the gather then spreads
         if self.stage != 3:
             self._all_gather_parameters()
-        return grad_norm
+        return grad_norm, True
 
     def _average_shards(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stage 3: the ops' backward already reduce-scattered (summed) every gradient."""
@@ -407,18 +470,22 @@ class ZeroOptimizer:
                 self._flat(name)[...] = whole[start:stop]
 
     # -- checkpoints: the state as whole parameters, whatever the stage --
-    def whole_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """This rank's parameters and optimizer state as plain data parallelism holds them:
-        whole parameters (this rank's tensor-parallel and pipeline part), optimizer state keyed
-        `<kind>.<name>` in the parameter's shape, and `step`. Collective over dp; every dp rank
-        gets the same arrays. Not recorded in the ledger: checkpointing is not training."""
+    def whole_state(self) -> tuple[dict[str, np.ndarray], ...]:
+        """This rank's parameters, optimizer state and float32 masters (empty without mixed
+        precision) as plain data parallelism holds them: whole parameters (this rank's
+        tensor-parallel and pipeline part), optimizer state keyed `<kind>.<name>` in the
+        parameter's shape, and `step`. Collective over dp; every dp rank gets the same arrays.
+        Not recorded in the ledger: checkpointing is not training."""
         with self.group.ledger.paused():
             if self.stage == 3:
                 return self._whole_state_sharded()
             return self._whole_state_buckets()
 
-    def _whole_state_sharded(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Stage 3: every chunk (parameters, then optimizer state) in one all-gather."""
+    def _masters(self) -> dict[str, np.ndarray]:
+        return {n: t.data for n, t in self.masters.master.items()} if self.masters else {}
+
+    def _whole_state_sharded(self) -> tuple[dict[str, np.ndarray], ...]:
+        """Stage 3: every chunk (parameters, optimizer state, masters) in one all-gather."""
         store = self.runtime.layout.store
         assert isinstance(store, ShardedStore)
         state = self.optimizer.state_dict()
@@ -427,24 +494,28 @@ class ZeroOptimizer:
         for key, value in state.items():
             if key != "step":
                 items.append((f"optim/{key}", shard_of[key.partition(".")[2]], value))
+        items += [(f"master/{n}", shard_of[n], a) for n, a in self._masters().items()]
         n = self.group.size
         width = sum(s.chunk for _, s, _ in items)
         mine = np.concatenate([np.ravel(a) for _, _, a in items])
         blocks = self.group.all_gather(mine).reshape(n, width)  # row r: rank r's chunks
-        params, optim = {}, {"step": state["step"]}
+        out: dict[str, dict[str, np.ndarray]] = {"param": {}, "optim": {"step": state["step"]}}
+        out["master"] = {}
         offset = 0
         for key, s, _ in items:
             whole = blocks[:, offset : offset + s.chunk].reshape(-1)[: s.size].reshape(s.shape)
             kind, _, rest = key.partition("/")
-            (params if kind == "param" else optim)[rest] = whole
+            out[kind][rest] = whole
             offset += s.chunk
-        return params, optim
+        return out["param"], out["optim"], out["master"]
 
-    def _whole_state_buckets(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Stages 1, 2: the parameters are already whole; each bucket's optimizer state is
-        packed as every kind's chunk side by side and all-gathered once."""
+    def _whole_state_buckets(self) -> tuple[dict[str, np.ndarray], ...]:
+        """Stages 1, 2: the parameters are already whole; each bucket's optimizer state (and
+        masters, as one more kind) is packed as every kind's chunk side by side and all-gathered
+        once."""
         state = self.optimizer.state_dict()
-        kinds = self._state_kinds
+        state.update({f"{MASTER}.{n}": a for n, a in self._masters().items()})
+        kinds = self._state_kinds + ([MASTER] if self.masters else [])
         n = self.group.size
         optim = {"step": state["step"]}
         for bucket in self.buckets:
@@ -460,12 +531,19 @@ class ZeroOptimizer:
                 for name, start, stop in bucket.entries:
                     optim[f"{kind}.{name}"] = flat[start:stop].reshape(self.params[name].shape)
         params = {name: p.data.copy() for name, p in self.params.items()}
-        return params, optim
+        masters = {k.partition(".")[2]: optim.pop(k) for k in list(optim) if k.startswith(MASTER)}
+        return params, optim, masters
 
-    def load_whole_state(self, params: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> None:
+    def load_whole_state(
+        self,
+        params: dict[str, np.ndarray],
+        state: dict[str, np.ndarray],
+        masters: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """The inverse of `whole_state`: each rank keeps its chunk or piece. `params` holds every
         parameter by name; `state` every key of this rank's optimizer's `state_dict`, in the
-        whole parameter's shape. Raises ValueError on a shape that does not fit. Local."""
+        whole parameter's shape; `masters` the float32 masters under mixed precision (default:
+        the parameters). Raises ValueError on a shape that does not fit. Local."""
         store = self.runtime.layout.store
         n, rank = self.group.size, self.group.rank
 
@@ -502,6 +580,11 @@ class ZeroOptimizer:
             else:
                 local[key] = mine(key.partition(".")[2], value, key)
         self.optimizer.load_state_dict(local)
+        if self.masters is not None:
+            masters = masters or params
+            for name, master in self.masters.master.items():
+                master.data[...] = mine(name, masters[name], f"master/{name}")
+            self.masters.publish()
 
     def full_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Gradients shaped like this rank's parameters, from every rank's pieces (stages 1, 2;

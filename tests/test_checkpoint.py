@@ -122,6 +122,20 @@ def test_zero3_resume_reproduces_the_uninterrupted_run(zero3, tmp_path) -> None:
     assert resumed == losses[3:]  # bitwise: same layout, same state, same batches
 
 
+@pytest.mark.parametrize("zero", ["1", "3"])
+def test_zero_with_bf16_resumes_exactly_and_keeps_its_masters(tmp_path, zero: str) -> None:
+    """The float32 masters are gathered beside the Adam state: resuming rounds the same."""
+    layout = ["parallel.dp=2", f"parallel.zero={zero}", "train.dtype=bf16"]
+    losses = train(tmp_path / "full", *layout, "train.checkpoint_every=3")
+    checkpoint = tmp_path / "full" / "checkpoints" / "step000002"
+    with np.load(checkpoint / "rank0.npz", allow_pickle=False) as data:
+        masters = [k for k in data.files if k.startswith("master/")]
+        params = [k for k in data.files if k.startswith("param/")]
+        assert len(masters) == len(params) > 0
+    resumed = train(tmp_path / "resumed", *layout, resume=checkpoint)
+    assert resumed == losses[3:]
+
+
 def test_a_zero1_checkpoint_resumes_as_one_process(tmp_path) -> None:
     layout = ["parallel.dp=2", "parallel.zero=1"]
     losses = train(tmp_path / "full", *layout, "train.checkpoint_every=3")

@@ -254,12 +254,6 @@ NOT_YET_CASES = [
         ("parallel.pp=2", "parallel.zero=3"),
     ),
     Bad(
-        "zero-with-mixed-precision",
-        "error: parallel.zero=1 with train.dtype=bf16 is not supported yet "
-        "(ZeRO shards float32/float64 training only)",
-        ("parallel.zero=1", "train.dtype=bf16"),
-    ),
-    Bad(
         "virtual-stages-need-pp",
         "error: parallel.virtual_stages > 1 needs parallel.pp > 1",
         ("model.n_layer=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved-1f1b"),
