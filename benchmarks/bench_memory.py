@@ -1,6 +1,6 @@
 """ZeRO stages 0–3 at dp=4: model-state memory per rank, step time and dp traffic per step.
 
-    python benchmarks/bench_memory.py [--dp 4] [--steps 4] [--runs 2]
+    python benchmarks/bench_memory.py [--dp 4] [--steps 4] [--runs 2] [--dtype bf16]
 
 Runs the bench config (configs/bench.yaml) through `civetta train` once per ZeRO stage (the
 stages interleaved, `--runs` rounds, the faster round kept per stage) and prints, from each
@@ -8,6 +8,8 @@ metrics.json: bytes per rank (the largest rank) of parameters, gradients, optimi
 activations and ZeRO-3's largest gathered working set; the model-state total; the median step
 time after the first step; and the ring wire bytes one dp rank sends per training step. It also
 checks that every rank's measured model-state bytes equal the closed forms beside them.
+`--dtype bf16` shows mixed precision: 2 + 2 + 12 bytes per parameter, the 12 (float32 masters
+and Adam moments) sharded from stage 1.
 
 With more ranks than cores the step time includes waiting for a core; the ratios between the
 stages are what the run measures, not the absolute times.
@@ -30,12 +32,12 @@ CATEGORIES = ("params", "grads", "optimizer", "activations_peak", "params_gather
 MiB = 2**20
 
 
-def run(dp: int, zero: int, steps: int) -> dict:
+def run(dp: int, zero: int, steps: int, dtype: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         command = [
             sys.executable, "-m", "launch", "train", str(CONFIG), "--out", out,
             "--set", f"parallel.dp={dp}", "--set", f"parallel.zero={zero}",
-            "--set", f"train.steps={steps}",
+            "--set", f"train.steps={steps}", "--set", f"train.dtype={dtype}",
         ]  # fmt: skip
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return json.loads((Path(out) / "metrics.json").read_text())
@@ -74,15 +76,16 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bf16", "fp16"])
     args = parser.parse_args()
     rows: dict[int, dict] = {}
     for _ in range(args.runs):
         for zero in range(4):
-            row = summarize(run(args.dp, zero, args.steps))
+            row = summarize(run(args.dp, zero, args.steps, args.dtype))
             if zero not in rows or row["step_s"] < rows[zero]["step_s"]:
                 rows[zero] = row
     print(
-        f"bench config, dp={args.dp}, float32 AdamW, {args.steps} steps; MiB per rank "
+        f"bench config, dp={args.dp}, {args.dtype} AdamW, {args.steps} steps; MiB per rank "
         "(largest rank); measured == closed form on every rank"
     )
     header = (
