@@ -245,11 +245,11 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
         raise ConfigError(
             f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
         )
-    # ZeRO combinations the runtime refuses (a simulation, for_execution=False, projects them).
-    if for_execution and p.zero >= 2 and p.pp > 1:
+    # What the runtime refuses (a simulation, for_execution=False, projects it).
+    if for_execution and p.zero == 3 and p.schedule == "zb-h1":
         raise ConfigError(
-            f"error: parallel.zero={p.zero} with parallel.pp={p.pp} is not supported "
-            "(ZeRO-2/3 compose with pp only at stage 1)"
+            "error: parallel.zero=3 with parallel.schedule=zb-h1 is not supported (ZeRO-3 "
+            "gathers each weight inside its op; zb-h1 defers weight gradients out of it)"
         )
     _check_pipeline(config)
 

@@ -626,7 +626,10 @@ def _project(
     # After backward: the first and last stage exchange their tied embedding gradients (one
     # message each way, one after the other), then the gradient norm is all-reduced.
     tied = config.tie_embeddings and p > 1
-    tied_bytes = config.vocab_size * config.n_embd // tp * g_b if tied else 0
+    tied_elements = config.vocab_size * config.n_embd // tp
+    if layout.zero == 3:  # each dp rank exchanges its shard of the copies
+        tied_elements = ceil_div(tied_elements, dp)
+    tied_bytes = tied_elements * g_b if tied else 0
     if tied:
         pp_exposed += 2 * p2p_time(tied_bytes, pl.latency_s, p2p_bandwidth)
     norm_bytes = 8  # one float64: the squared gradient norm

@@ -199,7 +199,7 @@ class ShardedStore(ParameterStore):
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """`fused.linear` on gathered values; the backward gathers the weight again instead of
         keeping it, so no whole weight outlives its op."""
-        assert not weight_grads_deferred(), "ZeRO-3 does not compose with pipeline schedules"
+        assert not weight_grads_deferred(), "ZeRO-3 does not compose with zb-h1"
         shards = self._shards(weight, bias)
         out_features, in_features = shards[0].shape
         data = x.data

@@ -242,16 +242,10 @@ NOT_YET_CASES = [
         ("model.n_layer=4", "parallel.pp=2", "parallel.schedule=interleaved-1f1b"),
     ),
     Bad(
-        "zero-2-with-pp",
-        "error: parallel.zero=2 with parallel.pp=2 is not supported "
-        "(ZeRO-2/3 compose with pp only at stage 1)",
-        ("parallel.pp=2", "parallel.zero=2"),
-    ),
-    Bad(
-        "zero-3-with-pp",
-        "error: parallel.zero=3 with parallel.pp=2 is not supported "
-        "(ZeRO-2/3 compose with pp only at stage 1)",
-        ("parallel.pp=2", "parallel.zero=3"),
+        "zero-3-with-zero-bubble",
+        "error: parallel.zero=3 with parallel.schedule=zb-h1 is not supported (ZeRO-3 "
+        "gathers each weight inside its op; zb-h1 defers weight gradients out of it)",
+        ("parallel.pp=2", "parallel.zero=3", "parallel.schedule=zb-h1"),
     ),
     Bad(
         "virtual-stages-need-pp",

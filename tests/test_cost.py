@@ -416,12 +416,12 @@ def test_simulate_writes_the_json_keys(tmp_path: Path) -> None:
 
 
 def test_simulation_accepts_what_execution_cannot_run(tmp_path: Path) -> None:
-    overrides = ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "model.n_layer=4"]
+    overrides = ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "parallel.schedule=zb-h1"]
     quick = str(REPO / "configs" / "quickstart.yaml")
     config = load_for_simulation(quick, overrides)
-    assert (config.parallel.zero, config.parallel.pp) == (3, 2)
+    assert (config.parallel.zero, config.parallel.schedule) == (3, "zb-h1")
     with pytest.raises(ConfigError, match="not supported"):
-        load(quick, overrides)  # for execution: ZeRO-3 does not compose with pipelining
+        load(quick, overrides)  # for execution: ZeRO-3 does not compose with zb-h1
     assert simulate_command(quick, "h100-dgx", overrides, None, tmp_path / "q.json", _quiet()) == 0
 
 

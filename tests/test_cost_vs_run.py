@@ -95,6 +95,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     ),
     "dp2xtp2-zero3": (4, ["parallel.dp=2", "parallel.tp=2", "parallel.zero=3"]),
     "dp2-zero2-bf16": (2, ["parallel.dp=2", "parallel.zero=2", "train.dtype=bf16", *ODD]),
+    "dp2xpp2-zero3": (
+        4,
+        ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "train.microbatch_size=2", *ODD],
+    ),
 }
 
 
@@ -161,10 +165,14 @@ def test_model_state_bytes_equal_the_run(name: str) -> None:
             position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
             expected = device_memory_of(model, layout, position).as_dict()
             assert {k: rank[k] for k in keys} == {k: expected[k] for k in keys}
-    else:  # ZeRO shards differ by their padding: the projection reports the busiest GPU
-        assert layout.pp == 1
-        busiest = max(ranks, key=lambda r: sum(r[k] for k in keys))
-        assert {k: busiest[k] for k in keys} == {k: projection.memory_per_gpu[k] for k in keys}
+    else:  # ZeRO shards differ by their padding: the busiest rank of each pipeline position
+        for position in range(layout.pp):
+            here = [r for r in ranks if r["rank"] // (layout.tp * layout.dp) == position]
+            busiest = max(here, key=lambda r: sum(r[k] for k in keys))
+            expected = device_memory_of(model, layout, position).as_dict()
+            assert {k: busiest[k] for k in keys} == {k: expected[k] for k in keys}
+        if layout.pp == 1:
+            assert {k: projection.memory_per_gpu[k] for k in keys} == {k: expected[k] for k in keys}
 
 
 @pytest.mark.parametrize(
@@ -199,10 +207,12 @@ def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
     metrics = executed(name)
     config, _ = projected(name)
     layout, model = to_layout(config), gpt_config(config)
-    ops = zero3_ops(model, layout.tp, layout.pp, 0, layout.virtual_stages, layout.dp)
-    again = sum(in_block for _, in_block in ops) if layout.recompute == "full" else 0
-    expected = {"all_gather": 2 * len(ops) + again, "reduce_scatter": len(ops)}
     for rank in metrics["comm"]["per_rank"]:
+        position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
+        ops = zero3_ops(model, layout.tp, layout.pp, position, layout.virtual_stages, layout.dp)
+        again = sum(in_block for _, in_block in ops) if layout.recompute == "full" else 0
+        m = layout.microbatches
+        expected = {"all_gather": m * (2 * len(ops) + again), "reduce_scatter": m * len(ops)}
         calls = dict.fromkeys(expected, 0)
         for row in rank["ops"]:
             if row["axis"] == "dp" and row["op"] in expected:
