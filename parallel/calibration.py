@@ -648,8 +648,8 @@ def fit_oversubscription(
     compute = np.array([share * chunk_s[g] for g, _, _ in loops])
 
     def solve(latency: float, bandwidth: float) -> tuple[float, float, np.ndarray]:
-        link = GroupLink("oversubscribed", ranks, False, ranks, "", latency, bandwidth)
-        comm = np.array([collective_time("all_reduce", b, link) for _, b, _ in loops])
+        shared = GroupLink("oversubscribed", ranks, False, ranks, "", latency, bandwidth)
+        comm = np.array([collective_time("all_reduce", b, shared) for _, b, _ in loops])
         a, rest = compute / measured, 1 - comm / measured
         stretch = max(float(np.dot(a, rest) / np.dot(a, a)), 1e-3)
         ratio = (stretch * compute + comm) / measured
