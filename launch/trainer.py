@@ -120,6 +120,8 @@ class Trainer:
         )
         # Mixed precision: the optimizer updates float32 masters, the model holds their rounding.
         self.precision = PRECISIONS.get(config.train.dtype)
+        if self.precision:  # the ledger counts the bytes a GPU would send (parallel.comm)
+            runtime.ledger.float32_itemsize = self.precision.itemsize
         self.masters: MasterWeights | None = None  # under ZeRO, the masters of the shard
         if self.precision and not p.zero:
             self.masters = MasterWeights(self.model.params, self.precision)

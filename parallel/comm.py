@@ -5,8 +5,10 @@ mpi4py's uppercase buffer methods only; the pickling lowercase methods never app
 call that moves data is recorded in a `Ledger` under (op, axis, phase) with its bytes, calls and
 seconds, which is what metrics.json reports in its "comm" section.
 
-Two measures are recorded per call. ``bytes`` is the exact ``nbytes`` of the buffer this rank
-passed in:
+Two measures are recorded per call. ``bytes`` is the size of the buffer this rank passed in, in
+the dtype it stands for: its ``nbytes``, except that under emulated mixed precision a float32
+buffer holds bf16/fp16 values and counts 2 bytes an element, what a GPU would send
+(`Ledger.float32_itemsize`, set by the trainer):
 
 - all_reduce: the input array;
 - all_gather: this rank's input shard (not the gathered result);
@@ -69,6 +71,15 @@ class Ledger:
         self._totals: dict[tuple[str, str, str], list[Any]] = {}
         self.current_phase = "other"
         self._paused = False
+        # Bytes a float32 element counts for: 2 when its values are emulated bf16/fp16.
+        self.float32_itemsize = 4
+
+    def itemsize(self, dtype: np.dtype) -> int:
+        return self.float32_itemsize if dtype == np.float32 else dtype.itemsize
+
+    def nbytes(self, x: np.ndarray) -> int:
+        """`x`'s bytes in the dtype it stands for."""
+        return x.size * self.itemsize(x.dtype)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -279,9 +290,10 @@ class Group:
             send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
             result = np.empty_like(send) if out is None else _checked(out, send.shape, send)
             self.comm.Allreduce(send, result, mpi_op)
-        chunk = -(-x.size // self.size) * x.itemsize  # ⌈N/n⌉ elements
+        chunk = -(-x.size // self.size) * self.ledger.itemsize(x.dtype)  # ⌈N/n⌉ elements
         wire = 2 * (self.size - 1) * chunk
-        self.ledger.record("all_reduce", self.axis, x.nbytes, time.perf_counter() - start, wire)
+        nbytes = self.ledger.nbytes(x)
+        self.ledger.record("all_reduce", self.axis, nbytes, time.perf_counter() - start, wire)
         return result
 
     def all_gather(self, x: np.ndarray, axis: int = 0, out: np.ndarray | None = None) -> np.ndarray:
@@ -302,8 +314,9 @@ class Group:
             blocks = np.empty((n, *send.shape), send.dtype)  # (n, *x.shape)
             self.comm.Allgather(send, blocks)
             result = np.concatenate(blocks, axis=axis, out=out)
-        wire = (self.size - 1) * x.nbytes
-        self.ledger.record("all_gather", self.axis, x.nbytes, time.perf_counter() - start, wire)
+        nbytes = self.ledger.nbytes(x)
+        wire = (self.size - 1) * nbytes
+        self.ledger.record("all_gather", self.axis, nbytes, time.perf_counter() - start, wire)
         return result
 
     def reduce_scatter(
@@ -333,9 +346,9 @@ class Group:
             send = np.ascontiguousarray(np.moveaxis(split, axis, 0))
         result = np.empty(chunk_shape, x.dtype) if out is None else _checked(out, chunk_shape, x)
         self.comm.Reduce_scatter_block(send, result, self._ops["sum"])
-        wire = (n - 1) * result.nbytes
+        wire = (n - 1) * self.ledger.nbytes(result)
         seconds = time.perf_counter() - start
-        self.ledger.record("reduce_scatter", self.axis, x.nbytes, seconds, wire)
+        self.ledger.record("reduce_scatter", self.axis, self.ledger.nbytes(x), seconds, wire)
         return result
 
     def broadcast(self, x: np.ndarray, root: int = 0) -> np.ndarray:
@@ -349,7 +362,9 @@ class Group:
         start = time.perf_counter()
         buf = np.ascontiguousarray(x)
         self.comm.Bcast(buf, root)
-        self.ledger.record("broadcast", self.axis, buf.nbytes, time.perf_counter() - start)
+        self.ledger.record(
+            "broadcast", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start
+        )
         return buf
 
     # -- point to point --
@@ -359,7 +374,7 @@ class Group:
         start = time.perf_counter()
         buf = np.ascontiguousarray(x)
         self.comm.Send(buf, dest, tag)
-        self.ledger.record("send", self.axis, buf.nbytes, time.perf_counter() - start)
+        self.ledger.record("send", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start)
 
     def isend(self, x: np.ndarray, dest: int, tag: int = 0) -> Any:
         """Non-blocking send of `x` to group rank `dest`; returns a request for `wait_all`.
@@ -370,7 +385,7 @@ class Group:
         start = time.perf_counter()
         buf = np.ascontiguousarray(x)
         request = self.comm.Isend(buf, dest, tag)
-        self.ledger.record("send", self.axis, buf.nbytes, time.perf_counter() - start)
+        self.ledger.record("send", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start)
         return (request, buf)
 
     @staticmethod
@@ -395,7 +410,9 @@ class Group:
         start = time.perf_counter()
         buf = np.empty(shape, dtype) if out is None else out
         self.comm.Recv(buf, source, tag)
-        self.ledger.record("recv", self.axis, buf.nbytes, time.perf_counter() - start, 0)
+        self.ledger.record(
+            "recv", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start, 0
+        )
         return buf
 
     def barrier(self) -> None:

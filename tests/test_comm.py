@@ -113,3 +113,13 @@ def test_mpi(mpi_comm: dict, name: str) -> None:
 
 def test_mpi_ran_nothing_unexpected(mpi_comm: dict) -> None:
     assert sorted(mpi_comm["results"]) == sorted(CHECKS)
+
+
+def test_the_ledger_counts_emulated_half_precision_at_two_bytes_an_element() -> None:
+    """Under bf16/fp16 a float32 buffer holds half-precision values: a GPU would send 2 bytes
+    an element. float64 buffers (the gradient norm, the logged loss) stay 8."""
+    ledger = Ledger()
+    assert ledger.nbytes(np.zeros(10, np.float32)) == 40
+    ledger.float32_itemsize = 2
+    assert ledger.nbytes(np.zeros(10, np.float32)) == 20
+    assert ledger.nbytes(np.zeros(10, np.float64)) == 80
