@@ -211,7 +211,7 @@ def _check_values(config: ExperimentConfig) -> None:
                 raise ConfigError(f"error: {key} expected a number >= 0, got {value!r}")
 
 
-def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> None:
+def _check_consistency(config: ExperimentConfig) -> None:
     m, t, p = config.model, config.train, config.parallel
     if m.n_embd % m.n_head:
         raise ConfigError(f"error: model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
@@ -245,12 +245,6 @@ def _check_consistency(config: ExperimentConfig, for_execution: bool = True) -> 
         raise ConfigError(
             f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
         )
-    # What the runtime refuses (a simulation, for_execution=False, projects it).
-    if for_execution and p.zero == 3 and p.schedule == "zb-h1":
-        raise ConfigError(
-            "error: parallel.zero=3 with parallel.schedule=zb-h1 is not supported (ZeRO-3 "
-            "gathers each weight inside its op; zb-h1 defers weight gradients out of it)"
-        )
     _check_pipeline(config)
 
 
@@ -276,9 +270,8 @@ def _check_pipeline(config: ExperimentConfig) -> None:
         )
 
 
-def from_dict(raw: Any, origin: str = "config", for_execution: bool = True) -> ExperimentConfig:
-    """Validate a parsed YAML mapping into an ExperimentConfig (`for_execution=False`: also
-    accept what this version can simulate but not run yet)."""
+def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
+    """Validate a parsed YAML mapping into an ExperimentConfig."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -301,7 +294,7 @@ def from_dict(raw: Any, origin: str = "config", for_execution: bool = True) -> E
                 raise ConfigError(f"error: unknown key '{key}'{hint}")
             setattr(target, name, _coerce(key, value, str(fields[name].type)))
     _check_values(config)
-    _check_consistency(config, for_execution)
+    _check_consistency(config)
     return config
 
 
@@ -335,9 +328,7 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"error: {path} is not UTF-8 text") from None
 
 
-def load(
-    path: str | Path | None, overrides: list[str] = (), for_execution: bool = True
-) -> ExperimentConfig:
+def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment (or the defaults when `path` is None) and apply `--set`s.
 
     `include:`s are resolved; a `sweep:` section is ignored here (`civetta train` runs the base
@@ -345,7 +336,7 @@ def load(
     """
     raw = _read_base(path, overrides)
     raw.pop("sweep", None)
-    return from_dict(raw, origin=str(path) if path else "config", for_execution=for_execution)
+    return from_dict(raw, origin=str(path) if path else "config")
 
 
 def _read_base(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
@@ -534,10 +525,9 @@ def _sweep_entries(sweep: Any) -> list[tuple[str, Any]]:
 
 
 def load_experiment(
-    path: str | Path | None, overrides: list[str] = (), for_execution: bool = True
+    path: str | Path | None, overrides: list[str] = ()
 ) -> tuple[ExperimentConfig, list[tuple[str, ExperimentConfig]]]:
-    """The base config and its sweep's layouts as (label, config), each validated in full
-    (`for_execution` as in `from_dict`).
+    """The base config and its sweep's layouts as (label, config), each validated in full.
 
     `--set`s change the base; each sweep entry then overrides the base. Without a `sweep:` the
     list is empty. An error in an entry names it: `error: sweep[2]: parallel.tp=3 does not
@@ -546,7 +536,7 @@ def load_experiment(
     raw = _read_base(path, overrides)
     sweep = raw.pop("sweep", None)
     origin = str(path) if path else "config"
-    base = from_dict(copy.deepcopy(raw), origin=origin, for_execution=for_execution)
+    base = from_dict(copy.deepcopy(raw), origin=origin)
     if sweep is None:
         return base, []
     layouts: list[tuple[str, ExperimentConfig]] = []
@@ -554,7 +544,7 @@ def load_experiment(
     for where, entry in _sweep_entries(sweep):
         name, sections = _entry_sections(entry, where)
         try:
-            config = from_dict(_merge(raw, sections), origin=origin, for_execution=for_execution)
+            config = from_dict(_merge(raw, sections), origin=origin)
         except ConfigError as exc:
             detail = str(exc).removeprefix("error: ")
             raise ConfigError(f"error: {where}: {detail}") from None

@@ -1,8 +1,7 @@
 """`civetta simulate CONFIG --hardware PROFILE [--set ...] [--tokens N] [--json OUT]`.
 
 Projects one training step of an experiment onto a hardware profile with the analytic cost model
-(`parallel.cost`); nothing is executed, so layouts this version cannot run yet (ZeRO, bf16/fp16)
-are accepted. Prints a report (step time and its breakdown, TFLOP/s per GPU, MFU and HFU,
+(`parallel.cost`); nothing is executed. Prints a report (step time and its breakdown, TFLOP/s per GPU, MFU and HFU,
 memory per GPU by category, bytes per axis, GPU-hours and cost) and optionally writes JSON.
 """
 
@@ -31,11 +30,6 @@ CONVENTIONS = (
     "passes (all-reduce input, all-gather shard, reduce-scatter input, sent messages), per step, "
     "for the busiest GPU of each axis, the log's loss averaging excluded."
 )
-
-
-def load_for_simulation(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """The experiment config, validated without the refusals of what cannot run yet."""
-    return load(path, list(overrides), for_execution=False)
 
 
 def to_layout(config: ExperimentConfig) -> TrainingLayout:
@@ -227,7 +221,7 @@ def simulate_command(
     console = console or Console()
     if tokens is not None and (isinstance(tokens, bool) or tokens <= 0):
         raise ConfigError(f"error: --tokens expected a positive number, got {tokens}")
-    config = load_for_simulation(config_path, overrides)
+    config = load(config_path, list(overrides))
     try:
         profile = load_profile(hardware)
     except CostModelError as exc:

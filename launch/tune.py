@@ -18,8 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from launch.config import ConfigError, ExperimentConfig, gpt_config
-from launch.simulate import load_for_simulation, to_layout
+from launch.config import ConfigError, ExperimentConfig, gpt_config, load
+from launch.simulate import to_layout
 from parallel.hardware import CostModelError, load_profile
 from parallel.tuning import Ranked, SearchSpace, TuneResult, tune
 
@@ -147,7 +147,7 @@ def tune_command(
     console = console or Console()
     _positive("--gpus", gpus)
     _positive("--top", top)
-    config = load_for_simulation(config_path, overrides)
+    config = load(config_path, list(overrides))
     batch = _positive("--batch", config.train.batch_size if batch is None else batch)
     try:
         profile = load_profile(hardware)

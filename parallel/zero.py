@@ -55,7 +55,8 @@ the step everywhere if any overflowed.
 What the simulation does not model: the engine accumulates each parameter's whole gradient
 during backward (it has no per-parameter hooks), so under stage 2 the whole gradients exist until
 the step's reduce-scatter; a framework reduce-scatters each bucket as soon as backward fills it.
-Stage 3's gradients are reduce-scattered by each op's backward, hence per microbatch.
+Stage 3's gradients are reduce-scattered by each op's backward, hence per microbatch (a linear's
+in the weight pass under zero-bubble schedules, which defer weight gradients).
 """
 
 from __future__ import annotations
@@ -72,7 +73,13 @@ from civetta.meters import flop_meter
 from civetta.nn import ParameterStore
 from civetta.optim import Optimizer, clip_coefficient
 from civetta.precision import MasterWeights, Precision
-from civetta.tensor import Tensor, current_precision, make_node, weight_grads_deferred
+from civetta.tensor import (
+    DeferredGrad,
+    Tensor,
+    current_precision,
+    make_node,
+    weight_grads_deferred,
+)
 from parallel.comm import Group
 from parallel.data_parallel import MB, plan_buckets
 
@@ -198,8 +205,9 @@ class ShardedStore(ParameterStore):
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """`fused.linear` on gathered values; the backward gathers the weight again instead of
-        keeping it, so no whole weight outlives its op."""
-        assert not weight_grads_deferred(), "ZeRO-3 does not compose with zb-h1"
+        keeping it, so no whole weight outlives its op. Under a zero-bubble schedule the weight
+        and bias gradients (which need no weight) are computed and reduce-scattered in the
+        weight pass: every dp replica runs the same schedule, so the collectives still pair."""
         shards = self._shards(weight, bias)
         out_features, in_features = shards[0].shape
         data = x.data
@@ -221,11 +229,29 @@ class ShardedStore(ParameterStore):
                 dx = (g2 @ w).reshape(data.shape)
                 flop_meter.backward += flops
             del w
-            flop_meter.backward += flops
-            grads = [g2.T @ x2]
-            if len(shards) == 2:
-                grads.append(np.ones(g2.shape[0], g2.dtype) @ g2)  # bias: a GEMV over tokens
-            return (dx, *self.reduce_scatter(shards, grads))
+
+            def weight_grads() -> list[np.ndarray]:
+                flop_meter.backward += flops
+                grads = [g2.T @ x2]
+                if len(shards) == 2:
+                    grads.append(np.ones(g2.shape[0], g2.dtype) @ g2)  # bias: a GEMV over tokens
+                return self.reduce_scatter(shards, grads)
+
+            if not weight_grads_deferred():
+                return (dx, *weight_grads())
+            # One reduce-scatter serves both: the weight's deferred gradient (applied first)
+            # runs it, the bias's takes its part.
+            done: list[np.ndarray] = []
+
+            def part(i: int) -> DeferredGrad:
+                def compute() -> np.ndarray:
+                    if not done:
+                        done.extend(weight_grads())
+                    return done[i]
+
+                return DeferredGrad(compute)
+
+            return (dx, *(part(i) for i in range(len(shards))))
 
         parents = (x, weight) if bias is None else (x, weight, bias)
         out = out.reshape(*data.shape[:-1], out_features)

@@ -242,12 +242,6 @@ NOT_YET_CASES = [
         ("model.n_layer=4", "parallel.pp=2", "parallel.schedule=interleaved-1f1b"),
     ),
     Bad(
-        "zero-3-with-zero-bubble",
-        "error: parallel.zero=3 with parallel.schedule=zb-h1 is not supported (ZeRO-3 "
-        "gathers each weight inside its op; zb-h1 defers weight gradients out of it)",
-        ("parallel.pp=2", "parallel.zero=3", "parallel.schedule=zb-h1"),
-    ),
-    Bad(
         "virtual-stages-need-pp",
         "error: parallel.virtual_stages > 1 needs parallel.pp > 1",
         ("model.n_layer=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved-1f1b"),

@@ -19,8 +19,8 @@ import pytest
 from rich.console import Console
 
 from civetta.models.gpt import GPTConfig
-from launch.config import ConfigError, load
-from launch.simulate import load_for_simulation, simulate_command
+from launch.config import ConfigError
+from launch.simulate import simulate_command
 from parallel.collectives_model import all_reduce_time, group_link
 from parallel.cost import CostOptions, TrainingLayout, project
 from parallel.flops_model import layer_forward_flops, megatron_flops, step_flops
@@ -413,16 +413,6 @@ def test_simulate_writes_the_json_keys(tmp_path: Path) -> None:
     text = console.file.getvalue()  # type: ignore[attr-defined]
     for words in ("Step time", "MFU", "HFU", "Memory per GPU", "fits", "GPU-hours", "GiB = 2^30"):
         assert words in text
-
-
-def test_simulation_accepts_what_execution_cannot_run(tmp_path: Path) -> None:
-    overrides = ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "parallel.schedule=zb-h1"]
-    quick = str(REPO / "configs" / "quickstart.yaml")
-    config = load_for_simulation(quick, overrides)
-    assert (config.parallel.zero, config.parallel.schedule) == (3, "zb-h1")
-    with pytest.raises(ConfigError, match="not supported"):
-        load(quick, overrides)  # for execution: ZeRO-3 does not compose with zb-h1
-    assert simulate_command(quick, "h100-dgx", overrides, None, tmp_path / "q.json", _quiet()) == 0
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ import pytest
 from mpi_helpers import WORKERS, run_mpi
 
 from civetta.models.gpt import GPT
-from launch.config import ConfigError, load
+from launch.config import load
 from launch.trainer import Trainer, gpt_config
 from parallel.runtime import Runtime
 from parallel.zero import model_state_bytes
@@ -89,8 +89,8 @@ INTERLEAVED = (
     "train.microbatch_size=2",
 )  # fmt: skip
 # (dp, tp, pp, zero, extra overrides): every stage at dp 2 and 4 and with tp=2; stage 3 with
-# sequence parallelism; every stage with pp=2 (1F1B), stage 2 under zb-h1 (which defers weight
-# gradients) and stage 3 interleaved.
+# sequence parallelism; every stage with pp=2 (1F1B), stages 2 and 3 under zb-h1 (which defers
+# weight gradients: stage 3 reduce-scatters them in the weight pass) and stage 3 interleaved.
 CASES = [
     *((2, 1, 1, zero, ()) for zero in (1, 2, 3)),
     *((4, 1, 1, zero, UNTIED) for zero in (1, 2, 3)),
@@ -98,6 +98,7 @@ CASES = [
     (2, 2, 1, 3, SP),
     *((2, 1, 2, zero, ()) for zero in (1, 2, 3)),
     (2, 1, 2, 2, ZB),
+    (2, 1, 2, 3, ZB),
     (2, 1, 2, 3, INTERLEAVED),
 ]
 
@@ -280,21 +281,12 @@ def test_tied_table_is_gathered_by_both_of_its_ops(run: Run) -> None:
 
 
 # ---- configuration and a world of one ---------------------------------------------------------
-def test_zero3_with_zero_bubble_is_refused() -> None:
-    overrides = ("parallel.pp=2", "parallel.zero=3", "parallel.dp=2", "parallel.schedule=zb-h1")
-    with pytest.raises(ConfigError) as caught:
-        load(None, [*TINY, *overrides])
-    assert str(caught.value) == (
-        "error: parallel.zero=3 with parallel.schedule=zb-h1 is not supported (ZeRO-3 "
-        "gathers each weight inside its op; zb-h1 defers weight gradients out of it)"
-    )
-
-
 def test_supported_combinations_load() -> None:
     for overrides in (
         ("parallel.pp=2", "parallel.zero=1"),
         ("parallel.pp=2", "parallel.zero=2", "parallel.schedule=zb-h1"),
         ("parallel.pp=2", "parallel.zero=3", "parallel.schedule=gpipe"),
+        ("parallel.pp=2", "parallel.zero=3", "parallel.schedule=zb-h1"),
         ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=3"),
         ("parallel.zero=3", "parallel.recompute=full", "train.optimizer=sgd"),
         ("parallel.zero=2", "train.checkpoint_every=1"),
