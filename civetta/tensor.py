@@ -387,14 +387,22 @@ def _owns_new_memory(data: np.ndarray, parents: tuple[Tensor, ...]) -> bool:
 
 
 def _rounding(backward: BackwardFn, policy: Any) -> BackwardFn:
-    """The op's backward with its input gradients rounded to the low precision."""
+    """The op's backward with its input gradients rounded to the low precision (a deferred
+    weight gradient when the weight pass computes it)."""
 
     def rounded(g: np.ndarray) -> Sequence[Any]:
-        return tuple(
-            policy.round(grad) if isinstance(grad, np.ndarray) else grad for grad in backward(g)
-        )
+        return tuple(_rounded(grad, policy) for grad in backward(g))
 
     return rounded
+
+
+def _rounded(grad: Any, policy: Any) -> Any:
+    if isinstance(grad, np.ndarray):
+        return policy.round(grad)
+    if isinstance(grad, DeferredGrad):
+        compute = grad.compute
+        return DeferredGrad(lambda: policy.round(compute()))
+    return grad
 
 
 def as_tensor(value: Any, like: Tensor | None = None) -> Tensor:

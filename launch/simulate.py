@@ -1,8 +1,9 @@
 """`civetta simulate CONFIG --hardware PROFILE [--set ...] [--tokens N] [--json OUT]`.
 
 Projects one training step of an experiment onto a hardware profile with the analytic cost model
-(`parallel.cost`); nothing is executed. Prints a report (step time and its breakdown, TFLOP/s per GPU, MFU and HFU,
-memory per GPU by category, bytes per axis, GPU-hours and cost) and optionally writes JSON.
+(`parallel.cost`); nothing is executed. Prints a report (step time and its breakdown, TFLOP/s per
+GPU, MFU and HFU, memory per GPU by category, bytes per axis, GPU-hours and cost) and optionally
+writes JSON.
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@ dynamic loss scaling for float16."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import ml_dtypes
 import numpy as np
 import pytest
 
+from civetta import fused
 from civetta.models.gpt import GPT, GPTConfig
 from civetta.precision import PRECISIONS, LossScaler, autocast
+from civetta.tensor import Tensor, WeightGradStore, defer_weight_grads
 from launch.config import load
 from launch.trainer import Trainer
 from parallel.runtime import Runtime
@@ -51,6 +55,30 @@ def test_autocast_rounds_outputs_and_gradients(name: str) -> None:
         if name_ == "transformer.wte.weight":
             continue  # used twice (embedding and tied head): its two parts add up in float32
         assert np.array_equal(policy.round(p.grad), p.grad), name_
+
+
+def test_deferred_weight_gradients_are_rounded_like_immediate_ones() -> None:
+    """Zero-bubble schedules compute weight gradients later, in the weight pass: they are
+    rounded then, to the same values an immediate backward gives."""
+    policy = PRECISIONS["bf16"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    w = Tensor(rng.standard_normal((3, 5)).astype(np.float32), requires_grad=True)
+    b = Tensor(rng.standard_normal(3).astype(np.float32), requires_grad=True)
+    immediate = {}
+    for deferred in (False, True):
+        w.grad = b.grad = None
+        store = WeightGradStore()
+        with autocast(policy), defer_weight_grads(store) if deferred else nullcontext():
+            y = fused.linear(Tensor(x, requires_grad=True), w, b)
+            (y * y).sum().backward()
+            assert (w.grad is None) == deferred
+            store.apply()
+        if not deferred:
+            immediate = {"w": w.grad.copy(), "b": b.grad.copy()}
+    assert np.array_equal(policy.round(w.grad), w.grad)
+    np.testing.assert_array_equal(w.grad, immediate["w"])
+    np.testing.assert_array_equal(b.grad, immediate["b"])
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
