@@ -9,8 +9,8 @@ the machine as it was then. `--profile` skips that and projects onto a given pro
 Two sets of layouts, each trained for a few steps and projected onto that profile:
 - configs/quickstart.yaml on 1 and 2 ranks (single process, dp=2, tp=2, pp=2 with 1F1B over 4
   microbatches) and on 4 ranks (dp=2 × tp=2), through `civetta train` and the cost model with
-  civetta's own executor behaviour (`parallel.cost.CIVETTA_EXECUTOR`: the gradient all-reduce
-  waits for the last backward);
+  civetta's own executor behaviour (`parallel.cost.projection.CIVETTA_EXECUTOR`: the gradient
+  all-reduce waits for the last backward);
 - the sweep of configs/compare-quickstart.yaml (the README's main command: float64, 4 layers,
   every layout on 4 ranks), through `civetta compare --hardware PROFILE`, whose report has both
   the measured median step and the projected one.
@@ -36,8 +36,8 @@ import numpy as np
 
 from launch.config import gpt_config, load
 from launch.simulate import to_layout
-from parallel.cost import CIVETTA_EXECUTOR, project
-from parallel.hardware import HardwareProfile, load_profile
+from parallel.cost.hardware import HardwareProfile, load_profile
+from parallel.cost.projection import CIVETTA_EXECUTOR, project
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart.yaml"

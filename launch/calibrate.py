@@ -11,7 +11,7 @@ node. Two measurements run in processes of their own, so they see what a rank se
 - communication: `mpiexec -n 2 python -m mpi4py -m launch.calibrate --measure comm`: latency and
   bandwidth of all-reduce, all-gather, reduce-scatter and point-to-point through `parallel.comm`.
 
-The fits (`parallel.calibration`) become a profile in the schema of `parallel.hardware`,
+The fits (`parallel.cost.calibration`) become a profile in the schema of `parallel.cost.hardware`,
 validated by it, and written as YAML with the measurements in its header comment. Timings are
 the best of many repetitions; a busy machine still makes them pessimistic, so the load average
 is checked and recorded.
@@ -38,8 +38,8 @@ from rich.table import Table
 from civetta.allocator import keep_freed_memory
 from civetta.models.gpt import GPTConfig
 from launch.launcher import LauncherError, find_mpiexec, rank_environment
-from parallel import calibration as cal
-from parallel.hardware import profile_from_dict
+from parallel.cost import calibration as cal
+from parallel.cost.hardware import profile_from_dict
 from parallel.mesh import Mesh
 
 DEFAULT_OUT = Path("configs") / "hardware" / "local.yaml"
@@ -239,7 +239,7 @@ def build_profile(
     memory_bytes: int,
     oversubscribed: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(profile mapping in the schema of `parallel.hardware`, fit report for the header).
+    """(profile mapping in the schema of `parallel.cost.hardware`, fit report for the header).
     Without `oversubscribed` measurements the profile has no `oversubscribed` section."""
     bandwidth = compute["bandwidth"]
     memory_gbs = max(bandwidth["copy_gbs"], bandwidth["add_gbs"])

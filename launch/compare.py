@@ -51,8 +51,8 @@ from launch.config import (
     load_experiment,
 )
 from launch.simulate import to_layout
-from parallel.cost import project
-from parallel.hardware import CostModelError, HardwareProfile, load_profile
+from parallel.cost.hardware import CostModelError, HardwareProfile, load_profile
+from parallel.cost.projection import project
 
 FAULT_ENV = "CIVETTA_COMPARE_FAULT"
 # Variables an MPI launcher sets in its ranks: a run started from inside an MPI job must not

@@ -1,9 +1,9 @@
 """`civetta simulate CONFIG --hardware PROFILE [--set ...] [--tokens N] [--json OUT]`.
 
 Projects one training step of an experiment onto a hardware profile with the analytic cost model
-(`parallel.cost`); nothing is executed. Prints a report (step time and its breakdown, TFLOP/s per
-GPU, MFU and HFU, memory per GPU by category, bytes per axis, GPU-hours and cost) and optionally
-writes JSON.
+(`parallel.cost.projection`); nothing is executed. Prints a report (step time and its breakdown,
+TFLOP/s per GPU, MFU and HFU, memory per GPU by category, bytes per axis, GPU-hours and cost)
+and optionally writes JSON.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
-from parallel.cost import CostOptions, Projection, TrainingLayout, project
-from parallel.hardware import CostModelError, HardwareProfile, load_profile
+from parallel.cost.hardware import CostModelError, HardwareProfile, load_profile
+from parallel.cost.projection import CostOptions, Projection, TrainingLayout, project
 
 GIB = 2**30
 

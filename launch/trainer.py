@@ -29,7 +29,7 @@ from civetta.optim import (
 from civetta.precision import PRECISIONS, LossScaler, MasterWeights, autocast, has_overflow
 from launch.config import ExperimentConfig, gpt_config
 from launch.faults import maybe_fail
-from parallel.memory_model import state_bytes_per_param
+from parallel.cost.memory import state_bytes_per_param
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
 from parallel.schedules import check_schedule, make_schedule

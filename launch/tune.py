@@ -5,7 +5,7 @@ The model, dtype, optimizer, sequence length and bucket size come from the exper
 its `parallel:` section is ignored (that is what the tuner chooses), except what the command
 line sets: `--set parallel.tp=8` or `--set parallel.zero=1` holds that choice fixed and searches
 the rest (likewise dp, pp, schedule, virtual_stages, recompute, sequence_parallel, order and
-train.microbatch_size). The search and the explanation are `parallel.tuning`; this module
+train.microbatch_size). The search and the explanation are `parallel.cost.tuning`; this module
 loads, renders and writes.
 """
 
@@ -20,8 +20,8 @@ from rich.table import Table
 
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
 from launch.simulate import to_layout
-from parallel.hardware import CostModelError, load_profile
-from parallel.tuning import Ranked, SearchSpace, TuneResult, tune
+from parallel.cost.hardware import CostModelError, load_profile
+from parallel.cost.tuning import Ranked, SearchSpace, TuneResult, tune
 
 GIB = 2**30
 

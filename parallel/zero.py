@@ -642,9 +642,10 @@ def model_state_bytes(
     """Bytes of parameters, gradients and optimizer state on dp rank `rank`, in closed form.
 
     `sizes`: elements of each of the rank's parameters, in model order; `per_element`: bytes
-    per element of (weights, gradients, optimizer state), as `memory_model.state_bytes_per_param`
-    gives them; `itemsize` and `bucket_mb` fix plain DP's buckets (stages 1, 2). See the module
-    docstring for the table and the padding rule.
+    per element of (weights, gradients, optimizer state), as
+    `parallel.cost.memory.state_bytes_per_param` gives them; `itemsize` and `bucket_mb` fix
+    plain DP's buckets (stages 1, 2). See the module docstring for the table and the padding
+    rule.
     """
     assert stage in STAGES, stage
     w, g, k = per_element

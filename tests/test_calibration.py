@@ -20,10 +20,10 @@ from launch.calibrate import (
     run_oversubscribed,
     write_profile,
 )
-from parallel import calibration as cal
-from parallel.collectives_model import GroupLink
-from parallel.cost import TrainingLayout, optimizer_time
-from parallel.hardware import HardwareProfile, load_profile, profile_from_dict
+from parallel.cost import calibration as cal
+from parallel.cost.collectives import GroupLink
+from parallel.cost.hardware import HardwareProfile, load_profile, profile_from_dict
+from parallel.cost.projection import TrainingLayout, optimizer_time
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")

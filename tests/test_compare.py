@@ -288,8 +288,8 @@ def test_projection_columns_come_from_the_cost_model() -> None:
     from launch.compare import projection_of
     from launch.config import gpt_config
     from launch.simulate import to_layout
-    from parallel.cost import project
-    from parallel.hardware import load_profile
+    from parallel.cost.hardware import load_profile
+    from parallel.cost.projection import project
 
     config = load("configs/quickstart.yaml", ["parallel.dp=2", "parallel.tp=2"])
     profile = load_profile("a100-dgx")

@@ -21,18 +21,17 @@ from rich.console import Console
 from civetta.models.gpt import GPTConfig
 from launch.config import ConfigError
 from launch.simulate import simulate_command
-from parallel.collectives_model import all_reduce_time, group_link
-from parallel.cost import CostOptions, TrainingLayout, project
-from parallel.flops_model import layer_forward_flops, megatron_flops, step_flops
-from parallel.hardware import CostModelError, load_profile, profile_from_dict
-from parallel.memory_model import (
+from parallel.cost.collectives import all_reduce_time, group_link
+from parallel.cost.flops import layer_forward_flops, megatron_flops, step_flops
+from parallel.cost.hardware import CostModelError, load_profile, profile_from_dict
+from parallel.cost.memory import (
     block_activation_bytes,
     device_memory,
     device_params,
     in_flight_layers,
 )
-from parallel.mesh import MeshLayout
-from parallel.pipeline_model import (
+from parallel.cost.projection import CostOptions, TrainingLayout, project
+from parallel.cost.replay import (
     REPLAY_LIMIT,
     PipelineTimes,
     StageTimes,
@@ -43,6 +42,7 @@ from parallel.pipeline_model import (
     pipeline_time,
     replayed_makespan,
 )
+from parallel.mesh import MeshLayout
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")

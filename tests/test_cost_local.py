@@ -10,10 +10,9 @@ import pytest
 import yaml
 
 from civetta.models.gpt import GPTConfig
-from parallel import calibration as cal
-from parallel.collectives_model import GroupLink
-from parallel.cost import CIVETTA_EXECUTOR, TrainingLayout, optimizer_time, project
-from parallel.hardware import (
+from parallel.cost import calibration as cal
+from parallel.cost.collectives import GroupLink
+from parallel.cost.hardware import (
     PROFILE_DIR,
     CostModelError,
     HardwareProfile,
@@ -21,7 +20,8 @@ from parallel.hardware import (
     load_profile,
     profile_from_dict,
 )
-from parallel.memory_model import device_tensors
+from parallel.cost.memory import device_tensors
+from parallel.cost.projection import CIVETTA_EXECUTOR, TrainingLayout, optimizer_time, project
 
 A100 = load_profile("a100-dgx")
 CONFIG = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=64)

@@ -33,9 +33,9 @@ from civetta.models.gpt import GPTStage
 from civetta.nn import merge
 from launch.config import gpt_config, load
 from launch.simulate import to_layout
-from parallel.cost import device_memory_of, engine_nodes, project, zero3_ops
-from parallel.hardware import load_profile
-from parallel.memory_model import device_tensors
+from parallel.cost.hardware import load_profile
+from parallel.cost.memory import device_tensors
+from parallel.cost.projection import device_memory_of, engine_nodes, project, zero3_ops
 from parallel.pipeline import partition_layers
 
 PROFILE = load_profile("a100-dgx")  # counts do not depend on the profile

@@ -16,10 +16,10 @@ from rich.console import Console
 from civetta.models.gpt import GPTConfig
 from launch.config import ConfigError
 from launch.tune import tune_command
-from parallel.cost import CostOptions, TrainingLayout, device_memory_of, project
-from parallel.flops_model import RECOMPUTE
-from parallel.hardware import load_profile
-from parallel.tuning import SearchSpace, divisors, tune
+from parallel.cost.flops import RECOMPUTE
+from parallel.cost.hardware import load_profile
+from parallel.cost.projection import CostOptions, TrainingLayout, device_memory_of, project
+from parallel.cost.tuning import SearchSpace, divisors, tune
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")

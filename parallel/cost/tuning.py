@@ -2,8 +2,8 @@
 
 `tune` enumerates dp × tp × pp = N, the microbatch size, the pipeline schedule and its virtual
 stages, the ZeRO stage, recomputation and sequence parallelism; keeps the layouts whose memory
-fits the profile's GPU; projects each (`parallel.cost.project`) and ranks them by throughput;
-then explains in a few sentences why the best one wins.
+fits the profile's GPU; projects each (`parallel.cost.projection.project`) and ranks them by
+throughput; then explains in a few sentences why the best one wins.
 
 Pruning:
 
@@ -28,7 +28,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from civetta.models.gpt import GPTConfig
-from parallel.cost import (
+from parallel.cost.flops import RECOMPUTE
+from parallel.cost.hardware import CostModelError, HardwareProfile
+from parallel.cost.projection import (
     CostOptions,
     Projection,
     TrainingLayout,
@@ -36,9 +38,7 @@ from parallel.cost import (
     executor_options,
     project,
 )
-from parallel.flops_model import RECOMPUTE
-from parallel.hardware import CostModelError, HardwareProfile
-from parallel.pipeline_model import SCHEDULES
+from parallel.cost.replay import SCHEDULES
 
 GIB = 2**30
 TERMS = {

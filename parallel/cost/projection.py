@@ -2,11 +2,12 @@
 
 Nothing is executed. For a layout (dp × tp × pp, microbatches, schedule, ZeRO, recomputation,
 sequence parallelism) the model builds every pipeline stage's time for one microbatch from its
-exact GEMMs (`flops_model`), memory-bound elementwise traffic and tensor-parallel collectives
-(`collectives_model`), replays the actual pipeline schedule with those times and the p2p time
-of each message (`pipeline_model`, a discrete-event replay of `parallel.schedules`), adds the
-exposed data-parallel communication and the optimizer step, and reports throughput, MFU/HFU,
-memory per GPU by category (`memory_model`) and bytes per axis.
+exact GEMMs (`parallel.cost.flops`), memory-bound elementwise traffic and tensor-parallel
+collectives (`parallel.cost.collectives`), replays the actual pipeline schedule with those times
+and the p2p time of each message (`parallel.cost.replay`, a discrete-event replay of
+`parallel.schedules`), adds the exposed data-parallel communication and the optimizer step, and
+reports throughput, MFU/HFU, memory per GPU by category (`parallel.cost.memory`) and bytes per
+axis.
 
 Step time = m·(t_f + t_b) + bubble + exposed pp + exposed tp + exposed dp + optimizer, where t_f
 and t_b are one microbatch's forward and backward (with recomputation and the tensor-parallel
@@ -52,7 +53,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from civetta.models.gpt import GPTConfig
-from parallel.collectives_model import (
+from parallel.cost.collectives import (
     GroupLink,
     all_gather_time,
     all_reduce_time,
@@ -60,8 +61,7 @@ from parallel.collectives_model import (
     p2p_time,
     reduce_scatter_time,
 )
-from parallel.data_parallel import plan_buckets
-from parallel.flops_model import (
+from parallel.cost.flops import (
     ATTENTION_CORE,
     RECOMPUTE,
     Gemm,
@@ -69,8 +69,8 @@ from parallel.flops_model import (
     layer_gemms,
     step_flops,
 )
-from parallel.hardware import CostModelError, HardwareProfile, LinkSpec
-from parallel.memory_model import (
+from parallel.cost.hardware import CostModelError, HardwareProfile, LinkSpec
+from parallel.cost.memory import (
     ELEMENT_BYTES,
     MemoryPerGPU,
     block_activation_bytes,
@@ -81,8 +81,7 @@ from parallel.memory_model import (
     element_bytes,
     state_bytes_per_param,
 )
-from parallel.mesh import MeshError, MeshLayout
-from parallel.pipeline_model import (
+from parallel.cost.replay import (
     SCHEDULES,
     PipelineTimes,
     Replay,
@@ -90,6 +89,8 @@ from parallel.pipeline_model import (
     pipeline_time,
     replayed_makespan,
 )
+from parallel.data_parallel import plan_buckets
+from parallel.mesh import MeshError, MeshLayout
 
 MIB = 1 << 20
 OPTIMIZERS = ("adamw", "sgd")
@@ -183,7 +184,7 @@ class CostOptions:
     # Megatron-LM §4.1: each tp rank sends 1/tp of a pipeline message over its own network
     # adapter and the receiving node all-gathers it over NVLink. civetta's executor sends whole.
     pp_scatter_gather: bool = False
-    # Discrete-event replay of the schedule (pipeline_model); None: closed forms.
+    # Discrete-event replay of the schedule (parallel.cost.replay); None: closed forms.
     replay: Replay | None = replayed_makespan
 
 
@@ -788,7 +789,7 @@ def microbatch_times(
 ) -> StageTimes:
     """One microbatch's forward and backward seconds on the busiest pipeline device (all its
     stages, tensor-parallel collectives included): the compute side of `project`, exposed for
-    calibrating a profile against measured times (`parallel.calibration`)."""
+    calibrating a profile against measured times (`parallel.cost.calibration`)."""
     layout.check(config)
     profile = profile.for_ranks(layout.world_size)
     mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)

@@ -20,7 +20,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from parallel.hardware import HardwareProfile
+from parallel.cost.hardware import HardwareProfile
 from parallel.mesh import MeshLayout
 
 

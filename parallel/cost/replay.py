@@ -1,7 +1,7 @@
 """The pipeline's share of a step: the bubble and the exposed point-to-point messages, either
 replayed from the actual schedule or from closed forms.
 
-The replay (the default of `parallel.cost.CostOptions`) builds the named schedule with
+The replay (the default of `parallel.cost.projection.CostOptions`) builds the named schedule with
 `parallel.schedules.make_schedule` and runs it through `parallel.schedules.simulate`, the
 discrete-event replay the executor's checker uses: every forward, backward (or input-gradient
 and weight-gradient half) of every microbatch on every virtual stage takes that stage's time,

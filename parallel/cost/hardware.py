@@ -36,7 +36,7 @@ import yaml
 
 # Peaks are looked up by the experiment's train.dtype (float32 means strict FP32, not TF32).
 DTYPES = ("float64", "float32", "tf32", "bf16", "fp16")
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "configs" / "hardware"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 
 
 class CostModelError(ValueError):

@@ -9,12 +9,12 @@ writes `configs/hardware/local.yaml`):
 - civetta's own engine: forward and backward of small GPTs, whose time beyond the fitted GEMMs
   gives the profile's elementwise numbers (traffic per activation byte, a fixed overhead per
   layer, backward over forward), fitted through the cost model's own formulas
-  (`parallel.cost.microbatch_times`);
+  (`parallel.cost.projection.microbatch_times`);
 - the optimizer step (gradient norm, clipping, AdamW) over tensors of several counts and sizes,
-  fitted to `parallel.cost.optimizer_time` (traffic multiplier, fixed cost per tensor);
+  fitted to `parallel.cost.projection.optimizer_time` (traffic multiplier, fixed cost per tensor);
 - the collectives of the local MPI over a group of ranks (all-reduce, all-gather,
   reduce-scatter and a point-to-point ping-pong through `parallel.comm`), fitted to the
-  alpha-beta formulas of `parallel.collectives_model`;
+  alpha-beta formulas of `parallel.cost.collectives`;
 - more ranks than cores: a fixed chunk of engine work alone on a core, then chunks and
   all-reduces in turn on twice as many ranks as cores, fitted to the profile's `oversubscribed`
   numbers (how much a rank's compute stretches beyond its share of a core, and the latency and
@@ -43,15 +43,15 @@ import numpy as np
 from civetta.models.gpt import GPT, GPTConfig
 from civetta.optim import AdamW, clip_coefficient
 from civetta.tensor import Tensor
-from parallel.collectives_model import (
+from parallel.cost.collectives import (
     GroupLink,
     all_gather_time,
     all_reduce_time,
     p2p_time,
     reduce_scatter_time,
 )
-from parallel.cost import TrainingLayout, microbatch_times, optimizer_time
-from parallel.hardware import HardwareProfile
+from parallel.cost.hardware import HardwareProfile
+from parallel.cost.projection import TrainingLayout, microbatch_times, optimizer_time
 from parallel.runtime import Runtime
 
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -402,7 +402,7 @@ class OptimizerFit:
 
 def fit_optimizer(samples: Sequence[OptimizerSample], profile: HardwareProfile) -> OptimizerFit:
     """The profile's optimizer numbers by non-negative least squares on relative error, through
-    the cost model's own formula (`parallel.cost.optimizer_time`, linear in both)."""
+    the cost model's own formula (`parallel.cost.projection.optimizer_time`, linear in both)."""
     layout = TrainingLayout(dtype="float32", optimizer="adamw")
 
     def predict(traffic: float, overhead_us: float, s: OptimizerSample) -> float:
