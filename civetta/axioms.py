@@ -14,12 +14,14 @@ split, broadcast_to) have backwards that only route gradients.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, cast
 
 import numpy as np
 
-from civetta.meters import flop_meter
-from civetta.tensor import Tensor, as_tensor, make_node
+from civetta import meta
+from civetta.meters import flop_meter, gemm_log
+from civetta.tensor import Tensor, as_tensor, current_precision, make_node
 
 
 def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
@@ -104,7 +106,7 @@ def maximum(a: Any, b: Any) -> Tensor:
 
 def where(condition: Any, a: Any, b: Any) -> Tensor:
     """Pick `a` where `condition` holds, else `b`; the condition carries no gradient."""
-    cond = np.asarray(condition.data if isinstance(condition, Tensor) else condition, dtype=bool)
+    cond = meta.asarray(condition.data if isinstance(condition, Tensor) else condition, dtype=bool)
     a, b = _pair(a, b)
     if cond.shape != a.shape:
         shape = np.broadcast_shapes(cond.shape, a.shape)
@@ -211,12 +213,14 @@ def getitem(a: Tensor, index: Any) -> Tensor:
         for i in (index if isinstance(index, tuple) else (index,))
     )
 
-    rows_only = isinstance(index, np.ndarray) and index.dtype.kind in "iu"
+    # Integer rows, real or data-free (a MetaArray stands in for the ndarray).
+    rows_only = isinstance(index, np.ndarray | meta.MetaArray) and index.dtype.kind in "iu"
+    rows = cast(np.ndarray, index)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         if rows_only:  # a table lookup (embeddings): sum the gradients row by row
-            return (_scatter_add_rows(index, g, shape),)
-        full = np.zeros(shape, dtype=dtype)
+            return (_scatter_add_rows(rows, g, shape),)
+        full = meta.zeros(shape, dtype, like=g)
         if basic:  # a view: every element is picked at most once
             full[index] = g
         else:
@@ -228,6 +232,8 @@ def getitem(a: Tensor, index: Any) -> Tensor:
 
 def _scatter_add_rows(rows: np.ndarray, g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """`np.add.at(zeros(shape), rows, g)` by sorting the rows: ~4× faster for embeddings."""
+    if meta.is_meta(g) or meta.is_meta(rows):  # data-free: the sort needs the rows' values
+        return meta.shaped(shape, g.dtype)
     flat_rows = rows.reshape(-1) % shape[0]  # negative indices count from the end
     values = g.reshape(flat_rows.size, *shape[1:])
     order = np.argsort(flat_rows, kind="stable")
@@ -263,7 +269,7 @@ def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
         region = tuple(where_)
 
         def backward(g: np.ndarray, region: tuple = region) -> tuple[np.ndarray]:
-            full = np.zeros(shape, dtype=dtype)
+            full = meta.zeros(shape, dtype, like=g)
             full[region] = g
             return (full,)
 
@@ -284,14 +290,21 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     # 2 FLOPs per multiply-add: (rows of x) · K · N, where N is w's last axis.
     flops = 2 * (x.size // x.shape[-1]) * x.shape[-1] * w.shape[-1]
     flop_meter.forward += flops
+    precision = current_precision()  # the backward's GEMMs run in the forward's precision
     if w.ndim == 2:
         k, n = w.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        gemm_log.record(m, k, n, 1, "forward", x.dtype, precision)
 
         def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
             g2 = g.reshape(-1, n)
             flop_meter.backward += flops * (need_a + need_b)
+            if need_a:
+                gemm_log.record(m, n, k, 1, "backward-input", x.dtype, precision)
+            if need_b:  # a 2-D operand shared by every row is a weight
+                gemm_log.record(k, m, n, 1, "backward-weight", x.dtype, precision)
             return (
                 (g2 @ w.T).reshape(x.shape) if need_a else None,
                 x2.T @ g2 if need_b else None,
@@ -300,9 +313,15 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         return make_node((x2 @ w).reshape(*lead, n), (a, b), backward)
 
     assert x.shape[:-2] == w.shape[:-2], "matmul operands need equal leading axes"
+    batch, (m, k), n = math.prod(x.shape[:-2]), x.shape[-2:], w.shape[-1]
+    gemm_log.record(m, k, n, batch, "forward", x.dtype, precision)
 
     def backward_batched(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         flop_meter.backward += flops * (need_a + need_b)
+        if need_a:
+            gemm_log.record(m, n, k, batch, "backward-input", x.dtype, precision)
+        if need_b:  # per-batch operands are activations (attention): input gradients too
+            gemm_log.record(k, m, n, batch, "backward-input", x.dtype, precision)
         return (
             g @ w.swapaxes(-1, -2) if need_a else None,
             x.swapaxes(-1, -2) @ g if need_b else None,

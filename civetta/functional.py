@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
+from civetta import meta
 from civetta.tensor import Tensor, as_tensor
 
 
@@ -119,20 +120,31 @@ def softmax(a: Tensor, axis: int = -1) -> Tensor:
     return ax.exp(log_softmax(a, axis=axis))
 
 
+def _kept_targets(targets: Any, ignore_index: int) -> tuple[Any, Any, Any, int]:
+    """For flat integer `targets`: the mask of those not equal to `ignore_index`, their rows,
+    their values (the columns to pick) and their count (at least 1).
+
+    Data-free targets have no values: every target counts, the shapes of a batch with none
+    ignored.
+    """
+    if meta.is_meta(targets):
+        return None, meta.shaped(targets.shape, np.int64), targets, max(targets.size, 1)
+    keep = targets != ignore_index
+    return keep, np.arange(targets.size)[keep], targets[keep], max(int(keep.sum()), 1)
+
+
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
     """Mean negative log-likelihood of integer `targets` under `logits` (..., V), via log-probs.
 
     Targets equal to `ignore_index` neither count in the mean nor receive gradient.
     """
-    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets)
+    targets = meta.asarray(targets.data if isinstance(targets, Tensor) else targets)
     vocab = logits.shape[-1]
     flat_logits = ax.reshape(logits, (-1, vocab))
-    flat_targets = targets.reshape(-1)
-    keep = flat_targets != ignore_index
-    rows = np.arange(flat_targets.size)[keep]
+    _, rows, cols, count = _kept_targets(targets.reshape(-1), ignore_index)
     logp = log_softmax(flat_logits, axis=-1)
-    picked = ax.getitem(logp, (rows, flat_targets[keep]))
-    return ax.mul(ax.neg(ax.sum(picked)), 1.0 / max(int(keep.sum()), 1))
+    picked = ax.getitem(logp, (rows, cols))
+    return ax.mul(ax.neg(ax.sum(picked)), 1.0 / count)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -163,13 +175,14 @@ def dropout(x: Tensor, p: float, rng: np.random.Generator | None, training: bool
         return x
     if rng is None:
         raise ValueError("dropout with p > 0 needs a seeded numpy Generator")
-    keep = rng.random(x.shape) >= p
+    keep = meta.uniform(rng, x.shape, like=x.data) >= p
     return ax.mul(x, Tensor(keep.astype(x.dtype) / (1.0 - p)))
 
 
-def causal_mask(t_query: int, t_key: int) -> np.ndarray:
-    """True where query i may attend to key j (j <= i, aligned at the end)."""
-    return np.tril(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query)
+def causal_mask(t_query: int, t_key: int, like: Any = None) -> np.ndarray:
+    """True where query i may attend to key j (j <= i, aligned at the end); shape-only when
+    `like` is a data-free array (see `civetta.meta.ones`)."""
+    return np.tril(meta.ones((t_query, t_key), dtype=bool, like=like), k=t_key - t_query)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
@@ -177,6 +190,6 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = ax.mul(ax.matmul(q, ax.transpose(k, (0, 1, 3, 2))), scale)  # (B, nh, T, T)
     if causal:
-        mask = causal_mask(q.shape[-2], k.shape[-2])
+        mask = causal_mask(q.shape[-2], k.shape[-2], like=q.data)
         scores = ax.where(mask, scores, Tensor(np.array(-np.inf, dtype=scores.dtype)))
     return ax.matmul(softmax(scores, axis=-1), v)  # (B, nh, T, hs)

@@ -2,21 +2,31 @@
 
 Each op here is one graph node with a hand-written backward, kept only because its composed
 definition in `civetta.functional` is several times slower on the bench model (see
-`benchmarks/bench_ops.py`). Every op has a test that it agrees with that composed reference in
-value and gradient (`tests/test_fused.py`).
+`benchmarks/bench_ops.py`). `FUSED` maps every op to that reference; `tests/test_fused.py` checks
+that each agrees with it in value and gradient, and fails if an op is missing from `FUSED`.
+Like the axioms' closures, the backward closures here capture arrays, shapes and flags only,
+never Tensors.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from civetta import axioms as ax
-from civetta.functional import GELU_C
-from civetta.meters import flop_meter
-from civetta.tensor import DeferredGrad, Tensor, make_node, weight_grads_deferred
+from civetta import functional, meta
+from civetta.functional import GELU_C, _kept_targets, causal_mask
+from civetta.meters import flop_meter, gemm_log
+from civetta.tensor import (
+    DeferredGrad,
+    Tensor,
+    current_precision,
+    make_node,
+    weight_grads_deferred,
+)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -28,13 +38,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = x2 @ w.T
     if bias is not None:
         out += bias.data
-    flops = 2 * x2.shape[0] * in_features * out_features
+    tokens = x2.shape[0]
+    flops = 2 * tokens * in_features * out_features
     flop_meter.forward += flops
+    precision = current_precision()  # the backward's GEMMs run in the forward's precision
+    gemm_log.record(tokens, in_features, out_features, 1, "forward", data.dtype, precision)
     need_x, need_w = x.requires_grad, weight.requires_grad
-    need_b = bias is not None and bias.requires_grad
+    has_bias = bias is not None  # a flag, not the Tensor: closures never hold Tensors
+    need_b = has_bias and bias.requires_grad
 
     def weight_grad(g2: np.ndarray) -> np.ndarray:
         flop_meter.backward += flops
+        gemm_log.record(
+            out_features, tokens, in_features, 1, "backward-weight", data.dtype, precision
+        )
         return g2.T @ x2
 
     def backward(g: np.ndarray) -> tuple[Any, ...]:
@@ -42,16 +59,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         dx = None
         if need_x:
             flop_meter.backward += flops
+            gemm_log.record(
+                tokens, out_features, in_features, 1, "backward-input", data.dtype, precision
+            )
             dx = (g2 @ w).reshape(data.shape)
         # The bias gradient sums over tokens: as a GEMV it runs on BLAS threads, 3× a numpy sum.
-        ones = np.ones(g2.shape[0], g2.dtype)
+        ones = meta.ones(g2.shape[0], g2.dtype, like=g2)
         if weight_grads_deferred():  # zero-bubble schedules: weight gradients come later
             dw = DeferredGrad(lambda: weight_grad(g2)) if need_w else None
             db = DeferredGrad(lambda: ones @ g2) if need_b else None
         else:
             dw = weight_grad(g2) if need_w else None
             db = ones @ g2 if need_b else None
-        return (dx, dw) if bias is None else (dx, dw, db)
+        return (dx, dw, db) if has_bias else (dx, dw)
 
     parents = (x, weight) if bias is None else (x, weight, bias)
     return make_node(out.reshape(*data.shape[:-1], out_features), parents, backward)
@@ -129,7 +149,7 @@ def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     """
     data = x.data
     xhat = np.empty_like(data)
-    rstd = np.empty((*data.shape[:-1], 1), dtype=data.dtype)
+    rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
     _normalize_forward(data, xhat, rstd, eps)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
@@ -191,10 +211,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     """softmax(q·kᵀ/√d) · v with the fused softmax; reference: the functional version."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = ax.matmul(ax.mul(q, scale), ax.transpose(k, (0, 1, 3, 2)))  # (B, nh, T, T)
-    mask = None
-    if causal:
-        t_query, t_key = q.shape[-2], k.shape[-2]
-        mask = np.tril(np.ones((t_query, t_key), dtype=bool), k=t_key - t_query)
+    mask = causal_mask(q.shape[-2], k.shape[-2], like=q.data) if causal else None
     return ax.matmul(softmax(scores, mask), v)  # (B, nh, T, hs)
 
 
@@ -203,13 +220,10 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
 
     Reference: `functional.cross_entropy`.
     """
-    targets = np.asarray(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)
+    targets = meta.asarray(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)
     vocab = logits.shape[-1]
     flat = logits.data.reshape(-1, vocab)
-    keep = targets != ignore_index
-    count = max(int(keep.sum()), 1)
-    rows = np.arange(targets.size)[keep]
-    cols = targets[keep]
+    keep, rows, cols, count = _kept_targets(targets, ignore_index)
     shift = flat.max(axis=-1, keepdims=True)
     shifted = flat - shift
     logsumexp = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -222,9 +236,38 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
         # d loss / d logits = (softmax − onehot(target)) / count on kept rows, 0 elsewhere.
         grad = np.exp(log_probs)
         grad[rows, cols] -= 1.0
-        if not keep.all():
+        if keep is not None and not keep.all():  # None: data-free, nothing ignored
             grad[~keep] = 0.0
-        grad *= flat.dtype.type(g / count)
+        grad *= (g / count).astype(flat.dtype)
         return (grad.reshape(shape),)
 
-    return make_node(np.asarray(loss, dtype=logits.dtype), (logits,), backward)
+    return make_node(meta.asarray(loss, dtype=logits.dtype), (logits,), backward)
+
+
+# ---- the composed references of the ops above that `functional` does not spell out -------------
+def _linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    out = ax.matmul(x, ax.transpose(weight, (1, 0)))
+    return out if bias is None else ax.add(out, bias)
+
+
+def _normalize_reference(x: Tensor, eps: float = 1e-5) -> Tensor:
+    return functional.layer_norm(x, None, None, eps)
+
+
+def _softmax_reference(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
+    if mask is not None:
+        x = ax.where(mask, x, Tensor(np.array(-np.inf, dtype=x.dtype)))
+    return functional.softmax(x, axis=-1)
+
+
+# Every fused op and the composed reference it must agree with in value and gradient (same
+# signature); `tests/test_fused.py` fails if a public function here is missing.
+FUSED: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
+    linear: _linear_reference,
+    gelu: functional.gelu,
+    normalize: _normalize_reference,
+    layer_norm: functional.layer_norm,
+    softmax: _softmax_reference,
+    scaled_dot_product_attention: functional.scaled_dot_product_attention,
+    cross_entropy: functional.cross_entropy,
+}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta import fused
+from civetta import fused, meta
 from civetta.recompute import checkpoint
 from civetta.tensor import Tensor
 
@@ -114,11 +114,16 @@ def param_rng(name: str, seed: int) -> np.random.Generator:
 
 
 def normal_init(name: str, shape: tuple[int, ...], std: float, seed: int) -> np.ndarray:
-    """Draw in float64 so float32 and float64 runs start from the same (rounded) weights."""
+    """Draw in float64 so float32 and float64 runs start from the same (rounded) weights.
+    Inside `meta.data_free()` nothing is drawn: a shape-only float64 array."""
+    if meta.is_data_free():
+        return meta.shaped(shape, np.float64)
     return param_rng(name, seed).normal(0.0, std, size=shape)
 
 
 def parameter(array: np.ndarray, dtype: Any) -> Tensor:
+    if meta.is_meta(array):  # a fresh C-contiguous array, as np.ascontiguousarray gives
+        return Tensor(meta.shaped(array.shape, dtype), requires_grad=True)
     return Tensor(np.ascontiguousarray(array, dtype=dtype), requires_grad=True)
 
 
@@ -175,7 +180,7 @@ def Linear(  # noqa: N802 - a module constructor reads like a class
     params = {f"{name}.weight": weight}
     b = None
     if bias:
-        b = store.create(f"{name}.bias", np.zeros(out_features), dtype)
+        b = store.create(f"{name}.bias", meta.zeros(out_features), dtype)
         params[f"{name}.bias"] = b
 
     def forward(x: Tensor) -> Tensor:
@@ -199,7 +204,7 @@ def Embedding(  # noqa: N802
     weight = store.create(f"{name}.weight", init, dtype)
 
     def forward(idx: np.ndarray) -> Tensor:
-        return store.lookup(weight, np.asarray(idx))
+        return store.lookup(weight, meta.asarray(idx))
 
     return Module(forward, {f"{name}.weight": weight})
 
@@ -214,11 +219,11 @@ def LayerNorm(  # noqa: N802
     store: ParameterStore = WHOLE,
 ) -> Module:
     """The fused normalisation, then the affine part (`fused.layer_norm` through the store)."""
-    weight = store.create(f"{name}.weight", np.ones(dim), dtype)
+    weight = store.create(f"{name}.weight", meta.ones(dim), dtype)
     params = {f"{name}.weight": weight}
     b = None
     if bias:
-        b = store.create(f"{name}.bias", np.zeros(dim), dtype)
+        b = store.create(f"{name}.bias", meta.zeros(dim), dtype)
         params[f"{name}.bias"] = b
 
     def forward(x: Tensor) -> Tensor:

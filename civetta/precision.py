@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from civetta import tensor
+from civetta import meta, tensor
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class Precision:
         return self.dtype.itemsize
 
     def round(self, array: np.ndarray) -> np.ndarray:
-        """The nearest low-precision values, as float32 (overflow gives ±inf)."""
-        if array.dtype != np.float32:
+        """The nearest low-precision values, as float32 (overflow gives ±inf); a data-free
+        array has no values to round and stays as it is."""
+        if array.dtype != np.float32 or meta.is_meta(array):
             return array
         with np.errstate(over="ignore"):
             return array.astype(self.dtype).astype(np.float32)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from civetta.meters import activation_meter
+from civetta.meta import MetaArray
+from civetta.meta import asarray as _asarray
+from civetta.meters import activation_meter, gemm_log
 
 DEFAULT_DTYPE = np.float32
 
@@ -108,7 +110,10 @@ class Tensor:
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None) -> None:
         if isinstance(data, Tensor):
             data = data.data
-        if dtype is not None:
+        if type(data) is MetaArray:  # data-free: keep the shape-only array (cast if asked)
+            # A MetaArray stands in for an ndarray (duck-typed, as FakeTensor for a Tensor).
+            array = cast(np.ndarray, data if dtype is None else data.astype(dtype, copy=False))
+        elif dtype is not None:
             array = np.asarray(data, dtype=dtype)
         else:
             array = np.asarray(data)
@@ -175,7 +180,7 @@ class Tensor:
             if self.data.size != 1:
                 raise RuntimeError("backward() needs an explicit grad for a non-scalar tensor")
             grad = np.ones_like(self.data)
-        grad = np.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
+        grad = _asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
         if grad.shape != self.shape:
             raise ValueError(f"grad shape {grad.shape} does not match tensor shape {self.shape}")
 
@@ -192,7 +197,7 @@ class Tensor:
                     node.grad = _private(g, grad, stored)
                     stored.add(id(node.grad))
                 else:
-                    node.grad = np.asarray(node.grad + g)
+                    node.grad = _asarray(node.grad + g)
                 continue
             parent_grads = node._backward(g)
             for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
@@ -318,6 +323,8 @@ def _private(g: np.ndarray, caller_grad: np.ndarray, stored: set[int]) -> np.nda
     inputs, and the caller keeps the upstream gradient it passed in. Stealing the rest saves a
     parameter-sized copy per leaf and step.
     """
+    if type(g) is MetaArray:
+        return g if g.base is None and g is not caller_grad and id(g) not in stored else g.copy()
     fresh = (
         isinstance(g, np.ndarray)
         and g.flags.owndata
@@ -354,6 +361,11 @@ def make_node(
             data = _precision.round(data)
         if round_grads:
             backward = _rounding(backward, _precision)
+    if gemm_log.enabled and fresh:
+        nbytes = data.nbytes
+        gemm_log.output_bytes += (
+            nbytes if _precision is None else nbytes // data.itemsize * _precision.itemsize
+        )
     out = Tensor.__new__(Tensor)
     out.data = data
     out.grad = None

@@ -3,14 +3,17 @@
 A fused op is one graph node with a hand-written backward; it is only trusted because it agrees
 with the composition it replaces (civetta.functional, or the axioms named in its docstring) in
 value and in gradient. Both run in float64 with one random upstream gradient, and must agree to
-~1e-12; each fused op also passes a finite-difference check of its own, and keeps float32 as
-float32.
+~1e-12; each fused op also passes a finite-difference check of its own, keeps float32 as
+float32, and runs data-free. The reference is the one `fused.FUSED` registers, and a coverage
+test fails if a public op is missing from the registry or from the cases.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ import pytest
 from civetta import Tensor, functional, fused
 from civetta import axioms as ax
 from civetta.gradcheck import check_gradients
+from civetta.meta import MetaArray
 
 TIGHT = 1e-12
 _rng = np.random.default_rng(2024)
@@ -49,20 +53,7 @@ def assert_close(
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:.3g}"
 
 
-# ---- the references, spelled through the axioms where the docstring says so ---------------------
-def linear_reference(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    out = ax.matmul(x, ax.transpose(w, (1, 0)))
-    return out if b is None else ax.add(out, b)
-
-
-def masked_softmax_reference(mask: np.ndarray) -> Callable[[Tensor], Tensor]:
-    def reference(x: Tensor) -> Tensor:
-        minus_inf = Tensor(np.array(-np.inf, dtype=x.dtype))
-        return functional.softmax(ax.where(mask, x, minus_inf), axis=-1)
-
-    return reference
-
-
+# ---- the cases: each runs a fused op and its registered reference on the same leaves ------------
 def random_mask(shape: tuple[int, ...]) -> np.ndarray:
     """A mask with at least one allowed key per row (a fully masked row is 0/0 in both)."""
     mask = _rng.random(shape) < 0.6
@@ -72,10 +63,28 @@ def random_mask(shape: tuple[int, ...]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Case:
+    """`op(*prepare(leaves), *args, **kwargs)` against `fused.FUSED[op]` with the same call.
+
+    `inputs` become the differentiable leaves; `args` are constants (masks, targets);
+    `prepare` changes the leaves' layout before both ops see them."""
+
     label: str
-    fast: Callable[..., Tensor]
-    reference: Callable[..., Tensor]
+    op: Callable[..., Tensor]
     inputs: tuple[np.ndarray, ...]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[..., tuple[Tensor, ...]] | None = None
+
+    def _call(self, fn: Callable[..., Tensor], leaves: tuple[Tensor, ...]) -> Tensor:
+        if self.prepare is not None:
+            leaves = self.prepare(*leaves)
+        return fn(*leaves, *self.args, **self.kwargs)
+
+    def fast(self, *leaves: Tensor) -> Tensor:
+        return self._call(self.op, leaves)
+
+    def reference(self, *leaves: Tensor) -> Tensor:
+        return self._call(fused.FUSED[self.op], leaves)
 
 
 def _cases() -> list[Case]:
@@ -85,138 +94,68 @@ def _cases() -> list[Case]:
     ce_ignore_3 = targets((3, 4), 6, ignored=3, ignore_index=3)
     all_ignored = np.full((2, 3), -100)
     some_keys = random_mask((4, 6))
-    cases = [
-        Case(
-            "linear-2d-bias",
-            fused.linear,
-            linear_reference,
-            (normal(5, 4), normal(3, 4), normal(3)),
-        ),
-        Case(
-            "linear-3d-bias",
-            fused.linear,
-            linear_reference,
-            (normal(2, 5, 4), normal(6, 4), normal(6)),
-        ),
-        Case("linear-2d-nobias", fused.linear, linear_reference, (normal(5, 4), normal(3, 4))),
-        Case("linear-3d-nobias", fused.linear, linear_reference, (normal(2, 3, 4), normal(2, 4))),
+    linear, gelu, normalize = fused.linear, fused.gelu, fused.normalize
+    layer_norm, softmax, attention = (
+        fused.layer_norm,
+        fused.softmax,
+        fused.scaled_dot_product_attention,
+    )
+    cross_entropy = fused.cross_entropy
+    return [
+        Case("linear-2d-bias", linear, (normal(5, 4), normal(3, 4), normal(3))),
+        Case("linear-3d-bias", linear, (normal(2, 5, 4), normal(6, 4), normal(6))),
+        Case("linear-2d-nobias", linear, (normal(5, 4), normal(3, 4))),
+        Case("linear-3d-nobias", linear, (normal(2, 3, 4), normal(2, 4))),
         Case(
             "linear-noncontiguous-input",
-            lambda x, w, b: fused.linear(ax.transpose(x, (1, 0, 2)), w, b),
-            lambda x, w, b: linear_reference(ax.transpose(x, (1, 0, 2)), w, b),
+            linear,
             (normal(3, 2, 4), normal(5, 4), normal(5)),
+            prepare=lambda x, w, b: (ax.transpose(x, (1, 0, 2)), w, b),
         ),
-        Case("gelu-1d", fused.gelu, functional.gelu, (normal(7, scale=3.0),)),
-        Case("gelu-3d", fused.gelu, functional.gelu, (normal(2, 3, 5, scale=2.0),)),
-        Case(
-            "gelu-wide-range",
-            fused.gelu,
-            functional.gelu,
-            (np.array([-30.0, -6.0, -0.5, 0.0, 1e-3, 8.0]),),
-        ),
-        Case(
-            "normalize-2d",
-            fused.normalize,
-            lambda x: functional.layer_norm(x, None, None),
-            (normal(4, 8, scale=3.0) + 2.0,),
-        ),
-        Case(
-            "normalize-3d-eps",
-            lambda x: fused.normalize(x, eps=1e-3),
-            lambda x: functional.layer_norm(x, None, None, eps=1e-3),
-            (normal(2, 3, 5),),
-        ),
-        Case(
-            "layer_norm-affine",
-            fused.layer_norm,
-            functional.layer_norm,
-            (normal(2, 3, 6), normal(6), normal(6)),
-        ),
-        Case(
-            "layer_norm-weight-only",
-            lambda x, w: fused.layer_norm(x, w, None),
-            lambda x, w: functional.layer_norm(x, w, None),
-            (normal(4, 6), normal(6)),
-        ),
-        Case(
-            "layer_norm-no-affine",
-            lambda x: fused.layer_norm(x, None, None),
-            lambda x: functional.layer_norm(x, None, None),
-            (normal(3, 2, 4),),
-        ),
-        Case("softmax-2d", fused.softmax, functional.softmax, (normal(4, 7, scale=3.0),)),
-        Case("softmax-4d", fused.softmax, functional.softmax, (normal(2, 2, 3, 5),)),
-        Case(
-            "softmax-causal-mask",
-            lambda x: fused.softmax(x, causal),
-            masked_softmax_reference(causal),
-            (normal(2, 3, 5, 5, scale=2.0),),
-        ),
-        Case(
-            "softmax-causal-mask-rectangular",
-            lambda x: fused.softmax(x, wide),
-            masked_softmax_reference(wide),
-            (normal(2, 3, 6),),
-        ),
-        Case(
-            "softmax-random-mask",
-            lambda x: fused.softmax(x, some_keys),
-            masked_softmax_reference(some_keys),
-            (normal(4, 6),),
-        ),
+        Case("gelu-1d", gelu, (normal(7, scale=3.0),)),
+        Case("gelu-3d", gelu, (normal(2, 3, 5, scale=2.0),)),
+        Case("gelu-wide-range", gelu, (np.array([-30.0, -6.0, -0.5, 0.0, 1e-3, 8.0]),)),
+        Case("normalize-2d", normalize, (normal(4, 8, scale=3.0) + 2.0,)),
+        Case("normalize-3d-eps", normalize, (normal(2, 3, 5),), kwargs={"eps": 1e-3}),
+        Case("layer_norm-affine", layer_norm, (normal(2, 3, 6), normal(6), normal(6))),
+        Case("layer_norm-weight-only", layer_norm, (normal(4, 6), normal(6)), args=(None,)),
+        Case("layer_norm-no-affine", layer_norm, (normal(3, 2, 4),), args=(None, None)),
+        Case("softmax-2d", softmax, (normal(4, 7, scale=3.0),)),
+        Case("softmax-4d", softmax, (normal(2, 2, 3, 5),)),
+        Case("softmax-causal-mask", softmax, (normal(2, 3, 5, 5, scale=2.0),), args=(causal,)),
+        Case("softmax-causal-mask-rectangular", softmax, (normal(2, 3, 6),), args=(wide,)),
+        Case("softmax-random-mask", softmax, (normal(4, 6),), args=(some_keys,)),
         Case(
             "attention-causal",
-            fused.scaled_dot_product_attention,
-            functional.scaled_dot_product_attention,
+            attention,
             (normal(2, 2, 5, 3), normal(2, 2, 5, 3), normal(2, 2, 5, 3)),
         ),
         Case(
             "attention-full",
-            lambda q, k, v: fused.scaled_dot_product_attention(q, k, v, causal=False),
-            lambda q, k, v: functional.scaled_dot_product_attention(q, k, v, causal=False),
+            attention,
             (normal(1, 3, 4, 2), normal(1, 3, 4, 2), normal(1, 3, 4, 2)),
+            kwargs={"causal": False},
         ),
         Case(
             "attention-causal-kv-longer",
-            fused.scaled_dot_product_attention,
-            functional.scaled_dot_product_attention,
+            attention,
             (normal(2, 1, 3, 4), normal(2, 1, 6, 4), normal(2, 1, 6, 4)),
         ),
-        Case(
-            "cross_entropy-2d-ignore",
-            lambda z: fused.cross_entropy(z, ce_2d),
-            lambda z: functional.cross_entropy(z, ce_2d),
-            (normal(6, 5, scale=2.0),),
-        ),
-        Case(
-            "cross_entropy-3d",
-            lambda z: fused.cross_entropy(z, ce_3d),
-            lambda z: functional.cross_entropy(z, ce_3d),
-            (normal(2, 4, 7),),
-        ),
+        Case("cross_entropy-2d-ignore", cross_entropy, (normal(6, 5, scale=2.0),), args=(ce_2d,)),
+        Case("cross_entropy-3d", cross_entropy, (normal(2, 4, 7),), args=(ce_3d,)),
         Case(
             "cross_entropy-custom-ignore_index",
-            lambda z: fused.cross_entropy(z, ce_ignore_3, ignore_index=3),
-            lambda z: functional.cross_entropy(z, ce_ignore_3, ignore_index=3),
+            cross_entropy,
             (normal(3, 4, 6),),
+            args=(ce_ignore_3,),
+            kwargs={"ignore_index": 3},
         ),
         Case(
-            "cross_entropy-tensor-targets",
-            lambda z: fused.cross_entropy(z, Tensor(ce_3d)),
-            lambda z: functional.cross_entropy(z, ce_3d),
-            (normal(2, 4, 7),),
+            "cross_entropy-tensor-targets", cross_entropy, (normal(2, 4, 7),), args=(Tensor(ce_3d),)
         ),
+        # Every target ignored: both define the loss as 0 with a zero gradient (not 0/0).
+        Case("cross_entropy-all-ignored", cross_entropy, (normal(2, 3, 4),), args=(all_ignored,)),
     ]
-    # Every target ignored: both define the loss as 0 with a zero gradient (not 0/0).
-    cases.append(
-        Case(
-            "cross_entropy-all-ignored",
-            lambda z: fused.cross_entropy(z, all_ignored),
-            lambda z: functional.cross_entropy(z, all_ignored),
-            (normal(2, 3, 4),),
-        )
-    )
-    return cases
 
 
 CASES = _cases()
@@ -292,3 +231,63 @@ def test_linear_is_one_node_with_pytorch_layout() -> None:
     assert out.shape == (2, 3, 5)
     np.testing.assert_allclose(out.data, x @ w.T + b, rtol=1e-14)
     assert len(out._parents) == 3  # x, W, b: no intermediate nodes
+
+
+# ---- the registry, closures, data-free runs ---------------------------------------------------
+def test_every_fused_op_is_registered_and_checked_against_its_reference() -> None:
+    public = {
+        fn
+        for name, fn in vars(fused).items()
+        if inspect.isfunction(fn) and fn.__module__ == fused.__name__ and not name.startswith("_")
+    }
+    assert public == set(fused.FUSED), "register each fused op with its composed reference"
+    # A case compares its op with `fused.FUSED[op]`: every op needs at least one.
+    assert public <= {case.op for case in CASES}, "give each fused op a reference case"
+    for fast, reference in fused.FUSED.items():
+        assert reference.__module__ != fused.__name__ or reference.__name__.startswith("_")
+        assert fast is not reference
+
+
+def _captured(fn: Any, seen: set[int]) -> list[Any]:
+    """Everything `fn`'s closure holds, through the functions it holds."""
+    if id(fn) in seen or not callable(fn):
+        return []
+    seen.add(id(fn))
+    found = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        found.append(value)
+        if inspect.isfunction(value):
+            found += _captured(value, seen)
+    return found
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_no_backward_closure_captures_a_tensor(case: Case) -> None:
+    """A closure that holds a Tensor keeps its graph (and a parameter's .grad) alive."""
+    out = case.fast(*_leaves(case.inputs))
+    stack, seen = [out], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or node._backward is None:
+            continue
+        seen.add(id(node))
+        held = [v for v in _captured(node._backward, set()) if isinstance(v, Tensor)]
+        assert not held, f"{case.label}: a backward closure holds {len(held)} Tensor(s)"
+        stack.extend(node._parents)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_fused_runs_data_free(case: Case) -> None:
+    """On shape-only inputs: the shapes and dtypes of a real run, value and gradients."""
+    real_leaves = _leaves(case.inputs, np.float32)
+    real = case.fast(*real_leaves)
+    real.backward(np.ones(real.shape, np.float32))
+    leaves = [Tensor(MetaArray(a.shape, np.float32), requires_grad=True) for a in case.inputs]
+    out = case.fast(*leaves)
+    assert isinstance(out.data, MetaArray)
+    assert (out.shape, out.dtype) == (real.shape, real.dtype)
+    out.backward(np.ones_like(out.data))
+    for leaf, real_leaf in zip(leaves, real_leaves, strict=True):
+        assert isinstance(leaf.grad, MetaArray) and real_leaf.grad is not None
+        assert (leaf.grad.shape, leaf.grad.dtype) == (real_leaf.grad.shape, real_leaf.grad.dtype)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta import fused
+from civetta import fused, meta
 from civetta.functional import relu
 from civetta.nn import (
     DENSE,
@@ -151,7 +151,7 @@ def GPTStage(  # noqa: N802
 
     def hidden(inputs: Any) -> Tensor:
         if first:
-            idx = np.asarray(inputs)
+            idx = meta.asarray(inputs)  # token ids, real or data-free
             if idx.shape[-1] > c.block_size:
                 raise ValueError(
                     f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}"
@@ -166,7 +166,7 @@ def GPTStage(  # noqa: N802
     def forward(inputs: Any, targets: np.ndarray | None = None) -> Tensor:
         if not last:
             return hidden(inputs)
-        return layout.lm_loss(hidden(inputs), head_weight, np.asarray(targets))
+        return layout.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
 
     def logits(inputs: Any) -> Tensor:
         assert last, "only the last stage has the head"
