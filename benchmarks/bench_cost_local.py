@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from launch.config import gpt_config, load
-from launch.simulate import to_layout
-from parallel.cost.hardware import HardwareProfile, load_profile
+from launch.profiles import load_profile
+from launch.simulate import workload_of
+from parallel.cost.hardware import HardwareProfile
 from parallel.cost.projection import CIVETTA_EXECUTOR, project
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ def compare(profile: HardwareProfile, path: str, steps: int) -> None:
     for label, overrides in LAYOUTS.items():
         config = load(str(QUICKSTART), [*overrides, "train.warmup_steps=0"])
         predicted = project(
-            gpt_config(config), to_layout(config), profile, CIVETTA_EXECUTOR
+            gpt_config(config), config.layout, profile, CIVETTA_EXECUTOR, workload_of(config)
         ).step_time_s
         times = run(overrides, steps)
         ratios.append(predicted / float(np.median(times)))

@@ -11,7 +11,7 @@ node. Two measurements run in processes of their own, so they see what a rank se
 - communication: `mpiexec -n 2 python -m mpi4py -m launch.calibrate --measure comm`: latency and
   bandwidth of all-reduce, all-gather, reduce-scatter and point-to-point through `parallel.comm`.
 
-The fits (`parallel.cost.calibration`) become a profile in the schema of `parallel.cost.hardware`,
+The fits (`parallel.cost.calibration`) become a profile in the schema of `launch.profiles`,
 validated by it, and written as YAML with the measurements in its header comment. Timings are
 the best of many repetitions; a busy machine still makes them pessimistic, so the load average
 is checked and recorded.
@@ -37,9 +37,9 @@ from rich.table import Table
 
 from civetta.allocator import keep_freed_memory
 from civetta.models.gpt import GPTConfig
-from launch.launcher import LauncherError, find_mpiexec, rank_environment
+from launch.launcher import LauncherError, find_mpiexec, kill_tree, rank_environment
+from launch.profiles import profile_from_dict
 from parallel.cost import calibration as cal
-from parallel.cost.hardware import profile_from_dict
 from parallel.mesh import Mesh
 
 DEFAULT_OUT = Path("configs") / "hardware" / "local.yaml"
@@ -148,18 +148,31 @@ def _json_from(stdout: str, what: str) -> dict[str, Any]:
 
 
 def _run(command: list[str], env: dict[str, str], what: str, timeout: float) -> dict[str, Any]:
+    # Its own session, so that a hang ends mpiexec and its ranks, not mpiexec alone.
+    job = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            command, env=env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise CalibrationError(f"error: the {what} measurement took over {timeout:.0f} s") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        stdout, stderr = job.communicate(timeout=timeout)
+    except BaseException as exc:
+        kill_tree(job)
+        job.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise CalibrationError(
+                f"error: the {what} measurement took over {timeout:.0f} s"
+            ) from None
+        raise
+    if job.returncode != 0:
+        last = (stderr.strip().splitlines() or ["no output"])[-1]
         raise CalibrationError(
-            f"error: the {what} measurement failed (exit {done.returncode}): {last}"
+            f"error: the {what} measurement failed (exit {job.returncode}): {last}"
         )
-    return _json_from(done.stdout, what)
+    return _json_from(stdout, what)
 
 
 def run_compute(quick: bool, copies: int = 1) -> dict[str, Any]:
@@ -239,7 +252,7 @@ def build_profile(
     memory_bytes: int,
     oversubscribed: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(profile mapping in the schema of `parallel.cost.hardware`, fit report for the header).
+    """(profile mapping in the schema of `launch.profiles`, fit report for the header).
     Without `oversubscribed` measurements the profile has no `oversubscribed` section."""
     bandwidth = compute["bandwidth"]
     memory_gbs = max(bandwidth["copy_gbs"], bandwidth["add_gbs"])

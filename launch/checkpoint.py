@@ -43,9 +43,9 @@ def checkpoint_root(out_dir: Path) -> Path:
 
 
 def _placements(trainer: Any) -> dict[str, list[int]]:
-    layout = trainer.runtime.layout
-    if isinstance(layout, TensorParallelLayout):
-        return {name: list(p) for name, p in layout.placements.items()}
+    sharding = trainer.runtime.sharding
+    if isinstance(sharding, TensorParallelLayout):
+        return {name: list(p) for name, p in sharding.placements.items()}
     return {}
 
 
@@ -70,16 +70,10 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
         staging.mkdir(parents=True)
     world.barrier()
 
-    zero = getattr(trainer, "zero", None)
-    if zero is not None:  # gathered over dp: whole parameters, as plain data parallelism holds
-        params, optim, masters = zero.whole_state()
-    else:
-        params = {n: p.data for n, p in trainer.model.params.items()}
-        optim = trainer.optimizer.state_dict()
-        masters = {n: t.data for n, t in trainer.masters.master.items()} if trainer.masters else {}
+    # Whole over dp (gathered under ZeRO), the same on every dp replica: dp rank 0 writes it.
+    params, optim, masters = trainer.update.whole_state()
     arrays: dict[str, np.ndarray] = {}
-    # Under ZeRO every dp replica gathered the same state: only dp rank 0 writes it.
-    if zero is None or runtime.mesh.coords["dp"] == 0:
+    if runtime.mesh.coords["dp"] == 0:
         arrays.update({f"param/{n}": a for n, a in params.items()})
         arrays.update({f"optim/{k}": v for k, v in optim.items()})
         arrays.update({f"master/{n}": a for n, a in masters.items()})
@@ -89,11 +83,11 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
         "format": FORMAT,
         "step": step,
         "rank": runtime.rank,
-        "layout": {"dp": mesh.size("dp"), "tp": mesh.size("tp"), "pp": mesh.size("pp")},
+        "layout": runtime.layout.as_dict(),
         "coords": mesh.coords,
         "placements": _placements(trainer),
         "dtype": trainer.config.train.dtype,
-        "zero": trainer.config.parallel.zero,  # the arrays are whole over dp all the same
+        "zero": runtime.layout.zero,  # the arrays are whole over dp all the same
         "model": dataclasses.asdict(trainer.config.model),
         "data_position": step + 1,  # batches are a pure function of (seed, step)
         "loss_scaler": None
@@ -198,40 +192,24 @@ def load(trainer: Any, directory: Path) -> int:
             return take_shard(full[key], tuple(placements[name]), tp.rank, tp.size)
         return full[key]
 
-    state = {k: local(f"optim/{k}") for k in trainer.optimizer.state_dict()}
-    zero = getattr(trainer, "zero", None)
+    update = trainer.update
+    state = {k: local(f"optim/{k}") for k in update.optimizer.state_dict()}
 
     def master(name: str) -> np.ndarray:  # a checkpoint without masters: the weights
         key = f"master/{name}"
         return local(key) if key in full else local(f"param/{name}")
 
-    if zero is not None:  # each dp rank keeps its chunk (stage 3) or piece (stages 1, 2)
-        params = {name: local(f"param/{name}") for name in trainer.model.params}
-        masters = {name: master(name) for name in params} if trainer.masters else None
-        try:
-            zero.load_whole_state(params, state, masters)
-        except ValueError as e:
-            raise CheckpointError(f"error: checkpoint tensor {e}") from None
-    else:
-        for name, p in trainer.model.params.items():
-            _fill(p.data, local(f"param/{name}"), name)
-        trainer.optimizer.load_state_dict(state)
-        if trainer.masters is not None:
-            for name, weights in trainer.masters.master.items():
-                _fill(weights.data, master(name), name)
-            trainer.masters.publish()
+    # Each rank keeps what it owns: everything, or under ZeRO its chunk (stage 3) or piece.
+    params = {name: local(f"param/{name}") for name in trainer.model.params}
+    masters = {name: master(name) for name in params} if update.masters else None
+    try:
+        update.load_whole_state(params, state, masters)
+    except ValueError as e:
+        raise CheckpointError(f"error: checkpoint tensor {e}") from None
     if trainer.loss_scaler is not None and meta["loss_scaler"]:
         scaler = trainer.loss_scaler
         scaler.scale, scaler.good_steps, scaler.skipped = meta["loss_scaler"]
     return int(meta["step"])
-
-
-def _fill(target: np.ndarray, source: np.ndarray, name: str) -> None:
-    if target.shape != source.shape:
-        raise CheckpointError(
-            f"error: checkpoint tensor {name!r} has shape {source.shape}, the model {target.shape}"
-        )
-    target[...] = source
 
 
 def export(directory: Path, out: Path) -> int:

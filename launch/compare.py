@@ -13,12 +13,9 @@ launch/faults.py) for the run named LABEL only; the tests use it to fail one lay
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -47,11 +44,11 @@ from launch.config import (
     ParallelConfig,
     from_dict,
     gpt_config,
-    layout_label,
     load_experiment,
 )
-from launch.simulate import to_layout
-from parallel.cost.hardware import CostModelError, HardwareProfile, load_profile
+from launch.profiles import load_profile
+from launch.simulate import workload_of
+from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import project
 
 FAULT_ENV = "CIVETTA_COMPARE_FAULT"
@@ -87,7 +84,7 @@ def plan_runs(
 ) -> list[Run]:
     """Baselines first, then the layouts. Without a sweep the base config is the one layout."""
     if not layouts:
-        layouts = [(layout_label(base), base)]
+        layouts = [(base.layout.label, base)]
     baselines: dict[str, Run] = {}
     runs = []
     for label, config in layouts:
@@ -156,10 +153,10 @@ def execute(run: Run, mpiexec: str | None, timeout_s: float | None = None) -> No
             _, stderr = process.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(process)
+            launcher.kill_tree(process)
             _, stderr = process.communicate()
         except BaseException:
-            _kill_group(process)
+            launcher.kill_tree(process)
             process.wait()
             raise
         log.write(stderr)
@@ -177,41 +174,10 @@ def execute(run: Run, mpiexec: str | None, timeout_s: float | None = None) -> No
         run.status, run.error = "failed", f"error: no readable metrics.json ({exc})"
 
 
-def _process_tree(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc (empty where there is no /proc)."""
-    parent_of: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            # The command name in parentheses may hold spaces; the ppid is the 2nd field after it.
-            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    below, frontier = [], {pid}
-    while frontier:
-        frontier = {child for child, parent in parent_of.items() if parent in frontier}
-        below += frontier
-    return below
-
-
-def _kill_group(process: subprocess.Popen[str], grace_s: float = 3.0) -> None:
-    """End the run and everything it started. SIGTERM first, so mpiexec can stop its ranks;
-    then SIGKILL for what is left, by pid too, since MPICH's hydra starts the ranks in
-    sessions of their own that the run's process group does not reach."""
-    below = _process_tree(process.pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-    for pid in below:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[str, Any]:
     """The cost model's view of a layout on `profile` (nothing executed)."""
     # On this machine's own profile the projection is of civetta's executor (`executor_options`).
-    projected = project(gpt_config(config), to_layout(config), profile)
+    projected = project(gpt_config(config), config.layout, profile, work=workload_of(config))
     return {
         "hardware": profile.name,
         "step_time_s": projected.step_time_s,
@@ -234,8 +200,7 @@ def rows_of(runs: list[Run], profile: HardwareProfile | None = None) -> list[dic
         row = report.summarize(
             run.label,
             run.role,
-            run.config.to_dict(),
-            run.config.microbatches,
+            {**run.config.layout.as_dict(), "dtype": run.config.train.dtype},
             run.metrics,
             baseline=run.baseline,
             reference=losses.get(run.baseline or ""),

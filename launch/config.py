@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -18,6 +17,10 @@ from typing import Any
 import yaml
 
 from civetta.models.gpt import GPTConfig
+from launch.schema import Schema
+from launch.schema import describe as _describe
+from launch.schema import did_you_mean as _did_you_mean
+from parallel.layout import Layout, LayoutError
 
 
 class ConfigError(ValueError):
@@ -83,17 +86,40 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
+    def layout(self) -> Layout:
+        """Every parallel choice of the run, checked (`parallel.layout`); the one form of the
+        layout that the runtime, trainer, checkpoints, cost model and reports take."""
+        p = self.parallel
+        try:
+            return Layout.for_batch(
+                self.train.batch_size,
+                self.train.microbatch_size,
+                dp=p.dp,
+                tp=p.tp,
+                pp=p.pp,
+                order=p.order,
+                sequence_parallel=p.sequence_parallel,
+                schedule=p.schedule,
+                virtual_stages=p.virtual_stages,
+                zero=p.zero,
+                recompute=p.recompute,
+                bucket_mb=p.bucket_mb,
+            )
+        except LayoutError as exc:
+            raise ConfigError(f"error: {exc}") from None
+
+    @property
     def world_size(self) -> int:
-        return self.parallel.dp * self.parallel.tp * self.parallel.pp
+        return self.layout.world_size
 
     @property
     def microbatch_size(self) -> int:
         """Sequences per microbatch on one DP rank (default: the rank's whole share)."""
-        return self.train.microbatch_size or self.train.batch_size // self.parallel.dp
+        return self.layout.microbatch_size
 
     @property
     def microbatches(self) -> int:
-        return self.train.batch_size // (self.parallel.dp * self.microbatch_size)
+        return self.layout.microbatches
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,9 +152,6 @@ CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.dtype": ("float32", "float64", "bf16", "fp16"),
-    "parallel.schedule": ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"),
-    "parallel.recompute": ("none", "full", "selective"),
-    "parallel.zero": (0, 1, 2, 3),
 }
 
 
@@ -160,114 +183,21 @@ NON_NEGATIVE = {
 }
 
 
-def _did_you_mean(name: str, options: list[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _coerce(key: str, value: Any, annotation: str) -> Any:
-    """Check `value` against a dataclass field's annotation (kept as a string by __future__)."""
-    optional = annotation.endswith("| None")
-    base = annotation.replace("| None", "").strip()
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"error: {key} expected {base}, got null")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-    elif base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif base == "float":
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads 1e-3 (no dot) as a string; accept what is plainly a number.
-        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)
-    elif base == "str" and isinstance(value, str):
-        return value
-    raise ConfigError(f"error: {key} expected {base}, got {_describe(value)}")
-
-
-def _check_values(config: ExperimentConfig) -> None:
-    for section in SECTIONS:
-        values = getattr(config, section)
-        for f in dataclasses.fields(values):
-            key, value = f"{section}.{f.name}", getattr(values, f.name)
-            if key in CHOICES and value not in CHOICES[key]:
-                options = " | ".join(map(str, CHOICES[key]))
-                raise ConfigError(f"error: {key} expected one of {options}, got {value!r}")
-            if value is not None and key in POSITIVE and value <= 0:
-                raise ConfigError(f"error: {key} expected a positive number, got {value!r}")
-            if value is not None and key in NON_NEGATIVE and value < 0:
-                raise ConfigError(f"error: {key} expected a number >= 0, got {value!r}")
+SCHEMA = Schema(ConfigError, positive=POSITIVE, non_negative=NON_NEGATIVE, choices=CHOICES)
 
 
 def _check_consistency(config: ExperimentConfig) -> None:
-    m, t, p = config.model, config.train, config.parallel
+    m, t = config.model, config.train
     if m.n_embd % m.n_head:
         raise ConfigError(f"error: model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
-    axes = p.order.split("-")
-    if sorted(axes) != ["dp", "pp", "tp"]:
-        raise ConfigError(
-            f"error: parallel.order expected the axes dp, tp, pp joined by '-', got {p.order!r}"
-        )
-    if m.n_head % p.tp:
-        raise ConfigError(f"error: parallel.tp={p.tp} does not divide model.n_head={m.n_head}")
-    if m.vocab_size % p.tp:
-        raise ConfigError(
-            f"error: parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size}"
-        )
-    if p.sequence_parallel and m.block_size % p.tp:
-        raise ConfigError(
-            f"error: parallel.tp={p.tp} does not divide model.block_size={m.block_size} "
-            "(sequence parallel splits the sequence)"
-        )
-    if t.batch_size % p.dp:
-        raise ConfigError(
-            f"error: parallel.dp={p.dp} does not divide train.batch_size={t.batch_size}"
-        )
-    micro = config.microbatch_size
-    if t.batch_size % (p.dp * micro):
-        raise ConfigError(
-            f"error: parallel.dp·train.microbatch_size={p.dp * micro} does not divide "
-            f"train.batch_size={t.batch_size}"
-        )
     if t.warmup_steps > t.steps:
         raise ConfigError(
             f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
         )
-    _check_pipeline(config)
-
-
-def _check_pipeline(config: ExperimentConfig) -> None:
-    m, p = config.model, config.parallel
-    stages = p.pp * p.virtual_stages
-    if m.n_layer % stages:
-        raise ConfigError(
-            f"error: parallel.pp·parallel.virtual_stages={stages} does not divide "
-            f"model.n_layer={m.n_layer}"
-        )
-    if p.virtual_stages > 1 and p.schedule != "interleaved-1f1b":
-        raise ConfigError(
-            f"error: parallel.virtual_stages={p.virtual_stages} needs "
-            f"parallel.schedule=interleaved-1f1b, got {p.schedule}"
-        )
-    if p.virtual_stages > 1 and p.pp == 1:
-        raise ConfigError("error: parallel.virtual_stages > 1 needs parallel.pp > 1")
-    if p.schedule == "interleaved-1f1b" and config.microbatches % p.pp:
-        raise ConfigError(
-            f"error: parallel.schedule=interleaved-1f1b needs the microbatches per step "
-            f"({config.microbatches}) to be a multiple of parallel.pp={p.pp}"
-        )
+    try:
+        config.layout.check(m)
+    except LayoutError as exc:
+        raise ConfigError(f"error: {exc}") from None
 
 
 def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
@@ -281,19 +211,8 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
         if section not in SECTIONS:
             hint = _did_you_mean(str(section), [*SECTIONS, *EXPERIMENT_KEYS])
             raise ConfigError(f"error: unknown section '{section}' in {origin}{hint}")
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"error: {section} expected a mapping, got {_describe(values)}")
-        target = getattr(config, section)
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            if name not in fields:
-                hint = _did_you_mean(str(name), list(fields), prefix=f"{section}.")
-                raise ConfigError(f"error: unknown key '{key}'{hint}")
-            setattr(target, name, _coerce(key, value, str(fields[name].type)))
-    _check_values(config)
+        if values is not None:  # an empty section keeps its defaults
+            setattr(config, section, SCHEMA.build(SECTIONS[section], values, f"{section}."))
     _check_consistency(config)
     return config
 
@@ -405,23 +324,6 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 LABEL_TEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-
-
-def layout_label(config: ExperimentConfig) -> str:
-    """A short, file-name-safe name for a layout, e.g. dp2-tp2-sp or pp4-1f1b-m8."""
-    p = config.parallel
-    sizes = (("dp", p.dp), ("tp", p.tp), ("pp", p.pp))
-    parts = [f"{axis}{size}" for axis, size in sizes if size > 1]
-    if p.pp > 1:
-        parts.append(p.schedule + (f"-v{p.virtual_stages}" if p.virtual_stages > 1 else ""))
-        parts.append(f"m{config.microbatches}")
-    if p.sequence_parallel:
-        parts.append("sp")
-    if p.zero:
-        parts.append(f"zero{p.zero}")
-    if p.recompute != "none":
-        parts.append(f"rc-{p.recompute}")
-    return "-".join(parts) or "single"
 
 
 def _scalar_text(value: Any) -> str:
@@ -556,7 +458,7 @@ def load_experiment(
             if name in named:
                 raise ConfigError(f"error: {where}.name {name!r} is already used by {named[name]}")
             named[name] = where
-        layouts.append((name or layout_label(config), config))
+        layouts.append((name or config.layout.label, config))
     return base, _unique_labels(layouts)
 
 

@@ -3,13 +3,19 @@
 The launcher is, in order: `--mpiexec PATH`, `$CIVETTA_MPIEXEC`, the `mpiexec` installed beside
 this Python (the `mpich` wheel puts it there), then `mpiexec` on PATH. Each rank gets
 `OMP_NUM_THREADS=1` unless the user set it, so N ranks on few cores do not fight over threads.
+
+`kill_tree` is the one way civetta stops a job it started (an interrupted relaunch, a compare
+run past its timeout, a calibration that hangs, a test's deadlock): mpiexec and every process
+below it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +48,50 @@ def find_mpiexec(explicit: str | None = None) -> str:
     raise LauncherError(
         "error: no mpiexec found: install the 'mpich' wheel, or set CIVETTA_MPIEXEC / --mpiexec"
     )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from Linux's /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # The command name in parentheses may hold spaces; the ppid is the 2nd field after it.
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        below = children.get(stack.pop(), [])
+        found += below
+        stack += below
+    return found
+
+
+def kill_tree(process: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """Stop `process` (mpiexec, or a `civetta train` above it) and everything it started.
+
+    SIGTERM first, to its process group when it leads one (`start_new_session=True`): hydra then
+    stops its proxies and ranks itself and reaps them (a proxy killed from outside stays a zombie
+    where PID 1 does not reap). After `grace_s` seconds SIGKILL, and by pid too for every process
+    that was below it, since hydra starts the ranks in sessions of their own.
+    """
+    below = descendants(process.pid)
+
+    def send(sig: signal.Signals) -> None:
+        # The processes may already be gone: that is the outcome wanted.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, sig)
+            else:
+                process.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def rank_environment() -> dict[str, str]:
@@ -94,9 +144,13 @@ def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> JobResult:
     assert job.stdout is not None
     tail = b""
     out = sys.stdout.buffer
-    while chunk := job.stdout.read1(65536):
-        out.write(chunk)
-        out.flush()
-        tail = (tail + chunk)[-4096:]
-    code = job.wait()
+    try:
+        while chunk := job.stdout.read1(65536):
+            out.write(chunk)
+            out.flush()
+            tail = (tail + chunk)[-4096:]
+        code = job.wait()
+    except BaseException:  # Ctrl-C, or our stdout closed: no rank may outlive this process
+        kill_tree(job)
+        raise
     return JobResult(code, [int(pid) for pid in BAD_TERMINATION.findall(tail)])

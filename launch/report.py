@@ -28,22 +28,6 @@ MB = 1e6
 
 
 # ---- a row per run --------------------------------------------------------------------------
-def layout_of(config: dict[str, Any], microbatches: int) -> dict[str, Any]:
-    p, t = config["parallel"], config["train"]
-    return {
-        "dp": p["dp"],
-        "tp": p["tp"],
-        "pp": p["pp"],
-        "schedule": p["schedule"],
-        "virtual_stages": p["virtual_stages"],
-        "microbatches": microbatches,
-        "zero": p["zero"],
-        "sequence_parallel": p["sequence_parallel"],
-        "recompute": p["recompute"],
-        "dtype": t["dtype"],
-    }
-
-
 def comm_per_step(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Bytes per step on each axis, as the max and the mean over ranks.
 
@@ -98,14 +82,12 @@ def max_abs_diff(losses: list[float], reference: list[float] | None) -> float | 
 def summarize(
     label: str,
     role: str,
-    config: dict[str, Any],
-    microbatches: int,
+    layout: dict[str, Any],
     metrics: dict[str, Any] | None,
     baseline: str | None = None,
     reference: list[float] | None = None,
 ) -> dict[str, Any]:
     """A report row; the measured fields are None when the run produced no metrics."""
-    layout = layout_of(config, microbatches)
     row: dict[str, Any] = {
         "label": label,
         "role": role,
@@ -113,7 +95,7 @@ def summarize(
         "status": "ok" if metrics is not None else "failed",
         "error": None,
         "layout": layout,
-        "ranks": layout["dp"] * layout["tp"] * layout["pp"],
+        "ranks": layout["world_size"],
         "losses": None,
         "final_loss": None,
         "val_loss": None,

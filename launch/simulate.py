@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
-from parallel.cost.hardware import CostModelError, HardwareProfile, load_profile
-from parallel.cost.projection import CostOptions, Projection, TrainingLayout, project
+from launch.profiles import load_profile
+from parallel.cost.hardware import CostModelError, HardwareProfile
+from parallel.cost.projection import CostOptions, Projection, Workload, project
 
 GIB = 2**30
 
@@ -33,33 +34,18 @@ CONVENTIONS = (
 )
 
 
-def to_layout(config: ExperimentConfig) -> TrainingLayout:
-    p, t = config.parallel, config.train
-    return TrainingLayout(
-        dp=p.dp,
-        tp=p.tp,
-        pp=p.pp,
-        microbatch_size=config.microbatch_size,
-        microbatches=config.microbatches,
-        order=p.order,
-        schedule=p.schedule,
-        virtual_stages=p.virtual_stages,
-        sequence_parallel=p.sequence_parallel,
-        zero=p.zero,
-        recompute=p.recompute,
-        dtype=t.dtype,
-        optimizer=t.optimizer,
-        bucket_mb=p.bucket_mb,
-    )
+def workload_of(config: ExperimentConfig) -> Workload:
+    """What the step computes beside its layout, from the config."""
+    return Workload(dtype=config.train.dtype, optimizer=config.train.optimizer)
 
 
 def simulate(
     config: ExperimentConfig, profile: HardwareProfile, options: CostOptions | None = None
 ) -> Projection:
     try:
-        return project(gpt_config(config), to_layout(config), profile, options)
+        return project(gpt_config(config), config.layout, profile, options, workload_of(config))
     except CostModelError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"error: {exc}") from None
 
 
 def report_dict(
@@ -76,6 +62,7 @@ def report_dict(
     out["per_billion_tokens"] = projection.training(10**9)
     out["training"] = projection.training(tokens) if tokens else None
     out["conventions"] = CONVENTIONS
+    out["layout"] = config.layout.as_dict()
     out["config"] = config.to_dict()
     return out
 

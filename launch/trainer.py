@@ -7,7 +7,6 @@ grad-norm clipping, the optimizer update outside the graph.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,21 +18,16 @@ from civetta import Tensor, activation_meter, flop_meter, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
 from civetta.models.gpt import GPTStage
 from civetta.nn import Model, merge
-from civetta.optim import (
-    Optimizer,
-    clip_coefficient,
-    constant_lr,
-    cosine_with_warmup,
-    make_optimizer,
-)
-from civetta.precision import PRECISIONS, LossScaler, MasterWeights, autocast, has_overflow
+from civetta.optim import Optimizer, constant_lr, cosine_with_warmup, make_optimizer
+from civetta.precision import PRECISIONS, LossScaler, autocast, has_overflow
 from launch.config import ExperimentConfig, gpt_config
 from launch.faults import maybe_fail
 from parallel.cost.memory import state_bytes_per_param
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
 from parallel.schedules import check_schedule, make_schedule
-from parallel.zero import ShardedStore, ZeroOptimizer, model_state_bytes
+from parallel.update import GradientUpdate, make_update
+from parallel.zero import ShardedStore, model_state_bytes
 
 # train.dtype -> the dtype of the arrays; bf16/fp16 are emulated on float32 arrays.
 DTYPES = {"float32": np.float32, "float64": np.float64, "bf16": np.float32, "fp16": np.float32}
@@ -73,17 +67,20 @@ def lr_schedule(config: ExperimentConfig) -> Callable[[int], float]:
 
 
 class Trainer:
-    """Owns the model stages, the optimizer and the data of one rank."""
+    """Owns the model stages, the update and the data of one rank. The runtime carries the
+    layout, which must be the config's (default: `Runtime(config.layout)` in this MPI world)."""
 
-    def __init__(self, config: ExperimentConfig, runtime: Runtime) -> None:
+    def __init__(self, config: ExperimentConfig, runtime: Runtime | None = None) -> None:
         self.config = config
+        runtime = Runtime(config.layout) if runtime is None else runtime
         self.runtime = runtime
         self.dtype = DTYPES[config.train.dtype]
         self.dataset: Dataset = load_dataset(
             config.data.source, config.data.seed, block_size=config.model.block_size
         )
-        p, model_config = config.parallel, gpt_config(config)
-        self.schedule = make_schedule(p.schedule, p.pp, config.microbatches, p.virtual_stages)
+        p, model_config = runtime.layout, gpt_config(config)
+        assert p == config.layout, "build the Runtime with config.layout"
+        self.schedule = make_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
         check_schedule(self.schedule)
         num_stages = self.schedule.num_stages
         layers = partition_layers(model_config.n_layer, num_stages)
@@ -95,7 +92,7 @@ class Trainer:
                 last=s == num_stages - 1,
                 seed=config.train.seed,
                 dtype=self.dtype,
-                layout=runtime.layout,
+                layout=runtime.sharding,
                 recompute=p.recompute,
             )
             for s in range(num_stages)
@@ -110,21 +107,18 @@ class Trainer:
         )
         block = config.model.block_size
         if runtime.sequence_parallel:
-            block //= config.parallel.tp
+            block //= p.tp
         self.executor = PipelineExecutor(
             self.schedule,
             self.stages,
             runtime.pp_group,
-            (config.microbatch_size, block, config.model.n_embd),
+            (p.microbatch_size, block, config.model.n_embd),
             self.dtype,
         )
-        # Mixed precision: the optimizer updates float32 masters, the model holds their rounding.
+        # Mixed precision: the update keeps float32 masters, the model holds their rounding.
         self.precision = PRECISIONS.get(config.train.dtype)
         if self.precision:  # the ledger counts the bytes a GPU would send (parallel.comm)
             runtime.ledger.float32_itemsize = self.precision.itemsize
-        self.masters: MasterWeights | None = None  # under ZeRO, the masters of the shard
-        if self.precision and not p.zero:
-            self.masters = MasterWeights(self.model.params, self.precision)
         self.loss_scaler = None
         if config.train.dtype == "fp16":
             self.loss_scaler = LossScaler(config.train.loss_scale, config.train.loss_scale_window)
@@ -134,27 +128,16 @@ class Trainer:
             t = config.train
             return make_optimizer(t.optimizer, params, t.lr, weight_decay=t.weight_decay)
 
-        assert runtime.zero == p.zero, "build the Runtime with zero=config.parallel.zero"
-        self.zero: ZeroOptimizer | None = None
-        if p.zero:  # the optimizer holds state for this rank's shard only (parallel.zero)
-            self.zero = ZeroOptimizer(
-                runtime,
-                self.model.params,
-                build_optimizer,
-                p.zero,
-                self.tied,
-                config.train.grad_clip,
-                self.precision,
-            )
-            self.optimizer: Optimizer = self.zero.optimizer
-            self.masters = self.zero.masters
-        else:
-            self.optimizer = build_optimizer(
-                self.masters.master if self.masters else self.model.params
-            )
+        # Plain data parallelism or ZeRO, as the layout says (`parallel.update`).
+        self.update: GradientUpdate = make_update(
+            runtime,
+            self.model.params,
+            build_optimizer,
+            self.tied,
+            config.train.grad_clip,
+            self.precision,
+        )
         self.lr_schedule = lr_schedule(config)
-        self.grad_bytes = 0
-        self.last_grads: dict[str, np.ndarray] = {}
         self.timelines: list[StepTimeline] = []
 
     def _microbatches(self, split: str, step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -180,41 +163,14 @@ class Trainer:
         self.timelines.append(timeline)
         lr = self.lr_schedule(step)
         with rt.ledger.phase("optimizer"):
-            if self.zero is not None:  # ZeRO: the sharded optimizer synchronises, clips, updates
-                unscale = self._unscale if self.loss_scaler else None
-                grad_norm, take_step = self.zero.step(lr, unscale)
-                self.last_grads, self.grad_bytes = self.zero.last_grads, self.zero.grad_bytes
-            else:
-                grad_norm, take_step = self._update(lr)
+            unscale = self._unscale if self.loss_scaler else None
+            grad_norm, take_step = self.update.step(lr, unscale)
         mean_loss = rt.mean_loss(losses)
         self.model.zero_grad()
         elapsed = time.perf_counter() - started
         return StepRecord(
             step, mean_loss, elapsed, lr, grad_norm, flop_meter.total, not take_step, scale
         )
-
-    def _update(self, lr: float) -> tuple[float, bool]:
-        """Replicated optimizer state: all-reduce, unscale (fp16), clip, update. Returns the
-        global gradient norm and whether the optimizer stepped."""
-        c, rt = self.config, self.runtime
-        grads = {name: p.grad for name, p in self.model.params.items()}
-        grads = rt.synchronize_gradients(grads, self.tied)
-        if self.loss_scaler is not None:
-            grads, take_step = self._unscale(grads)
-        else:
-            take_step = True
-        self.last_grads = grads  # the step's synchronised gradients, before clipping
-        grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied)) if take_step else 0.0
-        coef = clip_coefficient(grad_norm, c.train.grad_clip) if c.train.grad_clip else 1.0
-        if coef < 1.0:
-            grads = {name: g * g.dtype.type(coef) for name, g in grads.items()}
-        if take_step:
-            self.optimizer.lr = lr
-            self.optimizer.step(grads)
-            if self.masters is not None:
-                self.masters.publish()
-        self.grad_bytes = sum(g.nbytes for g in grads.values() if g is not None)
-        return grad_norm, take_step
 
     def _unscale(self, grads: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
         """fp16: divide out the loss scale, unless some rank's gradients overflowed (then the
@@ -243,12 +199,13 @@ class Trainer:
         and gradients count in the simulated dtype and the float32 masters as optimizer state
         (mixed-precision Adam: 2 + 2 + 12 bytes per parameter)."""
         params = sum(p.data.nbytes for p in self.model.params.values())
-        grads, optimizer = self.grad_bytes, self.optimizer.state_bytes()
-        if self.precision is not None and self.masters is not None:
+        update = self.update
+        grads, optimizer = update.grad_bytes, update.optimizer.state_bytes()
+        if self.precision is not None and update.masters is not None:
             shrink = self.precision.itemsize / np.dtype(self.dtype).itemsize
             params, grads = int(params * shrink), int(grads * shrink)
-            optimizer += self.masters.nbytes()
-        store = self.runtime.layout.store
+            optimizer += update.masters.nbytes()
+        store = self.runtime.sharding.store
         return {
             "params": params,
             "grads": grads,
@@ -261,7 +218,7 @@ class Trainer:
     def memory_closed_form(self) -> dict[str, int]:
         """What `memory()` must report for params, grads and optimizer, in closed form."""
         c, rt = self.config, self.runtime
-        store = rt.layout.store
+        store = rt.sharding.store
         if isinstance(store, ShardedStore):
             whole = store.whole_sizes()  # the params are this rank's chunks
             sizes = [whole[name] for name in self.model.params]
@@ -269,12 +226,12 @@ class Trainer:
             sizes = [p.size for p in self.model.params.values()]
         return model_state_bytes(
             sizes,
-            stage=c.parallel.zero,
+            stage=rt.layout.zero,
             dp=rt.dp_size,
             rank=rt.dp_rank,
             per_element=state_bytes_per_param(c.train.dtype, c.train.optimizer),
             itemsize=np.dtype(self.dtype).itemsize,
-            bucket_mb=c.parallel.bucket_mb,
+            bucket_mb=rt.layout.bucket_mb,
         )
 
     def run(

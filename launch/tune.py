@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
-from launch.simulate import to_layout
-from parallel.cost.hardware import CostModelError, load_profile
+from launch.profiles import load_profile
+from launch.simulate import workload_of
+from parallel.cost.hardware import CostModelError
 from parallel.cost.tuning import Ranked, SearchSpace, TuneResult, tune
 
 GIB = 2**30
@@ -153,8 +154,9 @@ def tune_command(
         profile = load_profile(hardware)
         model = gpt_config(config)
         # What the tuner does not choose comes from the config: dtype, optimizer, buckets.
-        base = to_layout(config)
-        result = tune(model, profile, gpus, batch, base, search_space(config, list(overrides)))
+        work = workload_of(config)
+        space = search_space(config, list(overrides))
+        result = tune(model, profile, gpus, batch, config.layout, space, work=work)
     except CostModelError as exc:
         raise ConfigError(str(exc)) from None
     render(
@@ -163,7 +165,7 @@ def tune_command(
         profile.name,
         gpus,
         batch,
-        base.dtype,
+        work.dtype,
         result,
         top,
         profile.gpus_per_node,

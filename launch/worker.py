@@ -23,7 +23,6 @@ from launch.config import ExperimentConfig
 from launch.progress import TrainingProgress
 from launch.trainer import RunResult, StepRecord, Trainer
 from parallel.comm import launched_by_mpi
-from parallel.mesh import Mesh
 from parallel.pipeline import COMPUTE_KINDS, StepTimeline
 from parallel.runtime import Runtime
 
@@ -66,22 +65,13 @@ def pipeline_summary(timelines: list[StepTimeline]) -> dict[str, Any]:
 def build_metrics(
     config: ExperimentConfig, result: RunResult, per_rank: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    p = config.parallel
+    p = config.layout
     step_times = [s.time_s for s in result.steps]
     median = float(np.median(step_times[1:] or step_times))
     return {
         "config": config.to_dict(),
         "world_size": config.world_size,
-        "layout": {
-            "dp": p.dp,
-            "tp": p.tp,
-            "pp": p.pp,
-            "order": p.order,
-            "schedule": p.schedule,
-            "zero": p.zero,
-            "sequence_parallel": p.sequence_parallel,
-            "recompute": p.recompute,
-        },
+        "layout": config.layout.as_dict(),
         "steps": [
             {
                 "step": s.step,
@@ -110,7 +100,7 @@ def build_metrics(
         "pipeline": {
             "schedule": p.schedule,
             "virtual_stages": p.virtual_stages,
-            "microbatches": config.microbatches,
+            "microbatches": p.microbatches,
             # The mean over ranks of each rank's idle share of its pipeline phase.
             "bubble_fraction": float(np.mean([r["pipeline"]["bubble_fraction"] for r in per_rank])),
             "per_rank": [{"rank": r["rank"], **r["pipeline"]} for r in per_rank],
@@ -128,11 +118,8 @@ def write_json_atomically(path: Path, payload: Any) -> None:
 
 def _run(config: ExperimentConfig, out_dir: Path, resume: Path | None) -> int:
     keep_freed_memory()
-    p = config.parallel
-    mesh = Mesh(p.dp, p.tp, p.pp, p.order)
-    runtime = Runtime(
-        mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb, zero=p.zero
-    )
+    runtime = Runtime(config.layout)
+    mesh = runtime.mesh
     trainer = Trainer(config, runtime)
     start = checkpoint.load(trainer, resume) + 1 if resume is not None else 0
     every = config.train.checkpoint_every

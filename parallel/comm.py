@@ -32,7 +32,8 @@ ZeRO paper (Rajbhandari et al. 2020, §7); ``bytes`` cannot compare them. For a 
 
 A group of one rank sends nothing and records nothing. `SelfComm` stands in for an MPI
 communicator when the process was not started by an MPI launcher, so a world of size 1 never
-imports mpi4py.
+imports mpi4py; `parallel.virtual.VirtualComm` stands in for one rank of a larger world whose
+calls are recorded and not sent, and brings its own reduction ops and in-place marker.
 """
 
 from __future__ import annotations
@@ -233,6 +234,17 @@ def _alone(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _reduction_constants(comm: Any) -> tuple[dict[str, Any], Any]:
+    """`comm`'s reduction ops by name and its in-place marker: the communicator's own when it
+    brings them (a virtual one, which must not import mpi4py), else mpi4py's."""
+    ops = getattr(comm, "reduction_ops", None)
+    if ops is not None:
+        return dict(ops), comm.in_place
+    from mpi4py import MPI
+
+    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}, MPI.IN_PLACE
+
+
 # ---- the group --------------------------------------------------------------------------------
 class Group:
     """The ranks along one mesh axis, with traced collectives over them.
@@ -259,10 +271,7 @@ class Group:
         self._ops: dict[str, Any] = {}
         self._in_place: Any = None
         if self.size > 1:
-            from mpi4py import MPI
-
-            self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
-            self._in_place = MPI.IN_PLACE
+            self._ops, self._in_place = _reduction_constants(comm)
 
     def __repr__(self) -> str:
         return f"Group(axis={self.axis!r}, rank={self.rank}, size={self.size})"
@@ -392,9 +401,9 @@ class Group:
     def wait_all(requests: list[Any]) -> None:
         """Complete the requests `isend` returned (their buffers may then be reused)."""
         if requests:
-            from mpi4py import MPI
-
-            MPI.Request.Waitall([request for request, _ in requests])
+            # The requests' own class completes them: MPI.Request, or a virtual stand-in that
+            # must not import mpi4py (parallel.virtual).
+            type(requests[0][0]).Waitall([request for request, _ in requests])
             requests.clear()
 
     def recv(

@@ -1,10 +1,11 @@
 """What a training loop needs to know about the layout it runs in.
 
-A `Runtime` ties a `Mesh` to the parameter layout of the model (dense or tensor-parallel, its
-parameters whole or, under ZeRO-3, sharded over dp) and offers the few layout-dependent steps of
-a training step: this rank's share of the batch, gradient synchronisation, the global gradient
-norm, and the loss averaged over data-parallel ranks. With a world of one rank every step is
-local and nothing is sent. ZeRO's own update (stages 1–3) is `parallel.zero.ZeroOptimizer`.
+A `Runtime` ties a `Layout` (`parallel.layout`) to this rank's `Mesh` and to the sharding of the
+model's parameters (dense or tensor-parallel, whole or, under ZeRO-3, sharded over dp), and
+offers the few layout-dependent steps of a training step: this rank's share of the batch,
+gradient synchronisation, the global gradient norm, and the loss averaged over data-parallel
+ranks. With a world of one rank every step is local and nothing is sent. The update itself
+(plain data parallelism or ZeRO) is `parallel.update`.
 """
 
 from __future__ import annotations
@@ -14,33 +15,32 @@ import numpy as np
 from civetta.nn import DENSE, WHOLE, DenseLayout, ParameterStore
 from parallel.comm import Ledger
 from parallel.data_parallel import GradientAverager
+from parallel.layout import Layout
 from parallel.mesh import Mesh
 from parallel.tensor_parallel import TensorParallelLayout
 from parallel.zero import ShardedStore
 
 
 class Runtime:
-    def __init__(
-        self,
-        mesh: Mesh | None = None,
-        sequence_parallel: bool = False,
-        bucket_mb: float = 25.0,
-        zero: int = 0,
-    ) -> None:
-        self.mesh = Mesh() if mesh is None else mesh
+    """`layout` defaults to one process; `mesh` to this process's place in the MPI world for
+    that layout (a virtual mesh, `parallel.virtual`, runs one rank of it alone)."""
+
+    def __init__(self, layout: Layout | None = None, mesh: Mesh | None = None) -> None:
+        self.layout = Layout() if layout is None else layout
+        lay = self.layout
+        self.mesh = Mesh(lay.dp, lay.tp, lay.pp, lay.order) if mesh is None else mesh
+        assert self.mesh.layout == lay.mesh, (self.mesh.layout, lay.mesh)
         self.ledger: Ledger = self.mesh.ledger
         self.dp_group = self.mesh.group("dp")
         self.tp_group = self.mesh.group("tp")
         self.pp_group = self.mesh.group("pp")
-        self.zero = zero
-        self.bucket_mb = bucket_mb
         # ZeRO-3 shards every parameter (each tensor-parallel slice) over the dp group.
-        store: ParameterStore = ShardedStore(self.dp_group) if zero == 3 else WHOLE
-        self.layout: DenseLayout = DENSE if store is WHOLE else DenseLayout(store)
+        store: ParameterStore = ShardedStore(self.dp_group) if lay.zero == 3 else WHOLE
+        self.sharding: DenseLayout = DENSE if store is WHOLE else DenseLayout(store)
         if self.tp_group.size > 1:
-            self.layout = TensorParallelLayout(self.tp_group, sequence_parallel, store)
-        self.sequence_parallel = sequence_parallel and self.tp_group.size > 1
-        self.averager = GradientAverager(self.dp_group, bucket_mb)
+            self.sharding = TensorParallelLayout(self.tp_group, lay.sequence_parallel, store)
+        self.sequence_parallel = lay.sequence_parallel and self.tp_group.size > 1
+        self.averager = GradientAverager(self.dp_group, lay.bucket_mb)
 
     @property
     def rank(self) -> int:
@@ -67,18 +67,18 @@ class Runtime:
         return name in tied and self.pp_group.size > 1 and self.pp_rank == self.pp_group.size - 1
 
     def _sharded(self, name: str) -> bool:
-        layout = self.layout
-        return isinstance(layout, TensorParallelLayout) and layout.is_sharded(name)
+        sharding = self.sharding
+        return isinstance(sharding, TensorParallelLayout) and sharding.is_sharded(name)
 
     def full_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Whole parameters or gradients from arrays shaped like this rank's parameters
         (collective over dp under ZeRO-3, then over tp)."""
-        layout, store = self.layout, self.layout.store
+        sharding, store = self.sharding, self.sharding.store
         with self.ledger.phase("other"):
             if isinstance(store, ShardedStore):
                 arrays = {name: store.full_array(name, a) for name, a in arrays.items()}
-            if isinstance(layout, TensorParallelLayout):
-                arrays = {name: layout.full_array(name, a) for name, a in arrays.items()}
+            if isinstance(sharding, TensorParallelLayout):
+                arrays = {name: sharding.full_array(name, a) for name, a in arrays.items()}
         return dict(arrays)
 
     def synchronize_gradients(
@@ -153,4 +153,5 @@ class Runtime:
         with self.ledger.phase("other"):
             local = np.array([sum(losses), len(losses)], dtype=np.float64)
             total = self.dp_group.all_reduce(self.pp_group.all_reduce(local))
-        return float(total[0] / total[1])
+        # No count only on a virtual mesh (`parallel.virtual`), whose values mean nothing.
+        return float(total[0] / total[1]) if total[1] else float("nan")

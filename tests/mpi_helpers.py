@@ -1,8 +1,9 @@
 """Start multi-rank checks from pytest: `mpiexec -n N python ...` with a hard timeout.
 
 A deadlocked collective must fail its test, not hang the suite, so every launch has a timeout
-after which mpiexec and every process below it are killed. The environment pins one BLAS thread
-per rank, as `launch.launcher.rank_environment` does for `civetta train`.
+after which mpiexec and every process below it are killed (`launch.launcher.kill_tree`). The
+mpiexec is the one `civetta train` would use (`launch.launcher.find_mpiexec`), and the
+environment pins one BLAS thread per rank, as `launch.launcher.rank_environment` does.
 
 Tests run 4 ranks on 2 cores. MPICH's busy-wait yields the core every
 MPIR_CVAR_POLLS_BEFORE_YIELD polls, so waiting ranks share it with computing ones; its heavy yield
@@ -12,17 +13,16 @@ either way, and training layouts measured up to 1.6x slower with it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from launch.launcher import find_mpiexec, kill_tree
 
 WORKERS = Path(__file__).parent / "mpi_workers"
 
@@ -38,58 +38,6 @@ _LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "MPI_LOCALRAN
 
 class MPIRunError(AssertionError):
     """An MPI launch exited non-zero or timed out; the message carries its output."""
-
-
-def find_mpiexec() -> str:
-    """mpiexec next to this Python (the `mpich` wheel), else $CIVETTA_MPIEXEC, else on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.exists():
-        return str(beside)
-    if os.environ.get("CIVETTA_MPIEXEC"):
-        return os.environ["CIVETTA_MPIEXEC"]
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise MPIRunError("no mpiexec: install the `mpich` wheel or set CIVETTA_MPIEXEC")
-    return found
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc). MPICH's hydra starts its proxy and the ranks in
-    sessions of their own, so killing mpiexec's process group alone can miss them."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _kill_tree(proc: subprocess.Popen[str], grace: float = 3.0) -> None:
-    """Stop mpiexec and everything it started.
-
-    SIGTERM first: hydra then kills its proxies and ranks itself and reaps them (a proxy killed
-    from outside stays a zombie where PID 1 does not reap). Whatever is left after `grace`
-    seconds is killed by pid.
-    """
-    doomed = _descendants(proc.pid) if Path("/proc").is_dir() else []
-    # The processes may already be gone; that is the outcome we want.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    for pid in doomed:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def run_mpi(
@@ -125,7 +73,7 @@ def run_mpi(
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc)
+        kill_tree(proc)
         stdout, stderr = proc.communicate()
         raise MPIRunError(
             f"timed out after {timeout:.0f} s (deadlock?): {' '.join(command)}\n"

@@ -20,10 +20,11 @@ from launch.calibrate import (
     run_oversubscribed,
     write_profile,
 )
+from launch.profiles import load_profile, profile_from_dict
 from parallel.cost import calibration as cal
 from parallel.cost.collectives import GroupLink
-from parallel.cost.hardware import HardwareProfile, load_profile, profile_from_dict
-from parallel.cost.projection import TrainingLayout, optimizer_time
+from parallel.cost.hardware import HardwareProfile
+from parallel.cost.projection import Workload, optimizer_time
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")
@@ -96,9 +97,9 @@ def test_elementwise_fit_recovers_the_engine_numbers() -> None:
 
 def _optimizer_samples(profile: HardwareProfile) -> list[cal.OptimizerSample]:
     """Synthetic optimizer timings made by the cost model itself from `profile`."""
-    layout = TrainingLayout(dtype="float32", optimizer="adamw")
+    work = Workload(dtype="float32", optimizer="adamw")
     return [
-        cal.OptimizerSample(n, e, optimizer_time(n * e, n, layout, profile))
+        cal.OptimizerSample(n, e, optimizer_time(n * e, n, work, profile))
         for n, e in cal.optimizer_shapes()
     ]
 

@@ -17,7 +17,7 @@ import pytest
 
 from launch import cli, report
 from launch.compare import baseline_config, first_error_line, plan_runs, run_environment
-from launch.config import ConfigError, layout_label, load, load_experiment
+from launch.config import ConfigError, load, load_experiment
 from parallel.comm import launched_by_mpi
 
 TINY = """\
@@ -114,9 +114,9 @@ def test_a_sweep_error_names_the_entry(tmp_path: Path) -> None:
 
 def test_layout_labels_name_what_differs() -> None:
     cfg = load(None, ["model.n_layer=4", "parallel.pp=2", "parallel.schedule=zb-h1"])
-    assert layout_label(cfg) == "pp2-zb-h1-m1"
+    assert cfg.layout.label == "pp2-zb-h1-m1"
     cfg = load(None, ["parallel.dp=2", "parallel.tp=2", "parallel.sequence_parallel=true"])
-    assert layout_label(cfg) == "dp2-tp2-sp"
+    assert cfg.layout.label == "dp2-tp2-sp"
 
 
 def test_the_baseline_is_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
@@ -287,14 +287,14 @@ def test_a_run_past_its_timeout_is_failed_and_leaves_no_process(
 def test_projection_columns_come_from_the_cost_model() -> None:
     from launch.compare import projection_of
     from launch.config import gpt_config
-    from launch.simulate import to_layout
-    from parallel.cost.hardware import load_profile
+    from launch.profiles import load_profile
+    from launch.simulate import workload_of
     from parallel.cost.projection import project
 
     config = load("configs/quickstart.yaml", ["parallel.dp=2", "parallel.tp=2"])
     profile = load_profile("a100-dgx")
     row = {"projection": projection_of(config, profile)}
-    expected = project(gpt_config(config), to_layout(config), profile)
+    expected = project(gpt_config(config), config.layout, profile, work=workload_of(config))
     assert row["projection"]["step_time_s"] == expected.step_time_s
     assert row["projection"]["memory_total_bytes"] == expected.memory_per_gpu["total"]
     columns = [c for c in report.COLUMNS if c.group == "projection"]
@@ -303,7 +303,8 @@ def test_projection_columns_come_from_the_cost_model() -> None:
 
 
 def test_the_projection_table_shows_only_when_a_layout_was_projected() -> None:
-    row = report.summarize("dp2", "layout", load("configs/quickstart.yaml").to_dict(), 1, None)
+    config = load("configs/quickstart.yaml")
+    row = report.summarize("dp2", "layout", config.layout.as_dict(), None)
     titles = [title for title, _ in report.tables([row])]
     assert not any(title.startswith("Cost-model projection") for title in titles)
     row["projection"] = {"hardware": "a100-dgx", "step_time_s": 0.1}

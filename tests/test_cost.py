@@ -20,17 +20,18 @@ from rich.console import Console
 
 from civetta.models.gpt import GPTConfig
 from launch.config import ConfigError
+from launch.profiles import load_profile, profile_from_dict
 from launch.simulate import simulate_command
 from parallel.cost.collectives import all_reduce_time, group_link
 from parallel.cost.flops import layer_forward_flops, megatron_flops, step_flops
-from parallel.cost.hardware import CostModelError, load_profile, profile_from_dict
+from parallel.cost.hardware import CostModelError
 from parallel.cost.memory import (
     block_activation_bytes,
     device_memory,
     device_params,
     in_flight_layers,
 )
-from parallel.cost.projection import CostOptions, TrainingLayout, project
+from parallel.cost.projection import CostOptions, Workload, project
 from parallel.cost.replay import (
     REPLAY_LIMIT,
     PipelineTimes,
@@ -42,6 +43,7 @@ from parallel.cost.replay import (
     pipeline_time,
     replayed_makespan,
 )
+from parallel.layout import Layout, LayoutError
 from parallel.mesh import MeshLayout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +184,7 @@ def test_bubble_seam_takes_a_replayed_makespan() -> None:
     assert bubble_time("1f1b", 4, 8, 1, times, replay) == pytest.approx(40.0 - 8 * 3.0)
     assert calls == [("1f1b", 4, 8, 1, PipelineTimes((times,) * 4))] * 2  # without, with p2p
     assert bubble_time("1f1b", 4, 8, 1, times) == pytest.approx(3 * 3.0)
-    layout = TrainingLayout(pp=4, microbatches=8, dtype="bf16")
+    layout = Layout(pp=4, microbatches=8)
     replayed = project(SMALL, layout, A100, CostOptions(replay=lambda *a: 10.0))
     busy = replayed.breakdown_s["compute"] + replayed.breakdown_s["tp_exposed"]
     assert replayed.breakdown_s["bubble"] == pytest.approx(10.0 - busy)
@@ -220,7 +222,7 @@ def test_zero_bubble_with_few_microbatches_is_replayed_not_guessed() -> None:
 
 
 def test_projections_replay_the_schedule_by_default() -> None:
-    layout = TrainingLayout(pp=4, microbatches=8, schedule="zb-h1", dtype="bf16")
+    layout = Layout(pp=4, microbatches=8, schedule="zb-h1")
     replayed = project(SMALL, layout, A100)
     closed = project(SMALL, layout, A100, CostOptions(replay=None))
     assert (replayed.pipeline_model, closed.pipeline_model) == ("replay", "closed form")
@@ -231,9 +233,9 @@ def test_projections_replay_the_schedule_by_default() -> None:
     # Messages overlap with other stages' compute in the replay; the closed form puts all of
     # them on the critical path.
     assert 0 < replayed.breakdown_s["pp_exposed"] <= closed.breakdown_s["pp_exposed"]
-    assert project(SMALL, TrainingLayout(), A100).pipeline_model == "none"
+    assert project(SMALL, Layout(), A100).pipeline_model == "none"
     # Too long to replay quickly: the closed forms are used.
-    huge = TrainingLayout(pp=4, microbatches=REPLAY_LIMIT, dtype="bf16")
+    huge = Layout(pp=4, microbatches=REPLAY_LIMIT)
     assert project(SMALL, huge, A100).pipeline_model == "closed form"
 
 
@@ -243,12 +245,10 @@ def test_comm_bytes_closed_forms() -> None:
     T, h, L, V = b * c.block_size, c.n_embd, c.n_layer, c.vocab_size
     x = T * h * e
     norm = 8  # the float64 all-reduce of the squared gradient norm, once per step
-    tp = project(c, TrainingLayout(tp=2, microbatch_size=b, microbatches=m), A100)
+    tp = project(c, Layout(tp=2, microbatch_size=b, microbatches=m), A100)
     # 4 all-reduces per block, the embedding's forward, the head's backward, 3 loss all-reduces
     assert tp.comm_bytes["tp"] == m * (4 * L * x + x + x + 3 * T * e) + norm
-    sp = project(
-        c, TrainingLayout(tp=2, microbatch_size=b, microbatches=m, sequence_parallel=True), A100
-    )
+    sp = project(c, Layout(tp=2, microbatch_size=b, microbatches=m, sequence_parallel=True), A100)
     per_block = 4 * (x + x // 2)  # all-gathers count their shard, reduce-scatters their input
     # Replicated parameters' gradients, all-reduced once per step: per block two layer norms
     # (weight, bias) and two row-parallel biases; the positions; the final layer norm.
@@ -256,16 +256,16 @@ def test_comm_bytes_closed_forms() -> None:
     assert sp.comm_bytes["tp"] == m * (L * per_block + (x + x // 2) * 2 + 3 * T * e) + (
         norm + replicated
     )
-    dp = project(c, TrainingLayout(dp=4, microbatch_size=b, microbatches=m), A100)
+    dp = project(c, Layout(dp=4, microbatch_size=b, microbatches=m), A100)
     assert dp.comm_bytes == {"tp": 0, "pp": 0, "dp": 2 * c.num_parameters()}
-    z1 = project(c, TrainingLayout(dp=4, microbatch_size=b, microbatches=m, zero=1), A100)
+    z1 = project(c, Layout(dp=4, microbatch_size=b, microbatches=m, zero=1), A100)
     assert z1.comm_bytes["dp"] == 2 * c.num_parameters() + 2 * c.num_parameters() // 4 + norm
     # pp = 2: each rank sends one message per microbatch (activations one way, gradients the
     # other) and its copy of the tied embedding's gradient to the other end.
     tied = V * h * e
-    pp2 = project(c, TrainingLayout(pp=2, microbatch_size=b, microbatches=m), A100)
+    pp2 = project(c, Layout(pp=2, microbatch_size=b, microbatches=m), A100)
     assert pp2.comm_bytes["pp"] == m * x + tied + norm
-    pp4 = project(c, TrainingLayout(pp=4, microbatch_size=b, microbatches=m), A100)
+    pp4 = project(c, Layout(pp=4, microbatch_size=b, microbatches=m), A100)
     assert pp4.comm_bytes["pp"] == max(2 * m * x, m * x + tied) + norm  # middle vs end ranks
 
 
@@ -293,8 +293,8 @@ def test_a_tensor_parallel_group_across_nodes_uses_the_network() -> None:
         1e8, group_link(MeshLayout(tp=2), "tp", A100)
     )
     c = GPTConfig(vocab_size=51200, block_size=2048, n_layer=8, n_head=32, n_embd=4096)
-    inside = project(c, TrainingLayout(dp=8, tp=2, microbatches=4, order="tp-dp-pp"), A100)
-    across = project(c, TrainingLayout(dp=8, tp=2, microbatches=4, order="dp-tp-pp"), A100)
+    inside = project(c, Layout(dp=8, tp=2, microbatches=4, order="tp-dp-pp"), A100)
+    across = project(c, Layout(dp=8, tp=2, microbatches=4, order="dp-tp-pp"), A100)
     assert across.breakdown_s["tp_exposed"] > 5 * inside.breakdown_s["tp_exposed"]
     assert "NVLink" in inside.links["tp"] and "InfiniBand" in across.links["tp"]
 
@@ -311,7 +311,7 @@ def test_more_data_parallelism_is_faster_until_communication_dominates() -> None
         return [
             project(
                 c,
-                TrainingLayout(
+                Layout(
                     dp=dp, microbatch_size=4, microbatches=512 // (4 * dp), recompute="selective"
                 ),
                 profile,  # type: ignore[arg-type]
@@ -335,12 +335,10 @@ def test_more_data_parallelism_is_faster_until_communication_dominates() -> None
 
 
 def test_layout_errors_are_one_line() -> None:
-    with pytest.raises(
-        CostModelError, match=r"^error: parallel\.tp=3 does not divide model\.n_head=8$"
-    ):
-        project(SMALL, TrainingLayout(tp=3), A100)
-    with pytest.raises(CostModelError, match=r"needs parallel\.schedule=interleaved-1f1b"):
-        project(SMALL, TrainingLayout(pp=2, virtual_stages=2, microbatches=2), A100)
+    with pytest.raises(CostModelError, match=r"^parallel\.tp=3 does not divide model\.n_head=8$"):
+        project(SMALL, Layout(tp=3), A100)
+    with pytest.raises(LayoutError, match=r"needs parallel\.schedule=interleaved-1f1b"):
+        Layout(pp=2, virtual_stages=2, microbatches=2)
 
 
 # ---- hardware profiles --------------------------------------------------------------------------
@@ -487,7 +485,7 @@ def megatron_projection(run: MegatronRun, zero: int = 0) -> float:
     )
     assert model.num_parameters() / 1e9 == pytest.approx(run.params_b, rel=0.05)  # rounded
     dp = run.gpus // (run.tp * run.pp)
-    layout = TrainingLayout(
+    layout = Layout(
         dp=dp,
         tp=run.tp,
         pp=run.pp,
@@ -496,13 +494,12 @@ def megatron_projection(run: MegatronRun, zero: int = 0) -> float:
         schedule="interleaved-1f1b" if run.virtual_stages > 1 else run.schedule,
         virtual_stages=run.virtual_stages,
         recompute="full",
-        dtype="fp16",
         zero=zero,
     )
     assert layout.world_size == run.gpus and layout.global_batch == run.batch
     # Megatron-LM §4.1 scatter/gather of pipeline messages was on in these runs.
     options = CostOptions(overlap_dp=run.overlap_dp, pp_scatter_gather=True)
-    projection = project(model, layout, A100, options)
+    projection = project(model, layout, A100, options, Workload("fp16"))
     assert projection.fits
     return projection.hardware_tflops_per_gpu  # Eq. 3 counts the recomputed forward
 

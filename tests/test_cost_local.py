@@ -10,18 +10,13 @@ import pytest
 import yaml
 
 from civetta.models.gpt import GPTConfig
+from launch.profiles import PROFILE_DIR, load_profile, profile_from_dict
 from parallel.cost import calibration as cal
 from parallel.cost.collectives import GroupLink
-from parallel.cost.hardware import (
-    PROFILE_DIR,
-    CostModelError,
-    HardwareProfile,
-    Oversubscription,
-    load_profile,
-    profile_from_dict,
-)
+from parallel.cost.hardware import CostModelError, HardwareProfile, Oversubscription
 from parallel.cost.memory import device_tensors
-from parallel.cost.projection import CIVETTA_EXECUTOR, TrainingLayout, optimizer_time, project
+from parallel.cost.projection import CIVETTA_EXECUTOR, Workload, optimizer_time, project
+from parallel.layout import Layout
 
 A100 = load_profile("a100-dgx")
 CONFIG = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=64)
@@ -59,10 +54,10 @@ def test_more_ranks_than_cores_share_them() -> None:
 
 
 def test_an_oversubscribed_projection_stretches_compute_not_mfu_peak() -> None:
-    layout = TrainingLayout(dp=4, microbatch_size=2, dtype="float32")
-    shared = project(CONFIG, layout, machine(), CIVETTA_EXECUTOR)
+    layout, fp32 = Layout(dp=4, microbatch_size=2), Workload("float32")
+    shared = project(CONFIG, layout, machine(), CIVETTA_EXECUTOR, fp32)
     # The same 4 ranks on a machine with 4 cores: every compute time is `slow` times shorter.
-    roomy = project(CONFIG, layout, machine(cores=4, over=None), CIVETTA_EXECUTOR)
+    roomy = project(CONFIG, layout, machine(cores=4, over=None), CIVETTA_EXECUTOR, fp32)
     slow = 4 / 2 * OVER.compute_stretch
     assert shared.breakdown_s["compute"] == pytest.approx(slow * roomy.breakdown_s["compute"])
     # MFU stays relative to one core's peak: the shared run uses less of it.
@@ -74,15 +69,15 @@ def test_an_oversubscribed_projection_stretches_compute_not_mfu_peak() -> None:
 
 
 def test_the_optimizer_pays_per_tensor_and_per_byte() -> None:
-    profile, layout = machine(), TrainingLayout(dtype="float32", optimizer="adamw")
+    profile, work = machine(), Workload(dtype="float32", optimizer="adamw")
     tensors = len(device_tensors(CONFIG, 1, 1, 0))
     elements = sum(n for _, n in device_tensors(CONFIG, 1, 1, 0))
     fused = dataclasses.replace(profile.device, optimizer_traffic=1.0, optimizer_overhead_us=0.0)
-    sweep = optimizer_time(elements, tensors, layout, dataclasses.replace(profile, device=fused))
+    sweep = optimizer_time(elements, tensors, work, dataclasses.replace(profile, device=fused))
     assert sweep == pytest.approx(elements * (4 + 2 * 8 + 2 * 4) / fused.hbm_bytes_per_s)
     expected = 2.0 * sweep + tensors * 10e-6
-    assert optimizer_time(elements, tensors, layout, profile) == pytest.approx(expected)
-    projected = project(CONFIG, TrainingLayout(microbatch_size=2, dtype="float32"), profile)
+    assert optimizer_time(elements, tensors, work, profile) == pytest.approx(expected)
+    projected = project(CONFIG, Layout(microbatch_size=2), profile, work=work)
     assert projected.breakdown_s["optimizer"] == pytest.approx(expected)
 
 
@@ -137,11 +132,11 @@ def test_sharing_cores_never_makes_a_collective_faster_than_the_machines_link() 
 
 def test_ranks_idle_in_a_pipeline_bubble_leave_their_core_to_the_others() -> None:
     profile, config = machine(), dataclasses.replace(CONFIG, n_layer=4)
-    layout = TrainingLayout(pp=4, microbatch_size=1, microbatches=8, dtype="float32")
+    layout, fp32 = Layout(pp=4, microbatch_size=1, microbatches=8), Workload("float32")
     # The same projection on the profiles each rank sees: all sharing, or each on its own core.
-    shared = project(config, layout, profile.for_ranks(4), CIVETTA_EXECUTOR)
-    own = project(config, layout, profile.for_ranks(4, own_cores=True), CIVETTA_EXECUTOR)
-    result = project(config, layout, profile, CIVETTA_EXECUTOR)
+    shared = project(config, layout, profile.for_ranks(4), CIVETTA_EXECUTOR, fp32)
+    own = project(config, layout, profile.for_ranks(4, own_cores=True), CIVETTA_EXECUTOR, fp32)
+    result = project(config, layout, profile, CIVETTA_EXECUTOR, fp32)
     busy = shared.step_time_s - shared.breakdown_s["bubble"]
     assert shared.breakdown_s["bubble"] > 0
     assert result.step_time_s == pytest.approx(max(busy, own.step_time_s))

@@ -32,8 +32,8 @@ from mpi_helpers import WORKERS, run_mpi_json
 from civetta.models.gpt import GPTStage
 from civetta.nn import merge
 from launch.config import gpt_config, load
-from launch.simulate import to_layout
-from parallel.cost.hardware import load_profile
+from launch.profiles import load_profile
+from launch.simulate import workload_of
 from parallel.cost.memory import device_tensors
 from parallel.cost.projection import device_memory_of, engine_nodes, project, zero3_ops
 from parallel.pipeline import partition_layers
@@ -111,7 +111,7 @@ def executed(name: str) -> dict[str, Any]:
 
 def projected(name: str) -> tuple[Any, Any]:
     config = load(None, [*TINY, *LAYOUTS[name][1]])
-    return config, project(gpt_config(config), to_layout(config), PROFILE)
+    return config, project(gpt_config(config), config.layout, PROFILE, work=workload_of(config))
 
 
 def ledger_bytes(metrics: dict[str, Any], axis: str) -> float:
@@ -155,19 +155,19 @@ def test_bytes_per_axis_equal_the_ledger(name: str) -> None:
 def test_model_state_bytes_equal_the_run(name: str) -> None:
     metrics = executed(name)
     config, projection = projected(name)
-    layout, model = to_layout(config), gpt_config(config)
+    layout, work, model = config.layout, workload_of(config), gpt_config(config)
     keys = ("params", "grads", "optimizer")
     ranks = metrics["memory"]["per_rank"]
     if layout.zero == 0:  # replicas are identical: compare every rank with its position
         for rank in ranks:
             position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
-            expected = device_memory_of(model, layout, position).as_dict()
+            expected = device_memory_of(model, layout, position, work).as_dict()
             assert {k: rank[k] for k in keys} == {k: expected[k] for k in keys}
     else:  # ZeRO shards differ by their padding: the busiest rank of each pipeline position
         for position in range(layout.pp):
             here = [r for r in ranks if r["rank"] // (layout.tp * layout.dp) == position]
             busiest = max(here, key=lambda r: sum(r[k] for k in keys))
-            expected = device_memory_of(model, layout, position).as_dict()
+            expected = device_memory_of(model, layout, position, work).as_dict()
             assert {k: busiest[k] for k in keys} == {k: expected[k] for k in keys}
         if layout.pp == 1:
             assert {k: projection.memory_per_gpu[k] for k in keys} == {k: expected[k] for k in keys}
@@ -204,7 +204,7 @@ def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
     """The time of ZeRO-3 counts one latency per op: as many collectives as the run makes."""
     metrics = executed(name)
     config, _ = projected(name)
-    layout, model = to_layout(config), gpt_config(config)
+    layout, model = config.layout, gpt_config(config)
     for rank in metrics["comm"]["per_rank"]:
         position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
         ops = zero3_ops(model, layout.tp, layout.pp, position, layout.virtual_stages, layout.dp)

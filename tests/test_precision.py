@@ -15,14 +15,13 @@ from civetta.precision import PRECISIONS, LossScaler, autocast
 from civetta.tensor import Tensor, WeightGradStore, defer_weight_grads
 from launch.config import load
 from launch.trainer import Trainer
-from parallel.runtime import Runtime
 
 QUICK = ["train.steps=60", "train.warmup_steps=6", "train.eval_batches=1"]
 
 
 def train(*overrides: str) -> Trainer:
     config = load("configs/quickstart.yaml", [*QUICK, *overrides])
-    trainer = Trainer(config, Runtime())
+    trainer = Trainer(config)
     trainer.records = trainer.run().steps  # type: ignore[attr-defined]
     return trainer
 
@@ -105,7 +104,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale() -> None:
     assert run.records[1].loss_scale == 5e29
     assert run.loss_scaler.skipped == 3  # 1e30 / 8 still overflows float16
     # Skipped steps leave the weights as they were.
-    untouched = Trainer(load("configs/quickstart.yaml", ["train.dtype=fp16"]), Runtime())
+    untouched = Trainer(load("configs/quickstart.yaml", ["train.dtype=fp16"]))
     for name, p in run.model.params.items():
         np.testing.assert_array_equal(p.data, untouched.model.params[name].data, err_msg=name)
 

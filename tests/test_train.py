@@ -19,7 +19,6 @@ import pytest
 
 from launch.config import ExperimentConfig, load
 from launch.trainer import RunResult, Trainer
-from parallel.runtime import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +39,7 @@ def config(*overrides: str) -> ExperimentConfig:
 
 
 def train(cfg: ExperimentConfig) -> tuple[Trainer, RunResult]:
-    trainer = Trainer(cfg, Runtime())
+    trainer = Trainer(cfg)
     return trainer, trainer.run()
 
 

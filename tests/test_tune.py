@@ -15,11 +15,12 @@ from rich.console import Console
 
 from civetta.models.gpt import GPTConfig
 from launch.config import ConfigError
+from launch.profiles import load_profile
 from launch.tune import tune_command
 from parallel.cost.flops import RECOMPUTE
-from parallel.cost.hardware import load_profile
-from parallel.cost.projection import CostOptions, TrainingLayout, device_memory_of, project
+from parallel.cost.projection import CostOptions, device_memory_of, project
 from parallel.cost.tuning import SearchSpace, divisors, tune
+from parallel.layout import Layout
 
 REPO = Path(__file__).resolve().parent.parent
 A100 = load_profile("a100-dgx")
@@ -42,7 +43,7 @@ def test_the_best_layout_is_the_best_of_the_unpruned_space() -> None:
     """Brute force over every recompute setting (the tuner keeps only the least that fits)
     finds nothing faster than the tuner's best."""
     profile = _small_gpu()
-    base = TrainingLayout(dtype="bf16")
+    base = Layout()
     result = tune(MEDIUM, profile, 16, 32, base, options=CLOSED)  # type: ignore[arg-type]
     best = result.ranked[0].projection.step_time_s
     capacity = profile.device.usable_memory_bytes  # type: ignore[attr-defined]
@@ -72,7 +73,7 @@ def test_the_best_layout_is_the_best_of_the_unpruned_space() -> None:
 
 def test_every_ranked_layout_fits_uses_all_gpus_and_is_sorted() -> None:
     profile = _small_gpu()
-    result = tune(MEDIUM, profile, 16, 32, TrainingLayout(dtype="bf16"))  # type: ignore[arg-type]
+    result = tune(MEDIUM, profile, 16, 32, Layout())  # type: ignore[arg-type]
     assert result.fitting == len(result.ranked) > 0 and result.enumerated >= result.fitting
     head = [r.projection.step_time_s for r in result.ranked[: result.replayed]]
     assert head == sorted(head)
@@ -87,7 +88,7 @@ def test_every_ranked_layout_fits_uses_all_gpus_and_is_sorted() -> None:
 
 def test_fixed_choices_are_held() -> None:
     space = SearchSpace(tp=2, zero_stages=(1,), schedules=("zb-h1",))
-    result = tune(MEDIUM, A100, 16, 32, TrainingLayout(dtype="bf16"), space)
+    result = tune(MEDIUM, A100, 16, 32, Layout(), space)
     assert result.ranked
     for r in result.ranked:
         assert r.layout.tp == 2 and r.layout.zero in (0, 1)  # dp = 1 has no ZeRO
@@ -96,7 +97,7 @@ def test_fixed_choices_are_held() -> None:
 
 def test_nothing_fits_is_explained() -> None:
     # 1.2B parameters × 16 bytes of mixed-precision Adam state on one 16 GiB GPU
-    result = tune(MEDIUM, _small_gpu(), 1, 64, TrainingLayout(dtype="bf16"))  # type: ignore[arg-type]
+    result = tune(MEDIUM, _small_gpu(), 1, 64, Layout())  # type: ignore[arg-type]
     assert not result.ranked and result.smallest_memory is not None
     assert result.explanation[0].startswith("No layout fits in 15.0 GiB per GPU")
 

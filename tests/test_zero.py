@@ -22,7 +22,6 @@ from mpi_helpers import WORKERS, run_mpi
 from civetta.models.gpt import GPT
 from launch.config import load
 from launch.trainer import Trainer, gpt_config
-from parallel.runtime import Runtime
 from parallel.zero import model_state_bytes
 
 TINY = [
@@ -299,7 +298,7 @@ def test_one_rank_stage_3_is_bitwise_plain_training() -> None:
     identity, and the arithmetic must be exactly that of the dense ops."""
     results = {}
     for zero in (0, 3):
-        trainer = Trainer(load(None, [*TINY, f"parallel.zero={zero}"]), Runtime(zero=zero))
+        trainer = Trainer(load(None, [*TINY, f"parallel.zero={zero}"]))
         steps = [trainer.step(s) for s in range(2)]
         params = {name: p.data.copy() for name, p in trainer.model.params.items()}
         results[zero] = ([s.loss for s in steps], [s.grad_norm for s in steps], params)

@@ -51,7 +51,8 @@ from parallel.cost.collectives import (
     reduce_scatter_time,
 )
 from parallel.cost.hardware import HardwareProfile
-from parallel.cost.projection import TrainingLayout, microbatch_times, optimizer_time
+from parallel.cost.projection import Workload, microbatch_times, optimizer_time
+from parallel.layout import Layout
 from parallel.runtime import Runtime
 
 NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -288,8 +289,7 @@ class ElementwiseFit:
 
 def engine_times(config: GPTConfig, batch: int, profile: HardwareProfile) -> tuple[float, float]:
     """The cost model's (forward, backward) seconds of one float32 microbatch on one device."""
-    layout = TrainingLayout(microbatch_size=batch, dtype="float32")
-    times = microbatch_times(config, layout, profile)
+    times = microbatch_times(config, Layout(microbatch_size=batch), profile, Workload("float32"))
     return times.forward_s, times.backward_s
 
 
@@ -403,14 +403,14 @@ class OptimizerFit:
 def fit_optimizer(samples: Sequence[OptimizerSample], profile: HardwareProfile) -> OptimizerFit:
     """The profile's optimizer numbers by non-negative least squares on relative error, through
     the cost model's own formula (`parallel.cost.projection.optimizer_time`, linear in both)."""
-    layout = TrainingLayout(dtype="float32", optimizer="adamw")
+    work = Workload(dtype="float32", optimizer="adamw")
 
     def predict(traffic: float, overhead_us: float, s: OptimizerSample) -> float:
         device = dataclasses.replace(
             profile.device, optimizer_traffic=traffic, optimizer_overhead_us=overhead_us
         )
         variant = dataclasses.replace(profile, device=device)
-        return optimizer_time(s.tensors * s.elements, s.tensors, layout, variant)
+        return optimizer_time(s.tensors * s.elements, s.tensors, work, variant)
 
     rows = [[predict(1.0, 0.0, s) / s.seconds, predict(0.0, 1.0, s) / s.seconds] for s in samples]
     solution = _nonnegative_fit(np.array(rows), np.ones(len(samples)))

@@ -1,9 +1,10 @@
 """Hardware profiles for the cost model: one device, the link inside a node, the network between
-nodes, and a price, read from `configs/hardware/*.yaml` into frozen dataclasses.
+nodes, and a price, as frozen dataclasses. `launch.profiles` reads them from
+`configs/hardware/*.yaml` (a bad file or value is one `CostModelError` line naming the key, what
+was expected and what was given); the cost model only takes them as arguments.
 
 Every bandwidth is in GB/s (1e9 bytes per second) per GPU and per direction; latencies are in
-microseconds; peaks are dense tensor throughput in TFLOP/s (1e12 FLOP per second). A bad file or
-value is one `CostModelError` line naming the key, what was expected and what was given.
+microseconds; peaks are dense tensor throughput in TFLOP/s (1e12 FLOP per second).
 
 The compute side is a small roofline with three calibrated numbers:
 
@@ -27,16 +28,10 @@ fitted to published runs.
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import MISSING, dataclass, fields, replace
-from pathlib import Path
-from typing import Any
-
-import yaml
+from dataclasses import dataclass, replace
 
 # Peaks are looked up by the experiment's train.dtype (float32 means strict FP32, not TF32).
 DTYPES = ("float64", "float32", "tf32", "bf16", "fp16")
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 
 
 class CostModelError(ValueError):
@@ -173,159 +168,3 @@ class HardwareProfile:
         flops = 2.0 * m * k * n
         nbytes = element_bytes * (m * k + k * n + m * n)
         return flops / (self.gemm_time(flops, nbytes, dtype) * self.device.peak_flops(dtype))
-
-
-# ---- loading ------------------------------------------------------------------------------------
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _number(key: str, value: Any, *, positive: bool = True, at_most: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CostModelError(f"error: {key} expected a number, got {_describe(value)}")
-    if (positive and value <= 0) or (not positive and value < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise CostModelError(f"error: {key} expected a number {bound}, got {value!r}")
-    if at_most is not None and value > at_most:
-        raise CostModelError(f"error: {key} expected a number <= {at_most}, got {value!r}")
-    return float(value)
-
-
-def _section(raw: dict[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
-    name = f"{prefix}{key}"
-    if key not in raw:
-        raise CostModelError(f"error: hardware profile is missing '{name}'")
-    value = raw[key]
-    if not isinstance(value, dict):
-        raise CostModelError(f"error: {name} expected a mapping, got {_describe(value)}")
-    return value
-
-
-def _check_keys(raw: dict[str, Any], allowed: list[str], prefix: str) -> None:
-    for key in raw:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise CostModelError(f"error: unknown key '{prefix}{key}' in hardware profile{hint}")
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str, numbers: dict[str, dict]) -> Any:
-    names = [f.name for f in fields(cls)]
-    _check_keys(raw, names, prefix)
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        key = f"{prefix}{f.name}"
-        if f.name not in raw:
-            if f.default is not MISSING:
-                continue
-            raise CostModelError(f"error: hardware profile is missing '{key}'")
-        value = raw[f.name]
-        if f.name in numbers:
-            values[f.name] = _number(key, value, **numbers[f.name])
-        elif f.name == "name":
-            if not isinstance(value, str) or not value:
-                raise CostModelError(f"error: {key} expected a name, got {_describe(value)}")
-            values[f.name] = value
-        else:
-            values[f.name] = value
-    return cls(**values)
-
-
-def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwareProfile:
-    """Validate a parsed YAML mapping into a HardwareProfile."""
-    if not isinstance(raw, dict):
-        raise CostModelError(f"error: {origin} expected a mapping, got {_describe(raw)}")
-    top = ["name", "source", "device", "intra_node", "inter_node", "gpus_per_node"]
-    _check_keys(raw, [*top, "price_per_gpu_hour", "oversubscribed"], "")
-    fraction = {"at_most": 1.0}
-    dev_raw = _section(raw, "device")
-    peaks = dev_raw.get("peak_tflops")
-    if not isinstance(peaks, dict) or not peaks:
-        raise CostModelError(
-            f"error: device.peak_tflops expected a mapping of dtype to TFLOP/s, "
-            f"got {_describe(peaks)}"
-        )
-    for dtype, value in peaks.items():
-        if dtype not in DTYPES:
-            raise CostModelError(
-                f"error: device.peak_tflops.{dtype} is not a dtype "
-                f"(expected one of {' | '.join(DTYPES)})"
-            )
-        _number(f"device.peak_tflops.{dtype}", value)
-    device = _build(
-        DeviceSpec,
-        {**dev_raw, "peak_tflops": {k: float(v) for k, v in peaks.items()}},
-        "device.",
-        {
-            "memory_gib": {},
-            "memory_bandwidth_gbs": {},
-            "memory_efficiency": fraction,
-            "gemm_max_efficiency": fraction,
-            "kernel_overhead_us": {"positive": False},
-            "elementwise_traffic": {"positive": False},
-            "memory_reserved_gib": {"positive": False},
-            "layer_overhead_us": {"positive": False},
-            "backward_elementwise_ratio": {},
-            "optimizer_traffic": {},
-            "optimizer_overhead_us": {"positive": False},
-        },
-    )
-    if device.memory_reserved_gib >= device.memory_gib:
-        raise CostModelError(
-            f"error: device.memory_reserved_gib={device.memory_reserved_gib} leaves no memory "
-            f"of device.memory_gib={device.memory_gib}"
-        )
-    link_numbers = {"bandwidth_gbs": {}, "latency_us": {"positive": False}, "efficiency": fraction}
-    intra = _build(LinkSpec, _section(raw, "intra_node"), "intra_node.", link_numbers)
-    inter = _build(LinkSpec, _section(raw, "inter_node"), "inter_node.", link_numbers)
-    gpus = raw.get("gpus_per_node")
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise CostModelError(f"error: gpus_per_node expected a positive integer, got {gpus!r}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise CostModelError(f"error: name expected a profile name, got {_describe(name)}")
-    price = _number("price_per_gpu_hour", raw.get("price_per_gpu_hour", 0.0), positive=False)
-    source = raw.get("source", "")
-    over = None
-    if "oversubscribed" in raw:
-        over_raw = _section(raw, "oversubscribed")
-        over = _build(
-            Oversubscription,
-            over_raw,
-            "oversubscribed.",
-            {"compute_stretch": {}, "latency_us": {"positive": False}, "bandwidth_gbs": {}},
-        )
-        ranks = over_raw.get("ranks")
-        if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks <= gpus:
-            raise CostModelError(
-                f"error: oversubscribed.ranks expected an integer above gpus_per_node={gpus}, "
-                f"got {ranks!r}"
-            )
-    return HardwareProfile(name, device, intra, inter, gpus, price, str(source or ""), over)
-
-
-def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of a shipped profile (`a100-dgx`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = PROFILE_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-    raise CostModelError(
-        f"error: hardware profile {str(name_or_path)!r} is neither a file nor one of "
-        f"{', '.join(known) or '(none shipped)'}"
-    )
-
-
-def load_profile(name_or_path: str | Path) -> HardwareProfile:
-    """Read and validate a hardware profile by shipped name or by path."""
-    path = resolve_profile_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise CostModelError(f"error: {path}{where}: invalid YAML") from None
-    return profile_from_dict(raw, origin=str(path))

@@ -63,7 +63,6 @@ from parallel.cost.collectives import (
 )
 from parallel.cost.flops import (
     ATTENTION_CORE,
-    RECOMPUTE,
     Gemm,
     head_gemm,
     layer_gemms,
@@ -82,7 +81,6 @@ from parallel.cost.memory import (
     state_bytes_per_param,
 )
 from parallel.cost.replay import (
-    SCHEDULES,
     PipelineTimes,
     Replay,
     StageTimes,
@@ -90,89 +88,45 @@ from parallel.cost.replay import (
     replayed_makespan,
 )
 from parallel.data_parallel import plan_buckets
-from parallel.mesh import MeshError, MeshLayout
+from parallel.layout import Layout, LayoutError
+from parallel.mesh import MeshLayout
 
 MIB = 1 << 20
 OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
-class TrainingLayout:
-    """How one step is split: the parallel layout and what each rank runs."""
+class Workload:
+    """What one step computes beside how it is split (the `Layout`): the training dtype, the
+    optimizer, and the tokens per sequence (default: the model's block)."""
 
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    microbatch_size: int = 1  # sequences per microbatch on one dp rank
-    microbatches: int = 1  # per step
-    order: str = "tp-dp-pp"
-    schedule: str = "1f1b"
-    virtual_stages: int = 1
-    sequence_parallel: bool = False
-    zero: int = 0
-    recompute: str = "none"
     dtype: str = "bf16"
     optimizer: str = "adamw"
-    bucket_mb: float = 25.0  # MiB, as parallel.data_parallel
-    seq_len: int | None = None  # tokens per sequence; default the model's block_size
+    seq_len: int | None = None
 
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
-
-    @property
-    def global_batch(self) -> int:
-        return self.dp * self.microbatch_size * self.microbatches
-
-    def check(self, config: GPTConfig) -> None:
-        """Refuse what the model cannot project, with one line naming the value."""
-
-        def bad(message: str) -> CostModelError:
-            return CostModelError(f"error: {message}")
-
-        try:
-            MeshLayout(self.dp, self.tp, self.pp, self.order)
-        except MeshError as exc:
-            raise bad(str(exc)) from None
-        for name in ("microbatch_size", "microbatches", "virtual_stages"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(f"{name} must be a positive integer, got {value!r}")
-        if self.schedule not in SCHEDULES:
-            raise bad(f"schedule expected one of {' | '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.recompute not in RECOMPUTE:
-            raise bad(f"recompute expected one of {' | '.join(RECOMPUTE)}, got {self.recompute!r}")
+    def check(self) -> None:
+        """Refuse what the cost model cannot price, with one bare line naming the value."""
         if self.dtype not in ELEMENT_BYTES:
-            raise bad(f"dtype expected one of {' | '.join(ELEMENT_BYTES)}, got {self.dtype!r}")
+            raise CostModelError(
+                f"train.dtype expected one of {' | '.join(ELEMENT_BYTES)}, got {self.dtype!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
-            raise bad(f"optimizer expected one of {' | '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.zero not in (0, 1, 2, 3):
-            raise bad(f"zero expected one of 0 | 1 | 2 | 3, got {self.zero!r}")
-        seq = self.seq_len or config.block_size
-        if seq > config.block_size:
-            raise bad(f"seq_len={seq} exceeds model.block_size={config.block_size}")
-        if config.n_head % self.tp:
-            raise bad(f"parallel.tp={self.tp} does not divide model.n_head={config.n_head}")
-        if config.vocab_size % self.tp:
-            raise bad(f"parallel.tp={self.tp} does not divide model.vocab_size={config.vocab_size}")
-        if self.sequence_parallel and seq % self.tp:
-            raise bad(f"parallel.tp={self.tp} does not divide the sequence length {seq}")
-        chunks = self.pp * self.virtual_stages
-        if config.n_layer % chunks:
-            raise bad(
-                f"parallel.pp·parallel.virtual_stages={chunks} does not divide "
-                f"model.n_layer={config.n_layer}"
+            raise CostModelError(
+                f"train.optimizer expected one of {' | '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
-        if self.virtual_stages > 1 and self.schedule != "interleaved-1f1b":
-            raise bad(
-                f"parallel.virtual_stages={self.virtual_stages} needs "
-                f"parallel.schedule=interleaved-1f1b, got {self.schedule}"
-            )
-        if self.schedule == "interleaved-1f1b" and self.pp > 1 and self.microbatches % self.pp:
-            raise bad(
-                f"interleaved-1f1b needs microbatches ({self.microbatches}) to be a multiple "
-                f"of parallel.pp={self.pp}"
-            )
+
+    def seq(self, config: GPTConfig) -> int:
+        return self.seq_len or config.block_size
+
+
+def checked(config: GPTConfig, layout: Layout, work: Workload) -> None:
+    """The one check of a projection's inputs: the layout's (`Layout.check`) and the
+    workload's, as `CostModelError`s."""
+    try:
+        layout.check(config, work.seq_len)
+    except LayoutError as exc:
+        raise CostModelError(str(exc)) from None
+    work.check()
 
 
 @dataclass(frozen=True)
@@ -304,14 +258,16 @@ class _Device:
     def __init__(
         self,
         config: GPTConfig,
-        layout: TrainingLayout,
+        layout: Layout,
+        work: Workload,
         profile: HardwareProfile,
         tp_link: GroupLink,
     ) -> None:
         self.config, self.layout, self.profile, self.tp_link = config, layout, profile, tp_link
-        self.s = layout.seq_len or config.block_size
+        self.work = work
+        self.s = work.seq(config)
         self.b = layout.microbatch_size
-        self.e = element_bytes(layout.dtype)
+        self.e = element_bytes(work.dtype)
         self.hbm = profile.device.hbm_bytes_per_s
         self.traffic = profile.device.elementwise_traffic
         # The fixed cost of dispatching ops: the profile's is one block's on one rank; a layout
@@ -325,7 +281,7 @@ class _Device:
         self.hidden_bytes = self.b * self.s * config.n_embd * self.e  # one (b, s, h) activation
 
     def gemm(self, g: Gemm) -> float:
-        return self.profile.gemm_time(g.flops, g.nbytes(self.e), self.layout.dtype)
+        return self.profile.gemm_time(g.flops, g.nbytes(self.e), self.work.dtype)
 
     # tp collectives of one (b, s, h) activation, as civetta's redirections issue them
     def _enter(self) -> tuple[float, float, int, int]:
@@ -353,7 +309,7 @@ class _Device:
         dgrad = sum(self.gemm(g.backward()[0]) for g in gemms)
         wgrad = sum(self.gemm(g.backward()[1]) for g in gemms)
         acts = block_activation_bytes(
-            c, self.b, self.s, tp, lay.sequence_parallel, "none", lay.dtype
+            c, self.b, self.s, tp, lay.sequence_parallel, "none", self.work.dtype
         )
         elem_f = self.traffic * acts / self.hbm + self.overhead
         # Two regions per block (attention, MLP), each entered and exited once.
@@ -377,7 +333,7 @@ class _Device:
             # Scores, softmax and values again: their GEMMs and the a·s² elementwise traffic.
             core = sum(self.gemm(g) for g in gemms if g.name in ATTENTION_CORE)
             kept = block_activation_bytes(
-                c, self.b, self.s, tp, lay.sequence_parallel, "selective", lay.dtype
+                c, self.b, self.s, tp, lay.sequence_parallel, "selective", self.work.dtype
             )
             tick.compute_b += core + self.traffic * (acts - kept) / self.hbm
         return tick
@@ -527,7 +483,7 @@ def zero3_ops(
     return tuple(out)
 
 
-def _zero3_bytes(config: GPTConfig, layout: TrainingLayout, device: int, w_b: int, g_b: int) -> int:
+def _zero3_bytes(config: GPTConfig, layout: Layout, device: int, w_b: int, g_b: int) -> int:
     """Ledger bytes of one microbatch under ZeRO-3 (`parallel.zero`): every op all-gathers its
     parameters' shards before its forward and again before its backward, full recomputation
     gathers the blocks' once more, and each op reduce-scatters its parameters' padded
@@ -541,9 +497,10 @@ def _zero3_bytes(config: GPTConfig, layout: TrainingLayout, device: int, w_b: in
 # ---- the projection -----------------------------------------------------------------------------
 def project(
     config: GPTConfig,
-    layout: TrainingLayout,
+    layout: Layout,
     profile: HardwareProfile,
     options: CostOptions | None = None,
+    work: Workload | None = None,
 ) -> Projection:
     """Project one training step of `config` under `layout` onto `profile` (with
     `executor_options(profile)` unless `options` are given).
@@ -554,15 +511,16 @@ def project(
     stretched but on a core of its own) takes longer.
     """
     options = options or executor_options(profile)
-    layout.check(config)
+    work = work or Workload()
+    checked(config, layout, work)
     # MFU stays relative to the device's own peak.
-    peak = profile.device.peak_flops(layout.dtype)
+    peak = profile.device.peak_flops(work.dtype)
     world = layout.world_size
     seen = profile.for_ranks(world)
-    shared = _project(config, layout, seen, options, peak)
+    shared = _project(config, layout, work, seen, options, peak)
     if seen is profile or shared.breakdown_s["bubble"] == 0:
         return shared
-    own = _project(config, layout, profile.for_ranks(world, own_cores=True), options, peak)
+    own = _project(config, layout, work, profile.for_ranks(world, own_cores=True), options, peak)
     busy = shared.step_time_s - shared.breakdown_s["bubble"]
     step = max(busy, own.step_time_s)
     scale = shared.step_time_s / step
@@ -580,20 +538,20 @@ def project(
 
 def _project(
     config: GPTConfig,
-    layout: TrainingLayout,
+    layout: Layout,
+    work: Workload,
     profile: HardwareProfile,
     options: CostOptions,
     peak: float,
 ) -> Projection:
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
-    mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
-    links = _group_links(mesh, profile)
-    dev = _Device(config, layout, profile, links["tp"])
+    links = _group_links(layout.mesh, profile)
+    dev = _Device(config, layout, work, profile, links["tp"])
     p, m, v, dp, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.dp, layout.tp
     s = dev.s
     num_stages = p * v
     blocks_per_stage = config.n_layer // num_stages
-    w_b, g_b, _ = state_bytes_per_param(layout.dtype, layout.optimizer)
+    w_b, g_b, _ = state_bytes_per_param(work.dtype, work.optimizer)
 
     block, embed, head = dev.block(), dev.embedding(), dev.head()
     # Three kinds of stage: the first (with the embedding), the last (the head), the others.
@@ -699,7 +657,7 @@ def _project(
         dp_bytes = max(dp_bytes, nbytes)
         mine = params / dp if layout.zero >= 1 else params
         tensors = len(device_tensors(config, tp, p, d, v))
-        optimizer_s = max(optimizer_s, optimizer_time(mine, tensors, layout, profile))
+        optimizer_s = max(optimizer_s, optimizer_time(mine, tensors, work, profile))
 
     compute = m * (tick.compute_f + tick.compute_b)
     tp_exposed = m * (tick.comm_f + tick.comm_b) + (tp_step_s if tp > 1 else 0.0)
@@ -716,7 +674,7 @@ def _project(
     flops = step_flops(config, layout.global_batch, s, layout.recompute)
     world = layout.world_size
     memory = max(
-        (device_memory_of(config, layout, d) for d in sorted({0, p - 1})),
+        (device_memory_of(config, layout, d, work) for d in sorted({0, p - 1})),
         key=lambda mem: mem.total,
     )
     capacity = profile.device.usable_memory_bytes
@@ -752,19 +710,22 @@ def _project(
 
 
 def optimizer_time(
-    elements: float, tensors: int, layout: TrainingLayout, profile: HardwareProfile
+    elements: float, tensors: int, work: Workload, profile: HardwareProfile
 ) -> float:
     """One optimizer step on one device over `elements` parameters in `tensors` tensors: a
     memory-bound sweep of the gradient, optimizer state and weights (read and written), times the
     device's `optimizer_traffic`, plus its `optimizer_overhead_us` per tensor."""
-    w_b, g_b, o_b = state_bytes_per_param(layout.dtype, layout.optimizer)
+    w_b, g_b, o_b = state_bytes_per_param(work.dtype, work.optimizer)
     d = profile.device
     sweep = elements * (g_b + 2 * o_b + 2 * w_b) * d.optimizer_traffic / d.hbm_bytes_per_s
     return sweep + tensors * d.optimizer_overhead_us * 1e-6
 
 
-def device_memory_of(config: GPTConfig, layout: TrainingLayout, device: int) -> MemoryPerGPU:
+def device_memory_of(
+    config: GPTConfig, layout: Layout, device: int, work: Workload | None = None
+) -> MemoryPerGPU:
     """Memory of the GPU at pipeline position `device` (0 = first) under `layout`."""
+    work = work or Workload()
     return device_memory(
         config,
         device=device,
@@ -773,27 +734,27 @@ def device_memory_of(config: GPTConfig, layout: TrainingLayout, device: int) -> 
         pp=layout.pp,
         microbatch=layout.microbatch_size,
         microbatches=layout.microbatches,
-        seq_len=layout.seq_len or config.block_size,
+        seq_len=work.seq(config),
         schedule=layout.schedule,
         virtual_stages=layout.virtual_stages,
         sequence_parallel=layout.sequence_parallel,
         zero=layout.zero,
         recompute=layout.recompute,
-        dtype=layout.dtype,
-        optimizer=layout.optimizer,
+        dtype=work.dtype,
+        optimizer=work.optimizer,
     )
 
 
 def microbatch_times(
-    config: GPTConfig, layout: TrainingLayout, profile: HardwareProfile
+    config: GPTConfig, layout: Layout, profile: HardwareProfile, work: Workload | None = None
 ) -> StageTimes:
     """One microbatch's forward and backward seconds on the busiest pipeline device (all its
     stages, tensor-parallel collectives included): the compute side of `project`, exposed for
     calibrating a profile against measured times (`parallel.cost.calibration`)."""
-    layout.check(config)
+    work = work or Workload()
+    checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
-    mesh = MeshLayout(layout.dp, layout.tp, layout.pp, layout.order)
-    dev = _Device(config, layout, profile, _group_links(mesh, profile)["tp"])
+    dev = _Device(config, layout, work, profile, _group_links(layout.mesh, profile)["tp"])
     p = layout.pp
     blocks = config.n_layer // p
     block, embed, head = dev.block(), dev.embedding(), dev.head()

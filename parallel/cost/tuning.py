@@ -33,12 +33,13 @@ from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import (
     CostOptions,
     Projection,
-    TrainingLayout,
+    Workload,
     device_memory_of,
     executor_options,
     project,
 )
 from parallel.cost.replay import SCHEDULES
+from parallel.layout import Layout
 
 GIB = 2**30
 TERMS = {
@@ -73,7 +74,7 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class Ranked:
-    layout: TrainingLayout
+    layout: Layout
     projection: Projection
 
 
@@ -83,7 +84,7 @@ class TuneResult:
     enumerated: int = 0  # layouts with dp·tp·pp = N that satisfy the divisibility rules
     fitting: int = 0  # of those, layouts some recomputation makes fit in memory
     replayed: int = 0  # re-projected with the schedule replay
-    smallest_memory: tuple[int, TrainingLayout] | None = None  # when nothing fits
+    smallest_memory: tuple[int, Layout] | None = None  # when nothing fits
     explanation: list[str] = field(default_factory=list)
 
 
@@ -106,9 +107,10 @@ def _pipelines(
     return out
 
 
-def _fits(config: GPTConfig, layout: TrainingLayout, capacity: int) -> tuple[bool, int]:
+def _fits(config: GPTConfig, layout: Layout, work: Workload, capacity: int) -> tuple[bool, int]:
     """Whether every pipeline position fits, and the largest total."""
-    total = max(device_memory_of(config, layout, d).total for d in sorted({0, layout.pp - 1}))
+    positions = sorted({0, layout.pp - 1})
+    total = max(device_memory_of(config, layout, d, work).total for d in positions)
     return total <= capacity, total
 
 
@@ -117,17 +119,18 @@ def enumerate_layouts(
     profile: HardwareProfile,
     gpus: int,
     batch: int,
-    base: TrainingLayout,
+    base: Layout,
     space: SearchSpace,
-) -> tuple[list[TrainingLayout], int, tuple[int, TrainingLayout] | None]:
+    work: Workload,
+) -> tuple[list[Layout], int, tuple[int, Layout] | None]:
     """(layouts that fit, with their least recomputation; how many were enumerated; the
     smallest memory seen, when none fits)."""
     capacity = profile.device.usable_memory_bytes
     max_tp = space.max_tp or profile.gpus_per_node
-    seq = base.seq_len or config.block_size
-    fitting: list[TrainingLayout] = []
+    seq = work.seq(config)
+    fitting: list[Layout] = []
     enumerated = 0
-    smallest: tuple[int, TrainingLayout] | None = None
+    smallest: tuple[int, Layout] | None = None
     for tp in divisors(gpus):
         if tp > max_tp or config.n_head % tp or config.vocab_size % tp:
             continue
@@ -170,7 +173,7 @@ def enumerate_layouts(
                             )
                             for recompute in space.recompute:
                                 candidate = dataclasses.replace(layout, recompute=recompute)
-                                ok, total = _fits(config, candidate, capacity)
+                                ok, total = _fits(config, candidate, work, capacity)
                                 if ok:
                                     fitting.append(candidate)
                                     break
@@ -184,22 +187,26 @@ def tune(
     profile: HardwareProfile,
     gpus: int,
     batch: int,
-    base: TrainingLayout | None = None,
+    base: Layout | None = None,
     space: SearchSpace | None = None,
     options: CostOptions | None = None,
     replay_top: int = 30,
+    work: Workload | None = None,
 ) -> TuneResult:
     """Every feasible layout of `config` on `gpus` GPUs for a global batch of `batch`
-    sequences, best first. `base` carries what is not searched (dtype, optimizer, bucket
-    size, sequence length)."""
+    sequences, best first. `base` carries what is not searched (the bucket size), `work` the
+    dtype, optimizer and sequence length."""
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise CostModelError(f"error: --gpus expected a positive integer, got {gpus!r}")
+        raise CostModelError(f"gpus expected a positive integer, got {gpus!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise CostModelError(f"error: --batch expected a positive integer, got {batch!r}")
-    base = base or TrainingLayout()
+        raise CostModelError(f"batch expected a positive integer, got {batch!r}")
+    base = base or Layout()
+    work = work or Workload()
     space = space or SearchSpace()
     options = options or executor_options(profile)
-    layouts, enumerated, smallest = enumerate_layouts(config, profile, gpus, batch, base, space)
+    layouts, enumerated, smallest = enumerate_layouts(
+        config, profile, gpus, batch, base, space, work
+    )
     result = TuneResult([], enumerated, len(layouts), smallest_memory=smallest)
     if not layouts:
         result.explanation = explain_nothing_fits(config, profile, gpus, batch, smallest)
@@ -207,21 +214,22 @@ def tune(
     # Closed forms for the whole space, then the schedule replay for the best few.
     quick = dataclasses.replace(options, replay=None)
     ranked = sorted(
-        (Ranked(layout, project(config, layout, profile, quick)) for layout in layouts),
+        (Ranked(layout, project(config, layout, profile, quick, work)) for layout in layouts),
         key=lambda r: r.projection.step_time_s,
     )
     top = [
-        Ranked(r.layout, project(config, r.layout, profile, options)) for r in ranked[:replay_top]
+        Ranked(r.layout, project(config, r.layout, profile, options, work))
+        for r in ranked[:replay_top]
     ]
     top.sort(key=lambda r: r.projection.step_time_s)
     result.ranked = top + ranked[replay_top:]
     result.replayed = len(top)
-    result.explanation = explain(config, profile, result.ranked)
+    result.explanation = explain(config, profile, result.ranked, work)
     return result
 
 
 # ---- why the best wins --------------------------------------------------------------------------
-def describe(layout: TrainingLayout) -> str:
+def describe(layout: Layout) -> str:
     """A layout in one line: dp×tp×pp, microbatches, schedule, ZeRO, recompute, SP."""
     parts = [f"dp={layout.dp} × tp={layout.tp} × pp={layout.pp}"]
     parts.append(f"microbatch {layout.microbatch_size} × {layout.microbatches}")
@@ -236,7 +244,7 @@ def describe(layout: TrainingLayout) -> str:
     return ", ".join(parts)
 
 
-def differences(a: TrainingLayout, b: TrainingLayout) -> str:
+def differences(a: Layout, b: Layout) -> str:
     """What `b` changes from `a`, in the settings the tuner chooses."""
     names = {
         "dp": "dp",
@@ -317,7 +325,9 @@ def _seconds(value: float) -> str:
     return f"{value * 1e6:.0f} µs"
 
 
-def explain(config: GPTConfig, profile: HardwareProfile, ranked: list[Ranked]) -> list[str]:
+def explain(
+    config: GPTConfig, profile: HardwareProfile, ranked: list[Ranked], work: Workload | None = None
+) -> list[str]:
     """A few sentences: the winner, what the runner-up loses on, why this much memory saving,
     and what a different tp and pp would cost."""
     best = ranked[0]
@@ -343,7 +353,8 @@ def explain(config: GPTConfig, profile: HardwareProfile, ranked: list[Ranked]) -
     lay = best.layout
     if lay.recompute != "none" or lay.zero:
         plain = dataclasses.replace(lay, recompute="none", zero=0)
-        need = max(device_memory_of(config, plain, d).total for d in sorted({0, lay.pp - 1}))
+        positions = sorted({0, lay.pp - 1})
+        need = max(device_memory_of(config, plain, d, work).total for d in positions)
         capacity = profile.device.usable_memory_bytes
         if need > capacity:
             saving = []
@@ -373,7 +384,7 @@ def explain_nothing_fits(
     profile: HardwareProfile,
     gpus: int,
     batch: int,
-    smallest: tuple[int, TrainingLayout] | None,
+    smallest: tuple[int, Layout] | None,
 ) -> list[str]:
     capacity = profile.device.usable_memory_bytes / GIB
     if smallest is None:

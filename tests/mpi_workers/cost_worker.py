@@ -18,7 +18,6 @@ from civetta.allocator import keep_freed_memory
 from launch.config import load
 from launch.trainer import RunResult, Trainer
 from launch.worker import build_metrics, gather_json, pipeline_summary
-from parallel.mesh import Mesh
 from parallel.runtime import Runtime
 
 
@@ -27,11 +26,8 @@ def main() -> None:
 
     config = load(None, sys.argv[1:])
     keep_freed_memory()  # as `civetta train` does
-    p = config.parallel
-    mesh = Mesh(p.dp, p.tp, p.pp, p.order)
-    # ZeRO is passed only when asked for, so the worker also runs against a runtime without it.
-    extra = {"zero": p.zero} if p.zero else {}
-    runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb, **extra)
+    runtime = Runtime(config.layout)
+    mesh = runtime.mesh
     trainer = Trainer(config, runtime)
     tokens = config.train.batch_size * config.model.block_size
     result = RunResult(

@@ -16,15 +16,13 @@ from mpi4py import MPI
 from civetta.meters import activation_meter
 from launch.config import load
 from launch.trainer import Trainer
-from parallel.mesh import Mesh
 from parallel.runtime import Runtime
 
 
 def main() -> None:
     config = load(None, sys.argv[1:])
-    p = config.parallel
-    mesh = Mesh(p.dp, p.tp, p.pp, p.order)
-    runtime = Runtime(mesh, sequence_parallel=p.sequence_parallel, zero=p.zero)
+    runtime = Runtime(config.layout)
+    mesh = runtime.mesh
     trainer = Trainer(config, runtime)
     trainer.step(0)
     before = activation_meter.nodes

@@ -18,30 +18,27 @@ import numpy as np
 
 from launch.config import load
 from launch.trainer import Trainer
-from parallel.mesh import Mesh
 from parallel.runtime import Runtime
+from parallel.update import ZeroUpdate
 
 
 def main() -> None:
     out_path, overrides = sys.argv[1], sys.argv[2:]
     config = load(None, overrides)
-    p = config.parallel
-    mesh = Mesh(p.dp, p.tp, p.pp, p.order)
-    runtime = Runtime(
-        mesh, sequence_parallel=p.sequence_parallel, bucket_mb=p.bucket_mb, zero=p.zero
-    )
+    runtime = Runtime(config.layout)
+    mesh = runtime.mesh
     trainer = Trainer(config, runtime)
     losses, norms, local_grads = [], [], []
     for step in range(config.train.steps):
         record = trainer.step(step)
         losses.append(record.loss)
         norms.append(record.grad_norm)
-        local_grads.append({name: g.copy() for name, g in trainer.last_grads.items()})
+        local_grads.append({name: g.copy() for name, g in trainer.update.last_grads.items()})
     ledger = runtime.ledger.as_list()  # the training's traffic, before the gathers below
     arrays: dict[str, np.ndarray] = {}
     for step, grads in enumerate(local_grads):
-        if trainer.zero is not None:  # ZeRO-1/2 keep pieces of the gradients: assemble them
-            grads = trainer.zero.full_gradients(grads)
+        if isinstance(trainer.update, ZeroUpdate):  # ZeRO-1/2 keep pieces: assemble them
+            grads = trainer.update.full_gradients(grads)
         full = runtime.full_arrays(grads)
         arrays.update({f"grad.{step}.{name}": g for name, g in full.items()})
     params = runtime.full_arrays({n: p.data for n, p in trainer.model.params.items()})
@@ -63,7 +60,7 @@ def main() -> None:
         arrays["loss"] = np.array(losses)
         arrays["grad_norm"] = np.array(norms)
         arrays["ledger"] = np.array(json.dumps(ledger))
-        arrays["grad_bytes"] = np.array(trainer.grad_bytes)
+        arrays["grad_bytes"] = np.array(trainer.update.grad_bytes)
         arrays["peak_in_flight"] = np.array(peaks)  # by world rank
         arrays["memory"] = np.array(json.dumps(memory))  # by world rank
         np.savez(out_path, **arrays)
