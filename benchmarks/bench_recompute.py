@@ -4,8 +4,9 @@
 
 Runs configs/bench.yaml on one process with parallel.recompute none, selective and full
 (interleaved, `--runs` rounds, the faster round kept) and prints, from each metrics.json, the
-peak bytes of live activations, the median step time, and the model and hardware FLOPs per step
-(hardware FLOPs count the recomputed forward work again).
+peak bytes the graph keeps for backward (the arrays ops save, each buffer once; the engine's
+activation meter), the median step time, and the model and hardware FLOPs per step (hardware
+FLOPs count the recomputed forward work again).
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Every other op in civetta is a composition of these and gets its gradient for fr
 computes its numpy result and defines its backward as a closure beside it; the closure captures
 arrays, shapes and flags, never Tensors, so a graph holds no reference cycles.
 
+Each op also tells `make_node` which arrays its closure keeps (`saved=`): the activation meter
+counts those, and a closure captures only what its backward reads (a product keeps the other
+operand only for an operand that needs a gradient; routing ops keep nothing but shapes).
+
 Binary ops take operands of one shape: `broadcast_to` is the single place where a gradient is
 summed back over broadcast axes. Memory-wrangling ops (reshape, transpose, getitem, concat,
 split, broadcast_to) have backwards that only route gradients.
@@ -44,25 +48,26 @@ def add(a: Any, b: Any) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return g, g
 
-    return make_node(a.data + b.data, (a, b), backward)
+    return make_node(a.data + b.data, (a, b), backward, saved=())
 
 
 def mul(a: Any, b: Any) -> Tensor:
     a, b = _pair(a, b)
-    x, y = a.data, b.data
     need_a, need_b = a.requires_grad, b.requires_grad
+    y = b.data if need_a else None  # da = g·y
+    x = a.data if need_b else None  # db = g·x
 
     def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         return (g * y if need_a else None), (g * x if need_b else None)
 
-    return make_node(x * y, (a, b), backward)
+    return make_node(a.data * b.data, (a, b), backward, saved=(x, y))
 
 
 def neg(a: Tensor) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (-g,)
 
-    return make_node(-a.data, (a,), backward)
+    return make_node(-a.data, (a,), backward, saved=())
 
 
 def reciprocal(a: Tensor) -> Tensor:
@@ -71,7 +76,7 @@ def reciprocal(a: Tensor) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (-g * out * out,)
 
-    return make_node(out, (a,), backward)
+    return make_node(out, (a,), backward, saved=(out,))
 
 
 def exp(a: Tensor) -> Tensor:
@@ -80,7 +85,7 @@ def exp(a: Tensor) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (g * out,)
 
-    return make_node(out, (a,), backward)
+    return make_node(out, (a,), backward, saved=(out,))
 
 
 def log(a: Tensor) -> Tensor:
@@ -89,7 +94,7 @@ def log(a: Tensor) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (g / x,)
 
-    return make_node(np.log(x), (a,), backward)
+    return make_node(np.log(x), (a,), backward, saved=(x,))
 
 
 def maximum(a: Any, b: Any) -> Tensor:
@@ -101,7 +106,7 @@ def maximum(a: Any, b: Any) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         return g * a_wins, (g * ~a_wins if need_b else None)
 
-    return make_node(np.where(a_wins, a.data, b.data), (a, b), backward)
+    return make_node(np.where(a_wins, a.data, b.data), (a, b), backward, saved=(a_wins,))
 
 
 def where(condition: Any, a: Any, b: Any) -> Tensor:
@@ -122,7 +127,7 @@ def where(condition: Any, a: Any, b: Any) -> Tensor:
             np.where(cond, zero, g) if need_b else None,
         )
 
-    return make_node(np.where(cond, a.data, b.data), (a, b), backward)
+    return make_node(np.where(cond, a.data, b.data), (a, b), backward, saved=(cond,))
 
 
 # ---- reductions -------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ def sum(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (np.broadcast_to(g.reshape(kept), shape),)
 
-    return make_node(np.sum(a.data, axis=axes, keepdims=keepdims), (a,), backward)
+    return make_node(np.sum(a.data, axis=axes, keepdims=keepdims), (a,), backward, saved=())
 
 
 def max(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa: A001
@@ -163,7 +168,7 @@ def max(a: Tensor, axis: Any = None, keepdims: bool = False) -> Tensor:  # noqa:
     out = (
         kept_max if keepdims else kept_max.reshape([n for i, n in enumerate(kept) if i not in axes])
     )
-    return make_node(out, (a,), backward)
+    return make_node(out, (a,), backward, saved=(x, kept_max))
 
 
 # ---- memory wrangling: backwards only route gradients -----------------------------------------
@@ -173,7 +178,7 @@ def reshape(a: Tensor, shape: Any) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (g.reshape(original),)
 
-    return make_node(a.data.reshape(shape), (a,), backward)
+    return make_node(a.data.reshape(shape), (a,), backward, saved=())
 
 
 def transpose(a: Tensor, axes: Any = None) -> Tensor:
@@ -183,7 +188,7 @@ def transpose(a: Tensor, axes: Any = None) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (g.transpose(inverse),)
 
-    return make_node(a.data.transpose(axes), (a,), backward)
+    return make_node(a.data.transpose(axes), (a,), backward, saved=())
 
 
 def broadcast_to(a: Tensor, shape: Any) -> Tensor:
@@ -197,7 +202,7 @@ def broadcast_to(a: Tensor, shape: Any) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (np.sum(g, axis=summed).reshape(original) if summed else g.reshape(original),)
 
-    return make_node(np.broadcast_to(a.data, shape), (a,), backward)
+    return make_node(np.broadcast_to(a.data, shape), (a,), backward, saved=())
 
 
 def getitem(a: Tensor, index: Any) -> Tensor:
@@ -227,7 +232,13 @@ def getitem(a: Tensor, index: Any) -> Tensor:
             np.add.at(full, index, g)
         return (full,)
 
-    return make_node(a.data[index], (a,), backward)
+    # Kept: the index arrays (the scatter needs them); slices and integers are not arrays.
+    kept = [i for i in (index if isinstance(index, tuple) else (index,)) if _is_array(i)]
+    return make_node(a.data[index], (a,), backward, saved=kept)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray | meta.MetaArray)
 
 
 def _scatter_add_rows(rows: np.ndarray, g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -253,7 +264,8 @@ def concat(tensors: list[Tensor], axis: int = 0) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(np.split(g, bounds, axis=axis))
 
-    return make_node(np.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), backward)
+    data = np.concatenate([t.data for t in tensors], axis=axis)
+    return make_node(data, tuple(tensors), backward, saved=())
 
 
 def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
@@ -273,7 +285,7 @@ def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
             full[region] = g
             return (full,)
 
-        out.append(make_node(piece, (a,), backward))
+        out.append(make_node(piece, (a,), backward, saved=()))
     return out
 
 
@@ -283,7 +295,8 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 
     `b` is either 2-D (shared by every leading index of `a`: then the product is one GEMM over
     the flattened leading axes) or has exactly `a`'s leading axes. Other broadcasts go through
-    `broadcast_to` first (see `functional.matmul`).
+    `broadcast_to` first (see `functional.matmul`). The backward keeps `b` for `a`'s gradient
+    and `a` for `b`'s, each only when that gradient is needed.
     """
     x, w = a.data, b.data
     need_a, need_b = a.requires_grad, b.requires_grad
@@ -291,43 +304,47 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     flops = 2 * (x.size // x.shape[-1]) * x.shape[-1] * w.shape[-1]
     flop_meter.forward += flops
     precision = current_precision()  # the backward's GEMMs run in the forward's precision
+    dtype, x_shape = x.dtype, x.shape
+    w_kept = w if need_a else None
     if w.ndim == 2:
         k, n = w.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        gemm_log.record(m, k, n, 1, "forward", x.dtype, precision)
+        gemm_log.record(m, k, n, 1, "forward", dtype, precision)
+        x2_kept = x2 if need_b else None
 
         def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
             g2 = g.reshape(-1, n)
             flop_meter.backward += flops * (need_a + need_b)
             if need_a:
-                gemm_log.record(m, n, k, 1, "backward-input", x.dtype, precision)
+                gemm_log.record(m, n, k, 1, "backward-input", dtype, precision)
             if need_b:  # a 2-D operand shared by every row is a weight
-                gemm_log.record(k, m, n, 1, "backward-weight", x.dtype, precision)
+                gemm_log.record(k, m, n, 1, "backward-weight", dtype, precision)
             return (
-                (g2 @ w.T).reshape(x.shape) if need_a else None,
-                x2.T @ g2 if need_b else None,
+                (g2 @ w_kept.T).reshape(x_shape) if w_kept is not None else None,
+                x2_kept.T @ g2 if x2_kept is not None else None,
             )
 
-        return make_node((x2 @ w).reshape(*lead, n), (a, b), backward)
+        return make_node((x2 @ w).reshape(*lead, n), (a, b), backward, saved=(x2_kept, w_kept))
 
     assert x.shape[:-2] == w.shape[:-2], "matmul operands need equal leading axes"
     batch, (m, k), n = math.prod(x.shape[:-2]), x.shape[-2:], w.shape[-1]
-    gemm_log.record(m, k, n, batch, "forward", x.dtype, precision)
+    gemm_log.record(m, k, n, batch, "forward", dtype, precision)
+    x_kept = x if need_b else None
 
     def backward_batched(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         flop_meter.backward += flops * (need_a + need_b)
         if need_a:
-            gemm_log.record(m, n, k, batch, "backward-input", x.dtype, precision)
+            gemm_log.record(m, n, k, batch, "backward-input", dtype, precision)
         if need_b:  # per-batch operands are activations (attention): input gradients too
-            gemm_log.record(k, m, n, batch, "backward-input", x.dtype, precision)
+            gemm_log.record(k, m, n, batch, "backward-input", dtype, precision)
         return (
-            g @ w.swapaxes(-1, -2) if need_a else None,
-            x.swapaxes(-1, -2) @ g if need_b else None,
+            g @ w_kept.swapaxes(-1, -2) if w_kept is not None else None,
+            x_kept.swapaxes(-1, -2) @ g if x_kept is not None else None,
         )
 
-    return make_node(x @ w, (a, b), backward_batched)
+    return make_node(x @ w, (a, b), backward_batched, saved=(x_kept, w_kept))
 
 
 # Every primitive with a hand-written backward. The test suite fails if one lacks a gradient check.

@@ -40,6 +40,7 @@ def pow(a: Tensor, exponent: float) -> Tensor:  # noqa: A001
             if not k:
                 break
             square = ax.mul(square, square)
+        assert out is not None  # k = |n| >= 1 had a set bit
         return out if n > 0 else ax.reciprocal(out)
     return ax.exp(ax.mul(ax.log(a), float(exponent)))
 
@@ -125,10 +126,12 @@ def _kept_targets(targets: Any, ignore_index: int) -> tuple[Any, Any, Any, int]:
     their values (the columns to pick) and their count (at least 1).
 
     Data-free targets have no values: every target counts, the shapes of a batch with none
-    ignored.
+    ignored. The values are fresh arrays, as a real batch's picked targets are (so what a
+    backward keeps of them counts the same bytes).
     """
     if meta.is_meta(targets):
-        return None, meta.shaped(targets.shape, np.int64), targets, max(targets.size, 1)
+        cols = meta.shaped(targets.shape, targets.dtype)
+        return None, meta.shaped(targets.shape, np.int64), cols, max(targets.size, 1)
     keep = targets != ignore_index
     return keep, np.arange(targets.size)[keep], targets[keep], max(int(keep.sum()), 1)
 

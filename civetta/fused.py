@@ -5,7 +5,8 @@ definition in `civetta.functional` is several times slower on the bench model (s
 `benchmarks/bench_ops.py`). `FUSED` maps every op to that reference; `tests/test_fused.py` checks
 that each agrees with it in value and gradient, and fails if an op is missing from `FUSED`.
 Like the axioms' closures, the backward closures here capture arrays, shapes and flags only,
-never Tensors.
+never Tensors, and declare the arrays they keep to `make_node` (`saved=`), which the activation
+meter counts.
 """
 
 from __future__ import annotations
@@ -42,17 +43,20 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     flops = 2 * tokens * in_features * out_features
     flop_meter.forward += flops
     precision = current_precision()  # the backward's GEMMs run in the forward's precision
-    gemm_log.record(tokens, in_features, out_features, 1, "forward", data.dtype, precision)
+    dtype, x_shape = data.dtype, data.shape
+    gemm_log.record(tokens, in_features, out_features, 1, "forward", dtype, precision)
     need_x, need_w = x.requires_grad, weight.requires_grad
     has_bias = bias is not None  # a flag, not the Tensor: closures never hold Tensors
     need_b = has_bias and bias.requires_grad
+    # Kept: x for the weight's gradient, W (a parameter: not an activation) for x's.
+    x2_kept = x2 if need_w else None
+    w_kept = w if need_x else None
 
     def weight_grad(g2: np.ndarray) -> np.ndarray:
         flop_meter.backward += flops
-        gemm_log.record(
-            out_features, tokens, in_features, 1, "backward-weight", data.dtype, precision
-        )
-        return g2.T @ x2
+        gemm_log.record(out_features, tokens, in_features, 1, "backward-weight", dtype, precision)
+        assert x2_kept is not None
+        return g2.T @ x2_kept
 
     def backward(g: np.ndarray) -> tuple[Any, ...]:
         g2 = g.reshape(-1, out_features)
@@ -60,9 +64,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if need_x:
             flop_meter.backward += flops
             gemm_log.record(
-                tokens, out_features, in_features, 1, "backward-input", data.dtype, precision
+                tokens, out_features, in_features, 1, "backward-input", dtype, precision
             )
-            dx = (g2 @ w).reshape(data.shape)
+            assert w_kept is not None
+            dx = (g2 @ w_kept).reshape(x_shape)
         # The bias gradient sums over tokens: as a GEMV it runs on BLAS threads, 3× a numpy sum.
         ones = meta.ones(g2.shape[0], g2.dtype, like=g2)
         if weight_grads_deferred():  # zero-bubble schedules: weight gradients come later
@@ -74,7 +79,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return (dx, dw, db) if has_bias else (dx, dw)
 
     parents = (x, weight) if bias is None else (x, weight, bias)
-    return make_node(out.reshape(*data.shape[:-1], out_features), parents, backward)
+    out = out.reshape(*data.shape[:-1], out_features)
+    return make_node(out, parents, backward, saved=(x2_kept, w_kept))
 
 
 def _gelu_forward(x: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
@@ -116,7 +122,7 @@ def gelu(x: Tensor) -> Tensor:
         _gelu_backward(data, t, g, dx)
         return (dx,)
 
-    return make_node(out, (x,), backward)
+    return make_node(out, (x,), backward, saved=(data, t))
 
 
 def _normalize_forward(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, eps: float) -> None:
@@ -157,17 +163,48 @@ def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
         _normalize_backward(xhat, rstd, g, dx)
         return (dx,)
 
-    return make_node(xhat, (x,), backward)
+    return make_node(xhat, (x,), backward, saved=(xhat, rstd))
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """LayerNorm: the fused normalisation, then the affine part through the axioms."""
-    out = normalize(x, eps)
-    if weight is not None:
-        out = ax.mul(out, weight)
+    """LayerNorm, one node: the fused normalisation, then x̂ · weight + bias.
+
+    The backward keeps x̂ and 1/σ (and the weight, a parameter), as Megatron-LM's fused kernel
+    keeps its input and statistics; the affine part's output is not kept. Reference:
+    `functional.layer_norm`.
+    """
+    if weight is None and bias is None:
+        return normalize(x, eps)
+    data = x.data
+    xhat = np.empty_like(data)
+    rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
+    _normalize_forward(data, xhat, rstd, eps)
+    w = None if weight is None else weight.data
+    out = xhat if w is None else xhat * w
     if bias is not None:
-        out = ax.add(out, bias)
-    return out
+        out = out + bias.data  # a new array when there is no weight: x̂ is kept
+    leading = tuple(range(data.ndim - 1))
+    need_x = x.requires_grad
+    need_w = weight is not None and weight.requires_grad
+    need_b = bias is not None and bias.requires_grad
+    has_weight, has_bias = weight is not None, bias is not None
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        grads: list[np.ndarray | None] = []
+        if need_x:
+            dx = np.empty_like(xhat)
+            _normalize_backward(xhat, rstd, g if w is None else g * w, dx)
+            grads.append(dx)
+        else:
+            grads.append(None)
+        if has_weight:
+            grads.append(np.sum(g * xhat, axis=leading) if need_w else None)
+        if has_bias:
+            grads.append(np.sum(g, axis=leading) if need_b else None)
+        return tuple(grads)
+
+    parents = (x, *(p for p in (weight, bias) if p is not None))
+    return make_node(out, parents, backward, saved=(xhat, rstd, w))
 
 
 def _softmax_forward(x: np.ndarray, probs: np.ndarray, mask: np.ndarray | None) -> None:
@@ -204,7 +241,7 @@ def softmax(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
         _softmax_backward(probs, g, dx)
         return (dx,)
 
-    return make_node(probs, (x,), backward)
+    return make_node(probs, (x,), backward, saved=(probs,))
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
@@ -230,18 +267,21 @@ def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Ten
     log_probs = shifted
     log_probs -= logsumexp
     loss = -log_probs[rows, cols].sum(dtype=np.float64) / count
-    shape = logits.shape
+    shape, dtype = logits.shape, flat.dtype
+    # Rows whose target is ignored get no gradient; None: none is (always so data-free).
+    dropped = None if keep is None or keep.all() else ~keep
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         # d loss / d logits = (softmax − onehot(target)) / count on kept rows, 0 elsewhere.
         grad = np.exp(log_probs)
         grad[rows, cols] -= 1.0
-        if keep is not None and not keep.all():  # None: data-free, nothing ignored
-            grad[~keep] = 0.0
-        grad *= (g / count).astype(flat.dtype)
+        if dropped is not None:
+            grad[dropped] = 0.0
+        grad *= (g / count).astype(dtype)
         return (grad.reshape(shape),)
 
-    return make_node(meta.asarray(loss, dtype=logits.dtype), (logits,), backward)
+    loss = meta.asarray(loss, dtype=logits.dtype)
+    return make_node(loss, (logits,), backward, saved=(log_probs, rows, cols, dropped))
 
 
 # ---- the composed references of the ops above that `functional` does not spell out -------------

@@ -895,6 +895,11 @@ def ones(shape: Any, dtype: Any = np.float64, like: Any = None) -> np.ndarray:
     return shaped(shape, dtype) if _wants_meta(like) else np.ones(shape, dtype)
 
 
+def arange(n: int, like: Any = None) -> np.ndarray:
+    """`np.arange(n)` (int64), or a MetaArray of its shape (see `empty`)."""
+    return shaped(n, np.int64) if _wants_meta(like) else np.arange(n, dtype=np.int64)
+
+
 def uniform(rng: np.random.Generator, shape: Shape, like: Any = None) -> np.ndarray:
     """`rng.random(shape)`, or a float64 MetaArray without drawing (see `empty`)."""
     return shaped(shape, np.float64) if _wants_meta(like) else rng.random(shape)
@@ -905,6 +910,16 @@ def asarray(x: Any, dtype: Any = None) -> np.ndarray:
     if type(x) is MetaArray:
         return cast(np.ndarray, x if dtype is None else x.astype(dtype, copy=False))
     return np.asarray(x, dtype=dtype)
+
+
+def ascontiguousarray(x: Any) -> np.ndarray:
+    """`np.ascontiguousarray` that keeps a MetaArray: `x` itself when it is already C-contiguous
+    and at least 1-d, else a fresh C-contiguous copy (a 0-d array becomes shape (1,))."""
+    if type(x) is MetaArray:
+        if x.ndim and x.flags.c_contiguous:
+            return cast(np.ndarray, x)
+        return shaped(x.shape or (1,), x.dtype)
+    return np.ascontiguousarray(x)
 
 
 def token_ids(shape: Shape) -> MetaArray:

@@ -1,8 +1,9 @@
-"""What the engine measures as it runs: live activation bytes, graph nodes and matmul FLOPs,
-and, when asked for, a log of every GEMM and the bytes ops write (for the cost model).
+"""What the engine measures as it runs: the bytes graph nodes keep for backward, graph nodes and
+matmul FLOPs, and, when asked for, a log of every GEMM and the bytes ops write (for the cost
+model).
 
-The meters are process-wide (one rank is one process) and cost an integer add per op. The GEMM
-log is off by default; off, it costs one attribute test per matmul and per op.
+The meters are process-wide (one rank is one process) and cost a few dict operations per op. The
+GEMM log is off by default; off, it costs one attribute test per matmul and per op.
 """
 
 from __future__ import annotations
@@ -18,20 +19,69 @@ PHASES = ("forward", "backward-input", "backward-weight")
 
 
 class ActivationMeter:
-    """Bytes held by graph nodes that still wait for their backward.
+    """Bytes of the arrays that graph nodes keep for their backward, while they wait for it.
 
-    A node counts the bytes of its output when the op allocated it (views count nothing); the
-    count is released when backward consumes the node or the node is garbage collected. The peak
-    is what a training step needed to keep alive for its backward pass.
+    Each op declares the arrays its backward closure keeps (`make_node(..., saved=...)`: a
+    matmul's operands, an exp's output, a softmax's probabilities, a mask, an index array).
+    A node holds, from its creation until backward consumes it or it is garbage collected, the
+    memory buffers those arrays live in:
+
+    - a buffer is counted whole (a view keeps its base alive) and once, however many nodes keep
+      it or views of it: the meter keeps a reference count per buffer;
+    - buffers of leaf tensors (parameters, inputs, constants) are not activations: not counted;
+    - under `precision.autocast` a float32 buffer counts in bytes of the simulated dtype (an
+      emulated bf16 activation is 2 bytes an element); other dtypes count their own bytes.
+
+    An op that declares nothing (`saved=None`) keeps the old rule: its output, when the op
+    allocated it. The peak is what a training step needed to keep alive for its backward pass;
+    it is identical on data-free (`civetta.meta`) arrays, which know their base and size.
     """
 
     def __init__(self) -> None:
         self.live = 0
         self.peak = 0
         self.nodes = 0  # graph nodes ever built: the engine's per-op dispatch, counted
+        # id(buffer) -> [buffer, nodes holding it, counted bytes]; the reference keeps the id
+        # from being reused while the entry exists.
+        self._buffers: dict[int, list[Any]] = {}
 
     def reset_peak(self) -> None:
         self.peak = self.live
+
+    def hold(self, buffers: list[Any], itemsize: int | None = None) -> tuple[int, ...]:
+        """Hold `buffers` (arrays that own their memory) for one node; returns the keys to
+        `release`. `itemsize`: the simulated bytes per float32 element under autocast."""
+        entries = self._buffers
+        keys = []
+        for buffer in buffers:
+            key = id(buffer)
+            entry = entries.get(key)
+            if entry is None:
+                nbytes = buffer.nbytes
+                if itemsize is not None and buffer.dtype == np.float32:
+                    nbytes = nbytes // 4 * itemsize
+                entries[key] = [buffer, 1, nbytes]
+                self.live += nbytes
+            else:
+                entry[1] += 1
+            keys.append(key)
+        if self.live > self.peak:
+            self.peak = self.live
+        return tuple(keys)
+
+    def release(self, keys: tuple[int, ...]) -> None:
+        """A node's backward ran or the node died: drop its hold on each buffer."""
+        entries = self._buffers
+        for key in keys:
+            entry = entries[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del entries[key]
+                self.live -= entry[2]
+
+    def held_buffers(self) -> int:
+        """How many distinct buffers nodes hold now."""
+        return len(self._buffers)
 
 
 class FlopMeter:

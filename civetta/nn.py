@@ -134,12 +134,12 @@ class ParameterStore:
     Modules never read a parameter's array themselves: they go through their store's ops
     (`linear`, `lookup`, `affine`). That is what lets ZeRO-3 (`parallel.zero.ShardedStore`)
     keep only a shard of each parameter and gather the whole value around each use, without the
-    modules knowing. A layout owns one store (`DenseLayout.store`) and hands it to the modules it
-    builds.
+    modules knowing. A sharding owns one store (`DenseSharding.store`) and hands it to the
+    modules it builds.
     """
 
     def create(self, name: str, value: np.ndarray, dtype: Any) -> Tensor:
-        """The parameter `name`, initialised to `value` (the whole of this layout's part)."""
+        """The parameter `name`, initialised to `value` (the whole of this sharding's part)."""
         return parameter(value, dtype)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -157,6 +157,19 @@ class ParameterStore:
         if bias is not None:
             x = ax.add(x, bias)
         return x
+
+    def layer_norm(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+    ) -> Tensor:
+        """LayerNorm of `x` with `weight` and `bias`: one fused node (`fused.layer_norm`), which
+        keeps x̂ and 1/σ for backward and not the affine part's output.
+
+        A store that applies parameters its own way (overrides `affine`, as ZeRO-3's gathers
+        them) and does not override this method gets the normalisation followed by its
+        `affine`, so it still sees every use of its parameters."""
+        if type(self).affine is not ParameterStore.affine:
+            return self.affine(fused.normalize(x, eps), weight, bias)
+        return fused.layer_norm(x, weight, bias, eps)
 
 
 WHOLE = ParameterStore()
@@ -218,7 +231,7 @@ def LayerNorm(  # noqa: N802
     dtype: Any = np.float32,
     store: ParameterStore = WHOLE,
 ) -> Module:
-    """The fused normalisation, then the affine part (`fused.layer_norm` through the store)."""
+    """LayerNorm over the last axis, through the store (`ParameterStore.layer_norm`)."""
     weight = store.create(f"{name}.weight", meta.ones(dim), dtype)
     params = {f"{name}.weight": weight}
     b = None
@@ -227,17 +240,17 @@ def LayerNorm(  # noqa: N802
         params[f"{name}.bias"] = b
 
     def forward(x: Tensor) -> Tensor:
-        return store.affine(fused.normalize(x, eps), weight, b)
+        return store.layer_norm(x, weight, b, eps)
 
     return Module(forward, params)
 
 
-# ---- layouts: where a module's parameters live --------------------------------------------------
-class DenseLayout:
-    """Every parameter whole, on one process. `parallel.tensor_parallel` provides a layout with
+# ---- shardings: where a module's parameters live ------------------------------------------------
+class DenseSharding:
+    """Every parameter whole, on one process. `parallel.tensor_parallel` provides a sharding with
     the same methods that shards by the same parameter names.
 
-    `store` keeps the parameters the layout's modules create (whole by default; a shard under
+    `store` keeps the parameters the sharding's modules create (whole by default; a shard under
     ZeRO-3); modules the model builds itself (LayerNorms, the position table) use it too.
     """
 
@@ -247,14 +260,14 @@ class DenseLayout:
         self.store = store
 
     def column_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
-        """A linear whose output features a tensor-parallel layout splits across ranks.
+        """A linear whose output features a tensor-parallel sharding splits across ranks.
         `packed` (default 1) says the outputs are that many equal blocks (q, k, v), each split
         separately so heads stay whole."""
         kw.pop("packed", None)
         return Linear(name, in_features, out_features, store=self.store, **kw)
 
     def row_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
-        """A linear whose input features a tensor-parallel layout splits across ranks."""
+        """A linear whose input features a tensor-parallel sharding splits across ranks."""
         return Linear(name, in_features, out_features, store=self.store, **kw)
 
     def token_embedding(self, name: str, vocab_size: int, dim: int, **kw: Any) -> Module:
@@ -273,7 +286,7 @@ class DenseLayout:
         return self.store.linear(hidden, weight, None)
 
 
-DENSE = DenseLayout()
+DENSE = DenseSharding()
 
 
 def MLP(  # noqa: N802
@@ -285,11 +298,11 @@ def MLP(  # noqa: N802
     bias: bool = True,
     seed: int = 0,
     dtype: Any = np.float32,
-    layout: DenseLayout = DENSE,
+    sharding: DenseSharding = DENSE,
 ) -> Module:
     """c_fc → GELU → c_proj: column-parallel then row-parallel under tensor parallelism."""
-    c_fc = layout.column_linear(f"{name}.c_fc", dim, hidden, bias=bias, seed=seed, dtype=dtype)
-    c_proj = layout.row_linear(
+    c_fc = sharding.column_linear(f"{name}.c_fc", dim, hidden, bias=bias, seed=seed, dtype=dtype)
+    c_proj = sharding.row_linear(
         f"{name}.c_proj", hidden, dim, bias=bias, std=proj_std, seed=seed, dtype=dtype
     )
 
@@ -308,7 +321,7 @@ def CausalSelfAttention(  # noqa: N802
     bias: bool = True,
     seed: int = 0,
     dtype: Any = np.float32,
-    layout: DenseLayout = DENSE,
+    sharding: DenseSharding = DENSE,
     recompute_core: bool = False,
 ) -> Module:
     """Multi-head causal attention, q, k, v packed in that order in c_attn, scaled by 1/√hs.
@@ -317,11 +330,11 @@ def CausalSelfAttention(  # noqa: N802
     in backward instead of keeping its (B, nh, T, T) activations: selective recomputation.
     """
     head_size = dim // n_head
-    local_heads = n_head // layout.tp_size  # tensor parallelism splits whole heads
-    c_attn = layout.column_linear(
+    local_heads = n_head // sharding.tp_size  # tensor parallelism splits whole heads
+    c_attn = sharding.column_linear(
         f"{name}.c_attn", dim, 3 * dim, bias=bias, seed=seed, dtype=dtype, packed=3
     )
-    c_proj = layout.row_linear(
+    c_proj = sharding.row_linear(
         f"{name}.c_proj", dim, dim, bias=bias, std=proj_std, seed=seed, dtype=dtype
     )
 
@@ -350,7 +363,7 @@ def Block(  # noqa: N802
     bias: bool = True,
     seed: int = 0,
     dtype: Any = np.float32,
-    layout: DenseLayout = DENSE,
+    sharding: DenseSharding = DENSE,
     recompute: str = "none",
 ) -> Module:
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)).
@@ -359,12 +372,14 @@ def Block(  # noqa: N802
     only the block's input and recomputes the whole block in backward.
     """
     assert recompute in RECOMPUTE_MODES, recompute
-    common = dict(bias=bias, seed=seed, dtype=dtype, layout=layout, proj_std=proj_std)
-    ln_1 = LayerNorm(f"{name}.ln_1", dim, bias=bias, dtype=dtype, store=layout.store)
+    common: dict[str, Any] = dict(
+        bias=bias, seed=seed, dtype=dtype, sharding=sharding, proj_std=proj_std
+    )
+    ln_1 = LayerNorm(f"{name}.ln_1", dim, bias=bias, dtype=dtype, store=sharding.store)
     attn = CausalSelfAttention(
         f"{name}.attn", dim, n_head, recompute_core=recompute == "selective", **common
     )
-    ln_2 = LayerNorm(f"{name}.ln_2", dim, bias=bias, dtype=dtype, store=layout.store)
+    ln_2 = LayerNorm(f"{name}.ln_2", dim, bias=bias, dtype=dtype, store=sharding.store)
     mlp = MLP(f"{name}.mlp", dim, 4 * dim, **common)
 
     def block(x: Tensor) -> Tensor:

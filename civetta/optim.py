@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from civetta import meta
 from civetta.tensor import Tensor
 
 NoDecay = Callable[[str], bool]
@@ -133,7 +134,8 @@ class Optimizer:
             np.copyto(a, state[key], casting="same_kind")
 
     def _new_state(self, kind: str, name: str, p: Tensor) -> None:
-        self._state[f"{kind}.{name}"] = np.zeros(p.data.shape, dtype=p.data.dtype)
+        # Data-free parameters (`civetta.meta`) get data-free state of the same bytes.
+        self._state[f"{kind}.{name}"] = meta.zeros(p.data.shape, p.data.dtype, like=p.data)
 
 
 class SGD(Optimizer):

@@ -105,5 +105,6 @@ class MasterWeights:
 
 
 def has_overflow(arrays: Iterator[np.ndarray] | list[np.ndarray]) -> bool:
-    """Whether any gradient holds inf or NaN (a float16 overflow)."""
-    return any(not np.isfinite(a).all() for a in arrays if a is not None)
+    """Whether any gradient holds inf or NaN (a float16 overflow). Data-free gradients
+    (`civetta.meta`) have no values and never overflow: a data-free step is a step taken."""
+    return any(not np.isfinite(a).all() for a in arrays if a is not None and not meta.is_meta(a))

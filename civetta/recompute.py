@@ -1,8 +1,10 @@
 """Activation recomputation: trade a second forward for not keeping activations.
 
 `checkpoint(fn, *inputs)` runs `fn` without building a graph, so none of its intermediate
-activations stay alive; the one node it leaves behind holds only its inputs and output. Its
-backward runs `fn` again with a graph and backpropagates through that. Parameters that `fn`
+activations stay alive; the one node it leaves behind keeps only its inputs for backward (the
+activation meter counts those, not its output). Its backward runs `fn` again with a graph — for
+the moment of that inner backward the rebuilt graph's saved arrays are alive again, as on a GPU
+— and backpropagates through it. Parameters that `fn`
 uses (through its module closure) receive their gradients during that inner backward, so the
 result is exactly the gradient of `fn` — and the recomputed forward's FLOPs are counted again
 by the FLOP meter, as hardware FLOPs.
@@ -36,4 +38,4 @@ def checkpoint(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
         recomputed.backward(g)
         return tuple(leaf.grad if need else None for leaf, need in zip(leaves, needs, strict=True))
 
-    return make_node(out.data, inputs, backward)
+    return make_node(out.data, inputs, backward, saved=arrays)

@@ -5,6 +5,10 @@ parents and one backward closure ``g -> tuple of parent gradients``. ``backward`
 in reverse topological order (computed iteratively, so deep graphs need no recursion), keeps the
 pending gradients in a dict keyed by node, and drops every closure once it has been used, which
 frees the graph as the walk proceeds.
+
+An op tells `make_node` which arrays its closure keeps (`saved=`); the activation meter holds
+their buffers (each once, leaves' not) from the node's creation until backward consumes it or it
+is garbage collected, so its peak is the memory a step keeps for backward.
 """
 
 from __future__ import annotations
@@ -124,11 +128,11 @@ class Tensor:
         self.grad: np.ndarray | None = None
         self._parents: tuple[Tensor, ...] = ()
         self._backward: BackwardFn | None = None
-        self._held = 0
+        self._held: tuple[int, ...] = ()  # the activation meter's keys of the buffers kept
 
     def __del__(self) -> None:
         if self._held:
-            activation_meter.live -= self._held
+            activation_meter.release(self._held)
 
     # ---- basic properties -------------------------------------------------------------------
     @property
@@ -204,6 +208,8 @@ class Tensor:
                 if parent_grad is None or not parent.requires_grad:
                     continue
                 if isinstance(parent_grad, DeferredGrad):
+                    # Ops defer only inside `defer_weight_grads`, which sets the store.
+                    assert _weight_grad_store is not None, "a DeferredGrad outside its store"
                     _weight_grad_store.postpone(parent, parent_grad)
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
@@ -218,8 +224,8 @@ class Tensor:
         self._backward = None
         self._parents = (_FREED,)
         if self._held:
-            activation_meter.live -= self._held
-            self._held = 0
+            activation_meter.release(self._held)
+            self._held = ()
 
     # ---- operators (defined in axioms/functional; bound below) -------------------------------
     def __add__(self, other: Any) -> Tensor:
@@ -351,11 +357,24 @@ def current_precision() -> Any:
 
 
 def make_node(
-    data: np.ndarray, parents: tuple[Tensor, ...], backward: BackwardFn, round_grads: bool = True
+    data: np.ndarray,
+    parents: tuple[Tensor, ...],
+    backward: BackwardFn,
+    round_grads: bool = True,
+    saved: Sequence[Any] | None = None,
 ) -> Tensor:
     """Wrap an op's result; attach the closure only when some parent needs a gradient.
-    `round_grads=False`: the op rounds its input gradients itself (under autocast)."""
+
+    `round_grads=False`: the op rounds its input gradients itself (under autocast).
+
+    `saved`: the arrays the backward closure keeps (None entries are skipped); while the node
+    waits for its backward the activation meter holds their buffers (see `ActivationMeter`):
+    each counted whole and once, leaf tensors' buffers not at all, the op's output under
+    autocast as the rounded array the node returns. Without `saved`, the output counts when the
+    op allocated it (the rule before ops declared what they keep).
+    """
     fresh = _owns_new_memory(data, parents)
+    computed = data
     if _precision is not None:
         if fresh:  # a view of an input shares its already-rounded values
             data = _precision.round(data)
@@ -374,20 +393,65 @@ def make_node(
         out._parents = parents
         out._backward = backward
         activation_meter.nodes += 1
-        held = data.nbytes if fresh else 0
-        if _precision is not None:  # memory in bytes of the simulated dtype
-            held = held // data.itemsize * _precision.itemsize
-        out._held = held
-        if held:
-            activation_meter.live += held
-            if activation_meter.live > activation_meter.peak:
-                activation_meter.peak = activation_meter.live
+        if saved is None:
+            buffers = [data if data.base is None else data.base] if fresh else None
+        else:
+            buffers = _saved_buffers(saved, parents, computed, data) if saved else None
+        out._held = (
+            activation_meter.hold(buffers, None if _precision is None else _precision.itemsize)
+            if buffers
+            else ()
+        )
     else:
         out.requires_grad = False
         out._parents = ()
         out._backward = None
-        out._held = 0
+        out._held = ()
     return out
+
+
+def _saved_buffers(
+    saved: Sequence[Any], parents: tuple[Tensor, ...], computed: np.ndarray, data: np.ndarray
+) -> list[Any]:
+    """The buffers (arrays that own their memory) behind `saved`, leaves' buffers left out.
+
+    `computed` is the op's output before autocast rounded it into `data`: a closure that keeps
+    its output (exp, softmax, normalize) holds `computed`, which stands for the one
+    low-precision output a real kernel keeps, `data`.
+    """
+    rounded = data is not computed
+    buffers = []
+    for array in saved:
+        if array is None:
+            continue
+        owner = array.base
+        if owner is None or not isinstance(owner, np.ndarray | MetaArray):
+            owner = array  # an array over foreign memory (np.frombuffer) stands for it
+        if rounded and owner is (computed if computed.base is None else computed.base):
+            owner = data if data.base is None else data.base
+        if not _is_leaf_buffer(owner, parents):
+            buffers.append(owner)
+    return buffers
+
+
+def _is_leaf_buffer(owner: Any, parents: tuple[Tensor, ...]) -> bool:
+    """Whether `owner` is the memory of a leaf tensor among `parents` or behind the views they
+    are (a transposed weight is a node whose data is a view of the weight's)."""
+    for node in parents:
+        while True:
+            d = node.data
+            if (d if d.base is None else d.base) is not owner:
+                break
+            if node._backward is None:
+                return True
+            for parent in node._parents:  # a view node: follow the input it views
+                pd = parent.data
+                if (pd if pd.base is None else pd.base) is owner:
+                    node = parent
+                    break
+            else:
+                break
+    return False
 
 
 def _owns_new_memory(data: np.ndarray, parents: tuple[Tensor, ...]) -> bool:

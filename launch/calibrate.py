@@ -37,7 +37,7 @@ from rich.table import Table
 
 from civetta.allocator import keep_freed_memory
 from civetta.models.gpt import GPTConfig
-from launch.launcher import LauncherError, find_mpiexec, kill_tree, rank_environment
+from launch.launcher import find_mpiexec, kill_tree, rank_environment
 from launch.profiles import profile_from_dict
 from parallel.cost import calibration as cal
 from parallel.mesh import Mesh
@@ -144,7 +144,7 @@ def _json_from(stdout: str, what: str) -> dict[str, Any]:
     for line in reversed(stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    raise CalibrationError(f"error: the {what} measurement printed no result")
+    raise CalibrationError(f"the {what} measurement printed no result")
 
 
 def _run(command: list[str], env: dict[str, str], what: str, timeout: float) -> dict[str, Any]:
@@ -163,15 +163,11 @@ def _run(command: list[str], env: dict[str, str], what: str, timeout: float) -> 
         kill_tree(job)
         job.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise CalibrationError(
-                f"error: the {what} measurement took over {timeout:.0f} s"
-            ) from None
+            raise CalibrationError(f"the {what} measurement took over {timeout:.0f} s") from None
         raise
     if job.returncode != 0:
         last = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise CalibrationError(
-            f"error: the {what} measurement failed (exit {job.returncode}): {last}"
-        )
+        raise CalibrationError(f"the {what} measurement failed (exit {job.returncode}): {last}")
     return _json_from(stdout, what)
 
 
@@ -195,11 +191,11 @@ def run_compute(quick: bool, copies: int = 1) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             for other in jobs:
                 other.kill()
-            raise CalibrationError("error: the compute measurement took over 900 s") from None
+            raise CalibrationError("the compute measurement took over 900 s") from None
         if job.returncode != 0:
             last = (stderr.strip().splitlines() or ["no output"])[-1]
             raise CalibrationError(
-                f"error: the compute measurement failed (exit {job.returncode}): {last}"
+                f"the compute measurement failed (exit {job.returncode}): {last}"
             )
         results.append(_json_from(stdout, "compute"))
     return results[0]
@@ -475,13 +471,14 @@ def calibrate_command(
     """Measure this machine, fit, write the `local` profile to `out`; exit code.
 
     `mpiexec`: the MPI launcher for the communication measurement (default as `civetta
-    train`). Errors (no mpiexec, a measurement that fails) are one line on stderr, exit code 2.
+    train`). Errors raise, for the CLI to print as one line with exit code 2: a measurement
+    that fails or an `--out` that is a directory (`CalibrationError`), no mpiexec
+    (`LauncherError`).
     """
     console = console or Console()
     out = Path(out)
     if out.is_dir():
-        print(f"error: --out {str(out)!r} is a directory", file=sys.stderr)
-        return 2
+        raise CalibrationError(f"--out {str(out)!r} is a directory")
     load = os.getloadavg()
     cores = os.cpu_count() or 1
     if load[0] > 0.5 * cores:
@@ -489,22 +486,17 @@ def calibrate_command(
             f"[yellow]warning: load average {load[0]:.1f} on {cores} cores: other processes "
             "will make the timings pessimistic[/yellow]"
         )
-    try:
-        # Every core measures at once: in a run each core holds a rank, all of them busy.
-        copies = min(cores, MAX_COPIES)
-        with console.status(f"measuring GEMMs, memory bandwidth and the engine ({copies} cores)"):
-            compute = run_compute(quick, copies)
-        with console.status(f"measuring MPI collectives on {COMM_RANKS} ranks..."):
-            comm = run_comm(quick, mpiexec)
-        oversubscribed = None
-        if cores <= MAX_OVERSUBSCRIBED_CORES:
-            ranks = 2 * cores
-            with console.status(f"measuring {ranks} ranks on {cores} cores..."):
-                oversubscribed = run_oversubscribed(quick, ranks, mpiexec)
-    except (CalibrationError, LauncherError) as exc:
-        message = str(exc)
-        print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
-        return 2
+    # Every core measures at once: in a run each core holds a rank, all of them busy.
+    copies = min(cores, MAX_COPIES)
+    with console.status(f"measuring GEMMs, memory bandwidth and the engine ({copies} cores)"):
+        compute = run_compute(quick, copies)
+    with console.status(f"measuring MPI collectives on {COMM_RANKS} ranks..."):
+        comm = run_comm(quick, mpiexec)
+    oversubscribed = None
+    if cores <= MAX_OVERSUBSCRIBED_CORES:
+        ranks = 2 * cores
+        with console.status(f"measuring {ranks} ranks on {cores} cores..."):
+            oversubscribed = run_oversubscribed(quick, ranks, mpiexec)
     raw, report = build_profile(compute, comm, cores, _memory_bytes(), oversubscribed)
     report["copies"] = copies
     write_profile(out, raw, header(report, quick, load))

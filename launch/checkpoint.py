@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from parallel.sharding import join_shards, take_shard
-from parallel.tensor_parallel import TensorParallelLayout
+from parallel.tensor_parallel import TensorParallelSharding
 
 FORMAT = 1
 
@@ -44,7 +44,7 @@ def checkpoint_root(out_dir: Path) -> Path:
 
 def _placements(trainer: Any) -> dict[str, list[int]]:
     sharding = trainer.runtime.sharding
-    if isinstance(sharding, TensorParallelLayout):
+    if isinstance(sharding, TensorParallelSharding):
         return {name: list(p) for name, p in sharding.placements.items()}
     return {}
 
@@ -96,7 +96,8 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
     }
     arrays["meta"] = np.array(json.dumps(meta))
     tmp = staging / f"rank{runtime.rank}.tmp.npz"
-    np.savez(tmp, **arrays)
+    # Keys are param/, optim/, master/ names and meta, never savez's own allow_pickle.
+    np.savez(tmp, **arrays)  # pyright: ignore[reportArgumentType]
     os.replace(tmp, staging / f"rank{runtime.rank}.npz")
     world.barrier()
     if runtime.rank == 0:
@@ -121,7 +122,7 @@ def find(path: Path) -> Path:
             found = root / latest.read_text(encoding="utf-8").strip()
             if (found / "rank0.npz").is_file():
                 return found
-    raise CheckpointError(f"error: --resume {str(path)!r} holds no complete checkpoint")
+    raise CheckpointError(f"--resume {str(path)!r} holds no complete checkpoint")
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -133,16 +134,16 @@ def check_resumable(directory: Path, config: Any) -> int:
     """The checkpoint's step, after checking that `config` can continue from it."""
     meta = read_meta(directory)
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"error: checkpoint {str(directory)!r} has an unknown format")
+        raise CheckpointError(f"checkpoint {str(directory)!r} has an unknown format")
     model = dataclasses.asdict(config.model)
     for key, value in meta["model"].items():
         if model.get(key) != value:
             raise CheckpointError(
-                f"error: model.{key}={model.get(key)} differs from the checkpoint's {value}"
+                f"model.{key}={model.get(key)} differs from the checkpoint's {value}"
             )
     if meta["step"] + 1 >= config.train.steps:
         raise CheckpointError(
-            f"error: the checkpoint is at step {meta['step']}: train.steps={config.train.steps} "
+            f"the checkpoint is at step {meta['step']}: train.steps={config.train.steps} "
             "leaves nothing to run (raise train.steps to continue)"
         )
     return int(meta["step"])
@@ -152,7 +153,7 @@ def read_full_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarr
     """The unsharded state of a checkpoint: (meta of rank 0, full arrays by key)."""
     files = sorted(directory.glob("rank*.npz"))
     if not files:
-        raise CheckpointError(f"error: checkpoint {str(directory)!r} has no rank files")
+        raise CheckpointError(f"checkpoint {str(directory)!r} has no rank files")
     pieces: dict[str, dict[int, np.ndarray]] = {}
     metas = []
     for file in files:
@@ -166,7 +167,7 @@ def read_full_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarr
                     pieces.setdefault(key, {})[meta["coords"]["tp"]] = data[key]
     first = min(metas, key=lambda m: m["rank"])
     if len(metas) != first["layout"]["dp"] * first["layout"]["tp"] * first["layout"]["pp"]:
-        raise CheckpointError(f"error: checkpoint {str(directory)!r} is missing rank files")
+        raise CheckpointError(f"checkpoint {str(directory)!r} is missing rank files")
     placements = {n: tuple(p) for m in metas for n, p in m["placements"].items()}
     full: dict[str, np.ndarray] = {}
     for key, by_tp in pieces.items():
@@ -186,10 +187,11 @@ def load(trainer: Any, directory: Path) -> int:
 
     def local(key: str) -> np.ndarray:
         if key not in full:
-            raise CheckpointError(f"error: checkpoint {str(directory)!r} has no {key!r}")
+            raise CheckpointError(f"checkpoint {str(directory)!r} has no {key!r}")
         name = _param_of(key)
         if name in placements:
-            return take_shard(full[key], tuple(placements[name]), tp.rank, tp.size)
+            axis, blocks = placements[name]
+            return take_shard(full[key], (axis, blocks), tp.rank, tp.size)
         return full[key]
 
     update = trainer.update
@@ -205,7 +207,7 @@ def load(trainer: Any, directory: Path) -> int:
     try:
         update.load_whole_state(params, state, masters)
     except ValueError as e:
-        raise CheckpointError(f"error: checkpoint tensor {e}") from None
+        raise CheckpointError(f"checkpoint tensor {e}") from None
     if trainer.loss_scaler is not None and meta["loss_scaler"]:
         scaler = trainer.loss_scaler
         scaler.scale, scaler.good_steps, scaler.skipped = meta["loss_scaler"]
@@ -220,6 +222,7 @@ def export(directory: Path, out: Path) -> int:
         weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied, as PyTorch saves
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **weights)
+    # Keys are parameter names, never savez's own allow_pickle.
+    np.savez(tmp, **weights)  # pyright: ignore[reportArgumentType]
     os.replace(tmp, out)
     return len(weights)

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
-        raise UsageError(f"error: --out expected a path ending in .npz, got {args.out!r}")
+        raise UsageError(f"--out expected a path ending in .npz, got {args.out!r}")
     count = checkpoint.export(Path(args.checkpoint), out)
     print(f"wrote {count} tensors to {out}")
     return 0
@@ -160,7 +160,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from launch.simulate import simulate_command
 
     if args.tokens is not None and args.tokens < 1:
-        raise UsageError(f"error: --tokens expected a positive integer, got {args.tokens}")
+        raise UsageError(f"--tokens expected a positive integer, got {args.tokens}")
     return simulate_command(args.config, args.hardware, args.overrides, args.tokens, args.json_out)
 
 
@@ -171,7 +171,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value < 1:
             name = flag.replace("_", "-")
-            raise UsageError(f"error: --{name} expected a positive integer, got {value}")
+            raise UsageError(f"--{name} expected a positive integer, got {value}")
     return schedule_command(
         args.pp, args.microbatches, args.schedule, args.virtual_stages, args.save, args.load
     )
@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     config: ExperimentConfig = load(args.config, args.overrides)
     out_dir = Path(args.out) if args.out else default_out_dir(args.config)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
+        raise UsageError(f"--out {str(out_dir)!r} exists and is not a directory")
     # Problems every rank would hit are reported once, here, before any rank starts.
     load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
     resume = None
@@ -211,12 +211,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out) if args.out else default_out_dir(args.config)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"error: --out {str(out_dir)!r} exists and is not a directory")
+        raise UsageError(f"--out {str(out_dir)!r} exists and is not a directory")
     if args.timeout is not None and args.timeout <= 0:
-        raise UsageError(f"error: --timeout expected a positive number, got {args.timeout:g}")
+        raise UsageError(f"--timeout expected a positive number, got {args.timeout:g}")
     return compare_command(
         args.config, args.overrides, out_dir, args.mpiexec, args.timeout, args.hardware
     )
+
+
+def fail(exc: Exception) -> int:
+    """Print a user's error as its one line and return exit code 2. Exceptions carry the bare
+    message; "error: " is added here, and only here."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,9 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return cmd_export(args)
         if args.command == "calibrate":
-            from launch.calibrate import calibrate_command
+            from launch.calibrate import CalibrationError, calibrate_command
 
-            return calibrate_command(args.out, args.quick, mpiexec=args.mpiexec)
+            try:
+                return calibrate_command(args.out, args.quick, mpiexec=args.mpiexec)
+            except CalibrationError as exc:
+                return fail(exc)
         if args.command == "tune":
             from launch.tune import tune_command
 
@@ -262,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         LauncherError,
         checkpoint.CheckpointError,
     ) as exc:
-        message = str(exc)
-        print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

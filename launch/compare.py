@@ -46,7 +46,7 @@ from launch.config import (
     gpt_config,
     load_experiment,
 )
-from launch.profiles import load_profile
+from launch.profiles import bare, load_profile
 from launch.simulate import workload_of
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import project
@@ -254,7 +254,7 @@ def compare_command(
         try:
             profile = load_profile(hardware)
         except CostModelError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(bare(exc)) from None
     runs = plan_runs(base, layouts, out_dir)
     # A bad data source would fail every run alike: one line and exit 2 before any starts.
     sources = {(r.config.data.source, r.config.data.seed, r.config.model.block_size) for r in runs}

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import itertools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ class ExperimentConfig:
                 bucket_mb=p.bucket_mb,
             )
         except LayoutError as exc:
-            raise ConfigError(f"error: {exc}") from None
+            raise ConfigError(str(exc)) from None
 
     @property
     def world_size(self) -> int:
@@ -189,15 +190,13 @@ SCHEMA = Schema(ConfigError, positive=POSITIVE, non_negative=NON_NEGATIVE, choic
 def _check_consistency(config: ExperimentConfig) -> None:
     m, t = config.model, config.train
     if m.n_embd % m.n_head:
-        raise ConfigError(f"error: model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
+        raise ConfigError(f"model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
     if t.warmup_steps > t.steps:
-        raise ConfigError(
-            f"error: train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}"
-        )
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
     try:
         config.layout.check(m)
     except LayoutError as exc:
-        raise ConfigError(f"error: {exc}") from None
+        raise ConfigError(str(exc)) from None
 
 
 def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
@@ -205,12 +204,12 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"error: {origin} expected a mapping of sections, got {_describe(raw)}")
+        raise ConfigError(f"{origin} expected a mapping of sections, got {_describe(raw)}")
     config = ExperimentConfig()
     for section, values in raw.items():
         if section not in SECTIONS:
             hint = _did_you_mean(str(section), [*SECTIONS, *EXPERIMENT_KEYS])
-            raise ConfigError(f"error: unknown section '{section}' in {origin}{hint}")
+            raise ConfigError(f"unknown section '{section}' in {origin}{hint}")
         if values is not None:  # an empty section keeps its defaults
             setattr(config, section, SCHEMA.build(SECTIONS[section], values, f"{section}."))
     _check_consistency(config)
@@ -220,11 +219,11 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` → (["a", "b"], value), the value parsed as a YAML scalar (typed)."""
     if "=" not in text:
-        raise ConfigError(f"error: --set expected key=value, got {text!r}")
+        raise ConfigError(f"--set expected key=value, got {text!r}")
     key, _, value = text.partition("=")
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
-        raise ConfigError(f"error: --set expected a key like section.name, got {key!r}")
+        raise ConfigError(f"--set expected a key like section.name, got {key!r}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -235,19 +234,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"error: config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"error: {path}{where}: {problem}") from None
+        raise ConfigError(f"{path}{where}: {problem}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"error: {path} is not UTF-8 text") from None
+        raise ConfigError(f"{path} is not UTF-8 text") from None
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment (or the defaults when `path` is None) and apply `--set`s.
 
     `include:`s are resolved; a `sweep:` section is ignored here (`civetta train` runs the base
@@ -258,16 +257,14 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig
     return from_dict(raw, origin=str(path) if path else "config")
 
 
-def _read_base(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+def _read_base(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The raw mapping of `path` with its includes merged and the `--set`s applied."""
     raw = read_with_includes(path) if path is not None else {}
     for text in overrides:
         (section, name), value = parse_override(text)
         section_values = raw.setdefault(section, {})
         if not isinstance(section_values, dict):
-            raise ConfigError(
-                f"error: {section} expected a mapping, got {_describe(section_values)}"
-            )
+            raise ConfigError(f"{section} expected a mapping, got {_describe(section_values)}")
         section_values[name] = value
     return raw
 
@@ -281,17 +278,17 @@ def read_with_includes(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
     resolved = path.resolve()
     if resolved in _chain:
         names = [str(p) for p in _chain[_chain.index(resolved) :]] + [str(resolved)]
-        raise ConfigError(f"error: include cycle: {' -> '.join(names)}")
+        raise ConfigError(f"include cycle: {' -> '.join(names)}")
     raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"error: {path} expected a mapping of sections, got {_describe(raw)}")
+        raise ConfigError(f"{path} expected a mapping of sections, got {_describe(raw)}")
     for key in raw:
         # Checked per file, so the message names the file the stray key is in.
         if key not in SECTIONS and key not in EXPERIMENT_KEYS:
             hint = _did_you_mean(str(key), [*SECTIONS, *EXPERIMENT_KEYS])
-            raise ConfigError(f"error: unknown section '{key}' in {path}{hint}")
+            raise ConfigError(f"unknown section '{key}' in {path}{hint}")
     includes = raw.pop("include", None)
     if includes is None:
         return raw
@@ -299,14 +296,14 @@ def read_with_includes(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
         includes = [includes]
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise ConfigError(
-            f"error: {path}: include expected a file name or a list of file names, "
+            f"{path}: include expected a file name or a list of file names, "
             f"got {_describe(includes)}"
         )
     merged: dict[str, Any] = {}
     for name in includes:
         target = path.parent / name
         if not target.is_file():
-            raise ConfigError(f"error: {path}: included file {str(target)!r} does not exist")
+            raise ConfigError(f"{path}: included file {str(target)!r} does not exist")
         merged = _merge(merged, read_with_includes(target, (*_chain, resolved)))
     return _merge(merged, raw)
 
@@ -342,7 +339,7 @@ def _entry_sections(entry: Any, where: str) -> tuple[str | None, dict[str, dict[
     Keys are dotted (`parallel.dp: 2`) or nested (`parallel: {dp: 2}`), mixed as one likes."""
     if not isinstance(entry, dict):
         raise ConfigError(
-            f"error: {where} expected a mapping of overrides such as {{parallel.dp: 2}}, "
+            f"{where} expected a mapping of overrides such as {{parallel.dp: 2}}, "
             f"got {_describe(entry)}"
         )
     name: str | None = None
@@ -351,7 +348,7 @@ def _entry_sections(entry: Any, where: str) -> tuple[str | None, dict[str, dict[
     def put(section: str, key: str, value: Any) -> None:
         if section not in SECTIONS:
             hint = _did_you_mean(section, list(SECTIONS))
-            raise ConfigError(f"error: {where}: unknown section '{section}'{hint}")
+            raise ConfigError(f"{where}: unknown section '{section}'{hint}")
         sections.setdefault(section, {})[key] = value
 
     for key, value in entry.items():
@@ -359,21 +356,21 @@ def _entry_sections(entry: Any, where: str) -> tuple[str | None, dict[str, dict[
         if key == "name":
             if not isinstance(value, str) or not LABEL_TEXT.fullmatch(value):
                 raise ConfigError(
-                    f"error: {where}.name expected letters, digits and . _ + - "
+                    f"{where}.name expected letters, digits and . _ + - "
                     f"(a directory name), got {_describe(value)}"
                 )
             name = value
         elif "." in key:
             section, _, field_name = key.partition(".")
             if not section or not field_name or "." in field_name:
-                raise ConfigError(f"error: {where}: expected a key like section.name, got {key!r}")
+                raise ConfigError(f"{where}: expected a key like section.name, got {key!r}")
             put(section, field_name, value)
         elif isinstance(value, dict):
             for field_name, field_value in value.items():
                 put(key, str(field_name), field_value)
         else:
             raise ConfigError(
-                f"error: {where}: expected 'section.name: value' or a section mapping, "
+                f"{where}: expected 'section.name: value' or a section mapping, "
                 f"got {key!r}{_field_hint(key)}"
             )
     return name, sections
@@ -383,21 +380,20 @@ def _sweep_entries(sweep: Any) -> list[tuple[str, Any]]:
     """The sweep as (where, entry) pairs; a grid becomes one dotted-key entry per combination."""
     if isinstance(sweep, list):
         if not sweep:
-            raise ConfigError("error: sweep expected at least one layout, got an empty list")
+            raise ConfigError("sweep expected at least one layout, got an empty list")
         return [(f"sweep[{i}]", entry) for i, entry in enumerate(sweep)]
     if not isinstance(sweep, dict):
         raise ConfigError(
-            f"error: sweep expected a list of layouts or a mapping with 'grid', "
-            f"got {_describe(sweep)}"
+            f"sweep expected a list of layouts or a mapping with 'grid', got {_describe(sweep)}"
         )
     for key in sweep:
         if key != "grid":
             hint = _did_you_mean(str(key), ["grid"], prefix="sweep.")
-            raise ConfigError(f"error: unknown key 'sweep.{key}'{hint}")
+            raise ConfigError(f"unknown key 'sweep.{key}'{hint}")
     grid = sweep.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ConfigError(
-            f"error: sweep.grid expected a mapping of section.name: [values], got {_describe(grid)}"
+            f"sweep.grid expected a mapping of section.name: [values], got {_describe(grid)}"
         )
     axes: list[tuple[str, Any]] = []
     for key, values in grid.items():
@@ -408,14 +404,12 @@ def _sweep_entries(sweep: Any) -> list[tuple[str, Any]]:
             axes.append((key, values))
         else:
             raise ConfigError(
-                f"error: sweep.grid: expected 'section.name: [values]', got {key!r}"
-                f"{_field_hint(key)}"
+                f"sweep.grid: expected 'section.name: [values]', got {key!r}{_field_hint(key)}"
             )
     for key, values in axes:
         if not isinstance(values, list) or not values:
             raise ConfigError(
-                f"error: sweep.grid.{key} expected a non-empty list of values, "
-                f"got {_describe(values)}"
+                f"sweep.grid.{key} expected a non-empty list of values, got {_describe(values)}"
             )
     keys = [key for key, _ in axes]
     entries = []
@@ -427,13 +421,13 @@ def _sweep_entries(sweep: Any) -> list[tuple[str, Any]]:
 
 
 def load_experiment(
-    path: str | Path | None, overrides: list[str] = ()
+    path: str | Path | None, overrides: Sequence[str] = ()
 ) -> tuple[ExperimentConfig, list[tuple[str, ExperimentConfig]]]:
     """The base config and its sweep's layouts as (label, config), each validated in full.
 
     `--set`s change the base; each sweep entry then overrides the base. Without a `sweep:` the
-    list is empty. An error in an entry names it: `error: sweep[2]: parallel.tp=3 does not
-    divide model.n_head=4`.
+    list is empty. An error in an entry names it: `sweep[2]: parallel.tp=3 does not divide
+    model.n_head=4`.
     """
     raw = _read_base(path, overrides)
     sweep = raw.pop("sweep", None)
@@ -448,15 +442,14 @@ def load_experiment(
         try:
             config = from_dict(_merge(raw, sections), origin=origin)
         except ConfigError as exc:
-            detail = str(exc).removeprefix("error: ")
-            raise ConfigError(f"error: {where}: {detail}") from None
+            raise ConfigError(f"{where}: {exc}") from None
         if name is not None:
             if name.startswith("baseline"):
                 raise ConfigError(
-                    f"error: {where}.name {name!r} is reserved for the single-process baseline"
+                    f"{where}.name {name!r} is reserved for the single-process baseline"
                 )
             if name in named:
-                raise ConfigError(f"error: {where}.name {name!r} is already used by {named[name]}")
+                raise ConfigError(f"{where}.name {name!r} is already used by {named[name]}")
             named[name] = where
         layouts.append((name or config.layout.label, config))
     return base, _unique_labels(layouts)

@@ -12,6 +12,7 @@ below it.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ def find_mpiexec(explicit: str | None = None) -> str:
     if explicit:  # asked for by name: that one or an error, never a silent substitute
         found = shutil.which(explicit)
         if found is None:
-            raise LauncherError(f"error: --mpiexec {explicit!r} is not an executable")
+            raise LauncherError(f"--mpiexec {explicit!r} is not an executable")
         return found
     candidates = [os.environ.get("CIVETTA_MPIEXEC")]
     candidates.append(str(Path(sys.executable).parent / "mpiexec"))
@@ -46,7 +47,7 @@ def find_mpiexec(explicit: str | None = None) -> str:
         if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
             return shutil.which(candidate) or candidate
     raise LauncherError(
-        "error: no mpiexec found: install the 'mpich' wheel, or set CIVETTA_MPIEXEC / --mpiexec"
+        "no mpiexec found: install the 'mpich' wheel, or set CIVETTA_MPIEXEC / --mpiexec"
     )
 
 
@@ -129,19 +130,16 @@ def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> JobResult:
     """Run this command line again on `n` ranks and return how the job ended.
 
     The job's output is passed through as it comes (rank 0's progress bar included) and also
-    scanned for the launcher's report of a rank that died, so the caller can name it.
+    scanned for the launcher's report of a rank that died, so the caller can name it. Raises
+    `LauncherError` when there is no MPI launcher.
     """
-    try:
-        command = mpi_command(n, argv, mpiexec)
-    except LauncherError as exc:
-        print(str(exc), file=sys.stderr)
-        return JobResult(2)
+    command = mpi_command(n, argv, mpiexec)  # no launcher: LauncherError, for the CLI to print
     env = rank_environment()
     if sys.stdout.isatty():
         env.setdefault("TTY_COMPATIBLE", "1")  # rank 0 keeps its live progress bar
         env.setdefault("TTY_INTERACTIVE", "1")
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
-    assert job.stdout is not None
+    assert isinstance(job.stdout, io.BufferedReader)  # bufsize -1: buffered, with read1
     tail = b""
     out = sys.stdout.buffer
     try:

@@ -7,7 +7,7 @@ without a network; each function returns one `<svg>` element as a string.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 # A qualitative palette (distinct hues that stay apart in greyscale order too).
@@ -162,7 +162,7 @@ def line_chart(
 
 
 def stacked_bars(
-    groups: Sequence[tuple[str, Sequence[tuple[str, dict[str, float]]]]],
+    groups: Sequence[tuple[str, Sequence[tuple[str, Mapping[str, float]]]]],
     categories: Sequence[str],
     title: str,
     unit: str,

@@ -19,12 +19,18 @@ from parallel.cost.hardware import DTYPES, CostModelError, HardwareProfile, Over
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
 
 
+def bare(exc: Exception) -> str:
+    """A cost-model error's message for a launch error to wrap, without the "error: " that the
+    CLI adds (`HardwareProfile.peak_flops` in `parallel.cost.hardware` still writes one)."""
+    return str(exc).removeprefix("error: ")
+
+
 def _name(what: str) -> Check:
     """A check for a non-empty name; `what` says which kind in its error."""
 
     def check(key: str, value: Any) -> str:
         if not isinstance(value, str) or not value:
-            PROFILE.fail(f"error: {key} expected {what}, got {describe(value)}")
+            PROFILE.fail(f"{key} expected {what}, got {describe(value)}")
         return value
 
     return check
@@ -32,18 +38,16 @@ def _name(what: str) -> Check:
 
 def _gpus(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        PROFILE.fail(f"error: {key} expected a positive integer, got {value!r}")
+        PROFILE.fail(f"{key} expected a positive integer, got {value!r}")
     return value
 
 
 def _peaks(key: str, value: Any) -> dict[str, float]:
     if not isinstance(value, dict) or not value:
-        PROFILE.fail(f"error: {key} expected a mapping of dtype to TFLOP/s, got {describe(value)}")
+        PROFILE.fail(f"{key} expected a mapping of dtype to TFLOP/s, got {describe(value)}")
     for dtype in value:
         if dtype not in DTYPES:
-            PROFILE.fail(
-                f"error: {key}.{dtype} is not a dtype (expected one of {' | '.join(DTYPES)})"
-            )
+            PROFILE.fail(f"{key}.{dtype} is not a dtype (expected one of {' | '.join(DTYPES)})")
     return {dtype: PROFILE.value(f"{key}.{dtype}", v, float) for dtype, v in value.items()}
 
 
@@ -101,7 +105,7 @@ PROFILE = Schema(
         "device.peak_tflops": None,
     },
     unknown_in=" in hardware profile",
-    missing="error: hardware profile is missing '{key}'",
+    missing="hardware profile is missing '{key}'",
     type_names={"float": "a number"},
     null=None,
     positive_words="a number > 0",
@@ -115,7 +119,7 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
     device = profile.device
     if device.memory_reserved_gib >= device.memory_gib:
         PROFILE.fail(
-            f"error: device.memory_reserved_gib={device.memory_reserved_gib} leaves no memory "
+            f"device.memory_reserved_gib={device.memory_reserved_gib} leaves no memory "
             f"of device.memory_gib={device.memory_gib}"
         )
     over, gpus = profile.oversubscribed, profile.gpus_per_node
@@ -123,7 +127,7 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
         ranks = over.ranks
         if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks <= gpus:
             PROFILE.fail(
-                f"error: oversubscribed.ranks expected an integer above gpus_per_node={gpus}, "
+                f"oversubscribed.ranks expected an integer above gpus_per_node={gpus}, "
                 f"got {ranks!r}"
             )
     return profile
@@ -139,7 +143,7 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
         return shipped
     known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
     raise CostModelError(
-        f"error: hardware profile {str(name_or_path)!r} is neither a file nor one of "
+        f"hardware profile {str(name_or_path)!r} is neither a file nor one of "
         f"{', '.join(known) or '(none shipped)'}"
     )
 
@@ -152,5 +156,5 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise CostModelError(f"error: {path}{where}: invalid YAML") from None
+        raise CostModelError(f"{path}{where}: invalid YAML") from None
     return profile_from_dict(raw, origin=str(path))

@@ -38,7 +38,7 @@ def comm_per_step(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
     steps = max(len(metrics["steps"]), 1)
     per_rank = []
     for rank in metrics["comm"]["per_rank"]:
-        totals = dict.fromkeys(AXES, 0)
+        totals: dict[str, int] = dict.fromkeys(AXES, 0)
         for op in rank["ops"]:
             if op["op"] != "recv" and op["axis"] in totals:
                 totals[op["axis"]] += op["bytes"]

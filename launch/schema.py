@@ -75,7 +75,7 @@ class Schema:
     absent: Mapping[str, Any] = field(default_factory=dict)
     # ---- wording
     unknown_in: str = ""  # after "unknown key 'k'": where, e.g. " in hardware profile"
-    missing: str = "error: {key} is missing"  # a field without a default that is absent
+    missing: str = "{key} is missing"  # a field without a default that is absent
     type_names: Mapping[str, str] = field(default_factory=dict)  # e.g. float → "a number"
     null: str | None = "null"  # how a null is quoted in "got ..."; None: like any other value
     positive_words: str = "a positive number"
@@ -89,14 +89,12 @@ class Schema:
         """`raw` checked into a `cls`. `prefix` (`train.`) is shown before every key; `origin`
         names the mapping in an error when there is no prefix (a file's path)."""
         if not isinstance(raw, dict):
-            self.fail(
-                f"error: {prefix.rstrip('.') or origin} expected a mapping, got {describe(raw)}"
-            )
+            self.fail(f"{prefix.rstrip('.') or origin} expected a mapping, got {describe(raw)}")
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         for name in raw:
             if name not in fields:
                 hint = did_you_mean(str(name), list(fields), prefix)
-                self.fail(f"error: unknown key '{prefix}{name}'{self.unknown_in}{hint}")
+                self.fail(f"unknown key '{prefix}{name}'{self.unknown_in}{hint}")
         values: dict[str, Any] = {}
         for name, f in fields.items():
             key = f"{prefix}{name}"
@@ -122,7 +120,7 @@ class Schema:
         base, optional = _split_optional(annotation)
         if value is None and optional:
             return None
-        if dataclasses.is_dataclass(base):
+        if isinstance(base, type) and dataclasses.is_dataclass(base):
             return self.build(base, value, prefix=f"{key}.")
         if base is bool:
             if isinstance(value, bool):
@@ -142,15 +140,15 @@ class Schema:
             raise TypeError(f"{key}: no rule for values of type {annotation!r}; give it a check")
         expected = self.type_names.get(base.__name__, base.__name__)
         given = self.null if value is None and self.null else describe(value)
-        self.fail(f"error: {key} expected {expected}, got {given}")
+        self.fail(f"{key} expected {expected}, got {given}")
 
     def _constrain(self, key: str, shown: Any, value: Any) -> None:
         if key in self.choices and value not in self.choices[key]:
             options = " | ".join(map(str, self.choices[key]))
-            self.fail(f"error: {key} expected one of {options}, got {shown!r}")
+            self.fail(f"{key} expected one of {options}, got {shown!r}")
         if key in self.positive and value <= 0:
-            self.fail(f"error: {key} expected {self.positive_words}, got {shown!r}")
+            self.fail(f"{key} expected {self.positive_words}, got {shown!r}")
         if key in self.non_negative and value < 0:
-            self.fail(f"error: {key} expected a number >= 0, got {shown!r}")
+            self.fail(f"{key} expected a number >= 0, got {shown!r}")
         if key in self.at_most and value > self.at_most[key]:
-            self.fail(f"error: {key} expected a number <= {self.at_most[key]}, got {shown!r}")
+            self.fail(f"{key} expected a number <= {self.at_most[key]}, got {shown!r}")

@@ -9,6 +9,7 @@ and optionally writes JSON.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
-from launch.profiles import load_profile
+from launch.profiles import bare, load_profile
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import CostOptions, Projection, Workload, project
 
@@ -45,7 +46,7 @@ def simulate(
     try:
         return project(gpt_config(config), config.layout, profile, options, workload_of(config))
     except CostModelError as exc:
-        raise ConfigError(f"error: {exc}") from None
+        raise ConfigError(bare(exc)) from None
 
 
 def report_dict(
@@ -197,7 +198,7 @@ def render(
 def simulate_command(
     config_path: str,
     hardware: str,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     tokens: int | None = None,
     json_out: str | Path | None = None,
     console: Console | None = None,
@@ -208,18 +209,18 @@ def simulate_command(
     """
     console = console or Console()
     if tokens is not None and (isinstance(tokens, bool) or tokens <= 0):
-        raise ConfigError(f"error: --tokens expected a positive number, got {tokens}")
+        raise ConfigError(f"--tokens expected a positive number, got {tokens}")
     config = load(config_path, list(overrides))
     try:
         profile = load_profile(hardware)
     except CostModelError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(bare(exc)) from None
     projection = simulate(config, profile)
     render(console, str(config_path), config, profile, projection, tokens)
     if json_out is not None:
         out = Path(json_out)
         if out.is_dir():
-            raise ConfigError(f"error: --json {str(out)!r} is a directory")
+            raise ConfigError(f"--json {str(out)!r} is a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         data = report_dict(config, profile, projection, tokens)
         out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

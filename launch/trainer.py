@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from civetta import Tensor, activation_meter, flop_meter, no_grad
+from civetta import Tensor, activation_meter, flop_meter, meta, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
-from civetta.models.gpt import GPTStage
+from civetta.models import build_stage
 from civetta.nn import Model, merge
 from civetta.optim import Optimizer, constant_lr, cosine_with_warmup, make_optimizer
 from civetta.precision import PRECISIONS, LossScaler, autocast, has_overflow
@@ -66,38 +66,63 @@ def lr_schedule(config: ExperimentConfig) -> Callable[[int], float]:
     return constant_lr(t.lr)
 
 
+class DataFreeBatches:
+    """A data-free trainer's dataset: token ids of the batch's shape, without values."""
+
+    def batch(
+        self, split: str, seed: int, step: int, batch_size: int, block_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        shape = (batch_size, block_size)
+        # `meta.asarray`: the MetaArrays, typed as the arrays they stand for.
+        return meta.asarray(meta.token_ids(shape)), meta.asarray(meta.token_ids(shape))
+
+
 class Trainer:
     """Owns the model stages, the update and the data of one rank. The runtime carries the
-    layout, which must be the config's (default: `Runtime(config.layout)` in this MPI world)."""
+    layout, which must be the config's (default: `Runtime(config.layout)` in this MPI world).
+    `model`: the model description, of any family registered in `civetta.models.STAGES`
+    (default: the config's GPT)."""
 
-    def __init__(self, config: ExperimentConfig, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        runtime: Runtime | None = None,
+        data_free: bool = False,
+        model: Any = None,
+    ) -> None:
         self.config = config
         runtime = Runtime(config.layout) if runtime is None else runtime
         self.runtime = runtime
         self.dtype = DTYPES[config.train.dtype]
-        self.dataset: Dataset = load_dataset(
-            config.data.source, config.data.seed, block_size=config.model.block_size
-        )
-        p, model_config = runtime.layout, gpt_config(config)
+        # Data-free (`civetta.meta`): parameters and batches have shapes and no values, so a step
+        # records what an executed one records without its memory or arithmetic (the cost model
+        # runs it on a virtual mesh, `parallel.virtual`); losses and norms are NaN.
+        self.dataset: Dataset | DataFreeBatches = DataFreeBatches()
+        if not data_free:
+            self.dataset = load_dataset(
+                config.data.source, config.data.seed, block_size=config.model.block_size
+            )
+        p, model_config = runtime.layout, model or gpt_config(config)
         assert p == config.layout, "build the Runtime with config.layout"
         self.schedule = make_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
         check_schedule(self.schedule)
         num_stages = self.schedule.num_stages
         layers = partition_layers(model_config.n_layer, num_stages)
-        self.stages = {
-            s: GPTStage(
-                model_config,
-                layers[s],
-                first=s == 0,
-                last=s == num_stages - 1,
-                seed=config.train.seed,
-                dtype=self.dtype,
-                layout=runtime.sharding,
-                recompute=p.recompute,
-            )
-            for s in range(num_stages)
-            if self.schedule.stage_rank(s) == runtime.pp_rank
-        }
+        with meta.data_free(data_free):  # nothing drawn: parameters are MetaArrays
+            self.stages = {
+                s: build_stage(
+                    model_config,
+                    layers[s],
+                    first=s == 0,
+                    last=s == num_stages - 1,
+                    seed=config.train.seed,
+                    dtype=self.dtype,
+                    sharding=runtime.sharding,
+                    recompute=p.recompute,
+                )
+                for s in range(num_stages)
+                if self.schedule.stage_rank(s) == runtime.pp_rank
+            }
         # All of this rank's parameters, by their whole-model names.
         self.model = Model(
             self.stages[0].forward if num_stages == 1 else _not_whole_model,

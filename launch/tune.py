@@ -12,6 +12,7 @@ loads, renders and writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
-from launch.profiles import load_profile
+from launch.profiles import bare, load_profile
 from launch.simulate import workload_of
 from parallel.cost.hardware import CostModelError
 from parallel.cost.tuning import Ranked, SearchSpace, TuneResult, tune
@@ -37,7 +38,7 @@ CONVENTIONS = (
 
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"error: {name} expected a positive integer, got {value!r}")
+        raise ConfigError(f"{name} expected a positive integer, got {value!r}")
     return value
 
 
@@ -138,7 +139,7 @@ def tune_command(
     hardware: str,
     gpus: int,
     batch: int | None = None,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     top: int = 10,
     json_out: str | Path | None = None,
     console: Console | None = None,
@@ -158,7 +159,7 @@ def tune_command(
         space = search_space(config, list(overrides))
         result = tune(model, profile, gpus, batch, config.layout, space, work=work)
     except CostModelError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(bare(exc)) from None
     render(
         console,
         str(config_path),
@@ -173,7 +174,7 @@ def tune_command(
     if json_out is not None:
         out = Path(json_out)
         if out.is_dir():
-            raise ConfigError(f"error: --json {str(out)!r} is a directory")
+            raise ConfigError(f"--json {str(out)!r} is a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         data = {
             "hardware": profile.name,
@@ -184,7 +185,7 @@ def tune_command(
             "replayed": result.replayed,
             "explanation": result.explanation,
             "layouts": [
-                {"layout": _layout_dict(r), "projection": r.projection.as_dict()}
+                {"layout": r.layout.as_dict(), "projection": r.projection.as_dict()}
                 for r in result.ranked[:top]
             ],
             "conventions": CONVENTIONS,
@@ -192,20 +193,3 @@ def tune_command(
         out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         console.print(f"wrote {out}")
     return 0
-
-
-def _layout_dict(r: Ranked) -> dict[str, Any]:
-    lay = r.layout
-    return {
-        "dp": lay.dp,
-        "tp": lay.tp,
-        "pp": lay.pp,
-        "microbatch_size": lay.microbatch_size,
-        "microbatches": lay.microbatches,
-        "schedule": lay.schedule,
-        "virtual_stages": lay.virtual_stages,
-        "zero": lay.zero,
-        "recompute": lay.recompute,
-        "sequence_parallel": lay.sequence_parallel,
-        "order": lay.order,
-    }

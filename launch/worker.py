@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def read_status(out_dir: Path, rank: int) -> str:
 
 
 def explain_failure(
-    out_dir: Path, world_size: int, exit_code: int, dead_pids: list[int] = ()
+    out_dir: Path, world_size: int, exit_code: int, dead_pids: Sequence[int] = ()
 ) -> str:
     """After a failed job, one line on what happened, from the status files the ranks left
     and the process ids the MPI launcher reported dead; empty when rank 0 already printed its

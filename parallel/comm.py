@@ -34,6 +34,9 @@ A group of one rank sends nothing and records nothing. `SelfComm` stands in for 
 communicator when the process was not started by an MPI launcher, so a world of size 1 never
 imports mpi4py; `parallel.virtual.VirtualComm` stands in for one rank of a larger world whose
 calls are recorded and not sent, and brings its own reduction ops and in-place marker.
+
+Buffers may be data-free (`civetta.meta`: a shape and a dtype, no values): results are then
+data-free too, and every ledger row is the same, since it counts shapes and dtypes only.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+
+from civetta import meta
 
 PHASES = ("forward", "backward", "optimizer", "other")
 
@@ -226,6 +231,11 @@ def _checked(out: np.ndarray, shape: tuple[int, ...], like: np.ndarray) -> np.nd
     return out
 
 
+def _result(out: np.ndarray | None, shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
+    """`out` checked, or a fresh buffer of `shape` in `like`'s dtype, data-free if `like` is."""
+    return meta.empty(shape, like.dtype, like=like) if out is None else _checked(out, shape, like)
+
+
 def _alone(x: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """What a collective over one rank returns: its input, or a copy in `out`."""
     if out is None or out is x:
@@ -296,7 +306,7 @@ class Group:
             self.comm.Allreduce(self._in_place, x, mpi_op)
             result = x
         else:
-            send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+            send = x if x.flags.c_contiguous else meta.ascontiguousarray(x)
             result = np.empty_like(send) if out is None else _checked(out, send.shape, send)
             self.comm.Allreduce(send, result, mpi_op)
         chunk = -(-x.size // self.size) * self.ledger.itemsize(x.dtype)  # ⌈N/n⌉ elements
@@ -310,17 +320,17 @@ class Group:
         if self.size == 1:
             return _alone(x, out)
         start = time.perf_counter()
-        send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        send = x if x.flags.c_contiguous else meta.ascontiguousarray(x)
         n = self.size
         if axis != 0:
             axis = _normalize_axis(axis, send.ndim)
         if axis == 0:
             # Rank blocks land back to back, which is already the concatenation along axis 0.
             shape = (send.shape[0] * n, *send.shape[1:]) if send.ndim else (n,)
-            result = np.empty(shape, send.dtype) if out is None else _checked(out, shape, send)
+            result = _result(out, shape, send)
             self.comm.Allgather(send, result)
         else:
-            blocks = np.empty((n, *send.shape), send.dtype)  # (n, *x.shape)
+            blocks = meta.empty((n, *send.shape), send.dtype, like=send)  # (n, *x.shape)
             self.comm.Allgather(send, blocks)
             result = np.concatenate(blocks, axis=axis, out=out)
         nbytes = self.ledger.nbytes(x)
@@ -347,13 +357,14 @@ class Group:
         chunk = length // n
         chunk_shape = (*x.shape[:axis], chunk, *x.shape[axis + 1 :])
         if axis == 0:
-            send = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+            send = x if x.flags.c_contiguous else meta.ascontiguousarray(x)
         else:
             # Make chunk r the r-th contiguous block: split the axis into (n, chunk) and move n to
             # the front; this is the one copy a non-leading axis costs.
             split = x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1 :])
-            send = np.ascontiguousarray(np.moveaxis(split, axis, 0))
-        result = np.empty(chunk_shape, x.dtype) if out is None else _checked(out, chunk_shape, x)
+            to_front = (axis, *(a for a in range(split.ndim) if a != axis))  # np.moveaxis
+            send = meta.ascontiguousarray(split.transpose(to_front))
+        result = _result(out, chunk_shape, x)
         self.comm.Reduce_scatter_block(send, result, self._ops["sum"])
         wire = (n - 1) * self.ledger.nbytes(result)
         seconds = time.perf_counter() - start
@@ -367,9 +378,9 @@ class Group:
         overwritten in place and returned (so a parameter buffer can be filled directly).
         """
         if self.size == 1:
-            return np.asarray(x)
+            return meta.asarray(x)
         start = time.perf_counter()
-        buf = np.ascontiguousarray(x)
+        buf = meta.ascontiguousarray(x)
         self.comm.Bcast(buf, root)
         self.ledger.record(
             "broadcast", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start
@@ -381,7 +392,7 @@ class Group:
         """Blocking send of `x` to group rank `dest`."""
         self._check_peer(dest, "dest")
         start = time.perf_counter()
-        buf = np.ascontiguousarray(x)
+        buf = meta.ascontiguousarray(x)
         self.comm.Send(buf, dest, tag)
         self.ledger.record("send", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start)
 
@@ -392,7 +403,7 @@ class Group:
         """
         self._check_peer(dest, "dest")
         start = time.perf_counter()
-        buf = np.ascontiguousarray(x)
+        buf = meta.ascontiguousarray(x)
         request = self.comm.Isend(buf, dest, tag)
         self.ledger.record("send", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start)
         return (request, buf)
@@ -413,11 +424,14 @@ class Group:
         source: int,
         tag: int = 0,
         out: np.ndarray | None = None,
+        like: Any = None,
     ) -> np.ndarray:
-        """Blocking receive of an array of `shape` and `dtype` from group rank `source`."""
+        """Blocking receive of an array of `shape` and `dtype` from group rank `source`. The
+        buffer is data-free when `like` is (`civetta.meta.empty`): a data-free run receives
+        nothing but still counts the message."""
         self._check_peer(source, "source")
         start = time.perf_counter()
-        buf = np.empty(shape, dtype) if out is None else out
+        buf = meta.empty(shape, dtype, like=like) if out is None else out
         self.comm.Recv(buf, source, tag)
         self.ledger.record(
             "recv", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from civetta import meta
 from parallel.comm import Group
 
 MB = 1 << 20
@@ -47,11 +48,13 @@ class GradientAverager:
         self._signature: tuple = ()
 
     def _prepare(self, grads: dict[str, np.ndarray]) -> None:
-        signature = tuple((name, g.shape, g.dtype.str) for name, g in grads.items())
+        # The kind of array is part of the signature: a data-free step keeps data-free buffers.
+        signature = tuple((name, g.shape, g.dtype.str, type(g)) for name, g in grads.items())
         if signature == self._signature:
             return
         self._signature = signature
         dtype = np.result_type(*(g.dtype for g in grads.values()))
+        like = next(iter(grads.values()))
         sizes = [(name, g.size * dtype.itemsize) for name, g in grads.items()]
         self._layout, self._buffers = [], []
         for bucket in plan_buckets(sizes, self.cap_bytes):
@@ -61,7 +64,7 @@ class GradientAverager:
                 entries.append((name, grads[name].shape, offset, offset + size))
                 offset += size
             self._layout.append(entries)
-            self._buffers.append(np.empty(offset, dtype=dtype))
+            self._buffers.append(meta.empty(offset, dtype, like=like))
 
     def __call__(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.group.size == 1:

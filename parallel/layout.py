@@ -31,11 +31,16 @@ class LayoutError(ValueError):
 class ModelShape(Protocol):
     """What the layout checks of a model: the sizes that parallelism must divide."""
 
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def n_layer(self) -> int: ...
+    @property
+    def n_head(self) -> int: ...
+    @property
+    def n_embd(self) -> int: ...
 
 
 def _positive_int(key: str, value: Any) -> None:

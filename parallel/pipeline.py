@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from civetta import meta
 from civetta.nn import Model
 from civetta.tensor import Tensor, WeightGradStore, defer_weight_grads
 from parallel.comm import Group
@@ -66,6 +67,11 @@ class StepTimeline:
         return 1.0 - self.compute_s / self.window_s if self.window_s > 0 else 0.0
 
 
+def _loss_value(loss: Tensor) -> float:
+    """A microbatch's loss as a float; NaN for a data-free one, which has no value."""
+    return float("nan") if meta.is_meta(loss.data) else float(loss.data)
+
+
 def message_tag(kind: str, microbatch: int, stage: int, schedule: Schedule) -> int:
     """A distinct MPI tag per message: direction, stage and microbatch."""
     direction = 0 if kind.endswith("_F") else 1
@@ -88,6 +94,11 @@ class _StepState:
     weight_stores: dict[tuple[int, int], WeightGradStore] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     sends: list[Any] = field(default_factory=list)
+
+    @property
+    def buffer_like(self) -> np.ndarray:
+        """What received buffers are like: real, or data-free when the inputs are."""
+        return self.inputs[0]
 
 
 class PipelineExecutor:
@@ -148,7 +159,7 @@ class PipelineExecutor:
             x = state.inputs[m] if s == 0 else state.stage_inputs[key]
             out = self.stages[s](x, state.targets[m] if s == self.last_stage else None)
             if s == self.last_stage:
-                state.losses[m] = float(out.data)
+                state.losses[m] = _loss_value(out)
             state.outputs[key] = out  # in flight until its backward
         elif kind in ("B", "I"):
             out = state.outputs.pop(key)
@@ -159,7 +170,9 @@ class PipelineExecutor:
             else:
                 out.backward(grad)
             if s > 0:
-                state.input_grads[key] = state.stage_inputs.pop(key).grad
+                grad_in = state.stage_inputs.pop(key).grad
+                assert grad_in is not None, "a stage's input takes part in its loss"
+                state.input_grads[key] = grad_in
         elif kind == "W":
             state.weight_stores.pop(key).apply()
         elif kind == "SEND_F":
@@ -169,7 +182,11 @@ class PipelineExecutor:
         elif kind == "RECV_F":
             tag = message_tag("SEND_F", m, s, self.schedule)
             buf = self.group.recv(
-                self.activation_shape, self.dtype, self.schedule.stage_rank(s), tag
+                self.activation_shape,
+                self.dtype,
+                self.schedule.stage_rank(s),
+                tag,
+                like=state.buffer_like,
             )
             state.stage_inputs[(m, s + 1)] = Tensor(buf, requires_grad=True)
         elif kind == "SEND_B":
@@ -179,7 +196,11 @@ class PipelineExecutor:
         elif kind == "RECV_B":
             tag = message_tag("SEND_B", m, s, self.schedule)
             state.output_grads[(m, s - 1)] = self.group.recv(
-                self.activation_shape, self.dtype, self.schedule.stage_rank(s), tag
+                self.activation_shape,
+                self.dtype,
+                self.schedule.stage_rank(s),
+                tag,
+                like=state.buffer_like,
             )
         else:
             raise AssertionError(f"unknown action {action}")
@@ -196,10 +217,11 @@ class PipelineExecutor:
                 else:
                     source = self.schedule.stage_rank(s - 1)
                     tag = message_tag("SEND_F", m, s - 1, self.schedule)
-                    x = Tensor(self.group.recv(self.activation_shape, self.dtype, source, tag))
+                    shape, like = self.activation_shape, inputs[m]
+                    x = Tensor(self.group.recv(shape, self.dtype, source, tag, like=like))
                 out = self.stages[s](x, targets[m] if s == self.last_stage else None)
                 if s == self.last_stage:
-                    losses.append(float(out.data))
+                    losses.append(_loss_value(out))
                 else:
                     tag = message_tag("SEND_F", m, s, self.schedule)
                     self.group.send(out.data, self.schedule.stage_rank(s + 1), tag)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from civetta.nn import DENSE, WHOLE, DenseLayout, ParameterStore
+from civetta import meta
+from civetta.nn import DENSE, WHOLE, DenseSharding, ParameterStore
 from parallel.comm import Ledger
 from parallel.data_parallel import GradientAverager
 from parallel.layout import Layout
 from parallel.mesh import Mesh
-from parallel.tensor_parallel import TensorParallelLayout
+from parallel.tensor_parallel import TensorParallelSharding
 from parallel.zero import ShardedStore
 
 
@@ -36,9 +37,9 @@ class Runtime:
         self.pp_group = self.mesh.group("pp")
         # ZeRO-3 shards every parameter (each tensor-parallel slice) over the dp group.
         store: ParameterStore = ShardedStore(self.dp_group) if lay.zero == 3 else WHOLE
-        self.sharding: DenseLayout = DENSE if store is WHOLE else DenseLayout(store)
+        self.sharding: DenseSharding = DENSE if store is WHOLE else DenseSharding(store)
         if self.tp_group.size > 1:
-            self.sharding = TensorParallelLayout(self.tp_group, lay.sequence_parallel, store)
+            self.sharding = TensorParallelSharding(self.tp_group, lay.sequence_parallel, store)
         self.sequence_parallel = lay.sequence_parallel and self.tp_group.size > 1
         self.averager = GradientAverager(self.dp_group, lay.bucket_mb)
 
@@ -68,7 +69,7 @@ class Runtime:
 
     def _sharded(self, name: str) -> bool:
         sharding = self.sharding
-        return isinstance(sharding, TensorParallelLayout) and sharding.is_sharded(name)
+        return isinstance(sharding, TensorParallelSharding) and sharding.is_sharded(name)
 
     def full_arrays(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Whole parameters or gradients from arrays shaped like this rank's parameters
@@ -77,7 +78,7 @@ class Runtime:
         with self.ledger.phase("other"):
             if isinstance(store, ShardedStore):
                 arrays = {name: store.full_array(name, a) for name, a in arrays.items()}
-            if isinstance(sharding, TensorParallelLayout):
+            if isinstance(sharding, TensorParallelSharding):
                 arrays = {name: sharding.full_array(name, a) for name, a in arrays.items()}
         return dict(arrays)
 
@@ -113,14 +114,14 @@ class Runtime:
         for name in tied:
             if name not in grads:
                 continue
-            mine = np.ascontiguousarray(grads[name])
+            mine = meta.ascontiguousarray(grads[name])
             # First stage sends first, last stage receives first: no circular wait.
             if self.pp_rank == 0:
                 self.pp_group.send(mine, last)
-                other = self.pp_group.recv(mine.shape, mine.dtype, last)
+                other = self.pp_group.recv(mine.shape, mine.dtype, last, like=mine)
                 summed[name] = mine + other
             else:
-                other = self.pp_group.recv(mine.shape, mine.dtype, 0)
+                other = self.pp_group.recv(mine.shape, mine.dtype, 0, like=mine)
                 self.pp_group.send(mine, 0)
                 summed[name] = other + mine  # first + last on both ranks: bitwise equal
         return summed
@@ -133,19 +134,27 @@ class Runtime:
     ) -> float:
         """Σ g² over the whole model: shards counted on their rank, replicated parameters and
         tied copies once. `sharded_over_dp`: each dp rank holds a different part of the
-        gradients (ZeRO), so the partial sums are added over dp as well."""
+        gradients (ZeRO), so the partial sums are added over dp as well.
+
+        Data-free gradients (`civetta.meta`) have no values: this is the one place a data-free
+        step asks for one, and it gets NaN (so clipping leaves the gradients as they are). The
+        all-reduces of the partial sums still run, as in an executed step."""
         total = np.zeros(1)
+        data_free = False
         for name, g in grads.items():
             if self._holds_tied_copy(name, tied):
                 continue
             if self.tp_group.rank == 0 or self._sharded(name):
+                if meta.is_meta(g):
+                    data_free = True
+                    continue
                 flat = g.reshape(-1).astype(np.float64, copy=False)
                 total[0] += np.dot(flat, flat)
         total = self.tp_group.all_reduce(total)
         total = self.pp_group.all_reduce(total)
         if sharded_over_dp:
             total = self.dp_group.all_reduce(total)
-        return float(total[0])
+        return float("nan") if data_free else float(total[0])
 
     def mean_loss(self, losses: list[float]) -> float:
         """The mean of the microbatch losses, which only the last pipeline stage holds, over

@@ -1,7 +1,7 @@
 """Tensor parallelism: slicing the hidden dimension across the ranks of the tp group.
 
-`TensorParallelLayout` has the methods of `civetta.nn.DenseLayout`, so the GPT code is the same
-for every layout; only where parameters live and which redirections wrap them changes
+`TensorParallelSharding` has the methods of `civetta.nn.DenseSharding`, so the GPT code is the
+same for every layout; only where parameters live and which redirections wrap them changes
 (Megatron-LM's scheme):
 
 - column-parallel linear (attn.c_attn with whole heads per rank, mlp.c_fc): each rank keeps a
@@ -18,7 +18,7 @@ gradients that the runtime sums over the tp group.
 
 Every rank builds the full weight from the name-seeded initialiser and keeps its slice, so every
 layout starts from exactly the single-process weights. Parameters are created and applied
-through the layout's parameter store, so ZeRO-3 (`parallel.zero.ShardedStore`) can further shard
+through the sharding's parameter store, so ZeRO-3 (`parallel.zero.ShardedStore`) can further shard
 each tensor-parallel slice over the data-parallel group.
 """
 
@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta.nn import WHOLE, DenseLayout, Module, ParameterStore, normal_init
+from civetta import meta
+from civetta.nn import WHOLE, DenseSharding, Module, ParameterStore, normal_init
 from civetta.tensor import Tensor
 from parallel.comm import Group
 from parallel.redirect import (
@@ -59,7 +60,7 @@ def column_rows(out_features: int, packed: int, rank: int, size: int) -> np.ndar
     return np.concatenate([np.arange(block)[mine] + i * block for i in range(packed)])
 
 
-class TensorParallelLayout(DenseLayout):
+class TensorParallelSharding(DenseSharding):
     """Where each GPT parameter lives under tensor (and optionally sequence) parallelism."""
 
     def __init__(
@@ -116,7 +117,7 @@ class TensorParallelLayout(DenseLayout):
         params = {f"{name}.weight": weight}
         b = None
         if bias:
-            b = store.create(f"{name}.bias", np.zeros(len(rows)), dtype)
+            b = store.create(f"{name}.bias", meta.zeros(len(rows)), dtype)
             params[f"{name}.bias"] = b
         self.placements.update((p, (0, packed)) for p in params)
 
@@ -144,7 +145,7 @@ class TensorParallelLayout(DenseLayout):
         self.placements[f"{name}.weight"] = (1, 1)
         b = None
         if bias:  # replicated: added once, after the partial sums are combined
-            b = store.create(f"{name}.bias", np.zeros(out_features), dtype)
+            b = store.create(f"{name}.bias", meta.zeros(out_features), dtype)
             params[f"{name}.bias"] = b
 
         def forward(x: Tensor) -> Tensor:
@@ -169,7 +170,7 @@ class TensorParallelLayout(DenseLayout):
             local = idx - start
             outside = (local < 0) | (local >= local_vocab)
             rows_picked = store.lookup(weight, np.where(outside, 0, local))  # (B, T, C)
-            keep = (~outside)[..., None].astype(weight.dtype)
+            keep = Tensor((~outside)[..., None].astype(weight.dtype))  # real or data-free
             return self._exit(ax.mul(rows_picked, keep))  # tokens of other ranks count 0
 
         return Module(forward, {f"{name}.weight": weight})
@@ -207,9 +208,9 @@ def vocab_parallel_cross_entropy(
     local_targets = targets - vocab_start
     mine = (local_targets >= 0) & (local_targets < local_vocab)
     flat = ax.reshape(shifted, (-1, local_vocab))
-    rows = np.arange(flat.shape[0])
+    rows = meta.arange(flat.shape[0], like=flat.data)
     picked = ax.getitem(flat, (rows, np.where(mine, local_targets, 0).reshape(-1)))
-    picked = ax.mul(ax.reshape(picked, targets.shape), mine.astype(logits.dtype))
+    picked = ax.mul(ax.reshape(picked, targets.shape), Tensor(mine.astype(logits.dtype)))
     target_logit = reduce_from_region(picked, group)  # (B, T)
 
     nll = ax.add(ax.log(sum_exp), ax.neg(target_logit))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from civetta import meta
 from civetta.optim import Optimizer, clip_coefficient
 from civetta.precision import MasterWeights, Precision
 from civetta.tensor import Tensor
@@ -87,7 +89,7 @@ class ReplicatedUpdate(GradientUpdate):
 
     def step(self, lr: float, unscale: Unscale | None = None) -> tuple[float, bool]:
         rt = self.runtime
-        grads = {name: p.grad for name, p in self.params.items()}
+        grads = gradients(self.params)
         grads = rt.synchronize_gradients(grads, self.tied)
         take_step = True
         if unscale is not None:
@@ -124,6 +126,15 @@ class ReplicatedUpdate(GradientUpdate):
             for name, weights in self.masters.master.items():
                 _fill(weights.data, masters[name], f"master/{name}")
             self.masters.publish()
+
+
+def gradients(params: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Every parameter's accumulated gradient (each took part in the step's loss)."""
+    grads = {}
+    for name, p in params.items():
+        assert p.grad is not None, f"{name} has no gradient"
+        grads[name] = p.grad
+    return grads
 
 
 def _fill(target: np.ndarray, source: np.ndarray, what: str) -> None:
@@ -173,7 +184,8 @@ class ZeroUpdate(GradientUpdate):
         if stage == 3:
             self.optimizer = self._build(build_optimizer, params, precision)
             return
-        dtype = next(iter(params.values())).dtype
+        like = next(iter(params.values())).data  # real, or data-free (`civetta.meta`)
+        dtype = like.dtype
         sizes = {name: p.size for name, p in params.items()}
         n = self.group.size
         self.buckets = partition_buckets(
@@ -183,7 +195,7 @@ class ZeroUpdate(GradientUpdate):
             # Stage 1 keeps each bucket's whole gradient buffer (zero padding written once);
             # stage 2 keeps only the chunk.
             length = n * bucket.chunk if stage == 1 else bucket.chunk
-            bucket.grad_buffer = np.zeros(length, dtype=dtype)
+            bucket.grad_buffer = meta.zeros(length, dtype, like=like)
         # Each parameter lies in one bucket, so this rank owns at most one piece of it.
         self._owned = {
             name: param_range for bucket in self.buckets for name, param_range, _ in bucket.pieces
@@ -217,7 +229,7 @@ class ZeroUpdate(GradientUpdate):
         whether the optimizer stepped. `unscale` (fp16's loss scaling) takes this rank's
         gradient shards and returns them unscaled and whether to step, the same on every rank
         (an overflow anywhere skips the step everywhere)."""
-        grads = {name: p.grad for name, p in self.params.items()}
+        grads = gradients(self.params)
         # Tied copies across pipeline stages, sequence-parallel partial sums across tp.
         grads = self.runtime.combine_partial_gradients(grads, self.tied)
         if self.stage == 3:
@@ -264,7 +276,8 @@ class ZeroUpdate(GradientUpdate):
             if self.stage == 1:
                 flat = bucket.grad_buffer
             else:  # a transient whole bucket: freed when the next one is packed
-                flat = np.zeros(n * bucket.chunk, dtype=bucket.grad_buffer.dtype)
+                buffer = bucket.buffer
+                flat = meta.zeros(n * bucket.chunk, buffer.dtype, like=buffer)
             for name, start, stop in bucket.entries:
                 flat[start:stop] = grads.pop(name).reshape(-1)
             if self.stage == 1:
@@ -275,13 +288,14 @@ class ZeroUpdate(GradientUpdate):
             mine *= mine.dtype.type(1.0 / n)
             for name, _, chunk_range in bucket.pieces:
                 shards[name] = mine[chunk_range]
-        self.grad_bytes = sum(b.grad_buffer.nbytes for b in self.buckets)
+        self.grad_bytes = sum(b.buffer.nbytes for b in self.buckets)
         return shards
 
     def _all_gather_parameters(self) -> None:
         """Stages 1, 2: every rank's updated chunk of each bucket to every rank."""
         for bucket in self.buckets:
-            mine = np.zeros(bucket.chunk, dtype=bucket.grad_buffer.dtype)
+            buffer = bucket.buffer
+            mine = meta.zeros(bucket.chunk, buffer.dtype, like=buffer)
             for name, param_range, chunk_range in bucket.pieces:
                 mine[chunk_range] = self._flat(name)[param_range]
             whole = self.group.all_gather(mine)
@@ -340,7 +354,8 @@ class ZeroUpdate(GradientUpdate):
         for bucket in self.buckets:
             if not kinds:
                 break
-            mine = np.zeros((len(kinds), bucket.chunk), dtype=bucket.grad_buffer.dtype)
+            buffer = bucket.buffer
+            mine = meta.zeros((len(kinds), bucket.chunk), buffer.dtype, like=buffer)
             for name, _, chunk_range in bucket.pieces:
                 for k, kind in enumerate(kinds):
                     mine[k, chunk_range] = state[f"{kind}.{name}"]
@@ -353,6 +368,12 @@ class ZeroUpdate(GradientUpdate):
         masters = {k.partition(".")[2]: optim.pop(k) for k in list(optim) if k.startswith(MASTER)}
         return params, optim, masters
 
+    def _shard(self, name: str) -> Any:
+        """Stage 3: the store's record of parameter `name` (its whole shape and chunk)."""
+        store = self.runtime.sharding.store
+        assert isinstance(store, ShardedStore)
+        return store._by_leaf[self.params[name]]
+
     def load_whole_state(
         self,
         params: dict[str, np.ndarray],
@@ -363,12 +384,11 @@ class ZeroUpdate(GradientUpdate):
         parameter by name; `state` every key of this rank's optimizer's `state_dict`, in the
         whole parameter's shape; `masters` the float32 masters under mixed precision (default:
         the parameters). Raises ValueError on a shape that does not fit. Local."""
-        store = self.runtime.sharding.store
         n, rank = self.group.size, self.group.rank
 
         def whole_shape(name: str) -> tuple[int, ...]:
             if self.stage == 3:
-                return store._by_leaf[self.params[name]].shape
+                return self._shard(name).shape
             return self.params[name].shape
 
         def checked(name: str, value: np.ndarray, what: str) -> np.ndarray:
@@ -380,7 +400,7 @@ class ZeroUpdate(GradientUpdate):
         def mine(name: str, value: np.ndarray, what: str) -> np.ndarray:
             flat = checked(name, value, what).reshape(-1)
             if self.stage == 3:
-                chunk = store._by_leaf[self.params[name]].chunk
+                chunk = self._shard(name).chunk
                 padded = np.zeros(n * chunk, dtype=flat.dtype)
                 padded[: flat.size] = flat
                 return padded[rank * chunk : (rank + 1) * chunk]
@@ -412,7 +432,8 @@ class ZeroUpdate(GradientUpdate):
             return dict(grads)
         full: dict[str, np.ndarray] = {}
         for bucket in self.buckets:
-            mine = np.zeros(bucket.chunk, dtype=bucket.grad_buffer.dtype)
+            buffer = bucket.buffer
+            mine = meta.zeros(bucket.chunk, buffer.dtype, like=buffer)
             for name, _, chunk_range in bucket.pieces:
                 mine[chunk_range] = grads[name]
             whole = self.group.all_gather(mine)

@@ -11,8 +11,8 @@ ledger rule of `parallel.comm` is reused as is.
 The fill is "as if every rank held this rank's data": a reduction returns its input, an
 all-gather repeats the input n times, a reduce-scatter returns this rank's chunk of its input,
 a broadcast leaves the buffer as it is, and a receive gets zeros. The values are meaningless;
-the shapes, dtypes and bytes are exact. `fill` may be swapped for one that suits data-free
-arrays.
+the shapes, dtypes and bytes are exact. Data-free buffers (`civetta.meta`) are left unfilled,
+so a data-free step runs on a virtual mesh as a real one does; `fill` may be swapped.
 
 mpi4py is never imported here: importing it initialises MPI and makes
 `parallel.comm.launched_by_mpi()` true.
@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from civetta import meta
 from parallel.comm import REDUCTIONS, CommError, Ledger
 from parallel.mesh import AXES, Mesh, MeshLayout
 
@@ -34,7 +35,10 @@ Fill = Callable[[Any, Any], None]
 
 def numpy_fill(out: Any, source: Any = None) -> None:
     """The default fill: numpy's assignment rules, so any array-like that supports
-    `np.copyto` (or slice assignment, for the zeros) works."""
+    `np.copyto` (or slice assignment, for the zeros) works. A data-free buffer (`civetta.meta`)
+    has no values to write: it is left as it is."""
+    if meta.is_meta(out):
+        return
     if source is None:
         out[...] = 0
     else:

@@ -67,8 +67,9 @@ from typing import Any
 
 import numpy as np
 
+from civetta import fused, meta
 from civetta.axioms import _scatter_add_rows
-from civetta.meters import flop_meter
+from civetta.meters import flop_meter, gemm_log
 from civetta.nn import ParameterStore
 from civetta.tensor import (
     DeferredGrad,
@@ -96,7 +97,6 @@ class _Shard:
     shape: tuple[int, ...]  # the whole parameter (this tensor-parallel rank's part of it)
     size: int  # elements of the whole parameter
     chunk: int  # ⌈size / dp⌉ elements per rank; the last ranks' tails are zero padding
-    leaf: Tensor  # this rank's chunk, shape (chunk,): the parameter the optimizer updates
 
 
 class ShardedStore(ParameterStore):
@@ -111,20 +111,24 @@ class ShardedStore(ParameterStore):
         self.group = group
         self._by_leaf: dict[Tensor, _Shard] = {}
         self._by_name: dict[str, _Shard] = {}
+        # Each chunk, the parameter the optimizer updates: kept here, not in the shard records
+        # the ops' backward closures hold, so no closure holds a Tensor.
+        self._chunks: dict[str, Tensor] = {}
         self.gathered_peak = 0  # the most bytes of whole parameters one gather produced
 
     # -- parameters --
     def create(self, name: str, value: np.ndarray, dtype: Any) -> Tensor:
         n, rank = self.group.size, self.group.rank
-        value = np.asarray(value)
+        value = meta.asarray(value)
         chunk = ceil_div(value.size, n)
-        padded = np.zeros(n * chunk, dtype=dtype)
+        padded = meta.zeros(n * chunk, dtype, like=value)
         padded[: value.size] = value.reshape(-1)
         # A copy, so the whole initial value is not kept alive as the chunk's base.
         leaf = Tensor(padded[rank * chunk : (rank + 1) * chunk].copy(), requires_grad=True)
-        shard = _Shard(name, value.shape, value.size, chunk, leaf)
+        shard = _Shard(name, value.shape, value.size, chunk)
         self._by_leaf[leaf] = shard
         self._by_name[name] = shard
+        self._chunks[name] = leaf
         return leaf
 
     def whole_sizes(self) -> dict[str, int]:
@@ -134,14 +138,15 @@ class ShardedStore(ParameterStore):
     def full_array(self, name: str, chunk: np.ndarray) -> np.ndarray:
         """The whole parameter (or gradient) `name` from every rank's chunk; collective over dp."""
         shard = self._by_name[name]
-        return self.group.all_gather(np.ascontiguousarray(chunk))[: shard.size].reshape(shard.shape)
+        gathered = self.group.all_gather(meta.ascontiguousarray(chunk))
+        return gathered[: shard.size].reshape(shard.shape)
 
     # -- the two collectives --
     def gather(self, shards: Sequence[_Shard]) -> list[np.ndarray]:
         """Whole values of `shards`, in one all-gather of their concatenated chunks."""
         n = self.group.size
         width = sum(s.chunk for s in shards)
-        mine = np.concatenate([s.leaf.data for s in shards])
+        mine = np.concatenate([self._chunks[s.name].data for s in shards])
         blocks = self.group.all_gather(mine).reshape(n, width)  # row r: rank r's chunks
         whole, offset = [], 0
         for s in shards:
@@ -160,12 +165,13 @@ class ShardedStore(ParameterStore):
             grads = [policy.round(g) for g in grads]
         n = self.group.size
         width = sum(s.chunk for s in shards)
-        send = np.zeros((n, width), dtype=grads[0].dtype)  # row r: what rank r receives
+        send = meta.zeros((n, width), grads[0].dtype, like=grads[0])  # row r: rank r's part
         offset = 0
         for s, g in zip(shards, grads, strict=True):
             flat = g.reshape(-1)
             if s.size < n * s.chunk:
-                flat = np.concatenate([flat, np.zeros(n * s.chunk - s.size, flat.dtype)])
+                padding = meta.zeros(n * s.chunk - s.size, flat.dtype, like=flat)
+                flat = np.concatenate([flat, padding])
             send[:, offset : offset + s.chunk] = flat.reshape(n, s.chunk)
             offset += s.chunk
         mine = self.group.reduce_scatter(send.reshape(-1))
@@ -174,12 +180,15 @@ class ShardedStore(ParameterStore):
 
     # -- the ops: gather, compute, free; in backward gather again and reduce-scatter --
     @staticmethod
-    def _node(out: np.ndarray, parents: tuple[Tensor, ...], backward: Any, sums: int) -> Tensor:
+    def _node(
+        out: np.ndarray, parents: tuple[Tensor, ...], backward: Any, sums: int, saved: tuple
+    ) -> Tensor:
         """`make_node` for an op whose last `sums` input gradients are reduce-scattered sums:
-        under mixed precision the others are rounded, those are not (`reduce_scatter`)."""
+        under mixed precision the others are rounded, those are not (`reduce_scatter`). `saved`:
+        the activations the backward keeps (the parameters are gathered again, not kept)."""
         policy = current_precision()
         if policy is None:
-            return make_node(out, parents, backward)
+            return make_node(out, parents, backward, saved=saved)
 
         def rounded(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
             grads = backward(g)
@@ -188,7 +197,7 @@ class ShardedStore(ParameterStore):
                 policy.round(x) if i < head and x is not None else x for i, x in enumerate(grads)
             )
 
-        return make_node(out, parents, rounded, round_grads=False)
+        return make_node(out, parents, rounded, round_grads=False, saved=saved)
 
     def _shards(self, *params: Tensor | None) -> list[_Shard]:
         return [self._by_leaf[p] for p in params if p is not None]
@@ -207,24 +216,33 @@ class ShardedStore(ParameterStore):
         if b:
             out += b[0]
         del w, b  # the whole parameters are freed here
-        flops = 2 * x2.shape[0] * in_features * out_features
+        tokens = x2.shape[0]
+        flops = 2 * tokens * in_features * out_features
         flop_meter.forward += flops
+        # The GEMMs `fused.linear` logs, in its phases (the backward's in the forward's precision).
+        precision = current_precision()
+        gemm_log.record(tokens, in_features, out_features, 1, "forward", data.dtype, precision)
         need_x = x.requires_grad
+        shape, dtype = data.shape, data.dtype  # the closure keeps x2 (the weight gradient's)
 
-        def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        def backward(g: np.ndarray) -> tuple[Any, ...]:
             w = self.gather(shards)[0]
             g2 = g.reshape(-1, out_features)
             dx = None
             if need_x:
-                dx = (g2 @ w).reshape(data.shape)
+                dx = (g2 @ w).reshape(shape)
                 flop_meter.backward += flops
+                phase = "backward-input"
+                gemm_log.record(tokens, out_features, in_features, 1, phase, dtype, precision)
             del w
 
             def weight_grads() -> list[np.ndarray]:
                 flop_meter.backward += flops
+                phase = "backward-weight"
+                gemm_log.record(out_features, tokens, in_features, 1, phase, dtype, precision)
                 grads = [g2.T @ x2]
-                if len(shards) == 2:
-                    grads.append(np.ones(g2.shape[0], g2.dtype) @ g2)  # bias: a GEMV over tokens
+                if len(shards) == 2:  # bias: a GEMV over tokens
+                    grads.append(meta.ones(g2.shape[0], g2.dtype, like=g2) @ g2)
                 return self.reduce_scatter(shards, grads)
 
             if not weight_grads_deferred():
@@ -244,8 +262,8 @@ class ShardedStore(ParameterStore):
             return (dx, *(part(i) for i in range(len(shards))))
 
         parents = (x, weight) if bias is None else (x, weight, bias)
-        out = out.reshape(*data.shape[:-1], out_features)
-        return self._node(out, parents, backward, sums=len(shards))
+        out = out.reshape(*shape[:-1], out_features)
+        return self._node(out, parents, backward, len(shards), saved=(x2,))
 
     def lookup(self, table: Tensor, rows: np.ndarray) -> Tensor:
         shards = self._shards(table)
@@ -259,7 +277,44 @@ class ShardedStore(ParameterStore):
             full = _scatter_add_rows(rows, g, shape)  # the dense lookup's backward
             return tuple(self.reduce_scatter(shards, [full]))
 
-        return self._node(out, (table,), backward, sums=1)
+        return self._node(out, (table,), backward, 1, saved=(rows,))
+
+    def layer_norm(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+    ) -> Tensor:
+        """`fused.layer_norm` on gathered parameters, one node keeping x̂ and 1/σ: the weight
+        is gathered again for the backward, which reduce-scatters dw and db together."""
+        shards = self._shards(weight, bias)
+        if not shards:
+            return fused.normalize(x, eps)
+        data = x.data
+        xhat = np.empty_like(data)
+        rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
+        fused._normalize_forward(data, xhat, rstd, eps)
+        values = self.gather(shards)
+        w = values[0] if weight is not None else None
+        out = xhat if w is None else xhat * w
+        if bias is not None:
+            out = out + values[-1]
+        del values, w  # the whole parameters are freed here
+        leading = tuple(range(data.ndim - 1))
+        need_x, has_weight = x.requires_grad, weight is not None
+
+        def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+            gathered = self.gather(shards)  # the weight for dx (a bias alone needs no value)
+            dx = None
+            if need_x:
+                dx = np.empty_like(xhat)
+                scaled = g * gathered[0] if has_weight else g
+                fused._normalize_backward(xhat, rstd, scaled, dx)
+            del gathered
+            sums = ([np.sum(g * xhat, axis=leading)] if has_weight else []) + (
+                [np.sum(g, axis=leading)] if len(shards) > int(has_weight) else []
+            )
+            return (dx, *self.reduce_scatter(shards, sums))
+
+        parents = (x, *(p for p in (weight, bias) if p is not None))
+        return self._node(out, parents, backward, len(shards), saved=(xhat, rstd))
 
     def affine(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         """x · weight, then + bias: two nodes, as the whole store builds them (so the activation
@@ -282,7 +337,7 @@ class ShardedStore(ParameterStore):
             dx = g * w if need_x else None
             return (dx, *self.reduce_scatter(shards, [np.sum(g * data, axis=leading)]))
 
-        return self._node(out, (x, weight), backward, sums=1)
+        return self._node(out, (x, weight), backward, 1, saved=(data,))
 
     def _shift(self, x: Tensor, bias: Tensor) -> Tensor:
         shards = self._shards(bias)
@@ -293,7 +348,7 @@ class ShardedStore(ParameterStore):
             self.gather(shards)  # DeepSpeed's pre-backward fetch; a bias's gradient needs no value
             return (g, *self.reduce_scatter(shards, [np.sum(g, axis=leading)]))
 
-        return self._node(out, (x, bias), backward, sums=1)
+        return self._node(out, (x, bias), backward, 1, saved=())
 
 
 # ---- stages 1 and 2: gradient buckets partitioned over dp ----------------------------------------
@@ -307,6 +362,12 @@ class _Bucket:
     # This rank's chunk, as (name, range in the flattened parameter, range in the chunk).
     pieces: list[tuple[str, slice, slice]] = field(default_factory=list)
     grad_buffer: np.ndarray | None = None  # stage 1: the whole bucket; stage 2: the chunk
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The gradient buffer, once the update has made it."""
+        assert self.grad_buffer is not None
+        return self.grad_buffer
 
 
 def partition_buckets(

@@ -532,7 +532,7 @@ def test_set_into_unknown_section_names_the_section(
 
 
 def test_config_error_is_a_value_error_with_the_message() -> None:
-    with pytest.raises(ConfigError, match=r"^error: train\.steps expected int, got 'x' \(str\)$"):
+    with pytest.raises(ConfigError, match=r"^train\.steps expected int, got 'x' \(str\)$"):
         load(None, ["train.steps=x"])
     assert issubclass(ConfigError, ValueError)
 
@@ -668,3 +668,23 @@ def test_explicit_mpiexec_that_does_not_exist_is_refused(scratch: Path) -> None:
     argv += ["--out", str(scratch / "out"), "--mpiexec", str(missing)]
     completed = _civetta(argv, scratch)
     _assert_one_line_exit_2(completed, f"error: --mpiexec {str(missing)!r} is not an executable")
+
+
+def test_a_wrapped_cost_model_error_has_one_prefix(
+    scratch: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A profile without the peak of train.dtype: the cost model words it, launch wraps it in a
+    ConfigError, and the CLI adds "error: " once, from simulate and tune alike."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / "hardware" / "a100-dgx.yaml").read_text())
+    raw["device"]["peak_tflops"] = {"bf16": 312}
+    profile = scratch / "bf16-only.yaml"
+    profile.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    config = scratch / "config.yaml"
+    config.write_text(TINY_YAML, encoding="utf-8")
+    common = [str(config), "--hardware", str(profile), "--set", "train.dtype=float32"]
+    expected = "error: device A100-SXM4-80GB has no peak for dtype 'float32' (has bf16)\n"
+    for argv in (["simulate", *common], ["tune", *common, "--gpus", "8"]):
+        code = cli.main(argv)
+        assert (code, capsys.readouterr().err) == (2, expected)

@@ -108,7 +108,7 @@ def test_a_sweep_error_names_the_entry(tmp_path: Path) -> None:
     config = write(
         tmp_path / "e.yaml", TINY + "sweep:\n  - {parallel.tp: 2}\n  - {parallel.tp: 3}\n"
     )
-    with pytest.raises(ConfigError, match=r"^error: sweep\[1\]: parallel\.tp=3 does not divide"):
+    with pytest.raises(ConfigError, match=r"^sweep\[1\]: parallel\.tp=3 does not divide"):
         load_experiment(config)
 
 

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import closed_forms as closed
 import pytest
 from rich.console import Console
 
@@ -23,15 +24,9 @@ from launch.config import ConfigError
 from launch.profiles import load_profile, profile_from_dict
 from launch.simulate import simulate_command
 from parallel.cost.collectives import all_reduce_time, group_link
-from parallel.cost.flops import layer_forward_flops, megatron_flops, step_flops
 from parallel.cost.hardware import CostModelError
-from parallel.cost.memory import (
-    block_activation_bytes,
-    device_memory,
-    device_params,
-    in_flight_layers,
-)
-from parallel.cost.projection import CostOptions, Workload, project
+from parallel.cost.memory import in_flight_layers
+from parallel.cost.projection import CostOptions, Workload, device_memory_of, project
 from parallel.cost.replay import (
     REPLAY_LIMIT,
     PipelineTimes,
@@ -43,6 +38,7 @@ from parallel.cost.replay import (
     pipeline_time,
     replayed_makespan,
 )
+from parallel.cost.stages import StagedModel
 from parallel.layout import Layout, LayoutError
 from parallel.mesh import MeshLayout
 
@@ -51,57 +47,81 @@ A100 = load_profile("a100-dgx")
 SMALL = GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=8, n_embd=256)
 
 
-# ---- FLOPs --------------------------------------------------------------------------------------
+# ---- FLOPs: the traced projection against the papers' closed forms ------------------------------
+def _projected(config: GPTConfig, layout: Layout, dtype: str = "bf16"):
+    return project(config, layout, A100, CostOptions(replay=None), Workload(dtype))
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_model_flops_are_6n_plus_attention(bias: bool) -> None:
+@pytest.mark.parametrize("tp", [1, 4])
+def test_model_flops_are_6n_plus_attention(bias: bool, tp: int) -> None:
     """Per token: 6 × (matmul weights) + 12·L·h·s, the count of GPTConfig.flops_per_token
-    (and of the engine's FLOP meter)."""
+    (and of the engine's FLOP meter), whatever the tensor-parallel split."""
     c = dataclasses.replace(SMALL, bias=bias)
     L, h, s, V = c.n_layer, c.n_embd, c.block_size, c.vocab_size
-    flops = step_flops(c, sequences=3)
+    flops = _projected(c, Layout(tp=tp, microbatch_size=3))
     tokens = 3 * s
-    assert flops.model == tokens * (6 * (12 * L * h * h + V * h) + 12 * L * h * s)
-    assert flops.model == tokens * c.flops_per_token()
-    assert flops.hardware == flops.model  # no recomputation
+    assert flops.model_flops_per_step == tokens * (6 * (12 * L * h * h + V * h) + 12 * L * h * s)
+    assert flops.model_flops_per_step == tokens * c.flops_per_token()
+    assert flops.model_flops_per_step == closed.step_flops(c, 3).model
+    assert flops.hardware_flops_per_step == flops.model_flops_per_step  # no recomputation
 
 
 def test_recompute_adds_a_forward() -> None:
     c, b = SMALL, 5
     s = c.block_size
-    none, full, selective = (step_flops(c, b, recompute=r) for r in ("none", "full", "selective"))
+    none, full, selective = (
+        _projected(c, Layout(microbatch_size=b, recompute=r)) for r in ("none", "full", "selective")
+    )
     layers_forward = c.n_layer * (24 * b * s * c.n_embd**2 + 4 * b * s * s * c.n_embd)
-    assert layers_forward == c.n_layer * layer_forward_flops(c, b, s)
-    assert full.model == selective.model == none.model
-    assert full.hardware - full.model == layers_forward  # the head is not recomputed
-    assert selective.hardware - selective.model == c.n_layer * 4 * b * s * s * c.n_embd
+    assert layers_forward == c.n_layer * closed.layer_forward_flops(c, b, s)
+    model = none.model_flops_per_step
+    assert full.model_flops_per_step == selective.model_flops_per_step == model
+    assert full.hardware_flops_per_step - model == layers_forward  # the head is not recomputed
+    assert selective.hardware_flops_per_step - model == c.n_layer * 4 * b * s * s * c.n_embd
+    for recompute, projected in (("full", full), ("selective", selective)):
+        hardware = closed.step_flops(c, b, recompute=recompute).hardware
+        assert projected.hardware_flops_per_step == hardware
 
 
 def test_megatron_equation_3_is_full_recompute_hardware_flops() -> None:
     c = GPTConfig(vocab_size=51200, block_size=2048, n_layer=96, n_head=96, n_embd=12288)
-    exact = step_flops(c, 1536, recompute="full").hardware
-    assert megatron_flops(c, 1536) == pytest.approx(exact, rel=1e-12)
+    layout = Layout(dp=16, tp=8, pp=12, microbatch_size=1, microbatches=96, recompute="full")
+    exact = _projected(c, layout).hardware_flops_per_step
+    assert closed.megatron_flops(c, 1536) == pytest.approx(exact, rel=1e-12)
 
 
 # ---- memory -------------------------------------------------------------------------------------
+def _params(config: GPTConfig, layout: Layout, device: int = 0) -> int:
+    """Parameters the traced model puts on pipeline rank `device`."""
+    model = StagedModel(config, layout, "bf16", config.block_size)
+    return sum(p.elements for p in model.device_params(device))
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_one_device_holds_every_parameter(tie: bool) -> None:
     c = dataclasses.replace(SMALL, tie_embeddings=tie)
-    assert device_params(c, tp=1, pp=1, device=0) == c.num_parameters()
+    assert _params(c, Layout()) == c.num_parameters() == closed.device_params(c, 1, 1, 0)
+
+
+@pytest.mark.parametrize(("tp", "pp", "tie"), [(4, 1, True), (2, 2, True), (2, 4, False)])
+def test_traced_parameters_are_the_closed_form(tp: int, pp: int, tie: bool) -> None:
+    c = dataclasses.replace(SMALL, tie_embeddings=tie)
+    layout = Layout(tp=tp, pp=pp)
+    for device in range(pp):
+        assert _params(c, layout, device) == closed.device_params(c, tp, pp, device)
 
 
 def test_tensor_parallel_shards_sum_to_the_model() -> None:
     c, tp = SMALL, 4
     h = c.n_embd
     replicated = c.n_layer * (2 * h + 4 * h) + c.block_size * h + 2 * h  # row biases, LNs, wpe
-    assert tp * device_params(c, tp, 1, 0) - (tp - 1) * replicated == c.num_parameters()
+    assert tp * _params(c, Layout(tp=tp)) - (tp - 1) * replicated == c.num_parameters()
 
 
 def _memory(zero: int, dtype: str = "bf16", optimizer: str = "adamw", dp: int = 4) -> dict:
-    mem = device_memory(
-        SMALL, device=0, dp=dp, tp=1, pp=1, microbatch=1, microbatches=1,
-        seq_len=SMALL.block_size, zero=zero, dtype=dtype, optimizer=optimizer,
-    )  # fmt: skip
-    return mem.as_dict()
+    work = Workload(dtype, optimizer)
+    return device_memory_of(SMALL, Layout(dp=dp, zero=zero), 0, work).as_dict()
 
 
 def test_mixed_precision_adam_is_16_bytes_per_parameter() -> None:
@@ -126,7 +146,7 @@ def test_zero_stages_shard_over_dp() -> None:
     )
     assert (z3["params"], z3["grads"]) == (-(-2 * n // dp), -(-2 * n // dp))
     assert z3["params"] + z3["grads"] + z3["optimizer"] <= 16 * shard + 3
-    assert z1["activations"] == z2["activations"] == z3["activations"] == _memory(0)["activations"]
+    assert z1["activations"] == z2["activations"] == _memory(0)["activations"]
 
 
 def test_activation_bytes_follow_korthikanti() -> None:
@@ -136,7 +156,7 @@ def test_activation_bytes_follow_korthikanti() -> None:
     sbh = s * b * h
 
     def act(**kw: object) -> float:
-        return block_activation_bytes(c, b, s, dtype="bf16", **kw)  # type: ignore[arg-type]
+        return closed.block_activation_bytes(c, b, s, dtype="bf16", **kw)  # type: ignore[arg-type]
 
     assert act() == sbh * (34 + 5 * a * s / h)
     assert act(tp=t) == sbh * (10 + 24 / t + 5 * a * s / (h * t))
@@ -146,7 +166,7 @@ def test_activation_bytes_follow_korthikanti() -> None:
     assert act(tp=t, recompute="full") == 2 * sbh
     assert act(tp=t, sequence_parallel=True, recompute="full") == 2 * sbh / t
     # fp32 activations double every tensor but the 1-byte dropout masks
-    assert block_activation_bytes(c, b, s, dtype="float32") == sbh * (66 + 9 * a * s / h)
+    assert closed.block_activation_bytes(c, b, s, dtype="float32") == sbh * (66 + 9 * a * s / h)
 
 
 def test_pipeline_first_stage_holds_the_microbatches_in_flight() -> None:
@@ -385,7 +405,7 @@ def test_bad_profiles_are_one_line(edit: object, message: str) -> None:
     edit(raw)  # type: ignore[operator]
     with pytest.raises(CostModelError, match=message) as info:
         profile_from_dict(raw)
-    assert "\n" not in str(info.value) and str(info.value).startswith("error: ")
+    assert "\n" not in str(info.value) and not str(info.value).startswith("error")
 
 
 # ---- civetta simulate ---------------------------------------------------------------------------
@@ -416,11 +436,11 @@ def test_simulate_writes_the_json_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("hardware", "overrides", "message"),
     [
-        ("nope", [], r"^error: hardware profile 'nope' is neither a file nor one of .*a100-dgx"),
+        ("nope", [], r"^hardware profile 'nope' is neither a file nor one of .*a100-dgx"),
         (
             "a100-dgx",
             ["parallel.tp=5"],
-            r"^error: parallel\.tp=5 does not divide model\.n_head=96$",
+            r"^parallel\.tp=5 does not divide model\.n_head=96$",
         ),
     ],
 )

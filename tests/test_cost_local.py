@@ -14,8 +14,8 @@ from launch.profiles import PROFILE_DIR, load_profile, profile_from_dict
 from parallel.cost import calibration as cal
 from parallel.cost.collectives import GroupLink
 from parallel.cost.hardware import CostModelError, HardwareProfile, Oversubscription
-from parallel.cost.memory import device_tensors
 from parallel.cost.projection import CIVETTA_EXECUTOR, Workload, optimizer_time, project
+from parallel.cost.stages import StagedModel
 from parallel.layout import Layout
 
 A100 = load_profile("a100-dgx")
@@ -70,8 +70,8 @@ def test_an_oversubscribed_projection_stretches_compute_not_mfu_peak() -> None:
 
 def test_the_optimizer_pays_per_tensor_and_per_byte() -> None:
     profile, work = machine(), Workload(dtype="float32", optimizer="adamw")
-    tensors = len(device_tensors(CONFIG, 1, 1, 0))
-    elements = sum(n for _, n in device_tensors(CONFIG, 1, 1, 0))
+    params = StagedModel(CONFIG, Layout(), "float32", CONFIG.block_size).device_params(0)
+    tensors, elements = len(params), sum(x.elements for x in params)
     fused = dataclasses.replace(profile.device, optimizer_traffic=1.0, optimizer_overhead_us=0.0)
     sweep = optimizer_time(elements, tensors, work, dataclasses.replace(profile, device=fused))
     assert sweep == pytest.approx(elements * (4 + 2 * 8 + 2 * 4) / fused.hbm_bytes_per_s)
@@ -99,8 +99,8 @@ def test_oversubscription_fit_recovers_stretch_latency_and_bandwidth() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"ranks": 2}, r"^error: oversubscribed\.ranks expected an integer above gpus_per_node"),
-        ({"compute_stretch": 0}, r"^error: oversubscribed\.compute_stretch expected a number > 0"),
+        ({"ranks": 2}, r"^oversubscribed\.ranks expected an integer above gpus_per_node"),
+        ({"compute_stretch": 0}, r"^oversubscribed\.compute_stretch expected a number > 0"),
         ({"latency": 3}, r"did you mean 'oversubscribed\.latency_us'"),
     ],
 )

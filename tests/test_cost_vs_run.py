@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from typing import Any
 
+import closed_forms as closed
 import pytest
 from mpi_helpers import WORKERS, run_mpi_json
 
@@ -34,8 +36,9 @@ from civetta.nn import merge
 from launch.config import gpt_config, load
 from launch.profiles import load_profile
 from launch.simulate import workload_of
-from parallel.cost.memory import device_tensors
-from parallel.cost.projection import device_memory_of, engine_nodes, project, zero3_ops
+from parallel.cost.projection import device_memory_of, project
+from parallel.cost.stages import StagedModel
+from parallel.layout import Layout
 from parallel.pipeline import partition_layers
 
 PROFILE = load_profile("a100-dgx")  # counts do not depend on the profile
@@ -173,6 +176,10 @@ def test_model_state_bytes_equal_the_run(name: str) -> None:
             assert {k: projection.memory_per_gpu[k] for k in keys} == {k: expected[k] for k in keys}
 
 
+def schedule(v: int) -> str:
+    return "interleaved-1f1b" if v > 1 else "1f1b"
+
+
 @pytest.mark.parametrize(
     ("tie", "bias", "pp", "v"),
     [(t, b, pp, v) for t, b in itertools.product([True, False], repeat=2) for pp, v in
@@ -181,8 +188,9 @@ def test_model_state_bytes_equal_the_run(name: str) -> None:
 def test_gradient_buckets_see_the_models_parameters_in_order(
     tie: bool, bias: bool, pp: int, v: int
 ) -> None:
-    """`device_tensors` (what the projection plans buckets and ZeRO shards from) lists each
-    pipeline rank's parameters as the trainer merges them: same names, sizes and order."""
+    """The traced model (what the projection plans buckets and ZeRO shards from) lists each
+    pipeline rank's parameters as the trainer merges them: same names, sizes and order; and so
+    does the papers' closed form."""
     config = load(
         None, [*TINY, "model.n_layer=4", f"model.tie_embeddings={str(tie).lower()}",
                f"model.bias={str(bias).lower()}"],
@@ -196,7 +204,12 @@ def test_gradient_buckets_see_the_models_parameters_in_order(
             for s in range(rank, stages, pp)
         ]
         actual = [(name, t.data.size) for name, t in merge(*mine).items()]
-        assert device_tensors(model, 1, pp, rank, v) == actual
+        layout = Layout(pp=pp, virtual_stages=v, microbatches=pp, schedule=schedule(v))
+        traced = StagedModel(model, layout, "float32", model.block_size).device_params(rank)
+        # One block is traced (as transformer.h.0) and stands for each of the stage's blocks.
+        unnumbered = [(re.sub(r"\.h\.\d+\.", ".h.0.", name), n) for name, n in actual]
+        assert [(x.name, x.elements) for x in traced] == unnumbered
+        assert closed.device_tensors(model, 1, pp, rank, v) == actual
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if "zero3" in n])
@@ -205,12 +218,19 @@ def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
     metrics = executed(name)
     config, _ = projected(name)
     layout, model = config.layout, gpt_config(config)
+    staged = StagedModel(model, layout, config.train.dtype, model.block_size)
     for rank in metrics["comm"]["per_rank"]:
         position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
-        ops = zero3_ops(model, layout.tp, layout.pp, position, layout.virtual_stages, layout.dp)
-        again = sum(in_block for _, in_block in ops) if layout.recompute == "full" else 0
+        ops = [
+            (piece_op, count)
+            for piece, count in staged.device_pieces(position)
+            for piece_op, _, _ in piece.sharded_ops
+        ]
         m = layout.microbatches
-        expected = {"all_gather": m * (2 * len(ops) + again), "reduce_scatter": m * len(ops)}
+        expected = {
+            op: m * sum(count for piece_op, count in ops if piece_op == op)
+            for op in ("all_gather", "reduce_scatter")
+        }
         calls = dict.fromkeys(expected, 0)
         for row in rank["ops"]:
             if row["axis"] == "dp" and row["op"] in expected:
@@ -232,6 +252,9 @@ def test_engine_nodes_equal_the_graph_the_run_builds(tp: int, extra: list[str]) 
         worker = str(WORKERS / "nodes_worker.py")
         counts[layers] = run_mpi_json(tp, [worker, *overrides], timeout=90)["nodes"]
     config = gpt_config(load(None, [*TINY, *extra]))
-    block, rest = engine_nodes(config, tp)
+    layout = Layout(tp=tp, sequence_parallel="parallel.sequence_parallel=true" in extra)
+    staged = StagedModel(config, layout, "float32", config.block_size)
+    block = staged.piece("block").forward.nodes
+    rest = staged.piece("whole").forward.nodes
     assert counts[1] == [block + rest] * tp
     assert counts[2] == [2 * block + rest] * tp

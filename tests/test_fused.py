@@ -120,6 +120,12 @@ def _cases() -> list[Case]:
         Case("layer_norm-affine", layer_norm, (normal(2, 3, 6), normal(6), normal(6))),
         Case("layer_norm-weight-only", layer_norm, (normal(4, 6), normal(6)), args=(None,)),
         Case("layer_norm-no-affine", layer_norm, (normal(3, 2, 4),), args=(None, None)),
+        Case(
+            "layer_norm-bias-only",
+            layer_norm,
+            (normal(4, 6), normal(6)),
+            prepare=lambda x, b: (x, None, b),
+        ),
         Case("softmax-2d", softmax, (normal(4, 7, scale=3.0),)),
         Case("softmax-4d", softmax, (normal(2, 2, 3, 5),)),
         Case("softmax-causal-mask", softmax, (normal(2, 3, 5, 5, scale=2.0),), args=(causal,)),

@@ -17,9 +17,8 @@ from civetta.models.gpt import GPTConfig
 from launch.config import ConfigError
 from launch.profiles import load_profile
 from launch.tune import tune_command
-from parallel.cost.flops import RECOMPUTE
 from parallel.cost.projection import CostOptions, device_memory_of, project
-from parallel.cost.tuning import SearchSpace, divisors, tune
+from parallel.cost.tuning import RECOMPUTE, SearchSpace, divisors, tune
 from parallel.layout import Layout
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,10 +128,10 @@ def test_set_holds_parallel_choices_fixed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"gpus": 0}, r"^error: --gpus expected a positive integer, got 0$"),
-        ({"gpus": 8, "batch": -1}, r"^error: --batch expected a positive integer, got -1$"),
-        ({"gpus": 8, "hardware": "nope"}, r"^error: hardware profile 'nope' is neither"),
-        ({"gpus": 8, "top": 0}, r"^error: --top expected a positive integer, got 0$"),
+        ({"gpus": 0}, r"^--gpus expected a positive integer, got 0$"),
+        ({"gpus": 8, "batch": -1}, r"^--batch expected a positive integer, got -1$"),
+        ({"gpus": 8, "hardware": "nope"}, r"^hardware profile 'nope' is neither"),
+        ({"gpus": 8, "top": 0}, r"^--top expected a positive integer, got 0$"),
     ],
 )
 def test_bad_arguments_are_one_line(args: dict, message: str) -> None:

@@ -4,7 +4,9 @@ parallel/comm.py, and executed runs.
 The key check: one training step of a tiny GPT, run by the real `Trainer` on a virtual mesh for
 every rank of a layout in this one process, records the ledger rows, matmul FLOPs and model state
 of the same rank in an executed `mpiexec` run of the same config and step. Values computed on a
-virtual mesh are meaningless (received buffers are zeros), so losses are never compared.
+virtual mesh are meaningless (received buffers are zeros), so losses are never compared. The
+same step run data-free (`Trainer(..., data_free=True)`: shape-only parameters and token ids,
+`civetta.meta`) must record the same, exactly; tests/test_data_free_run.py checks the rest.
 
 The executed side is tests/mpi_workers/ledger_worker.py, which imports `case_mesh_shape` and
 `case_payload` from here: both sides build the trainer with `build_trainer`, the one place that
@@ -59,6 +61,20 @@ LAYOUTS: dict[str, list[str]] = {
     "tp2-full-recompute": ["parallel.tp=2", "parallel.recompute=full"],
     "pp2-1f1b-m4": [*PP_M4, "parallel.schedule=1f1b"],
     "pp2-zb-h1-m4": [*PP_M4, "parallel.schedule=zb-h1"],
+    "pp2-gpipe-m4": [*PP_M4, "parallel.schedule=gpipe"],
+    "pp2-interleaved-v2-m4": [
+        *PP_M4,
+        "model.n_layer=4",
+        "parallel.schedule=interleaved-1f1b",
+        "parallel.virtual_stages=2",
+    ],
+    "dp2xpp2-zero2-zb-h1-bf16": [
+        "parallel.dp=2",
+        *PP_M4,
+        "parallel.schedule=zb-h1",
+        "parallel.zero=2",
+        "train.dtype=bf16",
+    ],
     "dp2-zero1": ["parallel.dp=2", "parallel.zero=1", "parallel.bucket_mb=0.02", *ODD],
     "dp2-zero2": ["parallel.dp=2", "parallel.zero=2", *ODD],
     "dp2-zero3": ["parallel.dp=2", "parallel.zero=3", *ODD],
@@ -72,6 +88,8 @@ LAYOUTS: dict[str, list[str]] = {
     "dp2xtp2": ["parallel.dp=2", "parallel.tp=2"],
     "dp2xtp2-dp-first": ["parallel.dp=2", "parallel.tp=2", "parallel.order=dp-tp-pp"],
     "dp2xpp2-zero3": ["parallel.dp=2", *PP_M4, "parallel.zero=3", *ODD],
+    "dp2-fp16": ["parallel.dp=2", "train.dtype=fp16"],  # loss scaling's overflow all-reduce
+    "tp2-selective-recompute": ["parallel.tp=2", "parallel.recompute=selective"],
 }
 COLLECTIVES = (2, 2, 1, "tp-dp-pp")  # the mesh of the "collectives" case
 MEMORY_KEYS = ("params", "grads", "optimizer", "params_gathered_peak")
@@ -90,9 +108,9 @@ def case_mesh_shape(name: str) -> tuple[int, int, int, str]:
     return layout.dp, layout.tp, layout.pp, layout.order
 
 
-def build_trainer(config: ExperimentConfig, mesh: Mesh) -> Trainer:
+def build_trainer(config: ExperimentConfig, mesh: Mesh, data_free: bool = False) -> Trainer:
     """The Runtime and Trainer of `config` on `mesh`: the one place that constructs them."""
-    return Trainer(config, Runtime(config.layout, mesh))
+    return Trainer(config, Runtime(config.layout, mesh), data_free=data_free)
 
 
 def ledger_rows(ledger: Ledger) -> list[dict[str, Any]]:
@@ -100,9 +118,11 @@ def ledger_rows(ledger: Ledger) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k != "time_s"} for row in ledger.as_list()]
 
 
-def trained_payload(config: ExperimentConfig, mesh: Mesh) -> dict[str, Any]:
+def trained_payload(
+    config: ExperimentConfig, mesh: Mesh, data_free: bool = False
+) -> dict[str, Any]:
     """One training step's ledger, matmul FLOPs and model state on this rank."""
-    trainer = build_trainer(config, mesh)
+    trainer = build_trainer(config, mesh, data_free)
     live = activation_meter.live  # what earlier cases in this process left alive
     activation_meter.reset_peak()
     record = trainer.step(0)
@@ -150,20 +170,22 @@ def collective_calls(mesh: Mesh) -> dict[str, Any]:
     }
 
 
-def case_payload(name: str, mesh: Mesh) -> dict[str, Any]:
-    """What the case records on this rank, as JSON values (what the worker prints)."""
+def case_payload(name: str, mesh: Mesh, data_free: bool = False) -> dict[str, Any]:
+    """What the case records on this rank, as JSON values (what the worker prints); a
+    training case runs data-free (`civetta.meta`) when asked."""
     if name == "collectives":
         payload = collective_calls(mesh)
     else:
-        payload = trained_payload(case_config(name), mesh)
+        payload = trained_payload(case_config(name), mesh, data_free)
     return json.loads(json.dumps(payload))
 
 
-def virtual_payloads(name: str) -> list[dict[str, Any]]:
+def virtual_payloads(name: str, data_free: bool = False) -> list[dict[str, Any]]:
     """The case on a virtual mesh, for every world rank in turn, in this process."""
     dp, tp, pp, order = case_mesh_shape(name)
     return [
-        case_payload(name, virtual_mesh(dp, tp, pp, order, rank)) for rank in range(dp * tp * pp)
+        case_payload(name, virtual_mesh(dp, tp, pp, order, rank), data_free)
+        for rank in range(dp * tp * pp)
     ]
 
 
@@ -341,12 +363,15 @@ def test_collective_ledgers_equal_an_executed_run() -> None:
 # Rank 0 of a pipeline holds no loss: mean_loss divides the 0/0 that a virtual all-reduce of
 # [sum, count] = [0, 0] returns (the executed run adds the last stage's numbers). Only the loss is
 # wrong; its ledger row is the same.
+# Data-free, the same step runs on shapes alone (`Trainer(data_free=True)`): parameters and
+# token ids are MetaArrays, nothing is drawn or computed, and the records must still be equal.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("data_free", [False, True], ids=["real", "data-free"])
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_a_virtual_step_records_what_an_executed_step_records(name: str) -> None:
+def test_a_virtual_step_records_what_an_executed_step_records(name: str, data_free: bool) -> None:
     config = case_config(name)
     runs = executed(config.world_size)[name]
-    virtual = virtual_payloads(name)
+    virtual = virtual_payloads(name, data_free)
     for rank, (mine, theirs) in enumerate(zip(virtual, runs, strict=True)):
         assert mine["ledger"] == theirs["ledger"], f"rank {rank}"
         assert mine["flops"] == theirs["flops"], f"rank {rank}"

@@ -10,6 +10,8 @@ plain DP's for stages 1 and 2 and 1.5 times plain DP's for stage 3.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
@@ -20,8 +22,11 @@ import pytest
 from mpi_helpers import WORKERS, run_mpi
 
 from civetta.models.gpt import GPT
+from civetta.tensor import Tensor
 from launch.config import load
 from launch.trainer import Trainer, gpt_config
+from parallel.runtime import Runtime
+from parallel.virtual import virtual_mesh
 from parallel.zero import model_state_bytes
 
 TINY = [
@@ -307,3 +312,44 @@ def test_one_rank_stage_3_is_bitwise_plain_training() -> None:
     assert results[3][:2] == results[0][:2]
     for name, value in results[0][2].items():
         assert np.array_equal(results[3][2][name].reshape(value.shape), value), name
+
+
+def _held_tensors(fn: object, seen: set[int]) -> list[Tensor]:
+    """The Tensors `fn`'s closure holds: directly, in lists and tuples, in records (dataclass
+    instances) or through the functions it holds."""
+    if id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    found: list[Tensor] = []
+    values = [cell.cell_contents for cell in getattr(fn, "__closure__", None) or ()]
+    while values:
+        value = values.pop()
+        if isinstance(value, Tensor):
+            found.append(value)
+        elif isinstance(value, list | tuple):
+            values.extend(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            values.extend(getattr(value, f.name) for f in dataclasses.fields(value))
+        elif inspect.isfunction(value):
+            found += _held_tensors(value, seen)
+    return found
+
+
+def test_no_stage_3_backward_closure_holds_a_tensor() -> None:
+    """ZeRO-3's ops keep shard records in their closures, never the chunk Tensors (which would
+    keep the graph and the parameters' gradients alive)."""
+    config = load(None, [*TINY, "parallel.dp=2", "parallel.zero=3", "model.tie_embeddings=true"])
+    runtime = Runtime(config.layout, virtual_mesh(dp=2))
+    trainer = Trainer(config, runtime)
+    x, y = trainer._microbatches("train", 0)
+    loss = trainer.stages[0](x[0], y[0])
+    stack, seen, nodes = [loss], set(), 0
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or node._backward is None:
+            continue
+        seen.add(id(node))
+        nodes += 1
+        assert not _held_tensors(node._backward, set()), "a backward closure holds a Tensor"
+        stack.extend(node._parents)
+    assert nodes > 10

@@ -19,7 +19,7 @@ from civetta.functional import relu
 from civetta.nn import (
     DENSE,
     Block,
-    DenseLayout,
+    DenseSharding,
     Embedding,
     LayerNorm,
     Linear,
@@ -72,13 +72,13 @@ def GPT(  # noqa: N802 - a module constructor reads like a class
     config: GPTConfig,
     seed: int = 0,
     dtype: Any = np.float32,
-    layout: DenseLayout = DENSE,
+    sharding: DenseSharding = DENSE,
     recompute: str = "none",
 ) -> Model:
     """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits.
 
     `recompute`: "none" | "selective" | "full" activation recomputation (see `nn.Block`)."""
-    return GPTStage(config, range(config.n_layer), True, True, seed, dtype, layout, recompute)
+    return GPTStage(config, range(config.n_layer), True, True, seed, dtype, sharding, recompute)
 
 
 def GPTStage(  # noqa: N802
@@ -88,7 +88,7 @@ def GPTStage(  # noqa: N802
     last: bool,
     seed: int = 0,
     dtype: Any = np.float32,
-    layout: DenseLayout = DENSE,
+    sharding: DenseSharding = DENSE,
     recompute: str = "none",
 ) -> Model:
     """The part of the GPT a pipeline stage runs: blocks `layers`, with the embeddings when it
@@ -112,7 +112,7 @@ def GPTStage(  # noqa: N802
             bias=c.bias,
             seed=seed,
             dtype=dtype,
-            layout=layout,
+            sharding=sharding,
             recompute=recompute,
         )
         for i in layers
@@ -120,23 +120,25 @@ def GPTStage(  # noqa: N802
     modules: list[Module] = []
     aliases: dict[str, str] = {}
     if first:
-        wte = layout.token_embedding(
+        wte = sharding.token_embedding(
             "transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
         )
         wpe = Embedding(
-            "transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype, store=layout.store
+            "transformer.wpe", c.block_size, c.n_embd, seed=seed, dtype=dtype, store=sharding.store
         )
         modules += [wte, wpe]
     modules += blocks
     head_weight = None
     if last:
-        ln_f = LayerNorm("transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype, store=layout.store)
+        ln_f = LayerNorm(
+            "transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype, store=sharding.store
+        )
         modules.append(ln_f)
         if c.tie_embeddings:
             table = (
                 wte
                 if first
-                else layout.token_embedding(
+                else sharding.token_embedding(
                     "transformer.wte", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
                 )
             )
@@ -145,7 +147,9 @@ def GPTStage(  # noqa: N802
             head_weight = table.params["transformer.wte.weight"]
             aliases["lm_head.weight"] = "transformer.wte.weight"
         else:
-            head = layout.token_embedding("lm_head", c.vocab_size, c.n_embd, seed=seed, dtype=dtype)
+            head = sharding.token_embedding(
+                "lm_head", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
+            )
             head_weight = head.params["lm_head.weight"]
             modules.append(head)
 
@@ -156,7 +160,7 @@ def GPTStage(  # noqa: N802
                 raise ValueError(
                     f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}"
                 )
-            x = ax.add(wte(idx), wpe(layout.local_positions(idx.shape[-1])))  # (B, T, C)
+            x = ax.add(wte(idx), wpe(sharding.local_positions(idx.shape[-1])))  # (B, T, C)
         else:
             x = inputs
         for block in blocks:
@@ -166,11 +170,12 @@ def GPTStage(  # noqa: N802
     def forward(inputs: Any, targets: np.ndarray | None = None) -> Tensor:
         if not last:
             return hidden(inputs)
-        return layout.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
+        assert head_weight is not None  # the last stage has the head
+        return sharding.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
 
     def logits(inputs: Any) -> Tensor:
-        assert last, "only the last stage has the head"
-        return layout.lm_logits(hidden(inputs), head_weight)
+        assert last and head_weight is not None, "only the last stage has the head"
+        return sharding.lm_logits(hidden(inputs), head_weight)
 
     return Model(forward, merge(*modules), aliases, logits=logits, config=config)
 

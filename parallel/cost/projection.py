@@ -1,13 +1,18 @@
-"""The analytic cost model: one training step of the GPT, projected onto a hardware profile.
+"""The cost model: one training step, projected onto a hardware profile from the model's code.
 
-Nothing is executed. For a layout (dp × tp × pp, microbatches, schedule, ZeRO, recomputation,
-sequence parallelism) the model builds every pipeline stage's time for one microbatch from its
-exact GEMMs (`parallel.cost.flops`), memory-bound elementwise traffic and tensor-parallel
-collectives (`parallel.cost.collectives`), replays the actual pipeline schedule with those times
-and the p2p time of each message (`parallel.cost.replay`, a discrete-event replay of
-`parallel.schedules`), adds the exposed data-parallel communication and the optimizer step, and
-reports throughput, MFU/HFU, memory per GPU by category (`parallel.cost.memory`) and bytes per
-axis.
+Nothing is executed on data. For a layout (dp × tp × pp, microbatches, schedule, ZeRO,
+recomputation, sequence parallelism) the model's own pieces (a block; the embeddings; the final
+norm, head and loss) are run once each, data-free, on one representative rank of a virtual mesh
+(`parallel.cost.trace`), and arranged into pipeline stages (`parallel.cost.stages`). What they
+recorded is priced: every GEMM by its shape (the profile's efficiency curve), the bytes op
+outputs write (memory-bound elementwise traffic) and the graph nodes built (the engine's fixed
+cost per op), every collective by its op and size over the link its group crosses
+(`parallel.cost.collectives`). The pipeline schedule is replayed with those times and the p2p
+time of each message (`parallel.cost.replay`, a discrete-event replay of `parallel.schedules`);
+the exposed data-parallel communication (buckets planned from the traced parameters as
+`parallel.data_parallel` plans them) and the optimizer step are added. The report gives
+throughput, MFU/HFU, memory per GPU by category (the traced model state and the activations the
+pieces keep for backward) and bytes per axis. No formula here restates the model's shapes.
 
 Step time = m·(t_f + t_b) + bubble + exposed pp + exposed tp + exposed dp + optimizer, where t_f
 and t_b are one microbatch's forward and backward (with recomputation and the tensor-parallel
@@ -24,7 +29,7 @@ collectives, which are not overlapped) on the busiest device. Documented simplif
   `CostOptions(replay=None)` or schedules too long to replay, 2 per tick over (m·v + p - 1) ticks.
 - Time is that of the busiest device; every device of a data-parallel replica waits for it.
 - The optimizer sweeps each rank's state once (`optimizer_time`), plus a fixed cost per
-  parameter tensor; op dispatch costs per graph node (`engine_nodes`): both are what dominates
+  parameter tensor; op dispatch costs per traced graph node: both are what dominates
   civetta's numpy engine on small models, and zero on the GPU profiles.
 - More ranks than cores (the `local` profile's `oversubscribed` section): every rank computes at
   its share of a core, stretched, and communicates over the oversubscribed link; ranks idle in a
@@ -48,10 +53,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 
+from civetta.meters import Gemm
 from civetta.models.gpt import GPTConfig
 from parallel.cost.collectives import (
     GroupLink,
@@ -61,23 +65,13 @@ from parallel.cost.collectives import (
     p2p_time,
     reduce_scatter_time,
 )
-from parallel.cost.flops import (
-    ATTENTION_CORE,
-    Gemm,
-    head_gemm,
-    layer_gemms,
-    step_flops,
-)
 from parallel.cost.hardware import CostModelError, HardwareProfile, LinkSpec
 from parallel.cost.memory import (
     ELEMENT_BYTES,
     MemoryPerGPU,
-    block_activation_bytes,
     ceil_div,
-    device_memory,
-    device_params,
-    device_tensors,
     element_bytes,
+    in_flight_layers,
     state_bytes_per_param,
 )
 from parallel.cost.replay import (
@@ -87,7 +81,8 @@ from parallel.cost.replay import (
     pipeline_time,
     replayed_makespan,
 )
-from parallel.data_parallel import plan_buckets
+from parallel.cost.stages import StagedModel, staged_model
+from parallel.cost.trace import Call, Piece, zero3_calls
 from parallel.layout import Layout, LayoutError
 from parallel.mesh import MeshLayout
 
@@ -217,6 +212,14 @@ class Projection:
         }
 
 
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one training step over the whole global batch (all GPUs together)."""
+
+    model: int  # forward + backward
+    hardware: int  # model + recomputation
+
+
 # ---- one microbatch on one device ---------------------------------------------------------------
 @dataclass
 class _Tick:
@@ -241,132 +244,74 @@ class _Tick:
         return StageTimes(self.forward, self.backward, self.wgrad)
 
 
-def engine_nodes(config: GPTConfig, tp: int) -> tuple[int, int]:
-    """Autograd nodes civetta's engine builds per microbatch on one rank: (one block, the
-    embedding with the head and the loss), as counted by tests/test_cost_vs_run.py. Tensor
-    parallelism adds the region boundaries and the split bias adds of each block, and the
-    reductions of the vocabulary-parallel loss."""
-    bias = int(config.bias)
-    if tp == 1:
-        return 28 + 4 * bias, 9 + 2 * bias
-    return 32 + 8 * bias, 25 + 2 * bias
-
-
 class _Device:
-    """Timing of the pieces of the model on one tensor-parallel rank."""
+    """Timing of the traced pieces of the model on one tensor-parallel rank."""
 
     def __init__(
         self,
-        config: GPTConfig,
-        layout: Layout,
+        model: StagedModel,
         work: Workload,
         profile: HardwareProfile,
-        tp_link: GroupLink,
+        links: dict,
+        layout: Layout,
     ) -> None:
-        self.config, self.layout, self.profile, self.tp_link = config, layout, profile, tp_link
-        self.work = work
-        self.s = work.seq(config)
-        self.b = layout.microbatch_size
+        self.model, self.work, self.profile, self.links = model, work, profile, links
         self.e = element_bytes(work.dtype)
         self.hbm = profile.device.hbm_bytes_per_s
         self.traffic = profile.device.elementwise_traffic
-        # The fixed cost of dispatching ops: the profile's is one block's on one rank; a layout
-        # that builds more graph nodes (the redirections of tensor parallelism, the
-        # vocabulary-parallel loss) pays in proportion.
-        block_nodes, rest_nodes = engine_nodes(config, layout.tp)
-        per_node = profile.device.layer_overhead_us * 1e-6 / engine_nodes(config, 1)[0]
-        self.overhead = per_node * block_nodes
-        self.rest_overhead = per_node * rest_nodes
         self.backward_ratio = profile.device.backward_elementwise_ratio
-        self.hidden_bytes = self.b * self.s * config.n_embd * self.e  # one (b, s, h) activation
+        # The fixed cost of dispatching ops: the profile's is one block's on one rank without
+        # tensor parallelism; every graph node pays its share.
+        self.per_node = 0.0
+        if profile.device.layer_overhead_us:
+            alone = dataclasses.replace(layout, tp=1, sequence_parallel=False, zero=0)
+            reference = model.piece("block", alone).forward.nodes
+            self.per_node = profile.device.layer_overhead_us * 1e-6 / reference
+        self._ticks: dict[int, _Tick] = {}
 
     def gemm(self, g: Gemm) -> float:
-        return self.profile.gemm_time(g.flops, g.nbytes(self.e), self.work.dtype)
+        nbytes = self.e * g.batch * (g.m * g.k + g.k * g.n + g.m * g.n)  # operands and result
+        return self.profile.gemm_time(g.flops, nbytes, self.work.dtype)
 
-    # tp collectives of one (b, s, h) activation, as civetta's redirections issue them
-    def _enter(self) -> tuple[float, float, int, int]:
-        """(forward, backward) seconds and ledger bytes of entering a tp region."""
-        x, link = self.hidden_bytes, self.tp_link
-        if link.size == 1:
-            return 0.0, 0.0, 0, 0
-        if self.layout.sequence_parallel:  # all-gather forward, reduce-scatter backward
-            return all_gather_time(x, link), reduce_scatter_time(x, link), x // link.size, x
-        return 0.0, all_reduce_time(x, link), 0, x  # copy forward, all-reduce backward
+    def call_time(self, call: Call) -> float:
+        """Seconds of one recorded collective over its axis's link."""
+        link = self.links[call.axis]
+        if call.op == "all_reduce":
+            return all_reduce_time(call.nbytes, link)
+        if call.op == "all_gather":  # the ledger counts the shard; the time, the whole
+            return all_gather_time(call.nbytes * link.size, link)
+        if call.op == "reduce_scatter":
+            return reduce_scatter_time(call.nbytes, link)
+        raise AssertionError(f"no time model for {call.op} inside a microbatch")
 
-    def _exit(self) -> tuple[float, float, int, int]:
-        x, link = self.hidden_bytes, self.tp_link
-        if link.size == 1:
-            return 0.0, 0.0, 0, 0
-        if self.layout.sequence_parallel:  # reduce-scatter forward, all-gather backward
-            return reduce_scatter_time(x, link), all_gather_time(x, link), x, x // link.size
-        return all_reduce_time(x, link), 0.0, x, 0  # all-reduce forward, identity backward
+    def elementwise(self, nbytes: int, nodes: int) -> float:
+        return self.traffic * nbytes / self.hbm + self.per_node * nodes
 
-    def block(self) -> _Tick:
-        """One transformer block, one microbatch."""
-        c, lay, tp = self.config, self.layout, self.layout.tp
-        gemms = layer_gemms(c, self.b, self.s, tp)
-        fwd = sum(self.gemm(g) for g in gemms)
-        dgrad = sum(self.gemm(g.backward()[0]) for g in gemms)
-        wgrad = sum(self.gemm(g.backward()[1]) for g in gemms)
-        acts = block_activation_bytes(
-            c, self.b, self.s, tp, lay.sequence_parallel, "none", self.work.dtype
-        )
-        elem_f = self.traffic * acts / self.hbm + self.overhead
-        # Two regions per block (attention, MLP), each entered and exited once.
-        en_f, en_b, en_fb, en_bb = self._enter()
-        ex_f, ex_b, ex_fb, ex_bb = self._exit()
-        comm_f, comm_b = 2 * (en_f + ex_f), 2 * (en_b + ex_b)
-        fwd_bytes, bwd_bytes = 2 * (en_fb + ex_fb), 2 * (en_bb + ex_bb)
-        tick = _Tick(
-            compute_f=fwd + elem_f,
-            comm_f=comm_f,
-            compute_b=dgrad + wgrad + self.backward_ratio * elem_f,
-            comm_b=comm_b,
-            wgrad=wgrad,
-            tp_bytes=fwd_bytes + bwd_bytes,
-        )
-        if lay.recompute == "full":
-            tick.compute_b += fwd + elem_f
-            tick.comm_b += comm_f
-            tick.tp_bytes += fwd_bytes
-        elif lay.recompute == "selective":
-            # Scores, softmax and values again: their GEMMs and the a·s² elementwise traffic.
-            core = sum(self.gemm(g) for g in gemms if g.name in ATTENTION_CORE)
-            kept = block_activation_bytes(
-                c, self.b, self.s, tp, lay.sequence_parallel, "selective", self.work.dtype
+    def tick(self, piece: Piece) -> _Tick:
+        """One microbatch of `piece`: GEMMs and elementwise traffic, forward and backward (the
+        backward with what recomputation runs again), and its tensor-parallel collectives."""
+        key = id(piece)
+        if key not in self._ticks:
+            f, b = piece.forward, piece.backward
+            by_phase: dict[str, float] = dict.fromkeys(("forward", "backward-input"), 0.0)
+            by_phase["backward-weight"] = 0.0
+            for g in b.gemms:
+                by_phase[g.phase] += self.gemm(g)
+            elem_f = self.elementwise(f.output_bytes, f.nodes)
+            elem_again = self.elementwise(b.output_bytes, b.nodes)  # recomputation
+            tp_f, tp_b = f.calls_on("tp"), b.calls_on("tp")
+            self._ticks[key] = _Tick(
+                compute_f=sum(self.gemm(g) for g in f.gemms) + elem_f,
+                comm_f=sum(self.call_time(c) for c in tp_f),
+                compute_b=sum(by_phase.values()) + self.backward_ratio * elem_f + elem_again,
+                comm_b=sum(self.call_time(c) for c in tp_b),
+                wgrad=by_phase["backward-weight"],
+                tp_bytes=sum(c.nbytes for c in tp_f + tp_b),
             )
-            tick.compute_b += core + self.traffic * (acts - kept) / self.hbm
-        return tick
+        return self._ticks[key]
 
-    def embedding(self) -> _Tick:
-        """Token + position lookup; the vocabulary-parallel lookup leaves the tp region."""
-        f, b, fb, bb = self._exit()
-        # No matmul: two (b, s, h) reads (token and position rows) and the sum written.
-        return _Tick(
-            compute_f=self.hidden_bytes * 3 / self.hbm, comm_f=f, comm_b=b, tp_bytes=fb + bb
-        )
-
-    def head(self) -> _Tick:
-        """Final layer norm, logits and the vocabulary-parallel cross-entropy; the fixed
-        overhead of the embedding's few ops is folded into it."""
-        c, tp = self.config, self.layout.tp
-        g = head_gemm(c, self.b, self.s, tp)
-        dgrad, wgrad = (self.gemm(x) for x in g.backward())
-        logits_bytes = 4 * self.b * self.s * c.vocab_size / tp  # fp32 for the loss
-        elem_f = self.traffic * (logits_bytes + self.hidden_bytes) / self.hbm + self.rest_overhead
-        en_f, en_b, en_fb, en_bb = self._enter()
-        # max, sum of exponentials and the target logit: three all-reduces of (b, s) values
-        small = self.b * self.s * self.e
-        ce = 3 * all_reduce_time(small, self.tp_link)
-        ce_bytes = 3 * small if self.tp_link.size > 1 else 0
-        return _Tick(
-            compute_f=self.gemm(g) + elem_f,
-            comm_f=en_f + ce,
-            compute_b=dgrad + wgrad + self.backward_ratio * elem_f,
-            comm_b=en_b,
-            wgrad=wgrad,
-            tp_bytes=en_fb + en_bb + ce_bytes,
-        )
+    def ticks(self, pieces: list[tuple[Piece, int]]) -> _Tick:
+        return _combine([(self.tick(piece), count) for piece, count in pieces])
 
 
 def _combine(parts: list[tuple[_Tick, int]]) -> _Tick:
@@ -375,17 +320,6 @@ def _combine(parts: list[tuple[_Tick, int]]) -> _Tick:
         for name in ("compute_f", "comm_f", "compute_b", "comm_b", "wgrad", "tp_bytes"):
             setattr(total, name, getattr(total, name) + count * getattr(tick, name))
     return total
-
-
-def _bucketed(
-    total_bytes: int, bucket_bytes: int, op: Callable[[float, GroupLink], float], link: GroupLink
-) -> tuple[float, float]:
-    """(all buckets, the last bucket) seconds of a bucketed collective."""
-    if total_bytes == 0 or link.size == 1:
-        return 0.0, 0.0
-    full, rest = divmod(total_bytes, bucket_bytes)
-    whole = full * op(bucket_bytes, link) + (op(rest, link) if rest else 0.0)
-    return whole, op(min(bucket_bytes, total_bytes), link)
 
 
 _LINKS: dict[tuple[MeshLayout, int, LinkSpec, LinkSpec], dict[str, GroupLink]] = {}
@@ -402,22 +336,6 @@ def _group_links(mesh: MeshLayout, profile: HardwareProfile) -> dict[str, GroupL
     return _LINKS[key]
 
 
-def replicated_tensors(config: GPTConfig, pp: int, device: int) -> list[int]:
-    """Element counts of the parameters a tensor-parallel rank holds whole at pipeline position
-    `device`: layer norms, row-parallel biases, positions. Under sequence parallelism each saw
-    only this rank's part of the sequence, so its gradient is all-reduced over tp, one tensor
-    per call (`parallel.runtime`)."""
-    h, bias = config.n_embd, bool(config.bias)
-    norm = [h, h] if bias else [h]
-    block = norm * 2 + ([h, h] if bias else [])  # ln_1, ln_2, attn.c_proj.bias, mlp.c_proj.bias
-    sizes = block * (config.n_layer // pp)
-    if device == 0:
-        sizes.append(config.block_size * h)  # transformer.wpe
-    if device == pp - 1:
-        sizes += norm  # ln_f
-    return sizes
-
-
 def pipeline_sends(pp: int, virtual_stages: int, device: int) -> int:
     """Messages pipeline rank `device` sends per microbatch: an activation from each of its
     stages but the last, a gradient from each but the first."""
@@ -428,70 +346,11 @@ def pipeline_sends(pp: int, virtual_stages: int, device: int) -> int:
     return sum((s < last) + (s > 0) for s in stages)
 
 
-@lru_cache(maxsize=256)
-def _tensors(
-    config: GPTConfig, tp: int, pp: int, device: int, v: int
-) -> tuple[tuple[str, int], ...]:
-    return tuple(device_tensors(config, tp, pp, device, v))
-
-
-@lru_cache(maxsize=256)
-def _buckets(
-    config: GPTConfig, tp: int, pp: int, device: int, v: int, cap: int, element: int
-) -> tuple[int, ...]:
-    """Elements per gradient bucket of one rank, as `parallel.data_parallel` plans them
-    (memoised: a tuner projects the same model many times)."""
-    tensors = _tensors(config, tp, pp, device, v)
-    sizes = dict(tensors)
-    plan = plan_buckets([(name, n * element) for name, n in tensors], cap)
-    return tuple(sum(sizes[name] for name in names) for names in plan)
-
-
-@lru_cache(maxsize=1024)
-def _zero3_shards(
-    config: GPTConfig, tp: int, pp: int, device: int, v: int, dp: int
-) -> tuple[int, int]:
-    """(elements one rank gathers per pass over its ops, of which in blocks) under ZeRO-3:
-    each parameter padded to dp equal chunks; a tied embedding used by the lookup and the head
-    on one device counts for each."""
-    tensors = _tensors(config, tp, pp, device, v)
-    shard = sum(ceil_div(n, dp) for _, n in tensors)
-    if config.tie_embeddings and pp == 1:
-        shard += ceil_div(dict(tensors)["transformer.wte.weight"], dp)
-    blocks = sum(ceil_div(n, dp) for name, n in tensors if name.startswith("transformer.h."))
-    return shard, blocks
-
-
-@lru_cache(maxsize=1024)
-def zero3_ops(
-    config: GPTConfig, tp: int, pp: int, device: int, v: int, dp: int
-) -> tuple[tuple[int, bool], ...]:
-    """(elements of the padded shards one rank contributes, in a block?) of each op that holds
-    parameters under ZeRO-3, one all-gather and one reduce-scatter each (`parallel.zero`): a
-    linear gathers its weight and bias together, but a row-parallel linear (tp > 1) adds its
-    whole bias after the all-reduce, in an op of its own; a layer norm scales and shifts in two
-    ops; each embedding is one op, and a tied head on the embedding's device is one more."""
-    ops: dict[str, int] = {}
-    for name, n in _tensors(config, tp, pp, device, v):
-        module = name.rsplit(".", 1)[0]
-        apart = "ln_" in module or (tp > 1 and module.endswith("c_proj"))
-        key = name if apart else module
-        ops[key] = ops.get(key, 0) + ceil_div(n, dp)
-    out = [(n, key.startswith("transformer.h.")) for key, n in ops.items()]
-    if config.tie_embeddings and pp == 1:  # (ZeRO-3 runs without pipelining)
-        out.append((ops["transformer.wte"], False))
-    return tuple(out)
-
-
-def _zero3_bytes(config: GPTConfig, layout: Layout, device: int, w_b: int, g_b: int) -> int:
-    """Ledger bytes of one microbatch under ZeRO-3 (`parallel.zero`): every op all-gathers its
-    parameters' shards before its forward and again before its backward, full recomputation
-    gathers the blocks' once more, and each op reduce-scatters its parameters' padded
-    gradients."""
-    dp = layout.dp
-    shard, blocks = _zero3_shards(config, layout.tp, layout.pp, device, layout.virtual_stages, dp)
-    gathered = 2 * shard + (blocks if layout.recompute == "full" else 0)
-    return gathered * w_b + dp * shard * g_b
+def _dp_calls(pieces: list[tuple[Piece, int]], dp: int, element: int) -> list[tuple[Call, int]]:
+    """ZeRO-3's collectives of one microbatch on one rank, with how often each runs: every op
+    gathers its parameters before its forward, recomputation and backward, and
+    reduce-scatters their gradients (as the traced pieces issued them)."""
+    return [(call, count) for piece, count in pieces for call in zero3_calls(piece, dp, element)]
 
 
 # ---- the projection -----------------------------------------------------------------------------
@@ -546,28 +405,22 @@ def _project(
 ) -> Projection:
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     links = _group_links(layout.mesh, profile)
-    dev = _Device(config, layout, work, profile, links["tp"])
+    model = staged_model(config, layout, work.dtype, work.seq(config))
+    dev = _Device(model, work, profile, links, layout)
     p, m, v, dp, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.dp, layout.tp
-    s = dev.s
-    num_stages = p * v
-    blocks_per_stage = config.n_layer // num_stages
+    s = model.seq_len
     w_b, g_b, _ = state_bytes_per_param(work.dtype, work.optimizer)
 
-    block, embed, head = dev.block(), dev.embedding(), dev.head()
-    # Three kinds of stage: the first (with the embedding), the last (the head), the others.
-    kinds = {
-        (first, last): _combine([(block, blocks_per_stage), (embed, first), (head, last)])
-        for first, last in {(int(k == 0), int(k == num_stages - 1)) for k in range(num_stages)}
-    }
-    stage_ticks = [kinds[int(k == 0), int(k == num_stages - 1)] for k in range(num_stages)]
+    stage_ticks = [dev.ticks(model.stage_pieces(k)) for k in range(model.num_stages)]
     # The devices that differ: the first (embedding), the last (head), and a middle one.
     positions = sorted({0, p - 1} | ({1} if p > 2 else set()))
     ticks = {d: _combine([(t, 1) for t in stage_ticks[d::p]]) for d in positions}
     slowest = max(positions, key=lambda d: ticks[d].forward + ticks[d].backward)
     tick = ticks[slowest]
+    params = {d: model.device_params(d) for d in positions}
 
-    # Pipeline messages: one (b, s, h) activation forward, its gradient backward.
-    message = dev.hidden_bytes // (tp if layout.sequence_parallel else 1)
+    # Pipeline messages: the activation a stage sends forward, its gradient backward.
+    message = model.message_bytes(element_bytes(work.dtype))
     per_message = 0.0
     pl = links["pp"]
     # One message leaves through one network adapter when the pipeline crosses nodes.
@@ -582,14 +435,19 @@ def _project(
     bubble, pp_exposed, pipeline_model = pipeline_time(
         layout.schedule, p, m, v, times, options.replay
     )
-    # After backward: the first and last stage exchange their tied embedding gradients (one
-    # message each way, one after the other), then the gradient norm is all-reduced.
-    tied = config.tie_embeddings and p > 1
-    tied_elements = config.vocab_size * config.n_embd // tp
+    # After backward: the first and last stage exchange the gradients of the weights they both
+    # hold (a tied embedding: one message each way, one after the other), then the gradient
+    # norm is all-reduced.
+    tied_elements = 0
+    if p > 1:
+        shared = set(model.piece("first").tied) | set(model.piece("last").tied)
+        tied_elements = sum(
+            x.elements for x in params[p - 1] if x.name in shared and x in params[0]
+        )
     if layout.zero == 3:  # each dp rank exchanges its shard of the copies
         tied_elements = ceil_div(tied_elements, dp)
-    tied_bytes = tied_elements * g_b if tied else 0
-    if tied:
+    tied_bytes = tied_elements * g_b
+    if tied_bytes:
         pp_exposed += 2 * p2p_time(tied_bytes, pl.latency_s, p2p_bandwidth)
     norm_bytes = 8  # one float64: the squared gradient norm
     pp_exposed += all_reduce_time(norm_bytes, pl)
@@ -603,8 +461,10 @@ def _project(
     tp_step_s = all_reduce_time(norm_bytes, tl)
     tp_step_bytes = {d: (norm_bytes if tp > 1 else 0) for d in positions}
     if layout.sequence_parallel and tp > 1:
+        # Parameters every tp rank holds whole saw only its part of the sequence: their
+        # gradients are all-reduced over tp, one tensor per call (`parallel.runtime`).
         for d in positions:
-            sizes = replicated_tensors(config, p, d)
+            sizes = [x.elements for x in params[d] if not x.tp_split]
             tp_step_bytes[d] += sum(sizes) * g_b
             if d == slowest:
                 tp_step_s += sum(all_reduce_time(n * g_b, tl) for n in sizes)
@@ -614,11 +474,11 @@ def _project(
     dl = links["dp"]
     dp_exposed, dp_bytes, optimizer_s = 0.0, 0, 0.0
     for d in positions:
-        params = device_params(config, tp, p, d)
+        elements = sum(x.elements for x in params[d])
         exposed, nbytes = 0.0, 0
         if dp > 1 and layout.zero <= 2:
             # The buckets `parallel.data_parallel` plans (ZeRO-1/2 pad each to dp equal chunks).
-            buckets = _buckets(config, tp, p, d, v, cap, g_b)
+            buckets = model.buckets(d, cap, g_b)
             chunks = [ceil_div(b, dp) for b in buckets]
             if layout.zero == 0:
                 op, sent = all_reduce_time, [b * g_b for b in buckets]
@@ -640,24 +500,19 @@ def _project(
         elif dp > 1:  # ZeRO-3: gather before each forward, recomputation and backward
             # Op by op, one collective each (so latency counts per op): a framework prefetches
             # them behind the microbatch's compute; civetta's executor waits for each.
-            again = layout.recompute == "full"
-            traffic = sum(
-                (2 + (again and in_block)) * all_gather_time(dp * n * w_b, dl)
-                + reduce_scatter_time(dp * n * g_b, dl)
-                for n, in_block in zero3_ops(config, tp, p, d, v, dp)
-            )
+            calls = _dp_calls(model.device_pieces(d), dp, w_b)
+            traffic = sum(count * dev.call_time(call) for call, count in calls)
             busy = ticks[d].forward + ticks[d].backward
             exposed = m * (max(0.0, traffic - busy) if options.overlap_dp else traffic)
-            nbytes = m * _zero3_bytes(config, layout, d, w_b, g_b)
+            nbytes = m * sum(count * call.nbytes for call, count in calls)
         if dp > 1 and layout.zero >= 1:  # the norm's terms live on different dp ranks
             exposed += all_reduce_time(norm_bytes, dl)
             nbytes += norm_bytes
         exposed += all_reduce_time(loss_bytes, dl)
         dp_exposed = max(dp_exposed, exposed)
         dp_bytes = max(dp_bytes, nbytes)
-        mine = params / dp if layout.zero >= 1 else params
-        tensors = len(device_tensors(config, tp, p, d, v))
-        optimizer_s = max(optimizer_s, optimizer_time(mine, tensors, work, profile))
+        mine = elements / dp if layout.zero >= 1 else elements
+        optimizer_s = max(optimizer_s, optimizer_time(mine, len(params[d]), work, profile))
 
     compute = m * (tick.compute_f + tick.compute_b)
     tp_exposed = m * (tick.comm_f + tick.comm_b) + (tp_step_s if tp > 1 else 0.0)
@@ -671,11 +526,10 @@ def _project(
         "bubble": bubble,
     }
 
-    flops = step_flops(config, layout.global_batch, s, layout.recompute)
+    flops = _step_flops(model, layout)
     world = layout.world_size
     memory = max(
-        (device_memory_of(config, layout, d, work) for d in sorted({0, p - 1})),
-        key=lambda mem: mem.total,
+        (_memory(model, layout, d, work) for d in sorted({0, p - 1})), key=lambda x: x.total
     )
     capacity = profile.device.usable_memory_bytes
     tp_bytes = max(m * ticks[d].tp_bytes + tp_step_bytes[d] for d in positions)
@@ -721,28 +575,56 @@ def optimizer_time(
     return sweep + tensors * d.optimizer_overhead_us * 1e-6
 
 
+def _step_flops(model: StagedModel, lay: Layout) -> StepFlops:
+    """Model FLOPs (the GEMMs of forward and backward) and hardware FLOPs (with what
+    recomputation runs again) of one step over every GPU, from the traced pieces: one rank's
+    GEMMs are 1/tp of its stage's."""
+    model_flops = recomputed = 0
+    for stage in range(model.num_stages):
+        for piece, count in model.stage_pieces(stage):
+            model_flops += count * piece.flops
+            recomputed += count * piece.recomputed_flops
+    scale = lay.tp * lay.dp * lay.microbatches
+    return StepFlops(model=scale * model_flops, hardware=scale * (model_flops + recomputed))
+
+
+def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> MemoryPerGPU:
+    """Memory of pipeline rank `device` by category: the model state of the parameters it
+    holds (sharded as the ZeRO stage says) and the activations it keeps for backward at its
+    peak: what the traced pieces left alive, times the block-microbatches in flight, plus what
+    recomputation rebuilds of one block, plus the ends of one microbatch."""
+    count = sum(n * piece.param_elements for piece, n in model.device_pieces(device))
+    w, g, o = state_bytes_per_param(work.dtype, work.optimizer)
+    params, grads, opt = count * w, count * g, count * o
+    if lay.zero >= 1:
+        opt = ceil_div(opt, lay.dp)
+    if lay.zero >= 2:
+        grads = ceil_div(grads, lay.dp)
+    if lay.zero >= 3:
+        params = ceil_div(params, lay.dp)
+    block = model.piece("block")
+    layers = in_flight_layers(
+        model.config.n_layer, lay.pp, lay.microbatches, lay.schedule, lay.virtual_stages
+    )
+    acts = block.saved_bytes * layers + (block.peak_bytes - block.saved_bytes)
+    blocks_here = model.config.n_layer / lay.pp
+    for stage in model.device_stages(device):
+        for piece in model.ends(stage):
+            # The embeddings' output waits, as every block's does, for each microbatch in
+            # flight; the head's activations live for one microbatch at a time.
+            in_flight = layers / blocks_here if stage == 0 else 1.0
+            acts += piece.saved_bytes * in_flight
+    return MemoryPerGPU(params, grads, opt, int(acts))
+
+
 def device_memory_of(
     config: GPTConfig, layout: Layout, device: int, work: Workload | None = None
 ) -> MemoryPerGPU:
     """Memory of the GPU at pipeline position `device` (0 = first) under `layout`."""
     work = work or Workload()
-    return device_memory(
-        config,
-        device=device,
-        dp=layout.dp,
-        tp=layout.tp,
-        pp=layout.pp,
-        microbatch=layout.microbatch_size,
-        microbatches=layout.microbatches,
-        seq_len=work.seq(config),
-        schedule=layout.schedule,
-        virtual_stages=layout.virtual_stages,
-        sequence_parallel=layout.sequence_parallel,
-        zero=layout.zero,
-        recompute=layout.recompute,
-        dtype=work.dtype,
-        optimizer=work.optimizer,
-    )
+    checked(config, layout, work)
+    model = staged_model(config, layout, work.dtype, work.seq(config))
+    return _memory(model, layout, device, work)
 
 
 def microbatch_times(
@@ -754,12 +636,7 @@ def microbatch_times(
     work = work or Workload()
     checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
-    dev = _Device(config, layout, work, profile, _group_links(layout.mesh, profile)["tp"])
-    p = layout.pp
-    blocks = config.n_layer // p
-    block, embed, head = dev.block(), dev.embedding(), dev.head()
-    devices = [
-        _combine([(block, blocks), (embed, int(d == 0)), (head, int(d == p - 1))])
-        for d in sorted({0, p - 1})
-    ]
+    model = staged_model(config, layout, work.dtype, work.seq(config))
+    dev = _Device(model, work, profile, _group_links(layout.mesh, profile), layout)
+    devices = [dev.ticks(model.device_pieces(d)) for d in sorted({0, layout.pp - 1})]
     return max((t.times() for t in devices), key=lambda t: t.forward_s + t.backward_s)

@@ -28,7 +28,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from civetta.models.gpt import GPTConfig
-from parallel.cost.flops import RECOMPUTE
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import (
     CostOptions,
@@ -42,6 +41,7 @@ from parallel.cost.replay import SCHEDULES
 from parallel.layout import Layout
 
 GIB = 2**30
+RECOMPUTE = ("none", "selective", "full")  # least work first
 TERMS = {
     "compute": "compute",
     "bubble": "pipeline bubble",
