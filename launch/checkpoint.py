@@ -8,9 +8,14 @@ float32 master weights under mixed precision (`master/<name>`) and a JSON `meta`
 step, the layout, this rank's coordinates and how each tensor-parallel parameter was cut
 (`parallel.sharding`). Under ZeRO (`parallel.zero`) the state is gathered over the dp group
 before it is written, so the arrays are whole parameters as without ZeRO and only the files of
-dp rank 0 hold them (the others hold `meta` alone). Files are written under a `.partial`
-directory that is renamed once every rank has written, so a crash mid-write leaves the previous
-checkpoint as it was.
+dp rank 0 hold them (the others hold `meta` alone). `meta` also holds a sha256 per array (of
+its dtype, shape and bytes), checked whenever the file is read.
+
+Files are written under a `.partial` directory that is renamed once every rank has written, and
+each rank file, the directories and the `latest` pointer are fsynced around the renames, so a
+crash mid-write (or a full disk) leaves the previous checkpoint as it was and never a
+half-written one that looks complete. On resume, a checkpoint with a truncated, corrupt or
+missing rank file is skipped for the newest intact one before it (`find`).
 
 Loading reassembles each full tensor from the shards of any one data-parallel replica and cuts
 the part this rank holds in the new layout: dp2·tp2 can resume as pp2, or as one process.
@@ -20,22 +25,65 @@ The data position is the step itself: batches are a pure function of (seed, step
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from launch.faults import maybe_fail
 from parallel.sharding import join_shards, take_shard
 from parallel.tensor_parallel import TensorParallelSharding
 
-FORMAT = 1
+FORMAT = 2  # 2: meta holds a checksum per array
+READABLE_FORMATS = (1, 2)
+STEP_DIR = re.compile(r"step(\d+)")
+RANK_FILE = re.compile(r"rank(\d+)\.npz")
+META_KEYS = {"format", "step", "rank", "layout", "coords", "placements", "model"}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or does not fit; one line for the user."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A rank file that is missing, cannot be read, or whose arrays fail their checksums."""
+
+    def __init__(self, file: Path, step: int | None, reason: str) -> None:
+        self.file, self.step, self.reason = file, step, reason
+        at = "" if step is None else f" (checkpoint of step {step})"
+        super().__init__(f"{str(file)!r}{at} is damaged: {reason}")
+
+
+def checksum(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -94,47 +142,160 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
         if scaler is None
         else [scaler.scale, scaler.good_steps, scaler.skipped],
     }
+    meta["checksums"] = {key: checksum(a) for key, a in arrays.items()}
     arrays["meta"] = np.array(json.dumps(meta))
+    final = staging / f"rank{runtime.rank}.npz"
     tmp = staging / f"rank{runtime.rank}.tmp.npz"
-    # Keys are param/, optim/, master/ names and meta, never savez's own allow_pickle.
-    np.savez(tmp, **arrays)  # pyright: ignore[reportArgumentType]
-    os.replace(tmp, staging / f"rank{runtime.rank}.npz")
+    try:
+        with open(tmp, "wb") as file:
+            # Keys are param/, optim/, master/ names and meta, never savez's own allow_pickle.
+            np.savez(file, **arrays)  # pyright: ignore[reportArgumentType]
+            maybe_fail(runtime.rank, step, at="checkpoint")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(staging)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # give the space back; the .partial directory never counts
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} to {str(final)!r}: {e.strerror or e}"
+        ) from e
     world.barrier()
     if runtime.rank == 0:
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(target.name + "\n", encoding="utf-8")
-        os.replace(latest_tmp, root / "latest")
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+            _fsync_dir(root)
+            _write_text_durably(root / "latest", target.name + "\n")
+        except OSError as e:
+            raise CheckpointError(
+                f"could not complete the checkpoint of step {step} in {str(root)!r}: "
+                f"{e.strerror or e}"
+            ) from e
     world.barrier()
     return target
 
 
-def find(path: Path) -> Path:
-    """The checkpoint directory `path` names: a checkpoint itself, a run's output directory
-    (its latest checkpoint), or a run's `checkpoints/` directory."""
+def step_of(directory: Path) -> int | None:
+    """The step a `stepNNNNNN` directory is named for."""
+    match = STEP_DIR.fullmatch(Path(directory).name)
+    return int(match.group(1)) if match else None
+
+
+def read_rank_file(file: Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One rank file's (meta, arrays), every array checked against its checksum. Anything that
+    cannot be read, or does not match, is a DamagedCheckpointError naming the file."""
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {key: data[key] for key in data.files if key != "meta"}
+    except FileNotFoundError:
+        raise DamagedCheckpointError(file, step, "the file is missing") from None
+    except Exception as e:  # damaged bytes fail anywhere in zipfile, numpy's header parser, json
+        reason = f"it cannot be read (truncated or corrupt: {type(e).__name__}: {e})"
+        raise DamagedCheckpointError(file, step, reason) from None
+    if not isinstance(meta, dict) or not set(meta) >= META_KEYS:
+        raise DamagedCheckpointError(file, step, "its meta entry is not a checkpoint's")
+    if meta["format"] not in READABLE_FORMATS:
+        reason = f"its format {meta['format']!r} is not one this version reads"
+        raise DamagedCheckpointError(file, step, reason)
+    if step is not None and meta.get("step") != step:
+        raise DamagedCheckpointError(file, step, f"its meta says step {meta.get('step')}")
+    if meta["format"] >= 2:
+        sums = meta.get("checksums")
+        if not isinstance(sums, dict) or set(sums) != set(arrays):
+            raise DamagedCheckpointError(file, step, "its arrays differ from those its meta lists")
+        for key, array in arrays.items():
+            if checksum(array) != sums[key]:
+                raise DamagedCheckpointError(file, step, f"{key!r} does not match its checksum")
+    return meta, arrays
+
+
+def _rank_files(directory: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(meta, arrays) of every rank file in turn, after checking that none is missing."""
+    step = step_of(directory)
+    ranks = sorted(
+        int(m.group(1)) for p in directory.iterdir() if (m := RANK_FILE.fullmatch(p.name))
+    )
+    meta, arrays = read_rank_file(directory / "rank0.npz", step)
+    layout = meta["layout"]
+    world_size = layout.get("world_size", layout["dp"] * layout["tp"] * layout["pp"])
+    missing = sorted(set(range(world_size)) - set(ranks))
+    if missing:
+        raise DamagedCheckpointError(
+            directory / f"rank{missing[0]}.npz", step, "the file is missing"
+        )
+    yield meta, arrays
+    for rank in range(1, world_size):
+        file = directory / f"rank{rank}.npz"
+        meta, arrays = read_rank_file(file, step)
+        if meta.get("rank") != rank:
+            raise DamagedCheckpointError(file, step, f"its meta says rank {meta.get('rank')}")
+        yield meta, arrays
+
+
+def verify(directory: Path) -> int:
+    """Read every rank file of a checkpoint and check it; returns its step."""
+    step = None
+    for meta, _ in _rank_files(directory):
+        step = int(meta["step"])
+    assert step is not None
+    return step
+
+
+def _candidates(root: Path) -> list[Path]:
+    """The checkpoints under `root`, newest first, none newer than `latest` when it names one
+    (a newer directory is left from an earlier run into the same directory)."""
+    found = sorted(
+        (p for p in root.iterdir() if p.is_dir() and step_of(p) is not None),
+        key=lambda p: step_of(p) or 0,
+        reverse=True,
+    )
+    latest = root / "latest"
+    name = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+    names = [p.name for p in found]
+    return found[names.index(name) :] if name in names else found
+
+
+def find(path: Path, warn: Callable[[str], None] | None = None, flag: str = "--resume") -> Path:
+    """The intact checkpoint directory `path` names: a checkpoint itself (which must be intact),
+    a run's output directory or its `checkpoints/` directory (the newest intact checkpoint:
+    `warn` hears one line for each damaged one skipped). Each is verified (`verify`)."""
     path = Path(path)
-    if (path / "rank0.npz").is_file():
+    named = f"{flag} {str(path)!r}" if flag else repr(str(path))
+    if (path / "rank0.npz").is_file() or (path.is_dir() and step_of(path) is not None):
+        verify(path)
         return path
+    candidates = []
     for root in (path / "checkpoints", path):
-        latest = root / "latest"
-        if latest.is_file():
-            found = root / latest.read_text(encoding="utf-8").strip()
-            if (found / "rank0.npz").is_file():
-                return found
-    raise CheckpointError(f"--resume {str(path)!r} holds no complete checkpoint")
+        if root.is_dir() and (candidates := _candidates(root)):
+            break
+    if not candidates:
+        raise CheckpointError(f"{named} holds no complete checkpoint")
+    damaged: list[DamagedCheckpointError] = []
+    for directory in candidates:
+        try:
+            step = verify(directory)
+        except DamagedCheckpointError as e:
+            damaged.append(e)
+            continue
+        for i, e in enumerate(damaged):
+            last = i == len(damaged) - 1
+            chosen = f"using {str(directory)!r} (step {step}), the newest intact checkpoint"
+            if warn is not None:
+                warn(f"{e}; {chosen if last else 'skipping it'}")
+        return directory
+    more = f" (and {len(damaged) - 1} older ones are damaged too)" if len(damaged) > 1 else ""
+    raise CheckpointError(f"{named} holds no intact checkpoint: {damaged[0]}{more}")
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    with np.load(directory / "rank0.npz", allow_pickle=False) as data:
-        return json.loads(str(data["meta"]))
+    return read_rank_file(directory / "rank0.npz", step_of(directory))[0]
 
 
 def check_resumable(directory: Path, config: Any) -> int:
     """The checkpoint's step, after checking that `config` can continue from it."""
     meta = read_meta(directory)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(directory)!r} has an unknown format")
     model = dataclasses.asdict(config.model)
     for key, value in meta["model"].items():
         if model.get(key) != value:
@@ -150,24 +311,19 @@ def check_resumable(directory: Path, config: Any) -> int:
 
 
 def read_full_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The unsharded state of a checkpoint: (meta of rank 0, full arrays by key)."""
-    files = sorted(directory.glob("rank*.npz"))
-    if not files:
+    """The unsharded state of a checkpoint, every file verified: (meta of rank 0, full arrays
+    by key)."""
+    if not (directory / "rank0.npz").is_file():
         raise CheckpointError(f"checkpoint {str(directory)!r} has no rank files")
     pieces: dict[str, dict[int, np.ndarray]] = {}
     metas = []
-    for file in files:
-        with np.load(file, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            metas.append(meta)
-            if meta["coords"]["dp"] != 0:
-                continue  # every dp replica holds the same state
-            for key in data.files:
-                if key != "meta":
-                    pieces.setdefault(key, {})[meta["coords"]["tp"]] = data[key]
-    first = min(metas, key=lambda m: m["rank"])
-    if len(metas) != first["layout"]["dp"] * first["layout"]["tp"] * first["layout"]["pp"]:
-        raise CheckpointError(f"checkpoint {str(directory)!r} is missing rank files")
+    for meta, arrays in _rank_files(directory):
+        metas.append(meta)
+        if meta["coords"]["dp"] != 0:
+            continue  # every dp replica holds the same state
+        for key, array in arrays.items():
+            pieces.setdefault(key, {})[meta["coords"]["tp"]] = array
+    first = metas[0]
     placements = {n: tuple(p) for m in metas for n, p in m["placements"].items()}
     full: dict[str, np.ndarray] = {}
     for key, by_tp in pieces.items():
@@ -214,15 +370,19 @@ def load(trainer: Any, directory: Path) -> int:
     return int(meta["step"])
 
 
-def export(directory: Path, out: Path) -> int:
-    """Write the full, unsharded weights with nanoGPT's names to one `.npz`; returns the count."""
-    _, full = read_full_state(find(directory))
+def export(directory: Path, out: Path, warn: Callable[[str], None] | None = None) -> int:
+    """Write the full, unsharded weights with nanoGPT's names to one `.npz`; returns the count.
+    The checkpoint is found and verified as `--resume` finds it."""
+    _, full = read_full_state(find(directory, warn, flag=""))
     weights = {key.removeprefix("param/"): a for key, a in full.items() if key.startswith("param/")}
     if "lm_head.weight" not in weights and "transformer.wte.weight" in weights:
         weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied, as PyTorch saves
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
-    # Keys are parameter names, never savez's own allow_pickle.
-    np.savez(tmp, **weights)  # pyright: ignore[reportArgumentType]
+    with open(tmp, "wb") as file:
+        # Keys are parameter names, never savez's own allow_pickle.
+        np.savez(file, **weights)  # pyright: ignore[reportArgumentType]
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, out)
     return len(weights)

@@ -21,6 +21,7 @@ from civetta.data import DataError, load_dataset
 from launch import checkpoint
 from launch.config import ConfigError, ExperimentConfig, load
 from launch.launcher import LauncherError
+from launch.memory_check import MemoryCheckError, check_memory
 from parallel.schedules import ScheduleError
 
 
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="for interleaved-1f1b")
     schedule.add_argument("--save", default=None, help="write the schedule to a .csv or .yaml")
     schedule.add_argument("--load", default=None, help="read a schedule from a .csv or .yaml")
+    schedule.add_argument(
+        "--save-trace",
+        default=None,
+        metavar="FILE",
+        help="write the unit-time replay as Chrome trace JSON (open it in ui.perfetto.dev)",
+    )
     calibrate = commands.add_parser(
         "calibrate", help="measure this machine and write the `local` hardware profile"
     )
@@ -151,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise UsageError(f"--out expected a path ending in .npz, got {args.out!r}")
-    count = checkpoint.export(Path(args.checkpoint), out)
+    count = checkpoint.export(Path(args.checkpoint), out, warn=warn)
     print(f"wrote {count} tensors to {out}")
     return 0
 
@@ -173,7 +180,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             name = flag.replace("_", "-")
             raise UsageError(f"--{name} expected a positive integer, got {value}")
     return schedule_command(
-        args.pp, args.microbatches, args.schedule, args.virtual_stages, args.save, args.load
+        args.pp,
+        args.microbatches,
+        args.schedule,
+        args.virtual_stages,
+        args.save,
+        args.load,
+        save_trace=args.save_trace,
     )
 
 
@@ -192,8 +205,11 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     load_dataset(config.data.source, config.data.seed, block_size=config.model.block_size)
     resume = None
     if args.resume is not None:
-        resume = checkpoint.find(Path(args.resume))
+        # Every rank of the job finds the same checkpoint; the launching process alone warns.
+        resume = checkpoint.find(Path(args.resume), None if launcher.inside_mpi_job() else warn)
         checkpoint.check_resumable(resume, config)
+    if not launcher.inside_mpi_job():  # every rank will run here: will they fit?
+        check_memory(config)
     if config.world_size > 1 and not launcher.inside_mpi_job():
         job = launcher.relaunch(config.world_size, argv, args.mpiexec)
         if job.exit_code not in (0, 2):
@@ -217,6 +233,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return compare_command(
         args.config, args.overrides, out_dir, args.mpiexec, args.timeout, args.hardware
     )
+
+
+def warn(message: str) -> None:
+    """Print a bare warning message as one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def fail(exc: Exception) -> int:
@@ -270,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         ScheduleError,
         LauncherError,
+        MemoryCheckError,
         checkpoint.CheckpointError,
     ) as exc:
         return fail(exc)

@@ -34,10 +34,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 from civetta.data import load_dataset
-from launch import launcher, report
+from launch import launcher, report, tables
 from launch.config import (
     ConfigError,
     ExperimentConfig,
@@ -212,27 +211,50 @@ def rows_of(runs: list[Run], profile: HardwareProfile | None = None) -> list[dic
     return rows
 
 
+# Shorter headers for the terminal, whose tables must fit 80 columns; the legend under a table
+# says what those it shows stand for. The reports keep the full headers.
+SHORT_HEADERS = {
+    "final_loss": ("loss", "loss = final loss"),
+    "max_abs_loss_diff": ("|Δloss|", "|Δloss| = max over steps of |loss − baseline loss|"),
+    "mem_params_bytes": ("params", None),
+    "mem_grads_bytes": ("grads", None),
+    "mem_optimizer_bytes": ("optim", "optim = optimizer state"),
+    "mem_activations_bytes": ("activ", "activ = peak activations"),
+    "mem_gathered_bytes": ("gather", "gather = ZeRO-3's gathered parameters"),
+    "mem_total_bytes": ("total", None),
+    **{
+        f"comm_{axis}_bytes_per_step": (f"{axis}/step", "X/step = MB per step on axis X")
+        for axis in ("dp", "tp", "pp")
+    },
+    "comm_total_bytes_per_step": ("all/step", "all/step = MB per step on all axes"),
+    "proj_step_ms": ("step ms", None),
+    "proj_tokens_per_s": ("tokens/s", None),
+    "proj_tflops": ("TFLOP/s", "TFLOP/s = per GPU"),
+    "proj_bubble": ("bubble", None),
+    "proj_memory": ("GiB", "GiB = per GPU, 2^30 bytes"),
+}
+
+
 def print_tables(console: Console, rows: list[dict[str, Any]]) -> None:
+    """The report's tables, each split into as many parts as the console's width needs."""
+    styles = ["red" if row["status"] == "failed" else None for row in rows]
     for title, columns in report.tables(rows):
-        table = Table(title=title, title_justify="left", header_style="bold")
+        fields, legend = [], []
         for column in columns:
-            table.add_column(column.header, justify="left" if column.group == "id" else "right")
-        for row in rows:
-            style = "red" if row["status"] == "failed" else None
-            table.add_row(*(report.cell(c, row) for c in columns), style=style)
-        console.print(table)
+            header, meaning = SHORT_HEADERS.get(column.key, (column.header, None))
+            justify = "left" if column.group == "id" else "right"
+            fields.append(tables.Field(header, column.group, justify))
+            if meaning is not None and meaning not in legend:
+                legend.append(meaning)
+        cells = [[report.cell(c, row) for c in columns] for row in rows]
+        tables.print_table(console, title, fields, cells, styles=styles, legend=legend)
     for row in rows:
         if row["status"] == "failed":
             console.print(
                 f"[red]{escape(row['label'])} failed[/]: {escape(row['error'] or '')}",
                 highlight=False,
+                soft_wrap=True,  # an error line stays one line, to read or grep whole
             )
-
-
-def _console() -> Console:
-    console = Console()
-    # Piped or captured output would otherwise be cut at 80 columns; a wide table wraps instead.
-    return console if console.is_terminal else Console(width=200)
 
 
 def compare_command(
@@ -263,7 +285,7 @@ def compare_command(
     if any(run.config.world_size > 1 for run in runs):
         # Checked once, here: otherwise every multi-rank layout would fail the same way.
         mpiexec = launcher.find_mpiexec(mpiexec)
-    console = _console()
+    console = tables.cli_console()
     started = time.perf_counter()
     progress = Progress(
         SpinnerColumn(),
@@ -287,7 +309,7 @@ def compare_command(
                 )
             else:
                 line = f"[red]failed[/] {escape(run.label)}: {escape(run.error or '')}"
-            progress.console.print(line, highlight=False)
+            progress.console.print(line, highlight=False, soft_wrap=True)
             progress.advance(task)
         progress.update(task, description="done")
     rows = rows_of(runs, profile)
@@ -305,5 +327,5 @@ def compare_command(
     print_tables(console, rows)
     for line in report.highlights(rows):
         console.print(line, highlight=False)
-    console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False)
+    console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False, soft_wrap=True)
     return 1 if summary["failed"] else 0

@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: none
     loss_scale: float = 65536.0  # fp16: the initial dynamic loss scale
     loss_scale_window: int = 1000  # fp16: good steps before the scale doubles
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the step
 
 
 @dataclass
@@ -92,20 +93,9 @@ class ExperimentConfig:
         layout that the runtime, trainer, checkpoints, cost model and reports take."""
         p = self.parallel
         try:
-            return Layout.for_batch(
-                self.train.batch_size,
-                self.train.microbatch_size,
-                dp=p.dp,
-                tp=p.tp,
-                pp=p.pp,
-                order=p.order,
-                sequence_parallel=p.sequence_parallel,
-                schedule=p.schedule,
-                virtual_stages=p.virtual_stages,
-                zero=p.zero,
-                recompute=p.recompute,
-                bucket_mb=p.bucket_mb,
-            )
+            # Every key of the parallel section is a field of the Layout, by the same name.
+            choices = dataclasses.asdict(p)
+            return Layout.for_batch(self.train.batch_size, self.train.microbatch_size, **choices)
         except LayoutError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -127,16 +117,9 @@ class ExperimentConfig:
 
 
 def gpt_config(config: ExperimentConfig) -> GPTConfig:
-    m = config.model
-    return GPTConfig(
-        vocab_size=m.vocab_size,
-        block_size=m.block_size,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        n_embd=m.n_embd,
-        tie_embeddings=m.tie_embeddings,
-        bias=m.bias,
-    )
+    shape = dataclasses.asdict(config.model)
+    del shape["kind"]  # the family; every other key of the model section is GPTConfig's
+    return GPTConfig(**shape)
 
 
 SECTIONS = {
@@ -153,6 +136,7 @@ CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.dtype": ("float32", "float64", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
 }
 
 

@@ -159,8 +159,10 @@ def schedule_command(
     save: str | Path | None = None,
     load: str | Path | None = None,
     console: Console | None = None,
+    save_trace: str | Path | None = None,
 ) -> int:
-    """Build (or load) a schedule, check it, draw it, optionally save it; returns the exit code.
+    """Build (or load) a schedule, check it, draw it, optionally save it and its unit-time
+    replay as a Chrome trace (`launch.trace`); returns the exit code.
 
     With `load`, the file defines the schedule and pp, microbatches, schedule_name and
     virtual_stages are ignored. Problems raise ScheduleError (a ValueError) for the CLI to print.
@@ -175,4 +177,9 @@ def schedule_command(
     if save is not None:
         save_schedule(schedule, save)
         console.print(f"saved {schedule.name} schedule to {save}")
+    if save_trace is not None:
+        from launch.trace import schedule_trace, write_trace
+
+        write_trace(Path(save_trace), schedule_trace(schedule))
+        console.print(f"saved the unit-time trace to {save_trace} (open it in ui.perfetto.dev)")
     return 0

@@ -272,3 +272,67 @@ def gantt(
         "</text>"
     )
     return _svg(height, body, title)
+
+
+def projected_vs_measured(points: Sequence[tuple[str, float, float]], title: str) -> str:
+    """A log-log scatter of (name, measured, projected) values, one dot per name, over the y=x
+    line: a dot above the line was projected slower than it ran. Both axes share one range, so
+    the line is the diagonal; values that are not positive are left out."""
+    left, right, top, bottom, height = 60, 170, 28, 40, 340
+    plot_w, plot_h = WIDTH - left - right, height - top - bottom
+    shown = [(n, x, y) for n, x, y in points if x > 0 and y > 0]
+    if not shown:
+        return _svg(60, ['<text x="20" y="40">no data</text>'], title)
+    logs = [math.log10(v) for _, x, y in shown for v in (x, y)]
+    lo, hi = math.floor(min(logs)), math.ceil(max(logs))
+    if hi == lo:
+        hi += 1
+    decades = list(range(lo, hi + 1))
+    ticks = [float(d) for d in decades]
+    if hi - lo <= 2:  # a narrow range: 2 and 5 times each power of ten too
+        ticks += [d + math.log10(m) for d in decades[:-1] for m in (2, 5)]
+    elif hi - lo > 8:
+        ticks = ticks[:: math.ceil(len(ticks) / 8)]
+
+    def px(v: float) -> float:
+        return left + (v - lo) / (hi - lo) * plot_w
+
+    def py(v: float) -> float:
+        return top + plot_h - (v - lo) / (hi - lo) * plot_h
+
+    body = [
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>'
+    ]
+    for t in sorted(ticks):
+        label = tick_text(float(f"{10**t:.3g}"))
+        body.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" '
+                    'stroke="#eee"/>')  # fmt: skip
+        body.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top}" y2="{top + plot_h}" '
+                    'stroke="#eee"/>')  # fmt: skip
+        body.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{label}</text>')
+        body.append(
+            f'<text x="{px(t):.1f}" y="{top + plot_h + 14}" text-anchor="middle">{label}</text>'
+        )
+    body.append(
+        f'<line x1="{px(lo):.1f}" y1="{py(lo):.1f}" x2="{px(hi):.1f}" y2="{py(hi):.1f}" '
+        'stroke="#666" stroke-dasharray="4 3"><title>projected = measured</title></line>'
+    )
+    body.append(
+        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">'
+        "measured step time (s, median)</text>"
+    )
+    body.append(
+        f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot_h / 2})">projected step time (s)</text>'
+    )
+    legend = []
+    for i, (name, measured, projected) in enumerate(shown):
+        x, y = px(math.log10(measured)), py(math.log10(projected))
+        body.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{color(i)}" stroke="#fff">'
+            f"<title>{escape(name)}: measured {measured:.4g} s, projected {projected:.4g} s "
+            f"({projected / measured:.3g}×)</title></circle>"
+        )
+        legend.append((name, color(i)))
+    body += _legend(legend, left + plot_w + 12, top)
+    return _svg(max(height, top + 16 * len(legend) + 10), body, title)

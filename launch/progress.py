@@ -40,6 +40,11 @@ class TrainingProgress:
     def update(self, record: Any) -> None:
         if not self.enabled:
             return
+        if record.nonfinite:  # train.on_nonfinite=skip
+            self.progress.console.print(
+                f"step {record.step}: loss {record.loss:g}, gradient norm {record.grad_norm:g}: "
+                "not finite, update skipped"
+            )
         speed = self.tokens_per_step / record.time_s if record.time_s > 0 else 0.0
         self.progress.update(self.task, advance=1, loss=f"{record.loss:.4f}", speed=f"{speed:,.0f}")
 

@@ -457,7 +457,8 @@ def html_page(report: dict[str, Any]) -> str:
 
 def figures(rows: list[dict[str, Any]]) -> list[str]:
     """The report's plots as inline SVG: loss curves, deviation from the baseline, stacked
-    memory per rank, bytes per axis, and the pipeline timeline of each pipelined layout."""
+    memory per rank, bytes per axis, the pipeline timeline of each pipelined layout and, with
+    projections (`compare --hardware`), projected against measured step time."""
     done = [r for r in rows if r["status"] == "ok"]
     if not done:
         return []
@@ -518,6 +519,18 @@ def figures(rows: list[dict[str, Any]]) -> list[str]:
                 ],
                 f"Pipeline timeline of {r['label']} (last step)",
                 window=max(t["window_s"] for t in timelines),
+            )
+        )
+    projected = [
+        (r["label"], r["step_time_median_s"], r["projection"]["step_time_s"])
+        for r in done
+        if r.get("projection") and r["projection"].get("step_time_s") and r["step_time_median_s"]
+    ]
+    if projected:
+        hardware = next(r["projection"].get("hardware") for r in done if r.get("projection"))
+        svgs.append(
+            plots.projected_vs_measured(
+                projected, f"Projected step time on {hardware} against measured, per layout"
             )
         )
     return svgs

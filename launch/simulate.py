@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from launch import tables
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
 from launch.profiles import bare, load_profile
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import CostOptions, Projection, Workload, project
 
 GIB = 2**30
+MEMORY = ("params", "grads", "optimizer", "activations", "total")
 
 CONVENTIONS = (
     "Conventions: analytic projection, nothing executed. Memory in binary units (GiB = 2^30 "
@@ -133,10 +134,6 @@ def render(
     for axis, link in pr.links.items():
         console.print(f"  {axis} groups: {link}")
 
-    time = Table(title="Step time", title_justify="left")
-    time.add_column("part")
-    time.add_column("time", justify="right")
-    time.add_column("share", justify="right")
     labels = {
         "compute": "compute (GEMMs + elementwise)",
         "optimizer": "optimizer step",
@@ -145,11 +142,13 @@ def render(
         "dp_exposed": "data-parallel comm (exposed)",
         "bubble": "pipeline bubble",
     }
-    for key, label in labels.items():
-        value = pr.breakdown_s[key]
-        time.add_row(label, _seconds(value), f"{value / pr.step_time_s:.1%}")
-    time.add_row("[bold]step[/bold]", f"[bold]{_seconds(pr.step_time_s)}[/bold]", "100%")
-    console.print(time)
+    parts = [
+        [label, _seconds(pr.breakdown_s[key]), f"{pr.breakdown_s[key] / pr.step_time_s:.1%}"]
+        for key, label in labels.items()
+    ]
+    parts.append(["[bold]step[/bold]", f"[bold]{_seconds(pr.step_time_s)}[/bold]", "100%"])
+    fields = [tables.Field("part", justify="left"), tables.Field("time"), tables.Field("share")]
+    tables.print_table(console, "Step time", fields, parts)
 
     console.print(
         f"throughput {pr.tokens_per_s:,.0f} tokens/s; model {pr.tflops_per_gpu:.3g} TFLOP/s per "
@@ -164,12 +163,9 @@ def render(
     elif pr.pipeline_model == "closed form":
         console.print("pipeline: closed-form bubble (the schedule is too long to replay quickly)")
 
-    memory = Table(title="Memory per GPU", title_justify="left")
-    memory.add_column("category")
-    memory.add_column("bytes", justify="right")
-    for key in ("params", "grads", "optimizer", "activations", "total"):
-        memory.add_row(key, _gib(pr.memory_per_gpu[key]))
-    console.print(memory)
+    memory = [[key, _gib(pr.memory_per_gpu[key])] for key in MEMORY]
+    fields = [tables.Field("category", justify="left"), tables.Field("bytes")]
+    tables.print_table(console, "Memory per GPU", fields, memory)
     verdict = "[green]fits[/green]" if pr.fits else "[red]does not fit[/red]"
     console.print(
         f"{verdict} (busiest pipeline stage): {_gib(pr.memory_per_gpu['total'])} of "
@@ -207,7 +203,7 @@ def simulate_command(
 
     Bad configs, profiles or arguments raise ConfigError (one line) for the CLI to print.
     """
-    console = console or Console()
+    console = console or tables.cli_console()
     if tokens is not None and (isinstance(tokens, bool) or tokens <= 0):
         raise ConfigError(f"--tokens expected a positive number, got {tokens}")
     config = load(config_path, list(overrides))

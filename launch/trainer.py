@@ -7,6 +7,7 @@ grad-norm clipping, the optimizer update outside the graph.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
 from parallel.runtime import Runtime
 from parallel.schedules import check_schedule, make_schedule
 from parallel.update import GradientUpdate, make_update
+from parallel.virtual import VirtualComm
 from parallel.zero import ShardedStore, model_state_bytes
 
 # train.dtype -> the dtype of the arrays; bf16/fp16 are emulated on float32 arrays.
@@ -41,8 +43,20 @@ class StepRecord:
     lr: float
     grad_norm: float
     flops: int = 0  # matmul FLOPs this rank executed, recomputation included
-    skipped: bool = False  # fp16: gradients overflowed, the optimizer did not step
+    skipped: bool = False  # the optimizer did not step: fp16 overflow, or `nonfinite`
     loss_scale: float = 1.0
+    nonfinite: bool = False  # train.on_nonfinite=skip skipped this step: loss or norm not finite
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm under train.on_nonfinite=stop; raised on every rank at
+    the same step (the loss and the norm are already reduced over the world), before the update.
+    `rank`: the lowest rank holding a non-finite gradient or weight (0 when none does)."""
+
+    def __init__(self, message: str, step: int, rank: int) -> None:
+        super().__init__(message)
+        self.step = step
+        self.rank = rank
 
 
 @dataclass
@@ -93,6 +107,9 @@ class Trainer:
         self.config = config
         runtime = Runtime(config.layout) if runtime is None else runtime
         self.runtime = runtime
+        # Losses and norms that mean nothing: data-free ones are NaN by construction, and a
+        # virtual mesh (`parallel.virtual`) sends nothing, so some ranks see no loss at all.
+        self.guard_nonfinite = not data_free and not isinstance(runtime.mesh.comm, VirtualComm)
         self.dtype = DTYPES[config.train.dtype]
         # Data-free (`civetta.meta`): parameters and batches have shapes and no values, so a step
         # records what an executed one records without its memory or arithmetic (the cost model
@@ -187,14 +204,67 @@ class Trainer:
             losses, timeline = self.executor.run(inputs, targets, scale / len(inputs))
         self.timelines.append(timeline)
         lr = self.lr_schedule(step)
+        mean_loss = rt.mean_loss(losses)  # before the update: a non-finite loss stops it
+        nonfinite = False
+
+        def guard(grad_norm: float) -> bool:
+            nonlocal nonfinite
+            nonfinite = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
+            if nonfinite and self.config.train.on_nonfinite == "stop":
+                raise self._nonfinite_error(step, mean_loss, grad_norm)
+            return not nonfinite
+
         with rt.ledger.phase("optimizer"):
             unscale = self._unscale if self.loss_scaler else None
-            grad_norm, take_step = self.update.step(lr, unscale)
-        mean_loss = rt.mean_loss(losses)
+            checked = guard if self.guard_nonfinite else None
+            grad_norm, take_step = self.update.step(lr, unscale, checked)
         self.model.zero_grad()
         elapsed = time.perf_counter() - started
         return StepRecord(
-            step, mean_loss, elapsed, lr, grad_norm, flop_meter.total, not take_step, scale
+            step,
+            mean_loss,
+            elapsed,
+            lr,
+            grad_norm,
+            flop_meter.total,
+            not take_step,
+            scale,
+            nonfinite,
+        )
+
+    def _nonfinite_error(self, step: int, loss: float, grad_norm: float) -> NonFiniteError:
+        """The error for a non-finite step, naming the first non-finite parameter: in model order
+        on the lowest rank that holds one. Collective over the world (every rank raises), only
+        after detection, and not recorded in the ledger: stopping is not training."""
+        world = self.runtime.mesh.world
+        grads = self.update.last_grads
+        label = ""
+        for name in self.model.params:
+            if name in grads and not np.isfinite(grads[name]).all():
+                label = f"{name} (gradient)"
+                break
+        else:
+            for name, p in self.model.params.items():
+                if not np.isfinite(p.data).all():
+                    label = f"{name} (weights)"
+                    break
+        width = 256
+        mine = np.zeros(width, dtype=np.uint8)
+        encoded = label.encode()[:width]
+        mine[: len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        with self.runtime.ledger.paused():
+            rows = world.all_gather(mine).reshape(world.size, width)
+        found = [r for r in range(world.size) if rows[r].any()]
+        rank = found[0] if found else 0
+        first = rows[rank].tobytes().rstrip(b"\0").decode(errors="replace")
+        where = f"first non-finite parameter: {first} on rank {rank}"
+        if not found:
+            where = "no gradient or weight is non-finite on any rank"
+        return NonFiniteError(
+            f"step {step}: loss {loss:g}, gradient norm {grad_norm:g}; {where} "
+            "(train.on_nonfinite: stop; 'skip' skips such steps)",
+            step,
+            rank,
         )
 
     def _unscale(self, grads: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:

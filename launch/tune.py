@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from launch import tables
 from launch.config import ConfigError, ExperimentConfig, gpt_config, load
 from launch.profiles import bare, load_profile
 from launch.simulate import workload_of
@@ -72,6 +72,26 @@ def _step(seconds: float) -> str:
     return f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3g}"
 
 
+# The table's columns: the rank and the mesh lead every part when the table is split to fit
+# the console; the legend under it spells out the short headers.
+FIELDS = [
+    tables.Field("#"),
+    tables.Field("dp×tp×pp"),
+    tables.Field("mb×m", "layout"),
+    tables.Field("schedule", "layout", "left"),
+    tables.Field("ZeRO", "layout"),
+    tables.Field("recompute", "layout", "left"),
+    tables.Field("SP", "layout"),
+    *(tables.Field(h, "projection") for h in ("step s", "tokens/s", "TFLOP/s", "MFU", "bubble")),
+    tables.Field("GiB", "projection"),
+]
+LEGEND = (
+    "mb×m = microbatch size × microbatches per step",
+    "SP = sequence parallelism",
+    "TFLOP/s and GiB (2^30 bytes) per GPU",
+)
+
+
 def _row(rank: int, r: Ranked) -> list[str]:
     lay, pr = r.layout, r.projection
     schedule = "-" if lay.pp == 1 else lay.schedule
@@ -79,9 +99,7 @@ def _row(rank: int, r: Ranked) -> list[str]:
         schedule += f" v={lay.virtual_stages}"
     return [
         str(rank),
-        str(lay.dp),
-        str(lay.tp),
-        str(lay.pp),
+        f"{lay.dp}×{lay.tp}×{lay.pp}",
         f"{lay.microbatch_size}×{lay.microbatches}",
         schedule,
         str(lay.zero),
@@ -121,14 +139,9 @@ def render(
         for line in result.explanation:
             console.print(f"[red]{line}[/red]")
         return
-    table = Table(title=f"Top {min(top, len(result.ranked))} layouts", title_justify="left")
-    headers = ["#", "dp", "tp", "pp", "mb×m", "schedule", "ZeRO", "recompute", "SP"]
-    headers += ["step s", "tokens/s", "TFLOP/s/GPU", "MFU", "bubble", "GiB/GPU"]
-    for name in headers:
-        table.add_column(name, justify="left" if name in ("schedule", "recompute") else "right")
-    for i, r in enumerate(result.ranked[:top], start=1):
-        table.add_row(*_row(i, r))
-    console.print(table)
+    rows = [_row(i, r) for i, r in enumerate(result.ranked[:top], start=1)]
+    title = f"Top {len(rows)} layouts"
+    tables.print_table(console, title, FIELDS, rows, lead=2, legend=LEGEND)
     for line in result.explanation:
         console.print(line)
     console.print(f"[dim]{CONVENTIONS}[/dim]")
@@ -146,7 +159,7 @@ def tune_command(
 ) -> int:
     """Search the layouts of CONFIG's model on `gpus` GPUs of `hardware`; print the best `top`
     and why the first wins; write them to `json_out`. Bad arguments raise ConfigError."""
-    console = console or Console()
+    console = console or tables.cli_console()
     _positive("--gpus", gpus)
     _positive("--top", top)
     config = load(config_path, list(overrides))

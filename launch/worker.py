@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from civetta.allocator import keep_freed_memory
-from launch import checkpoint
+from launch import checkpoint, trace
 from launch.config import ExperimentConfig
 from launch.progress import TrainingProgress
-from launch.trainer import RunResult, StepRecord, Trainer
-from parallel.comm import launched_by_mpi
+from launch.trainer import NonFiniteError, RunResult, StepRecord, Trainer
+from parallel.comm import CallEvent, launched_by_mpi
 from parallel.pipeline import COMPUTE_KINDS, StepTimeline
 from parallel.runtime import Runtime
 
@@ -82,6 +82,7 @@ def build_metrics(
                 "grad_norm": s.grad_norm,
                 "skipped": s.skipped,
                 "loss_scale": s.loss_scale,
+                "nonfinite": s.nonfinite,
             }
             for s in result.steps
         ],
@@ -126,14 +127,26 @@ def _run(config: ExperimentConfig, out_dir: Path, resume: Path | None) -> int:
     every = config.train.checkpoint_every
     leader = mesh.rank == 0
     progress = TrainingProgress(config, enabled=leader, start=start)
+    # trace.json holds the last step: the ledger logs its calls (and only its calls) for it.
+    traced_step = config.train.steps - 1
+    ledger = runtime.ledger
+    calls: list[CallEvent] = []
+    if start == traced_step:
+        ledger.start_events()
 
     def after_step(record: StepRecord) -> None:
+        if record.step == traced_step:
+            calls.extend(ledger.stop_events())
+        elif record.step + 1 == traced_step:
+            ledger.start_events()
         progress.update(record)
         if every and (record.step + 1) % every == 0:
             checkpoint.save(trainer, out_dir, record.step)
 
     with progress:
         result = trainer.run(after_step, start_step=start)
+    ran_traced_step = bool(result.steps) and result.steps[-1].step == traced_step
+    traced_timeline = trainer.timelines[-1] if ran_traced_step and trainer.timelines else None
     per_rank = gather_json(
         mesh.comm,
         {
@@ -143,12 +156,15 @@ def _run(config: ExperimentConfig, out_dir: Path, resume: Path | None) -> int:
             "ops": result.ledger,
             "pipeline": pipeline_summary(trainer.timelines),
             "flops_per_step": result.steps[-1].flops if result.steps else 0,
+            "trace": trace.step_events(mesh.rank, traced_timeline, calls),
         },
     )
     if leader:
         assert per_rank is not None
         metrics = build_metrics(config, result, per_rank)
         write_json_atomically(out_dir / "metrics.json", metrics)
+        traces = [r["trace"] for r in per_rank]
+        trace.write_trace(out_dir / "trace.json", trace.train_trace(traces, traced_step))
         progress.summary(metrics, out_dir / "metrics.json")
     return 0
 
@@ -185,8 +201,14 @@ def train(config: ExperimentConfig, out_dir: Path, resume: Path | None = None) -
         with log.open("a", encoding="utf-8") as file:
             file.write(traceback.format_exc())
         write_status(out_dir, rank, f"failed: {message}")
-        print(failure_line(rank, message, log), file=sys.stderr, flush=True)
+        # A non-finite step stops every rank at once: the line names the rank that holds the
+        # first non-finite parameter, and the others wait until rank 0 has printed it.
+        culprit = exc.rank if isinstance(exc, NonFiniteError) else rank
+        culprit_log = out_dir / "logs" / f"rank{culprit}.log"
+        print(failure_line(culprit, message, culprit_log), file=sys.stderr, flush=True)
         if under_mpi:
+            if isinstance(exc, NonFiniteError):
+                MPI.COMM_WORLD.Barrier()
             MPI.COMM_WORLD.Abort(1)
         return 1
     write_status(out_dir, rank, "done")

@@ -56,6 +56,9 @@ class StepTimeline:
     timings: list[ActionTiming] = field(default_factory=list)
     window_s: float = 0.0
     peak_in_flight: int = 0
+    # The `time.perf_counter()` reading of that start, to place other events (the ledger's
+    # call log) on the same clock.
+    origin_s: float = 0.0
 
     @property
     def compute_s(self) -> float:
@@ -138,7 +141,7 @@ class PipelineExecutor:
         timeline = StepTimeline()
         ledger = self.group.ledger
         self.group.barrier()  # a common start, so idle time is measured from the same instant
-        origin = time.perf_counter()
+        origin = timeline.origin_s = time.perf_counter()
         for action in self.actions:
             start = time.perf_counter()
             with ledger.phase(LEDGER_PHASE[action.kind]):

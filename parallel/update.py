@@ -27,6 +27,9 @@ from parallel.zero import ShardedStore, _Bucket, partition_buckets
 # fp16 loss scaling: gradients → (unscaled gradients, whether to step), the same on every rank.
 Unscale = Callable[[dict[str, np.ndarray]], tuple[dict[str, np.ndarray], bool]]
 BuildOptimizer = Callable[[dict[str, Tensor]], Optimizer]
+# The global gradient norm → whether to step, the same on every rank; called after `last_grads`
+# is set and before the optimizer touches anything, so it may also raise to stop the run.
+Guard = Callable[[float], bool]
 MASTER = "master"  # the masters' kind when packed beside the optimizer state
 
 
@@ -43,9 +46,12 @@ class GradientUpdate:
     last_grads: dict[str, np.ndarray]
     grad_bytes: int
 
-    def step(self, lr: float, unscale: Unscale | None = None) -> tuple[float, bool]:
+    def step(
+        self, lr: float, unscale: Unscale | None = None, guard: Guard | None = None
+    ) -> tuple[float, bool]:
         """Synchronise, clip and update; returns the global gradient norm before clipping and
-        whether the optimizer stepped (fp16 skips a step whose gradients overflowed)."""
+        whether the optimizer stepped (fp16 skips a step whose gradients overflowed; `guard`,
+        given the norm of a step that fp16 takes, may skip it too)."""
         raise NotImplementedError
 
     def whole_state(self) -> tuple[dict[str, np.ndarray], ...]:
@@ -87,7 +93,9 @@ class ReplicatedUpdate(GradientUpdate):
         self.last_grads = {}
         self.grad_bytes = 0
 
-    def step(self, lr: float, unscale: Unscale | None = None) -> tuple[float, bool]:
+    def step(
+        self, lr: float, unscale: Unscale | None = None, guard: Guard | None = None
+    ) -> tuple[float, bool]:
         rt = self.runtime
         grads = gradients(self.params)
         grads = rt.synchronize_gradients(grads, self.tied)
@@ -96,7 +104,9 @@ class ReplicatedUpdate(GradientUpdate):
             grads, take_step = unscale(grads)
         self.last_grads = grads
         grad_norm = math.sqrt(rt.global_grad_sq_norm(grads, self.tied)) if take_step else 0.0
-        coef = clip_coefficient(grad_norm, self.grad_clip) if self.grad_clip else 1.0
+        if take_step and guard is not None:
+            take_step = guard(grad_norm)
+        coef = clip_coefficient(grad_norm, self.grad_clip) if self.grad_clip and take_step else 1.0
         if coef < 1.0:  # new arrays: `last_grads` keeps the unclipped gradients
             grads = {name: g * g.dtype.type(coef) for name, g in grads.items()}
         if take_step:
@@ -224,11 +234,13 @@ class ZeroUpdate(GradientUpdate):
     def _flat(self, name: str) -> np.ndarray:
         return self.params[name].data.reshape(-1)  # a view: parameters are contiguous
 
-    def step(self, lr: float, unscale: Unscale | None = None) -> tuple[float, bool]:
+    def step(
+        self, lr: float, unscale: Unscale | None = None, guard: Guard | None = None
+    ) -> tuple[float, bool]:
         """Synchronise, clip and update; returns the global gradient norm before clipping and
         whether the optimizer stepped. `unscale` (fp16's loss scaling) takes this rank's
         gradient shards and returns them unscaled and whether to step, the same on every rank
-        (an overflow anywhere skips the step everywhere)."""
+        (an overflow anywhere skips the step everywhere); so does `guard`, given the norm."""
         grads = gradients(self.params)
         # Tied copies across pipeline stages, sequence-parallel partial sums across tp.
         grads = self.runtime.combine_partial_gradients(grads, self.tied)
@@ -248,6 +260,8 @@ class ZeroUpdate(GradientUpdate):
         self.last_grads = shards
         sq_norm = self.runtime.global_grad_sq_norm(shards, self.tied, sharded_over_dp=True)
         grad_norm = math.sqrt(sq_norm)
+        if guard is not None and not guard(grad_norm):
+            return grad_norm, False  # nothing updated, so the parameters need no gather
         coef = clip_coefficient(grad_norm, self.grad_clip) if self.grad_clip else 1.0
         if coef < 1.0:  # new arrays: `last_grads` keeps the unclipped gradients
             shards = {name: g * g.dtype.type(coef) for name, g in shards.items()}

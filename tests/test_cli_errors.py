@@ -136,6 +136,11 @@ CHOICE_CASES = [
         ("train.lr_schedule=linear",),
     ),
     Bad(
+        "on-nonfinite-choice",
+        "error: train.on_nonfinite expected one of stop | skip, got 'ignore'",
+        ("train.on_nonfinite=ignore",),
+    ),
+    Bad(
         "recompute-choice",
         "error: parallel.recompute expected one of none | full | selective, got 'partial'",
         ("parallel.recompute=partial",),

@@ -591,8 +591,10 @@ def _step_flops(model: StagedModel, lay: Layout) -> StepFlops:
 def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> MemoryPerGPU:
     """Memory of pipeline rank `device` by category: the model state of the parameters it
     holds (sharded as the ZeRO stage says) and the activations it keeps for backward at its
-    peak: what the traced pieces left alive, times the block-microbatches in flight, plus what
-    recomputation rebuilds of one block, plus the ends of one microbatch."""
+    peak. The pieces' saved bytes times the block-microbatches in flight are alive at the end of
+    a forward, with the ends' (the embeddings' output waits for each microbatch in flight, as
+    every block's does; the head's lives for one microbatch); during a backward the head's are
+    gone and recomputation rebuilds one block. The peak is the larger of the two."""
     count = sum(n * piece.param_elements for piece, n in model.device_pieces(device))
     w, g, o = state_bytes_per_param(work.dtype, work.optimizer)
     params, grads, opt = count * w, count * g, count * o
@@ -606,14 +608,17 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     layers = in_flight_layers(
         model.config.n_layer, lay.pp, lay.microbatches, lay.schedule, lay.virtual_stages
     )
-    acts = block.saved_bytes * layers + (block.peak_bytes - block.saved_bytes)
-    blocks_here = model.config.n_layer / lay.pp
+    in_flight = layers / (model.config.n_layer / lay.pp)  # microbatches the first stage holds
+    ends_forward = ends_backward = 0.0
     for stage in model.device_stages(device):
+        first, last = stage == 0, stage == model.num_stages - 1
         for piece in model.ends(stage):
-            # The embeddings' output waits, as every block's does, for each microbatch in
-            # flight; the head's activations live for one microbatch at a time.
-            in_flight = layers / blocks_here if stage == 0 else 1.0
-            acts += piece.saved_bytes * in_flight
+            ends_forward += piece.saved_bytes * (in_flight if first and not last else 1.0)
+        if first:
+            ends_backward += model.piece("first").saved_bytes * in_flight
+    rebuilt = block.peak_bytes - block.saved_bytes  # what recomputation brings back
+    blocks = block.saved_bytes * layers
+    acts = max(blocks + ends_forward, blocks + rebuilt + ends_backward)
     return MemoryPerGPU(params, grads, opt, int(acts))
 
 
