@@ -362,10 +362,13 @@ def make_node(
     backward: BackwardFn,
     round_grads: bool = True,
     saved: Sequence[Any] | None = None,
+    computed: bool = True,
 ) -> Tensor:
     """Wrap an op's result; attach the closure only when some parent needs a gradient.
 
     `round_grads=False`: the op rounds its input gradients itself (under autocast).
+    `computed=False`: the output was written by a collective, not computed by an elementwise
+    kernel (the GEMM log's `output_bytes`, the elementwise traffic, leaves it out).
 
     `saved`: the arrays the backward closure keeps (None entries are skipped); while the node
     waits for its backward the activation meter holds their buffers (see `ActivationMeter`):
@@ -374,13 +377,13 @@ def make_node(
     op allocated it (the rule before ops declared what they keep).
     """
     fresh = _owns_new_memory(data, parents)
-    computed = data
+    unrounded = data
     if _precision is not None:
         if fresh:  # a view of an input shares its already-rounded values
             data = _precision.round(data)
         if round_grads:
             backward = _rounding(backward, _precision)
-    if gemm_log.enabled and fresh:
+    if gemm_log.enabled and fresh and computed:
         nbytes = data.nbytes
         gemm_log.output_bytes += (
             nbytes if _precision is None else nbytes // data.itemsize * _precision.itemsize
@@ -396,7 +399,7 @@ def make_node(
         if saved is None:
             buffers = [data if data.base is None else data.base] if fresh else None
         else:
-            buffers = _saved_buffers(saved, parents, computed, data) if saved else None
+            buffers = _saved_buffers(saved, parents, unrounded, data) if saved else None
         out._held = (
             activation_meter.hold(buffers, None if _precision is None else _precision.itemsize)
             if buffers

@@ -65,7 +65,7 @@ def copy_to_region(x: Tensor, group: Group) -> Tensor:
             return (group.all_reduce(g),)
 
     # A view, so the activation meter does not count the same bytes twice.
-    return make_node(x.data.view(), (x,), backward, saved=())
+    return make_node(x.data.view(), (x,), backward, saved=(), computed=False)
 
 
 def reduce_from_region(x: Tensor, group: Group) -> Tensor:
@@ -78,7 +78,7 @@ def reduce_from_region(x: Tensor, group: Group) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (g,)
 
-    return make_node(out, (x,), backward, saved=())
+    return make_node(out, (x,), backward, saved=(), computed=False)
 
 
 def gather_from_region(x: Tensor, group: Group, axis: int = -1) -> Tensor:
@@ -92,7 +92,7 @@ def gather_from_region(x: Tensor, group: Group, axis: int = -1) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         return (_own_slice(g, group, axis),)
 
-    return make_node(out, (x,), backward, saved=())
+    return make_node(out, (x,), backward, saved=(), computed=False)
 
 
 def scatter_to_region(x: Tensor, group: Group, axis: int = -1) -> Tensor:
@@ -106,7 +106,7 @@ def scatter_to_region(x: Tensor, group: Group, axis: int = -1) -> Tensor:
         with ledger.phase("backward"):
             return (group.all_gather(g, axis=axis),)
 
-    return make_node(_own_slice(x.data, group, axis), (x,), backward, saved=())
+    return make_node(_own_slice(x.data, group, axis), (x,), backward, saved=(), computed=False)
 
 
 def reduce_scatter_to_region(x: Tensor, group: Group, axis: int) -> Tensor:
@@ -122,7 +122,7 @@ def reduce_scatter_to_region(x: Tensor, group: Group, axis: int) -> Tensor:
         with ledger.phase("backward"):
             return (group.all_gather(g, axis=axis),)
 
-    return make_node(out, (x,), backward, saved=())
+    return make_node(out, (x,), backward, saved=(), computed=False)
 
 
 def gather_from_sequence_region(x: Tensor, group: Group, axis: int) -> Tensor:
@@ -138,4 +138,4 @@ def gather_from_sequence_region(x: Tensor, group: Group, axis: int) -> Tensor:
         with ledger.phase("backward"):
             return (group.reduce_scatter(g, axis=axis),)
 
-    return make_node(out, (x,), backward, saved=())
+    return make_node(out, (x,), backward, saved=(), computed=False)
