@@ -267,7 +267,10 @@ class _Device:
             alone = dataclasses.replace(layout, tp=1, sequence_parallel=False, zero=0)
             reference = model.piece("block", alone).forward.nodes
             self.per_node = profile.device.layer_overhead_us * 1e-6 / reference
-        self._ticks: dict[int, _Tick] = {}
+        # A piece's tick depends on the piece, the device and the tp link alone: layouts that
+        # share a staged model (a tuner's, differing in dp or schedule) share them.
+        key = (repr(profile.device), work.dtype, links["tp"], self.per_node)
+        self._ticks: dict[int, _Tick] = model.ticks.setdefault(key, {})
 
     def gemm(self, g: Gemm) -> float:
         nbytes = self.e * g.batch * (g.m * g.k + g.k * g.n + g.m * g.n)  # operands and result

@@ -32,6 +32,7 @@ class StagedModel:
         self._devices: dict[int, list[tuple[Piece, int]]] = {}
         self._params: dict[int, list[Param]] = {}
         self._buckets: dict[tuple[int, int, int], list[int]] = {}
+        self.ticks: dict[tuple, dict] = {}  # the projection's timings of pieces, by device
 
     def piece(self, part: str, layout: Layout | None = None) -> Piece:
         """The traced `part` ("block", "first", "last", "whole") under this layout, or under
