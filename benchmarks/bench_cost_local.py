@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.config import gpt_config, load
+from launch.config import load, model_description
 from launch.profiles import load_profile
 from launch.simulate import workload_of
 from parallel.cost.hardware import HardwareProfile
@@ -88,7 +88,7 @@ def compare(profile: HardwareProfile, path: str, steps: int) -> None:
     for label, overrides in LAYOUTS.items():
         config = load(str(QUICKSTART), [*overrides, "train.warmup_steps=0"])
         predicted = project(
-            gpt_config(config), config.layout, profile, CIVETTA_EXECUTOR, workload_of(config)
+            model_description(config), config.layout, profile, CIVETTA_EXECUTOR, workload_of(config)
         ).step_time_s
         times = run(overrides, steps)
         ratios.append(predicted / float(np.median(times)))

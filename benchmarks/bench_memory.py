@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from launch.config import load
-from launch.trainer import gpt_config
+from launch.trainer import model_description
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.yaml"
 CATEGORIES = ("params", "grads", "optimizer", "activations_peak", "params_gathered_peak")
@@ -101,7 +101,7 @@ def main() -> None:
             f"{r['activations_peak'] / MiB:>10.2f}{r['params_gathered_peak'] / MiB:>10.2f}"
             f"{r['step_s']:>9.3f}{r['wire'] / MiB:>18.2f}{r['wire'] / base_wire:>7.3f}"
         )
-    model = gpt_config(load(CONFIG))
+    model = model_description(load(CONFIG))
     if model.tie_embeddings:  # the table serves the lookup and the head: gathered by both
         psi, table = model.num_parameters(), model.vocab_size * model.n_embd
         print(f"ZeRO-3 on a tied model: expected 1.5·(Ψ + V·C)/Ψ = {1.5 * (psi + table) / psi:.3f}")

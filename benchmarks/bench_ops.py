@@ -13,6 +13,9 @@ backward with a random upstream gradient into every input, in float32, at the be
 (vocab 256, block 128, n_embd 256, 4 heads, batch 16: activations (16, 128, 256), MLP hidden
 (16, 128, 1024), attention scores (16, 4, 128, 128), logits (16, 128, 256)), against the
 reference its test compares it with (`civetta.functional`, or the axioms its docstring names).
+The Llama ops run at a small Llama's sizes (`LLAMA_*` below: activations (16, 128, 256), SwiGLU
+hidden (16, 128, 688), q (16, 4, 128, 64) for rope, grouped-query attention with 4 query heads
+over 2 key/value heads).
 Composed and fused runs alternate; each figure is the median. `matmul_reference` materialises a
 B×M×K×N product, and its backward two more of that size (g·b and g·a); a size whose measured
 peak would pass 1 GiB is not run, and the row prints the temporary and the peak instead.
@@ -43,6 +46,9 @@ from civetta.models.gpt import GPTConfig
 
 BENCH = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)  # bench.yaml
 BATCH = 16
+# A small Llama at the bench model's width: head size 64, SwiGLU hidden ≈ 8/3 · 256 rounded to a
+# multiple of 16, half as many key/value heads as query heads.
+LLAMA_FFN_HIDDEN, LLAMA_KV_HEADS, LLAMA_ROPE_THETA = 688, 2, 10000.0
 MATMUL_PEAK_LIMIT = 1 << 30  # bytes: matmul_reference is not run where its peak would pass this
 
 
@@ -132,6 +138,8 @@ def fused_cases(rng: np.random.Generator) -> list[FusedCase]:
 
     causal = functional.causal_mask(T, T)
     targets = rng.integers(0, V, size=(B, T))
+    ffn, nkv = LLAMA_FFN_HIDDEN, LLAMA_KV_HEADS
+    cos, sin = functional.rope_tables(np.arange(T), hs, LLAMA_ROPE_THETA, np.float32)
     return [
         FusedCase(
             "linear (c_fc)",
@@ -174,6 +182,46 @@ def fused_cases(rng: np.random.Generator) -> list[FusedCase]:
             functional.scaled_dot_product_attention,
             fused.scaled_dot_product_attention,
             (normal(B, nh, T, hs), normal(B, nh, T, hs), normal(B, nh, T, hs)),
+            31,
+        ),
+        FusedCase(
+            "rms_norm",
+            f"({B},{T},{C})",
+            functional.rms_norm,
+            fused.rms_norm,
+            (normal(B, T, C), normal(C)),
+            51,
+        ),
+        FusedCase(
+            "rms_normalize",
+            f"({B},{T},{C})",
+            lambda x: functional.rms_norm(x, None),
+            fused.rms_normalize,
+            (normal(B, T, C),),
+            51,
+        ),
+        FusedCase(
+            "swiglu",
+            f"({B},{T},{ffn}) x2",
+            functional.swiglu,
+            fused.swiglu,
+            (normal(B, T, ffn), normal(B, T, ffn)),
+            31,
+        ),
+        FusedCase(
+            "rope",
+            f"q ({B},{nh},{T},{hs})",
+            lambda x: functional.rope(x, cos, sin),
+            lambda x: fused.rope(x, cos, sin),
+            (normal(B, nh, T, hs),),
+            31,
+        ),
+        FusedCase(
+            "attention (GQA)",
+            f"q ({B},{nh},{T},{hs}) kv {nkv}h",
+            functional.scaled_dot_product_attention,
+            fused.scaled_dot_product_attention,
+            (normal(B, nh, T, hs), normal(B, nkv, T, hs), normal(B, nkv, T, hs)),
             31,
         ),
         FusedCase(

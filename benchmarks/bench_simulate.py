@@ -1,4 +1,4 @@
-"""How long `civetta simulate` and `civetta tune` take for GPT-3 175B.
+"""How long `civetta simulate` and `civetta tune` take for GPT-3 175B and Llama 3.1 405B.
 
     python benchmarks/bench_simulate.py
 
@@ -20,10 +20,17 @@ from launch.simulate import simulate_command
 from launch.tune import tune_command
 from parallel.cost import stages, trace
 
-GPT3 = str(Path(__file__).resolve().parent.parent / "configs" / "gpt3-175b.yaml")
-LAYOUTS = {
-    "tp8 pp12 dp16 (1536 GPUs)": [],
-    "tp8 pp12 dp64 (6144 GPUs)": ["parallel.dp=64", "train.batch_size=3072"],
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+GPT3 = str(CONFIGS / "gpt3-175b.yaml")
+LLAMA405 = str(CONFIGS / "llama3.1-405b.yaml")
+LAYOUTS = {  # label: (config, hardware, overrides)
+    "GPT-3 tp8 pp12 dp16 (1536 GPUs)": (GPT3, "a100-dgx", []),
+    "GPT-3 tp8 pp12 dp64 (6144 GPUs)": (
+        GPT3,
+        "a100-dgx",
+        ["parallel.dp=64", "train.batch_size=3072"],
+    ),
+    "Llama 405B tp8 pp18 dp64 (9216 GPUs)": (LLAMA405, "h100-dgx", []),
 }
 
 
@@ -49,15 +56,15 @@ def timed(run: object, repeats: int, clear: bool) -> list[float]:
 
 
 def main() -> None:
-    for label, overrides in LAYOUTS.items():
+    for label, (config, hardware, overrides) in LAYOUTS.items():
 
-        def simulate(overrides: list[str] = overrides) -> None:
-            simulate_command(GPT3, "a100-dgx", overrides, None, None, quiet())
+        def simulate(config=config, hardware=hardware, overrides=overrides) -> None:
+            simulate_command(config, hardware, overrides, None, None, quiet())
 
         for mode, clear in (("cold", True), ("warm", False)):
             times = timed(simulate, 5, clear)
             print(
-                f"simulate {label:<28} {mode}: best {times[0] * 1e3:7.1f} ms   "
+                f"simulate {label:<37} {mode}: best {times[0] * 1e3:7.1f} ms   "
                 f"median {times[2] * 1e3:7.1f} ms"
             )
 
@@ -65,7 +72,13 @@ def main() -> None:
         tune_command(GPT3, "a100-dgx", 1024, console=quiet())
 
     times = timed(tune, 3, True)
-    print(f"tune --gpus 1024 cold: best {times[0]:.2f} s   median {times[1]:.2f} s")
+    print(f"tune GPT-3 --gpus 1024 cold: best {times[0]:.2f} s   median {times[1]:.2f} s")
+
+    def tune_llama() -> None:
+        tune_command(LLAMA405, "h100-dgx", 8192, console=quiet())
+
+    times = timed(tune_llama, 3, True)
+    print(f"tune Llama 405B --gpus 8192 cold: best {times[0]:.2f} s   median {times[1]:.2f} s")
     print(f"traces of distinct pieces: {trace.trace.cache_info().currsize}")
 
 

@@ -162,6 +162,13 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return out
 
 
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """RMSNorm (Llama's): x / sqrt(mean(x², last axis) + eps), scaled by `weight` unless None."""
+    inv_rms = pow(ax.add(mean(ax.mul(x, x), axis=-1, keepdims=True), eps), -0.5)
+    out = ax.mul(x, inv_rms)
+    return out if weight is None else ax.mul(out, weight)
+
+
 GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -169,6 +176,63 @@ def gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))."""
     inner = ax.mul(ax.add(x, ax.mul(pow(x, 3), 0.044715)), GELU_C)
     return ax.mul(ax.mul(x, 0.5), ax.add(tanh(inner), 1.0))
+
+
+def _sigmoid(a: Tensor) -> Tensor:
+    # 1 / (1 + e) for x >= 0 and e / (1 + e) below, with e = exp(-|x|) <= 1: no exp overflows
+    # (the backward of an overflowed exp computes 0 · inf = NaN), and a tiny sigmoid keeps its
+    # relative precision, which 1 - 1 / (1 + e) would cancel away.
+    positive = a.data >= 0
+    sign = Tensor(np.where(positive, 1, -1).astype(a.dtype))
+    decay = ax.exp(ax.neg(ax.mul(a, sign)))
+    below_one = ax.reciprocal(ax.add(decay, 1.0))
+    return ax.where(positive, below_one, ax.mul(decay, below_one))
+
+
+def silu(x: Tensor) -> Tensor:
+    """SiLU (swish): x · sigmoid(x), finite in value and gradient for any finite x."""
+    return ax.mul(x, _sigmoid(x))
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU, Llama's MLP activation: silu(gate) · up."""
+    return ax.mul(silu(gate), up)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """The last axis split into halves (x1, x2) becomes (-x2, x1): Hugging Face's convention,
+    which rotates the pairs (i, i + D/2) (not the interleaved pairs (2i, 2i + 1))."""
+    x1, x2 = ax.split(x, 2, axis=-1)
+    return ax.concat([ax.neg(x2), x1], axis=-1)
+
+
+def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """Rotary position embedding: x · cos + rotate_half(x) · sin, for x of shape (B, H, T, D)
+    and constant tables (T, D) from `rope_tables` (broadcast over B and H)."""
+    # The tables take x's dtype, so float32 activations stay float32 whatever the tables are.
+    cos, sin = cos.astype(x.dtype, copy=False), sin.astype(x.dtype, copy=False)
+    return ax.add(ax.mul(x, cos), ax.mul(rotate_half(x), sin))
+
+
+def rope_tables(
+    positions: np.ndarray, head_dim: int, theta: float, dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of the rotary angles, shape (*positions.shape, head_dim), for `rope`.
+
+    Frequency i (of head_dim / 2) is theta^(-2i / head_dim); the angles (position · frequency)
+    repeat once along the last axis, as `rotate_half` pairs i with i + head_dim / 2. Computed in
+    float64 and then cast to `dtype` (angles reach block_size radians: float32 would lose
+    digits before the cos); shape-only for data-free positions.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+    shape = (*positions.shape, head_dim)
+    if meta.is_meta(positions):
+        return meta.shaped(shape, dtype), meta.shaped(shape, dtype)
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq
+    emb = np.concatenate([angles, angles], axis=-1)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
 
 
 def dropout(x: Tensor, p: float, rng: np.random.Generator | None, training: bool = True) -> Tensor:
@@ -188,8 +252,34 @@ def causal_mask(t_query: int, t_key: int, like: Any = None) -> np.ndarray:
     return np.tril(meta.ones((t_query, t_key), dtype=bool, like=like), k=t_key - t_query)
 
 
+def _kv_groups(q: Tensor, k: Tensor, v: Tensor) -> int:
+    """How many query heads share each key/value head (grouped-query attention; 1 for
+    multi-head attention). Query head h reads kv head h // groups."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if v.shape[1] != kv_heads or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"attention needs k and v with a number of heads dividing q's: q {q.shape},"
+            f" k {k.shape}, v {v.shape}"
+        )
+    return heads // kv_heads
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, nkv, T, D) → (B, nkv · groups, T, D), each kv head repeated for its `groups`
+    consecutive query heads (Hugging Face's `repeat_kv`); the backward sums over the copies."""
+    if groups == 1:
+        return x
+    b, kv_heads, t, d = x.shape
+    spread = ax.broadcast_to(ax.reshape(x, (b, kv_heads, 1, t, d)), (b, kv_heads, groups, t, d))
+    return ax.reshape(spread, (b, kv_heads * groups, t, d))
+
+
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """softmax(q·kᵀ/√d [causal]) · v for q, k, v of shape (B, heads, T, head_dim)."""
+    """softmax(q·kᵀ/√d [causal]) · v for q of shape (B, heads, T, head_dim) and k, v of shape
+    (B, kv_heads, T, head_dim): grouped-query attention when kv_heads < heads (see `_kv_groups`),
+    here by repeating k and v."""
+    groups = _kv_groups(q, k, v)
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = ax.mul(ax.matmul(q, ax.transpose(k, (0, 1, 3, 2))), scale)  # (B, nh, T, T)
     if causal:

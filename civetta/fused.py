@@ -19,7 +19,7 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta import functional, meta
-from civetta.functional import GELU_C, _kept_targets, causal_mask
+from civetta.functional import GELU_C, _kept_targets, _kv_groups, causal_mask
 from civetta.meters import flop_meter, gemm_log
 from civetta.tensor import (
     DeferredGrad,
@@ -207,6 +207,136 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     return make_node(out, parents, backward, saved=(xhat, rstd, w))
 
 
+def _rms_forward(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, eps: float) -> None:
+    dtype = x.dtype.type
+    np.einsum("...i,...i->...", x, x, out=rstd[..., 0])
+    rstd *= dtype(1.0 / x.shape[-1])
+    rstd += dtype(eps)
+    np.sqrt(rstd, out=rstd)
+    np.divide(dtype(1.0), rstd, out=rstd)
+    np.multiply(x, rstd, out=xhat)
+
+
+def _rms_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    # dx = rstd · (g − x̂ · mean(g · x̂)): LayerNorm's without the mean's term
+    gx_mean = np.einsum("...i,...i->...", g, xhat)[..., None]
+    gx_mean *= xhat.dtype.type(1.0 / xhat.shape[-1])
+    np.multiply(xhat, gx_mean, out=dx)
+    np.subtract(g, dx, out=dx)
+    dx *= rstd
+
+
+def rms_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """x / sqrt(mean(x²) + eps) over the last axis: RMSNorm without its weight (for a store that
+    applies the weight itself, as `normalize` is for LayerNorm).
+
+    Reference: `functional.rms_norm(x, None, eps)`.
+    """
+    data = x.data
+    xhat = np.empty_like(data)
+    rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
+    _rms_forward(data, xhat, rstd, eps)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        dx = np.empty_like(xhat)
+        _rms_backward(xhat, rstd, g, dx)
+        return (dx,)
+
+    return make_node(xhat, (x,), backward, saved=(xhat, rstd))
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """RMSNorm, one node: the fused normalisation, then x̂ · weight.
+
+    Keeps x̂ and 1/rms (and the weight, a parameter), as `layer_norm` does; not the output.
+    Reference: `functional.rms_norm`.
+    """
+    if weight is None:
+        return rms_normalize(x, eps)
+    data, w = x.data, weight.data
+    xhat = np.empty_like(data)
+    rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
+    _rms_forward(data, xhat, rstd, eps)
+    out = xhat * w
+    leading = tuple(range(data.ndim - 1))
+    need_x, need_w = x.requires_grad, weight.requires_grad
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        dx = None
+        if need_x:
+            dx = np.empty_like(xhat)
+            _rms_backward(xhat, rstd, g * w, dx)
+        return dx, (np.sum(g * xhat, axis=leading) if need_w else None)
+
+    return make_node(out, (x, weight), backward, saved=(xhat, rstd, w))
+
+
+def _sigmoid(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    # exp(min(x, 0)) / (1 + exp(-|x|)): 1 / (1 + e^-x) above 0, e^x / (1 + e^x) below. No exp of
+    # a positive number, so nothing overflows, and a tiny sigmoid keeps its relative precision
+    # (as `functional.silu`'s does). (`np.multiply(..., where=x < 0)` would be 4x slower.)
+    one = x.dtype.type(1.0)
+    np.minimum(x, x.dtype.type(0.0), out=scratch)
+    np.exp(scratch, out=scratch)
+    np.abs(x, out=out)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    out += one
+    np.divide(scratch, out, out=out)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) · up, one node; keeps gate and up, and recomputes the sigmoid in backward
+    (as Megatron-LM's fused SwiGLU does). Reference: `functional.swiglu`."""
+    a, b = gate.data, up.data
+    out = np.empty_like(a)
+    _sigmoid(a, out, np.empty_like(a))
+    out *= a
+    out *= b
+    need_gate, need_up = gate.requires_grad, up.requires_grad
+    up_kept = b if need_gate else None  # the gate's gradient reads up; up's reads only the gate
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        sig, d_gate = np.empty_like(a), np.empty_like(a)
+        _sigmoid(a, sig, d_gate)
+        silu = np.multiply(a, sig)
+        d_up = np.multiply(silu, g) if need_up else None
+        if not need_gate:
+            return None, d_up
+        # silu'(x) = sig + x · sig · (1 − sig) = sig + silu · (1 − sig)
+        np.subtract(a.dtype.type(1.0), sig, out=d_gate)
+        d_gate *= silu
+        d_gate += sig
+        d_gate *= g
+        d_gate *= up_kept
+        return d_gate, d_up
+
+    return make_node(out, (gate, up), backward, saved=(a, up_kept))
+
+
+def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
+    """x · cos + rotate_half(x) · sin, one node, with rotate_half(x) = (−x2, x1) on the halves of
+    the last axis. Keeps only the tables: constants, shared by every layer (not activations).
+    The backward is g · cos + rotate_halfᵀ(g · sin), rotate_halfᵀ(u) = (u2, −u1).
+    Reference: `functional.rope`.
+    """
+    data = x.data
+    cos, sin = cos.astype(data.dtype, copy=False), sin.astype(data.dtype, copy=False)
+    half = data.shape[-1] // 2
+    lo, hi = slice(None, half), slice(half, None)
+    out = data * cos
+    out[..., lo] -= data[..., hi] * sin[..., lo]
+    out[..., hi] += data[..., lo] * sin[..., hi]
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        dx = g * cos
+        dx[..., lo] += g[..., hi] * sin[..., hi]
+        dx[..., hi] -= g[..., lo] * sin[..., lo]
+        return (dx,)
+
+    return make_node(out, (x,), backward, saved=())
+
+
 def _softmax_forward(x: np.ndarray, probs: np.ndarray, mask: np.ndarray | None) -> None:
     if mask is None:
         np.subtract(x, x.max(axis=-1, keepdims=True), out=probs)
@@ -245,11 +375,25 @@ def softmax(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """softmax(q·kᵀ/√d) · v with the fused softmax; reference: the functional version."""
+    """softmax(q·kᵀ/√d) · v with the fused softmax; reference: the functional version.
+
+    Grouped-query attention (k, v with nkv < nh heads) does not repeat k and v: the `rep` query
+    heads of a group are consecutive, so q viewed as (B, nkv, rep·T, D) multiplies each group's
+    kᵀ in one batched GEMM, and the probabilities viewed back the same way multiply v.
+    """
+    groups = _kv_groups(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = ax.matmul(ax.mul(q, scale), ax.transpose(k, (0, 1, 3, 2)))  # (B, nh, T, T)
     mask = causal_mask(q.shape[-2], k.shape[-2], like=q.data) if causal else None
-    return ax.matmul(softmax(scores, mask), v)  # (B, nh, T, hs)
+    if groups == 1:
+        scores = ax.matmul(ax.mul(q, scale), ax.transpose(k, (0, 1, 3, 2)))  # (B, nh, T, T)
+        return ax.matmul(softmax(scores, mask), v)  # (B, nh, T, hs)
+    b, heads, t_query, hs = q.shape
+    kv_heads, t_key = k.shape[1], k.shape[-2]
+    grouped = ax.reshape(ax.mul(q, scale), (b, kv_heads, groups * t_query, hs))
+    scores = ax.matmul(grouped, ax.transpose(k, (0, 1, 3, 2)))  # (B, nkv, rep·T, T)
+    probs = softmax(ax.reshape(scores, (b, heads, t_query, t_key)), mask)
+    out = ax.matmul(ax.reshape(probs, (b, kv_heads, groups * t_query, t_key)), v)
+    return ax.reshape(out, (b, heads, t_query, hs))
 
 
 def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
@@ -294,6 +438,10 @@ def _normalize_reference(x: Tensor, eps: float = 1e-5) -> Tensor:
     return functional.layer_norm(x, None, None, eps)
 
 
+def _rms_normalize_reference(x: Tensor, eps: float = 1e-5) -> Tensor:
+    return functional.rms_norm(x, None, eps)
+
+
 def _softmax_reference(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
     if mask is not None:
         x = ax.where(mask, x, Tensor(np.array(-np.inf, dtype=x.dtype)))
@@ -307,6 +455,10 @@ FUSED: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
     gelu: functional.gelu,
     normalize: _normalize_reference,
     layer_norm: functional.layer_norm,
+    rms_normalize: _rms_normalize_reference,
+    rms_norm: functional.rms_norm,
+    swiglu: functional.swiglu,
+    rope: functional.rope,
     softmax: _softmax_reference,
     scaled_dot_product_attention: functional.scaled_dot_product_attention,
     cross_entropy: functional.cross_entropy,

@@ -171,6 +171,14 @@ class ParameterStore:
             return self.affine(fused.normalize(x, eps), weight, bias)
         return fused.layer_norm(x, weight, bias, eps)
 
+    def rms_norm(self, x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
+        """RMSNorm of `x` with `weight`: one fused node (`fused.rms_norm`) keeping x̂ and 1/rms;
+        a store that overrides `affine` gets the normalisation followed by its `affine`, as
+        `layer_norm` does."""
+        if type(self).affine is not ParameterStore.affine:
+            return self.affine(fused.rms_normalize(x, eps), weight, None)
+        return fused.rms_norm(x, weight, eps)
+
 
 WHOLE = ParameterStore()
 
@@ -245,6 +253,24 @@ def LayerNorm(  # noqa: N802
     return Module(forward, params)
 
 
+def RMSNorm(  # noqa: N802
+    name: str,
+    dim: int,
+    *,
+    eps: float = 1e-5,
+    dtype: Any = np.float32,
+    store: ParameterStore = WHOLE,
+) -> Module:
+    """RMSNorm over the last axis (x / rms(x) · weight), through the store
+    (`ParameterStore.rms_norm`)."""
+    weight = store.create(f"{name}.weight", meta.ones(dim), dtype)
+
+    def forward(x: Tensor) -> Tensor:
+        return store.rms_norm(x, weight, eps)
+
+    return Module(forward, {f"{name}.weight": weight})
+
+
 # ---- shardings: where a module's parameters live ------------------------------------------------
 class DenseSharding:
     """Every parameter whole, on one process. `parallel.tensor_parallel` provides a sharding with
@@ -265,6 +291,23 @@ class DenseSharding:
         separately so heads stay whole."""
         kw.pop("packed", None)
         return Linear(name, in_features, out_features, store=self.store, **kw)
+
+    def column_linears(
+        self, names: list[str], in_features: int, out_features: list[int], **kw: Any
+    ) -> Module:
+        """Several column-parallel linears of one input (q, k and v; gate and up), each its own
+        parameter: the module returns their outputs as a tuple. A tensor-parallel sharding
+        enters its region once for all of them (one all-gather under sequence parallelism, one
+        gradient reduction), as a packed weight would."""
+        linears = [
+            self.column_linear(name, in_features, out, **kw)
+            for name, out in zip(names, out_features, strict=True)
+        ]
+
+        def forward(x: Tensor) -> tuple[Tensor, ...]:
+            return tuple(linear(x) for linear in linears)
+
+        return Module(forward, merge(*linears))
 
     def row_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
         """A linear whose input features a tensor-parallel sharding splits across ranks."""

@@ -20,6 +20,11 @@ missing rank file is skipped for the newest intact one before it (`find`).
 Loading reassembles each full tensor from the shards of any one data-parallel replica and cuts
 the part this rank holds in the new layout: dp2·tp2 can resume as pp2, or as one process.
 The data position is the step itself: batches are a pure function of (seed, step).
+
+Hugging Face checkpoints (`launch.hf`) are another format beside these, never a replacement:
+`export_hf` writes a checkpoint's full weights as one (`civetta export RUN --format hf`), and
+`init_from_hf` starts a run's weights from one (`train.init_from`), cut for the layout by the
+same machinery as `load`, with a fresh optimizer at step 0.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from launch import hf
+from launch.config import ExperimentConfig, ModelConfig, model_description
 from launch.faults import maybe_fail
 from parallel.sharding import join_shards, take_shard
 from parallel.tensor_parallel import TensorParallelSharding
@@ -335,20 +342,30 @@ def read_full_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarr
     return first, full
 
 
+def _tp_part(trainer: Any) -> Callable[[str | None, np.ndarray], np.ndarray]:
+    """(parameter name, full array) → the part this rank holds over tp (the whole array for a
+    parameter that tensor parallelism does not cut)."""
+    placements = _placements(trainer)
+    tp = trainer.runtime.mesh.group("tp")
+
+    def cut(name: str | None, full: np.ndarray) -> np.ndarray:
+        if name in placements:
+            axis, blocks = placements[name]
+            return take_shard(full, (axis, blocks), tp.rank, tp.size)
+        return full
+
+    return cut
+
+
 def load(trainer: Any, directory: Path) -> int:
     """Fill this rank's state from the checkpoint in `directory`; returns its step."""
     meta, full = read_full_state(directory)
-    placements = _placements(trainer)
-    tp = trainer.runtime.mesh.group("tp")
+    cut = _tp_part(trainer)
 
     def local(key: str) -> np.ndarray:
         if key not in full:
             raise CheckpointError(f"checkpoint {str(directory)!r} has no {key!r}")
-        name = _param_of(key)
-        if name in placements:
-            axis, blocks = placements[name]
-            return take_shard(full[key], (axis, blocks), tp.rank, tp.size)
-        return full[key]
+        return cut(_param_of(key), full[key])
 
     update = trainer.update
     state = {k: local(f"optim/{k}") for k in update.optimizer.state_dict()}
@@ -386,3 +403,77 @@ def export(directory: Path, out: Path, warn: Callable[[str], None] | None = None
         os.fsync(file.fileno())
     os.replace(tmp, out)
     return len(weights)
+
+
+# ---- Hugging Face checkpoints (`launch.hf`): export, and train.init_from -------------------------
+def model_of(meta: dict[str, Any]) -> Any:
+    """The model description a checkpoint's meta records (its `model` section)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    section = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    return model_description(ExperimentConfig(model=section))
+
+
+def export_hf(directory: Path, out: Path, warn: Callable[[str], None] | None = None) -> int:
+    """Write the checkpoint's full weights as a Hugging Face checkpoint (config.json and
+    model.safetensors) into the directory `out`, in the checkpoint's parameter dtype; returns
+    the count of tensors written. The checkpoint is found and verified as `--resume` finds it."""
+    found = find(directory, warn, flag="")
+    description = model_of(read_meta(found))
+    try:
+        hf.check_expressible(description)  # before reading every rank file
+        _, full = read_full_state(found)
+        weights = {k.removeprefix("param/"): a for k, a in full.items() if k.startswith("param/")}
+        config, tensors = hf.to_hf(description, weights)
+    except hf.HFError as e:
+        raise CheckpointError(f"--format hf: {e}") from None
+    try:
+        hf.write(out, config, tensors)
+    except hf.HFError as e:
+        raise CheckpointError(f"--out {e}") from None
+    return len(tensors)
+
+
+def check_init_from(directory: Path, config: ExperimentConfig) -> Any:
+    """The model of the Hugging Face checkpoint in `directory` after checking that it is the
+    config's model and that its weights file holds every tensor in shape (header only)."""
+    try:
+        description, _ = hf.read(directory, load=False)
+    except hf.HFError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    _check_same_model(directory, model_description(config), description)
+    return description
+
+
+def _check_same_model(directory: Path, ours: Any, theirs: Any) -> None:
+    differing = hf.differences(ours, theirs)
+    if differing is not None:
+        key, mine, given = differing
+        raise CheckpointError(
+            f"train.init_from: model.{key} is {_shown(given)} in {str(directory)!r}, "
+            f"the config says {_shown(mine)}"
+        )
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def init_from_hf(trainer: Any, directory: Path) -> None:
+    """Fill this rank's parameters from the Hugging Face checkpoint in `directory`, in any
+    layout: its tensor-parallel part of the parameters its pipeline stages hold, cut further by
+    ZeRO; float32 masters under mixed precision. The optimizer state stays fresh (step 0)."""
+    try:
+        description, weights = hf.read(directory)
+    except hf.HFError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    _check_same_model(directory, trainer.model.config, description)
+    cut = _tp_part(trainer)
+    params = {name: cut(name, weights[name]) for name in trainer.model.params}
+    update = trainer.update
+    # The fresh state in the whole shapes load_whole_state takes, of the keys this rank owns.
+    _, whole, _ = update.whole_state()
+    state = {key: whole[key] for key in update.optimizer.state_dict()}
+    try:
+        update.load_whole_state(params, state)  # the masters are the weights themselves
+    except ValueError as e:
+        raise CheckpointError(f"train.init_from: tensor {e}") from None

@@ -6,6 +6,7 @@
     civetta tune CONFIG.yaml --hardware a100-dgx --gpus N [--batch B] [--set ...]
     civetta calibrate [--out configs/hardware/local.yaml] [--quick]
     civetta export RUN_DIR --out model.npz
+    civetta export RUN_DIR --format hf --out DIR      (config.json and model.safetensors)
     civetta schedule --pp 4 --microbatches 8 --schedule 1f1b [--virtual-stages 2]
 
 A config error is one line on stderr and exit code 2, checked before any MPI process starts.
@@ -133,10 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--top", type=int, default=10, help="layouts to show (default 10)")
     tune.add_argument("--json", dest="json_out", default=None, help="write the ranking")
     export = commands.add_parser(
-        "export", help="write a checkpoint's full weights with nanoGPT names to one .npz"
+        "export",
+        help="write a checkpoint's full weights: one .npz with civetta's names, or a Hugging "
+        "Face checkpoint that transformers loads",
     )
     export.add_argument("checkpoint", help="a run's output directory or a checkpoint directory")
-    export.add_argument("--out", required=True, help="the .npz file to write")
+    export.add_argument(
+        "--format",
+        choices=("npz", "hf"),
+        default="npz",
+        help="npz: one .npz file (default); hf: a directory with config.json and "
+        "model.safetensors (GPT2LMHeadModel or LlamaForCausalLM)",
+    )
+    export.add_argument("--out", required=True, help="the .npz file, or the hf directory, to write")
     simulate = commands.add_parser(
         "simulate", help="project an experiment onto a GPU cluster (analytic, nothing runs)"
     )
@@ -156,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.format == "hf":
+        count = checkpoint.export_hf(Path(args.checkpoint), out, warn=warn)
+        print(f"wrote config.json and {count} tensors to {out}")
+        return 0
     if out.suffix != ".npz":
         raise UsageError(f"--out expected a path ending in .npz, got {args.out!r}")
     count = checkpoint.export(Path(args.checkpoint), out, warn=warn)
@@ -208,6 +222,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         # Every rank of the job finds the same checkpoint; the launching process alone warns.
         resume = checkpoint.find(Path(args.resume), None if launcher.inside_mpi_job() else warn)
         checkpoint.check_resumable(resume, config)
+    if config.train.init_from is not None:  # the config's model, every tensor there in shape
+        checkpoint.check_init_from(Path(config.train.init_from), config)
     if not launcher.inside_mpi_job():  # every rank will run here: will they fit?
         check_memory(config)
     if config.world_size > 1 and not launcher.inside_mpi_job():

@@ -42,8 +42,8 @@ from launch.config import (
     ExperimentConfig,
     ParallelConfig,
     from_dict,
-    gpt_config,
     load_experiment,
+    model_description,
 )
 from launch.profiles import bare, load_profile
 from launch.simulate import workload_of
@@ -176,7 +176,7 @@ def execute(run: Run, mpiexec: str | None, timeout_s: float | None = None) -> No
 def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[str, Any]:
     """The cost model's view of a layout on `profile` (nothing executed)."""
     # On this machine's own profile the projection is of civetta's executor (`executor_options`).
-    projected = project(gpt_config(config), config.layout, profile, work=workload_of(config))
+    projected = project(model_description(config), config.layout, profile, work=workload_of(config))
     return {
         "hardware": profile.name,
         "step_time_s": projected.step_time_s,

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from civetta.models.gpt import GPTConfig
+from civetta.models.llama import LlamaConfig
 from launch.schema import Schema
 from launch.schema import describe as _describe
 from launch.schema import did_you_mean as _did_you_mean
@@ -30,14 +31,26 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The model section: the keys every family has, then each family's own. A family's key
+    left out (None) takes the family's default when the config is read; a key of another
+    family is refused (`resolve_model`)."""
+
     kind: str = "gpt"
     vocab_size: int = 256
     block_size: int = 64
     n_layer: int = 2
     n_head: int = 4
     n_embd: int = 64
-    tie_embeddings: bool = True
-    bias: bool = True
+    tie_embeddings: bool | None = None  # gpt: true, llama: false
+    bias: bool | None = None  # gpt only (default true)
+    n_kv_head: int | None = None  # llama only (default n_head)
+    ffn_hidden: int | None = None  # llama only (default (8/3)·n_embd, a multiple of 16)
+    rope_theta: float | None = None  # llama only (default 10000)
+    norm_eps: float | None = None  # llama only (default 1e-5)
+
+
+# model.kind -> the family's description; its fields are the model section's keys it takes.
+FAMILIES: dict[str, type] = {"gpt": GPTConfig, "llama": LlamaConfig}
 
 
 @dataclass
@@ -64,6 +77,7 @@ class TrainConfig:
     loss_scale: float = 65536.0  # fp16: the initial dynamic loss scale
     loss_scale_window: int = 1000  # fp16: good steps before the scale doubles
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop the run, or skip the step
+    init_from: str | None = None  # a Hugging Face checkpoint directory to start from (launch.hf)
 
 
 @dataclass
@@ -116,10 +130,40 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
 
-def gpt_config(config: ExperimentConfig) -> GPTConfig:
-    shape = dataclasses.asdict(config.model)
-    del shape["kind"]  # the family; every other key of the model section is GPTConfig's
-    return GPTConfig(**shape)
+def model_description(config: ExperimentConfig) -> GPTConfig | LlamaConfig:
+    """The model the config describes, as its family's description (`civetta.models`)."""
+    m = config.model
+    family = FAMILIES[m.kind]
+    keys = {f.name for f in dataclasses.fields(family)}
+    shape = {k: v for k, v in dataclasses.asdict(m).items() if k in keys and v is not None}
+    return family(**shape)
+
+
+def resolve_model(model: ModelConfig) -> None:
+    """Refuse the keys of another family, then fill the family's left-out keys with its
+    defaults, so the section says what runs (and checkpoints record it whole)."""
+    family = FAMILIES[model.kind]
+    own = {f.name for f in dataclasses.fields(family)}
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(model, f.name)
+        if f.name != "kind" and f.name not in own and value is not None:
+            owners = [k for k, cls in FAMILIES.items() if f.name in _field_names(cls)]
+            raise ConfigError(
+                f"model.{f.name} is not a key of model.kind={model.kind} "
+                f"(it is one of {' | '.join(owners)})"
+            )
+    try:
+        described = family(
+            **{k: v for k, v in dataclasses.asdict(model).items() if k in own and v is not None}
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    for name in own:
+        setattr(model, name, getattr(described, name))
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 SECTIONS = {
@@ -132,7 +176,7 @@ SECTIONS = {
 EXPERIMENT_KEYS = ("include", "sweep")
 
 CHOICES = {
-    "model.kind": ("gpt",),
+    "model.kind": tuple(FAMILIES),
     "train.optimizer": ("adamw", "sgd"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.dtype": ("float32", "float64", "bf16", "fp16"),
@@ -146,6 +190,10 @@ POSITIVE = {
     "model.n_layer",
     "model.n_head",
     "model.n_embd",
+    "model.n_kv_head",
+    "model.ffn_hidden",
+    "model.rope_theta",
+    "model.norm_eps",
     "train.steps",
     "train.batch_size",
     "train.microbatch_size",
@@ -175,6 +223,14 @@ def _check_consistency(config: ExperimentConfig) -> None:
     m, t = config.model, config.train
     if m.n_embd % m.n_head:
         raise ConfigError(f"model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
+    if m.n_kv_head is not None and m.n_head % m.n_kv_head:
+        raise ConfigError(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head}")
+    resolve_model(m)
+    if t.init_from is not None and not (t.init_from and Path(t.init_from).is_dir()):
+        raise ConfigError(
+            "train.init_from expected a Hugging Face checkpoint directory (config.json and "
+            f"model.safetensors), got {t.init_from!r}, which is not a directory"
+        )
     if t.warmup_steps > t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from launch.config import ExperimentConfig, gpt_config
+from launch.config import ExperimentConfig, model_description
 from parallel.cost.projection import Workload, device_memory_of
 
 GIB = 2**30
@@ -46,7 +46,7 @@ def available_bytes() -> int | None:
 
 def projected_bytes(config: ExperimentConfig) -> int:
     """What every rank of the run holds together, as the engine allocates it."""
-    layout, model = config.layout, gpt_config(config)
+    layout, model = config.layout, model_description(config)
     dtype = config.train.dtype
     work = Workload("float32" if dtype in EMULATED else dtype, config.train.optimizer)
     total = 0

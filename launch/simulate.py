@@ -16,7 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from launch import tables
-from launch.config import ConfigError, ExperimentConfig, gpt_config, load
+from launch.config import ConfigError, ExperimentConfig, load, model_description
 from launch.profiles import bare, load_profile
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import CostOptions, Projection, Workload, project
@@ -45,7 +45,9 @@ def simulate(
     config: ExperimentConfig, profile: HardwareProfile, options: CostOptions | None = None
 ) -> Projection:
     try:
-        return project(gpt_config(config), config.layout, profile, options, workload_of(config))
+        return project(
+            model_description(config), config.layout, profile, options, workload_of(config)
+        )
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
 
@@ -103,6 +105,9 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+FAMILY_NAMES = {"gpt": "GPT", "llama": "Llama"}
+
+
 def render(
     console: Console,
     config_path: str,
@@ -112,16 +117,19 @@ def render(
     tokens: int | None,
 ) -> None:
     model, p = config.model, config.parallel
-    params = gpt_config(config).num_parameters()
+    params = model_description(config).num_parameters()
     nodes = -(-pr.world_size // profile.gpus_per_node)
     console.print(
         f"[bold]civetta simulate[/bold] {config_path} on [bold]{profile.name}[/bold] "
         f"({profile.device.name}, {profile.gpus_per_node} per node)"
     )
+    heads = f"{model.n_head} heads"
+    if model.kind == "llama":
+        heads += f" ({model.n_kv_head} key/value), MLP {model.ffn_hidden}"
     console.print(
-        f"GPT {_count(params)} parameters: {model.n_layer} layers, hidden {model.n_embd}, "
-        f"{model.n_head} heads, sequence {model.block_size}, vocabulary {model.vocab_size}; "
-        f"{config.train.dtype}, {config.train.optimizer}"
+        f"{FAMILY_NAMES[model.kind]} {_count(params)} parameters: {model.n_layer} layers, "
+        f"hidden {model.n_embd}, {heads}, sequence {model.block_size}, vocabulary "
+        f"{model.vocab_size}; {config.train.dtype}, {config.train.optimizer}"
     )
     sp = ", sequence parallel" if p.sequence_parallel else ""
     pipe = f", {p.schedule}" + (f" v={p.virtual_stages}" if p.virtual_stages > 1 else "")

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ from civetta.models import build_stage
 from civetta.nn import Model, merge
 from civetta.optim import Optimizer, constant_lr, cosine_with_warmup, make_optimizer
 from civetta.precision import PRECISIONS, LossScaler, autocast, has_overflow
-from launch.config import ExperimentConfig, gpt_config
+from launch import checkpoint
+from launch.config import ExperimentConfig, model_description
 from launch.faults import maybe_fail
 from parallel.cost.memory import state_bytes_per_param
 from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
@@ -119,7 +121,7 @@ class Trainer:
             self.dataset = load_dataset(
                 config.data.source, config.data.seed, block_size=config.model.block_size
             )
-        p, model_config = runtime.layout, model or gpt_config(config)
+        p, model_config = runtime.layout, model or model_description(config)
         assert p == config.layout, "build the Runtime with config.layout"
         self.schedule = make_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
         check_schedule(self.schedule)
@@ -164,7 +166,7 @@ class Trainer:
         self.loss_scaler = None
         if config.train.dtype == "fp16":
             self.loss_scaler = LossScaler(config.train.loss_scale, config.train.loss_scale_window)
-        self.tied = ("transformer.wte.weight",) if model_config.tie_embeddings else ()
+        self.tied: tuple[str, ...] = model_config.tied_weights
 
         def build_optimizer(params: dict[str, Tensor]) -> Optimizer:
             t = config.train
@@ -179,6 +181,8 @@ class Trainer:
             config.train.grad_clip,
             self.precision,
         )
+        if config.train.init_from and not data_free:  # the weights of a Hugging Face checkpoint
+            checkpoint.init_from_hf(self, Path(config.train.init_from))
         self.lr_schedule = lr_schedule(config)
         self.timelines: list[StepTimeline] = []
 

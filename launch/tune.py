@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from launch import tables
-from launch.config import ConfigError, ExperimentConfig, gpt_config, load
+from launch.config import ConfigError, ExperimentConfig, load, model_description
 from launch.profiles import bare, load_profile
 from launch.simulate import workload_of
 from parallel.cost.hardware import CostModelError
@@ -166,7 +166,7 @@ def tune_command(
     batch = _positive("--batch", config.train.batch_size if batch is None else batch)
     try:
         profile = load_profile(hardware)
-        model = gpt_config(config)
+        model = model_description(config)
         # What the tuner does not choose comes from the config: dtype, optimizer, buckets.
         work = workload_of(config)
         space = search_space(config, list(overrides))

@@ -167,6 +167,17 @@ class Layout:
         sequence when shorter than the model's block (a projection's choice)."""
         if model.n_head % self.tp:
             raise LayoutError(f"parallel.tp={self.tp} does not divide model.n_head={model.n_head}")
+        # Grouped-query attention splits whole key/value heads, as Megatron-core does: a tp
+        # larger than n_kv_head is refused rather than replicating heads.
+        kv_heads = getattr(model, "n_kv_head", None)
+        if kv_heads and kv_heads % self.tp:
+            raise LayoutError(
+                f"parallel.tp={self.tp} does not divide model.n_kv_head={kv_heads} (tensor "
+                "parallelism splits whole key/value heads)"
+            )
+        ffn = getattr(model, "ffn_hidden", None)
+        if ffn and ffn % self.tp:
+            raise LayoutError(f"parallel.tp={self.tp} does not divide model.ffn_hidden={ffn}")
         if model.vocab_size % self.tp:
             raise LayoutError(
                 f"parallel.tp={self.tp} does not divide model.vocab_size={model.vocab_size}"

@@ -110,20 +110,58 @@ class TensorParallelSharding(DenseSharding):
         dtype: Any = np.float32,
         packed: int = 1,
     ) -> Module:
-        rows = column_rows(out_features, packed, self.rank, self.tp_size)
-        full = normal_init(f"{name}.weight", (out_features, in_features), std, seed)
+        weight, b, params = self._column_params(
+            name, in_features, out_features, bias=bias, std=std, seed=seed, dtype=dtype,
+            packed=packed,
+        )  # fmt: skip
         store = self.store
-        weight = store.create(f"{name}.weight", full[rows], dtype)
-        params = {f"{name}.weight": weight}
-        b = None
-        if bias:
-            b = store.create(f"{name}.bias", meta.zeros(len(rows)), dtype)
-            params[f"{name}.bias"] = b
-        self.placements.update((p, (0, packed)) for p in params)
 
         def forward(x: Tensor) -> Tensor:
             return store.linear(self._enter(x), weight, b)  # (B, T, out/tp)
 
+        return Module(forward, params)
+
+    def _column_params(
+        self,
+        name: str,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        std: float = 0.02,
+        seed: int = 0,
+        dtype: Any = np.float32,
+        packed: int = 1,
+    ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """This rank's rows of a column-parallel linear: (weight, bias, params by name)."""
+        rows = column_rows(out_features, packed, self.rank, self.tp_size)
+        full = normal_init(f"{name}.weight", (out_features, in_features), std, seed)
+        weight = self.store.create(f"{name}.weight", full[rows], dtype)
+        params = {f"{name}.weight": weight}
+        b = None
+        if bias:
+            b = self.store.create(f"{name}.bias", meta.zeros(len(rows)), dtype)
+            params[f"{name}.bias"] = b
+        self.placements.update((p, (0, packed)) for p in params)
+        return weight, b, params
+
+    def column_linears(
+        self, names: list[str], in_features: int, out_features: list[int], **kw: Any
+    ) -> Module:
+        # This rank's rows of each; applied after one shared entry into the region.
+        local = [
+            self._column_params(name, in_features, out, **kw)
+            for name, out in zip(names, out_features, strict=True)
+        ]
+        store = self.store
+
+        def forward(x: Tensor) -> tuple[Tensor, ...]:
+            entered = self._enter(x)
+            return tuple(store.linear(entered, weight, b) for weight, b, _ in local)
+
+        params: dict[str, Tensor] = {}
+        for _, _, p in local:
+            params.update(p)
         return Module(forward, params)
 
     def row_linear(

@@ -129,7 +129,21 @@ CHOICE_CASES = [
         "error: train.dtype expected one of float32 | float64 | bf16 | fp16, got 'float16'",
         ("train.dtype=float16",),
     ),
-    Bad("kind-choice", "error: model.kind expected one of gpt, got 'llama'", ("model.kind=llama",)),
+    Bad(
+        "kind-choice",
+        "error: model.kind expected one of gpt | llama, got 'mamba'",
+        ("model.kind=mamba",),
+    ),
+    Bad(
+        "foreign-model-key",
+        "error: model.n_kv_head is not a key of model.kind=gpt (it is one of llama)",
+        ("model.n_kv_head=2",),
+    ),
+    Bad(
+        "kv-heads-divide-heads",
+        "error: model.n_kv_head=3 does not divide model.n_head=4",
+        ("model.kind=llama", "model.n_kv_head=3"),
+    ),
     Bad(
         "lr-schedule-choice",
         "error: train.lr_schedule expected one of constant | cosine, got 'linear'",

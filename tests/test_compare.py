@@ -290,7 +290,7 @@ def test_a_run_past_its_timeout_is_failed_and_leaves_no_process(
 
 def test_projection_columns_come_from_the_cost_model() -> None:
     from launch.compare import projection_of
-    from launch.config import gpt_config
+    from launch.config import model_description
     from launch.profiles import load_profile
     from launch.simulate import workload_of
     from parallel.cost.projection import project
@@ -298,7 +298,7 @@ def test_projection_columns_come_from_the_cost_model() -> None:
     config = load("configs/quickstart.yaml", ["parallel.dp=2", "parallel.tp=2"])
     profile = load_profile("a100-dgx")
     row = {"projection": projection_of(config, profile)}
-    expected = project(gpt_config(config), config.layout, profile, work=workload_of(config))
+    expected = project(model_description(config), config.layout, profile, work=workload_of(config))
     assert row["projection"]["step_time_s"] == expected.step_time_s
     assert row["projection"]["memory_total_bytes"] == expected.memory_per_gpu["total"]
     columns = [c for c in report.COLUMNS if c.group == "projection"]

@@ -33,7 +33,7 @@ from mpi_helpers import WORKERS, run_mpi_json
 
 from civetta.models.gpt import GPTStage
 from civetta.nn import merge
-from launch.config import gpt_config, load
+from launch.config import load, model_description
 from launch.profiles import load_profile
 from launch.simulate import workload_of
 from parallel.cost.projection import device_memory_of, project
@@ -57,6 +57,9 @@ TINY = [
 ]
 # An odd hidden size, so dp does not divide the parameters and ZeRO pads its shards.
 ODD = ["model.n_embd=36", "model.n_head=3"]
+
+# A Llama of the same size: grouped-query attention (2 of 4 heads), SwiGLU 48 wide, untied.
+LLAMA = ["model.kind=llama", "model.n_kv_head=2", "model.ffn_hidden=48"]
 
 # name: (ranks, overrides)
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
@@ -102,6 +105,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         4,
         ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "train.microbatch_size=2", *ODD],
     ),
+    "llama-single-selective-recompute": (1, [*LLAMA, "parallel.recompute=selective"]),
+    "llama-tp2-sp": (2, [*LLAMA, "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "llama-pp2-1f1b-m4": (2, [*LLAMA, "parallel.pp=2", "train.microbatch_size=2"]),
+    "llama-dp2-zero3": (2, [*LLAMA, "parallel.dp=2", "parallel.zero=3"]),
 }
 
 
@@ -114,7 +121,9 @@ def executed(name: str) -> dict[str, Any]:
 
 def projected(name: str) -> tuple[Any, Any]:
     config = load(None, [*TINY, *LAYOUTS[name][1]])
-    return config, project(gpt_config(config), config.layout, PROFILE, work=workload_of(config))
+    return config, project(
+        model_description(config), config.layout, PROFILE, work=workload_of(config)
+    )
 
 
 def ledger_bytes(metrics: dict[str, Any], axis: str) -> float:
@@ -158,7 +167,7 @@ def test_bytes_per_axis_equal_the_ledger(name: str) -> None:
 def test_model_state_bytes_equal_the_run(name: str) -> None:
     metrics = executed(name)
     config, projection = projected(name)
-    layout, work, model = config.layout, workload_of(config), gpt_config(config)
+    layout, work, model = config.layout, workload_of(config), model_description(config)
     keys = ("params", "grads", "optimizer")
     ranks = metrics["memory"]["per_rank"]
     if layout.zero == 0:  # replicas are identical: compare every rank with its position
@@ -195,7 +204,7 @@ def test_gradient_buckets_see_the_models_parameters_in_order(
         None, [*TINY, "model.n_layer=4", f"model.tie_embeddings={str(tie).lower()}",
                f"model.bias={str(bias).lower()}"],
     )  # fmt: skip
-    model = gpt_config(config)
+    model = model_description(config)
     stages = pp * v
     layers = partition_layers(model.n_layer, stages)
     for rank in range(pp):
@@ -217,7 +226,7 @@ def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
     """The time of ZeRO-3 counts one latency per op: as many collectives as the run makes."""
     metrics = executed(name)
     config, _ = projected(name)
-    layout, model = config.layout, gpt_config(config)
+    layout, model = config.layout, model_description(config)
     staged = StagedModel(model, layout, config.train.dtype, model.block_size)
     for rank in metrics["comm"]["per_rank"]:
         position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
@@ -251,7 +260,7 @@ def test_engine_nodes_equal_the_graph_the_run_builds(tp: int, extra: list[str]) 
         overrides = [*TINY, f"model.n_layer={layers}", f"parallel.tp={tp}", *extra]
         worker = str(WORKERS / "nodes_worker.py")
         counts[layers] = run_mpi_json(tp, [worker, *overrides], timeout=90)["nodes"]
-    config = gpt_config(load(None, [*TINY, *extra]))
+    config = model_description(load(None, [*TINY, *extra]))
     layout = Layout(tp=tp, sequence_parallel="parallel.sequence_parallel=true" in extra)
     staged = StagedModel(config, layout, "float32", config.block_size)
     block = staged.piece("block").forward.nodes

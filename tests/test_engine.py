@@ -244,6 +244,13 @@ def _every_functional_op(x: Tensor) -> dict[str, Tensor]:
         "scaled_dot_product_attention": functional.scaled_dot_product_attention(
             heads, heads, heads
         ),
+        "rms_norm": functional.rms_norm(x, Tensor(np.ones(4, dtype=d))),
+        "silu": functional.silu(x),
+        "swiglu": functional.swiglu(x, x),
+        "rotate_half": functional.rotate_half(x),
+        "rope": functional.rope(
+            ax.reshape(x, (1, 2, 3, 4)), *functional.rope_tables(np.arange(3), 4, 1e4, d)
+        ),
     }
 
 
@@ -256,7 +263,8 @@ def test_every_functional_op_keeps_dtype(dtype: type) -> None:
         for name, fn in vars(functional).items()
         if getattr(fn, "__module__", None) == functional.__name__ and not name.startswith("_")
     }
-    assert public - {"causal_mask"} <= set(results)  # a new op must join the dtype check
+    # causal_mask is boolean; rope_tables returns constant arrays (its dtype is an argument).
+    assert public - {"causal_mask", "rope_tables"} <= set(results)  # a new op must join
     for name, out in results.items():
         assert out.dtype == dtype, name
         out.backward(np.ones(out.shape, dtype=dtype))

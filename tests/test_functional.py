@@ -56,6 +56,26 @@ def _cases() -> list[Case]:
         Case(functional.relu, (away_from_zero(3, 4),), "relu"),
         Case(functional.gelu, (normal(3, 4) * 2,), "gelu"),
         Case(functional.gelu, (np.array([-40.0, -12.0, -3.0, 0.0, 0.5, 12.0]),), "gelu-wide-range"),
+        Case(functional.silu, (normal(3, 4) * 2,), "silu"),
+        Case(
+            functional.silu,
+            (np.array([-1e3, -40.0, -5.0, 0.0, 1e-3, 5.0, 40.0, 1e3]),),
+            "silu-wide-range",
+        ),
+        Case(functional.swiglu, (normal(3, 4) * 2, normal(3, 4)), "swiglu"),
+        Case(functional.rms_norm, (normal(2, 3, 5), normal(5)), "rms_norm"),
+        Case(lambda x: functional.rms_norm(x, None), (normal(4, 6),), "rms_norm-no-weight"),
+        Case(functional.rotate_half, (normal(2, 3, 6),), "rotate_half"),
+        Case(
+            lambda x: functional.rope(x, *functional.rope_tables(np.arange(3), 4, 1e4, np.float64)),
+            (normal(2, 2, 3, 4),),
+            "rope",
+        ),
+        Case(
+            lambda q, k, v: functional.scaled_dot_product_attention(q, k, v),
+            (normal(1, 4, 3, 2), normal(1, 2, 3, 2), normal(1, 2, 3, 2)),
+            "scaled_dot_product_attention-grouped",
+        ),
         Case(functional.matmul, (normal(3, 4), normal(4, 2)), "matmul-2d"),
         Case(functional.matmul, (normal(2, 3, 4), normal(4, 5)), "matmul-nd@2d"),
         Case(functional.matmul, (normal(3, 4), normal(2, 4, 5)), "matmul-2d@nd"),
@@ -203,7 +223,8 @@ def test_every_composed_op_has_a_gradient_case() -> None:
     the function's name)."""
     covered = {case.label.split("-")[0] for case in CASES}
     # A boolean mask, and the reference checked against matmul in value and gradient below.
-    untested_by_design = {"causal_mask", "matmul_reference"}
+    # rope_tables: constant tables, checked against float64 in test_fused.
+    untested_by_design = {"causal_mask", "matmul_reference", "rope_tables"}
     public = {
         name
         for name, fn in vars(functional).items()
@@ -267,11 +288,12 @@ def test_large_logits_stay_finite(op: str, dtype: type) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_tanh_and_gelu_gradients_finite_for_large_inputs(dtype: type) -> None:
+def test_tanh_gelu_and_silu_gradients_finite_for_large_inputs(dtype: type) -> None:
     x = Tensor(np.array([-1e3, -60.0, -12.0, 12.0, 60.0, 1e3], dtype=dtype), requires_grad=True)
     with np.errstate(over="raise", invalid="raise"):
         functional.tanh(x).sum().backward()
         functional.gelu(x).sum().backward()
+        functional.silu(x).sum().backward()
     assert np.all(np.isfinite(x.grad))
     np.testing.assert_allclose(functional.tanh(x).data, np.tanh(x.data), atol=1e-6)
 

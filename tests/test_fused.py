@@ -11,6 +11,7 @@ test fails if a public op is missing from the registry or from the cases.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,10 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from civetta import Tensor, functional, fused
+from civetta import Tensor, functional, fused, meta
 from civetta import axioms as ax
 from civetta.gradcheck import check_gradients
 from civetta.meta import MetaArray
+from civetta.meters import recording_gemms
 
 TIGHT = 1e-12
 _rng = np.random.default_rng(2024)
@@ -101,6 +103,17 @@ def _cases() -> list[Case]:
         fused.scaled_dot_product_attention,
     )
     cross_entropy = fused.cross_entropy
+    rms_norm, rms_normalize, swiglu, rope = (
+        fused.rms_norm,
+        fused.rms_normalize,
+        fused.swiglu,
+        fused.rope,
+    )
+    # Real rope tables (T = 5, D = 4) and arbitrary ones: the op must not rely on the halves of
+    # a table being equal.
+    cos, sin = functional.rope_tables(np.arange(5), 4, 10000.0, np.float64)
+    any_cos, any_sin = normal(3, 6), normal(3, 6)
+    large_gate = np.array([-1000.0, -100.0, -40.0, -20.0, 20.0, 40.0, 100.0, 1000.0])
     return [
         Case("linear-2d-bias", linear, (normal(5, 4), normal(3, 4), normal(3))),
         Case("linear-3d-bias", linear, (normal(2, 5, 4), normal(6, 4), normal(6))),
@@ -126,6 +139,25 @@ def _cases() -> list[Case]:
             (normal(4, 6), normal(6)),
             prepare=lambda x, b: (x, None, b),
         ),
+        Case("rms_norm-weight", rms_norm, (normal(2, 3, 6, scale=3.0) + 1.0, normal(6))),
+        Case("rms_norm-no-weight", rms_norm, (normal(4, 6),), args=(None,)),
+        Case("rms_norm-eps", rms_norm, (normal(3, 5, scale=0.1), normal(5)), kwargs={"eps": 1e-2}),
+        Case("rms_normalize-2d", rms_normalize, (normal(4, 8, scale=3.0) + 2.0,)),
+        Case("rms_normalize-3d-eps", rms_normalize, (normal(2, 3, 5),), kwargs={"eps": 1e-3}),
+        Case("swiglu-2d", swiglu, (normal(4, 6, scale=2.0), normal(4, 6))),
+        Case("swiglu-3d", swiglu, (normal(2, 3, 5, scale=3.0), normal(2, 3, 5))),
+        # exp(1000) overflows: the sigmoid must never compute it, nor 0 · inf in the backward.
+        # (A small `up` keeps the finite differences' rounding, ~1e-16 · |loss| / 1e-6, small.)
+        Case("swiglu-large-gate", swiglu, (large_gate, normal(large_gate.size, scale=0.1))),
+        Case("rope-tables", rope, (normal(2, 3, 5, 4),), args=(cos, sin)),
+        Case("rope-any-tables", rope, (normal(1, 2, 3, 6),), args=(any_cos, any_sin)),
+        Case(  # as the model calls it: heads split off a (B, T, nh, D) projection
+            "rope-noncontiguous-input",
+            rope,
+            (normal(2, 5, 3, 4),),
+            args=(cos, sin),
+            prepare=lambda x: (ax.transpose(x, (0, 2, 1, 3)),),
+        ),
         Case("softmax-2d", softmax, (normal(4, 7, scale=3.0),)),
         Case("softmax-4d", softmax, (normal(2, 2, 3, 5),)),
         Case("softmax-causal-mask", softmax, (normal(2, 3, 5, 5, scale=2.0),), args=(causal,)),
@@ -146,6 +178,40 @@ def _cases() -> list[Case]:
             "attention-causal-kv-longer",
             attention,
             (normal(2, 1, 3, 4), normal(2, 1, 6, 4), normal(2, 1, 6, 4)),
+        ),
+        # Grouped-query attention: 4 query heads over 2 or 1 key/value heads.
+        Case(
+            "attention-gqa-2kv-causal",
+            attention,
+            (normal(2, 4, 5, 3), normal(2, 2, 5, 3), normal(2, 2, 5, 3)),
+        ),
+        Case(
+            "attention-gqa-2kv-full",
+            attention,
+            (normal(2, 4, 5, 3), normal(2, 2, 5, 3), normal(2, 2, 5, 3)),
+            kwargs={"causal": False},
+        ),
+        Case(
+            "attention-gqa-1kv-causal",
+            attention,
+            (normal(1, 4, 4, 2), normal(1, 1, 4, 2), normal(1, 1, 4, 2)),
+        ),
+        Case(
+            "attention-gqa-1kv-full",
+            attention,
+            (normal(2, 4, 3, 2), normal(2, 1, 3, 2), normal(2, 1, 3, 2)),
+            kwargs={"causal": False},
+        ),
+        Case(
+            "attention-gqa-causal-kv-longer",
+            attention,
+            (normal(1, 4, 3, 4), normal(1, 2, 6, 4), normal(1, 2, 6, 4)),
+        ),
+        Case(  # as the model calls it: q, k, v split off (B, T, heads, D) projections
+            "attention-gqa-noncontiguous",
+            attention,
+            (normal(2, 5, 4, 3), normal(2, 5, 2, 3), normal(2, 5, 2, 3)),
+            prepare=lambda q, k, v: tuple(ax.transpose(t, (0, 2, 1, 3)) for t in (q, k, v)),
         ),
         Case("cross_entropy-2d-ignore", cross_entropy, (normal(6, 5, scale=2.0),), args=(ce_2d,)),
         Case("cross_entropy-3d", cross_entropy, (normal(2, 4, 7),), args=(ce_3d,)),
@@ -237,6 +303,153 @@ def test_linear_is_one_node_with_pytorch_layout() -> None:
     assert out.shape == (2, 3, 5)
     np.testing.assert_allclose(out.data, x @ w.T + b, rtol=1e-14)
     assert len(out._parents) == 3  # x, W, b: no intermediate nodes
+
+
+# ---- SwiGLU at large |gate| --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "op",
+    [lambda g, u: ax.mul(functional.silu(g), u), functional.swiglu, fused.swiglu],
+    ids=["silu", "functional-swiglu", "fused-swiglu"],
+)
+def test_swiglu_is_finite_and_exact_for_large_gates(op: Callable[..., Tensor], dtype: type) -> None:
+    """exp(1000) overflows: no exp of a positive number, in the forward or the backward (whose
+    0 · inf would be NaN), and no cancellation: silu(-30) keeps its relative precision."""
+    values = np.array([-1e3, -100.0, -30.0, -1.0, 0.0, 1.0, 30.0, 100.0, 1e3])
+    gate = Tensor(values.astype(dtype), requires_grad=True)
+    up = Tensor(np.ones(values.size, dtype=dtype), requires_grad=True)
+    with np.errstate(over="raise", invalid="raise"):
+        out = op(gate, up)
+        out.backward(np.ones(out.shape, dtype=dtype))
+    assert gate.grad is not None and up.grad is not None
+    sig = np.exp(-np.logaddexp(0.0, -values))  # sigmoid in float64, without overflow
+    silu_prime = sig * (1 + values * (1 - sig))
+    rtol = 1e-6 if dtype == np.float32 else 1e-14
+    for actual, expected in (
+        (out.data, values * sig),
+        (gate.grad, silu_prime),
+        (up.grad, values * sig),
+    ):
+        assert actual.dtype == dtype
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=1e-30)
+
+
+# ---- rotary embeddings and grouped-query attention ----------------------------------------------
+ROPES = [functional.rope, fused.rope]
+
+
+def test_rope_tables_match_an_independent_float64_evaluation() -> None:
+    positions, head_dim, theta = np.array([0, 1, 7, 100, 2047]), 8, 500000.0
+    cos, sin = functional.rope_tables(positions, head_dim, theta, np.float64)
+    assert cos.shape == sin.shape == (5, 8) and cos.dtype == np.float64
+    for row, p in enumerate(positions):
+        for i in range(head_dim):
+            # Hugging Face's inv_freq: 1 / theta^(2j / D), frequency j shared by i = j, j + D/2.
+            angle = int(p) / theta ** (2 * (i % (head_dim // 2)) / head_dim)
+            assert cos[row, i] == pytest.approx(math.cos(angle), rel=1e-13, abs=1e-13)
+            assert sin[row, i] == pytest.approx(math.sin(angle), rel=1e-13, abs=1e-13)
+    # float32 tables are the float64 ones rounded once (not computed in float32).
+    cos32, sin32 = functional.rope_tables(positions, head_dim, theta, np.float32)
+    assert cos32.dtype == sin32.dtype == np.float32
+    np.testing.assert_array_equal(cos32, cos.astype(np.float32))
+    np.testing.assert_array_equal(sin32, sin.astype(np.float32))
+
+
+def test_rope_tables_are_shape_only_for_data_free_positions() -> None:
+    cos, sin = functional.rope_tables(meta.arange(6, like=MetaArray(())), 4, 1e4, np.float32)
+    for table in (cos, sin):
+        assert isinstance(table, MetaArray)
+        assert (table.shape, table.dtype) == ((6, 4), np.float32)
+    with pytest.raises(ValueError, match="even head_dim"):
+        functional.rope_tables(np.arange(3), 5, 1e4, np.float64)
+
+
+@pytest.mark.parametrize("op", ROPES, ids=["functional", "fused"])
+def test_rope_rotates_each_pair_of_halves(op: Callable[..., Tensor]) -> None:
+    """Pair (i, i + D/2) is rotated by position · frequency i: its norm is kept, and position 0
+    is the identity."""
+    x = normal(2, 3, 6, 8)
+    cos, sin = functional.rope_tables(np.arange(6), 8, 10000.0, np.float64)
+    out = op(Tensor(x), cos, sin).data
+    pair_norm = np.hypot(x[..., :4], x[..., 4:])
+    np.testing.assert_allclose(np.hypot(out[..., :4], out[..., 4:]), pair_norm, rtol=1e-13)
+    np.testing.assert_allclose(np.sum(out**2, axis=-1), np.sum(x**2, axis=-1), rtol=1e-13)
+    np.testing.assert_array_equal(out[..., 0, :], x[..., 0, :])
+
+
+@pytest.mark.parametrize("op", ROPES, ids=["functional", "fused"])
+def test_rope_scores_depend_only_on_relative_position(op: Callable[..., Tensor]) -> None:
+    """q at position m against k at n: the score after rope is a function of m − n."""
+    d = 16
+    q, k = normal(d), normal(d)
+    cos, sin = functional.rope_tables(np.arange(300), d, 10000.0, np.float64)
+
+    def at(x: np.ndarray, p: int) -> np.ndarray:
+        row = slice(p, p + 1)  # x as (B, H, T, D) = (1, 1, 1, d) at position p
+        return op(Tensor(x.reshape(1, 1, 1, d)), cos[row], sin[row]).data.reshape(d)
+
+    for offset in (0, 1, 5, 37):
+        scores = [at(q, n + offset) @ at(k, n) for n in (0, 3, 50, 250)]
+        np.testing.assert_allclose(scores, scores[0], rtol=1e-11, atol=1e-12)
+    # ... and does change with it: positions do reach the scores.
+    assert abs(at(q, 5) @ at(k, 0) - q @ k) > 1e-3
+
+
+def _numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool) -> np.ndarray:
+    """Head by head in plain numpy, query head h reading kv head h // (nh // nkv)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    out = np.empty(q.shape)
+    mask = np.tril(np.ones((q.shape[2], k.shape[2]), dtype=bool), k=k.shape[2] - q.shape[2])
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = q[b, h] @ k[b, kv].T / math.sqrt(q.shape[-1])
+            if causal:
+                scores = np.where(mask, scores, -np.inf)
+            p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            out[b, h] = p / p.sum(axis=-1, keepdims=True) @ v[b, kv]
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize(
+    "op",
+    [functional.scaled_dot_product_attention, fused.scaled_dot_product_attention],
+    ids=["functional", "fused"],
+)
+def test_grouped_query_attention_matches_repeated_kv_heads(
+    op: Callable[..., Tensor], causal: bool, kv_heads: int
+) -> None:
+    q, k, v = normal(2, 4, 5, 3), normal(2, kv_heads, 5, 3), normal(2, kv_heads, 5, 3)
+    out = op(Tensor(q), Tensor(k), Tensor(v), causal=causal).data
+    np.testing.assert_allclose(out, _numpy_attention(q, k, v, causal), rtol=1e-12, atol=1e-14)
+
+
+def test_grouped_query_attention_multiplies_each_kv_head_once() -> None:
+    """The fused GQA runs one batched GEMM per kv head over its group's queries (B·nkv products
+    of (rep·T, D)·(D, T)): k and v are never repeated."""
+    b, heads, kv_heads, t, d = 2, 4, 2, 5, 3
+    leaves = _leaves((normal(b, heads, t, d), normal(b, kv_heads, t, d), normal(b, kv_heads, t, d)))
+    with recording_gemms() as log:
+        out = fused.scaled_dot_product_attention(*leaves)
+        out.backward(np.ones(out.shape))
+    rep_t = heads // kv_heads * t
+    assert [(g.m, g.k, g.n, g.batch, g.phase) for g in log.gemms] == [
+        (rep_t, d, t, b * kv_heads, "forward"),  # q·kᵀ
+        (rep_t, t, d, b * kv_heads, "forward"),  # p·v
+        (rep_t, d, t, b * kv_heads, "backward-input"),
+        (t, rep_t, d, b * kv_heads, "backward-input"),
+        (rep_t, t, d, b * kv_heads, "backward-input"),
+        (d, rep_t, t, b * kv_heads, "backward-input"),
+    ]
+
+
+def test_attention_rejects_kv_heads_that_do_not_divide_query_heads() -> None:
+    q, kv = Tensor(normal(1, 4, 3, 2)), Tensor(normal(1, 3, 3, 2))
+    for op in (functional.scaled_dot_product_attention, fused.scaled_dot_product_attention):
+        with pytest.raises(ValueError, match="dividing"):
+            op(q, kv, kv)
 
 
 # ---- the registry, closures, data-free runs ---------------------------------------------------

@@ -93,6 +93,19 @@ def _cases(data_free: bool) -> dict[str, tuple[Callable[[], Callable[[], Any]], 
         q, k, v = (act(1, 2, 4, 3, seed=i, **kw) for i in range(3))
         return lambda: fused.scaled_dot_product_attention(q, k, v)
 
+    def grouped_attention() -> Callable[[], Any]:
+        q = act(1, 4, 4, 3, **kw)
+        k, v = (act(1, 2, 4, 3, seed=i, **kw) for i in (1, 2))
+        return lambda: fused.scaled_dot_product_attention(q, k, v)
+
+    def rms_norm() -> Callable[[], Any]:
+        x, w = act(4, 6, **kw), leaf(6, seed=1, **kw)
+        return lambda: fused.rms_norm(x, w)
+
+    # Rope's tables: constants shared by every layer, made once (data-free for data-free runs).
+    positions = meta.arange(4, like=MetaArray(()) if data_free else None)
+    cos, sin = functional.rope_tables(positions, 6, 10000.0, np.float64)
+
     def layer_norm() -> Callable[[], Any]:
         x, w, b = act(4, 6, **kw), leaf(6, seed=1, **kw), leaf(6, seed=2, **kw)
         return lambda: fused.layer_norm(x, w, b)
@@ -135,9 +148,15 @@ def _cases(data_free: bool) -> dict[str, tuple[Callable[[], Callable[[], Any]], 
         "gelu": (one(fused.gelu), 2 * X),  # x and t = tanh(...)
         "normalize": (one(fused.normalize), X + 4 * 8),  # x̂ and 1/σ (4, 1)
         "layer_norm": (layer_norm, X + 4 * 8),  # x̂ and 1/σ; not the affine output
+        "rms_norm": (rms_norm, X + 4 * 8),  # x̂ and 1/rms; not the output; the weight is a leaf
+        "rms_normalize": (one(fused.rms_normalize), X + 4 * 8),  # x̂ (its output) and 1/rms
+        "swiglu": (two(fused.swiglu), 2 * X),  # gate and up; the sigmoid is recomputed
+        "rope": (one(lambda a: fused.rope(a, cos, sin), (1, 1, 4, 6)), 0),  # tables: constants
         "softmax": (one(fused.softmax), X),  # the probabilities
         "cross_entropy": (one(lambda a: fused.cross_entropy(a, targets)), X + 2 * 4 * 8),
         "attention": (attention, 3 * 24 * 8 + 2 * 16 * 8),  # q/√d, k, v; probabilities
+        # q/√d (4 heads), k and v (2 heads each, not repeated); the 4 heads' probabilities
+        "attention-grouped": (grouped_attention, 48 * 8 + 2 * 24 * 8 + 4 * 16 * 8),
         "checkpoint": (one(lambda a: checkpoint(lambda t: ax.exp(ax.exp(t)), a)), X),
     }
 

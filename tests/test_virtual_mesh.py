@@ -52,6 +52,8 @@ TINY = [
 # An odd hidden size, so dp does not divide the parameters and ZeRO pads its shards.
 ODD = ["model.n_embd=36", "model.n_head=3"]
 PP_M4 = ["parallel.pp=2", "train.microbatch_size=2"]
+# A Llama of the same size: grouped-query attention (2 of 4 heads), SwiGLU 48 wide.
+LLAMA = ["model.kind=llama", "model.n_kv_head=2", "model.ffn_hidden=48"]
 
 # name: overrides of TINY (the world size follows from them)
 LAYOUTS: dict[str, list[str]] = {
@@ -90,6 +92,14 @@ LAYOUTS: dict[str, list[str]] = {
     "dp2xpp2-zero3": ["parallel.dp=2", *PP_M4, "parallel.zero=3", *ODD],
     "dp2-fp16": ["parallel.dp=2", "train.dtype=fp16"],  # loss scaling's overflow all-reduce
     "tp2-selective-recompute": ["parallel.tp=2", "parallel.recompute=selective"],
+    "llama-dp2xtp2-sp": [
+        *LLAMA,
+        "parallel.dp=2",
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+    ],
+    "llama-dp2xpp2-zero3": [*LLAMA, "parallel.dp=2", *PP_M4, "parallel.zero=3"],
+    "llama-tied-pp2-1f1b-m4": [*LLAMA, *PP_M4, "model.tie_embeddings=true"],
 }
 COLLECTIVES = (2, 2, 1, "tp-dp-pp")  # the mesh of the "collectives" case
 MEMORY_KEYS = ("params", "grads", "optimizer", "params_gathered_peak")
@@ -330,10 +340,10 @@ def test_a_virtual_mesh_never_imports_mpi4py() -> None:
 def test_the_executor_runs_one_ranks_schedule_without_peers(schedule: str, v: int) -> None:
     """Receives return zeros at once; every send and receive of the schedule is recorded."""
     from civetta.models.gpt import GPTStage
-    from launch.config import gpt_config
+    from launch.config import model_description
 
     config = load(None, [*TINY, "model.n_layer=4"])
-    model = gpt_config(config)
+    model = model_description(config)
     pp, micro, shape = 2, 4, (2, 16, 32)  # (micro, T, C)
     sched = make_schedule(schedule, pp, micro, v)
     layers = [range(s, s + 1) for s in range(pp * v)]

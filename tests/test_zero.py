@@ -24,7 +24,7 @@ from mpi_helpers import WORKERS, run_mpi
 from civetta.models.gpt import GPT
 from civetta.tensor import Tensor
 from launch.config import load
-from launch.trainer import Trainer, gpt_config
+from launch.trainer import Trainer, model_description
 from parallel.runtime import Runtime
 from parallel.virtual import virtual_mesh
 from parallel.zero import model_state_bytes
@@ -167,7 +167,7 @@ def test_mixed_precision_model_state_is_deepspeeds_16_psi(run: Run, zero: int) -
 def whole_model_sizes(*extra: str) -> list[int]:
     """Elements of each parameter of the single-process model, built here (no ZeRO code)."""
     config = load(None, [*TINY, *extra])
-    model = GPT(gpt_config(config), dtype=np.float64)
+    model = GPT(model_description(config), dtype=np.float64)
     return [p.size for p in model.params.values()]
 
 

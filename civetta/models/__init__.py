@@ -12,10 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from civetta.models.gpt import GPTConfig, GPTStage
+from civetta.models.gpt import GPT, GPTConfig, GPTStage
+from civetta.models.llama import Llama, LlamaConfig, LlamaStage
 from civetta.nn import Model
 
-STAGES: dict[type, Callable[..., Model]] = {GPTConfig: GPTStage}
+__all__ = ["GPT", "STAGES", "GPTConfig", "Llama", "LlamaConfig", "ModelDescription", "build_stage"]
+
+# A model family's description: what the trainer builds and the cost model traces.
+ModelDescription = GPTConfig | LlamaConfig
+
+STAGES: dict[type, Callable[..., Model]] = {GPTConfig: GPTStage, LlamaConfig: LlamaStage}
 
 
 def build_stage(config: Any, layers: range, first: bool, last: bool, **kwargs: Any) -> Model:

@@ -44,6 +44,11 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
+    @property
+    def tied_weights(self) -> tuple[str, ...]:
+        """Parameters a pipeline's first and last stage both hold (the tied table)."""
+        return ("transformer.wte.weight",) if self.tie_embeddings else ()
+
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
         c, b = self.n_embd, int(self.bias)

@@ -56,7 +56,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from civetta.meters import Gemm
-from civetta.models.gpt import GPTConfig
+from civetta.models import ModelDescription
 from parallel.cost.collectives import (
     GroupLink,
     all_gather_time,
@@ -110,11 +110,11 @@ class Workload:
                 f"train.optimizer expected one of {' | '.join(OPTIMIZERS)}, got {self.optimizer!r}"
             )
 
-    def seq(self, config: GPTConfig) -> int:
+    def seq(self, config: ModelDescription) -> int:
         return self.seq_len or config.block_size
 
 
-def checked(config: GPTConfig, layout: Layout, work: Workload) -> None:
+def checked(config: ModelDescription, layout: Layout, work: Workload) -> None:
     """The one check of a projection's inputs: the layout's (`Layout.check`) and the
     workload's, as `CostModelError`s."""
     try:
@@ -358,7 +358,7 @@ def _dp_calls(pieces: list[tuple[Piece, int]], dp: int, element: int) -> list[tu
 
 # ---- the projection -----------------------------------------------------------------------------
 def project(
-    config: GPTConfig,
+    config: ModelDescription,
     layout: Layout,
     profile: HardwareProfile,
     options: CostOptions | None = None,
@@ -399,7 +399,7 @@ def project(
 
 
 def _project(
-    config: GPTConfig,
+    config: ModelDescription,
     layout: Layout,
     work: Workload,
     profile: HardwareProfile,
@@ -626,7 +626,7 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
 
 
 def device_memory_of(
-    config: GPTConfig, layout: Layout, device: int, work: Workload | None = None
+    config: ModelDescription, layout: Layout, device: int, work: Workload | None = None
 ) -> MemoryPerGPU:
     """Memory of the GPU at pipeline position `device` (0 = first) under `layout`."""
     work = work or Workload()
@@ -636,7 +636,7 @@ def device_memory_of(
 
 
 def microbatch_times(
-    config: GPTConfig, layout: Layout, profile: HardwareProfile, work: Workload | None = None
+    config: ModelDescription, layout: Layout, profile: HardwareProfile, work: Workload | None = None
 ) -> StageTimes:
     """One microbatch's forward and backward seconds on the busiest pipeline device (all its
     stages, tensor-parallel collectives included): the compute side of `project`, exposed for

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from civetta.models.gpt import GPTConfig
+from civetta.models import ModelDescription
 from parallel.cost.trace import Param, Piece, key_for, trace
 from parallel.data_parallel import plan_buckets
 from parallel.layout import Layout
@@ -23,7 +23,7 @@ from parallel.layout import Layout
 class StagedModel:
     """`config` under `layout`, for `dtype` (train.dtype) and `seq_len` tokens per sequence."""
 
-    def __init__(self, config: GPTConfig, layout: Layout, dtype: str, seq_len: int) -> None:
+    def __init__(self, config: ModelDescription, layout: Layout, dtype: str, seq_len: int) -> None:
         self.config, self.layout, self.dtype, self.seq_len = config, layout, dtype, seq_len
         self.num_stages = layout.num_stages
         self.blocks_per_stage = config.n_layer // self.num_stages
@@ -104,12 +104,12 @@ class StagedModel:
 
 @lru_cache(maxsize=2048)
 def _staged(
-    config: GPTConfig, dtype: str, seq_len: int, shape: tuple, layout: Layout
+    config: ModelDescription, dtype: str, seq_len: int, shape: tuple, layout: Layout
 ) -> StagedModel:
     return StagedModel(config, layout, dtype, seq_len)
 
 
-def staged_model(config: GPTConfig, layout: Layout, dtype: str, seq_len: int) -> StagedModel:
+def staged_model(config: ModelDescription, layout: Layout, dtype: str, seq_len: int) -> StagedModel:
     """A `StagedModel`, shared by every layout that cuts and traces the model alike (what the
     pieces and stages depend on: tp, sequence parallelism, recomputation, the microbatch, ZeRO-3,
     the pipeline's stages), so a tuner's thousands of layouts reuse a few hundred."""

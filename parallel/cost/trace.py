@@ -32,8 +32,7 @@ import numpy as np
 from civetta import axioms as ax
 from civetta import meta
 from civetta.meters import Gemm, activation_meter, recording_gemms
-from civetta.models import build_stage
-from civetta.models.gpt import GPTConfig
+from civetta.models import ModelDescription, build_stage
 from civetta.nn import Module
 from civetta.precision import PRECISIONS, autocast
 from civetta.tensor import Tensor
@@ -133,7 +132,7 @@ class Piece:
 class TraceKey:
     """Everything a piece's counts depend on."""
 
-    config: GPTConfig
+    config: ModelDescription
     part: str  # one of PARTS
     microbatch: int
     seq_len: int
@@ -145,7 +144,7 @@ class TraceKey:
 
 
 def key_for(
-    config: GPTConfig, part: str, layout: Layout, dtype: str, seq_len: int | None = None
+    config: ModelDescription, part: str, layout: Layout, dtype: str, seq_len: int | None = None
 ) -> TraceKey:
     """The key of `part` under `layout`, with what the trace does not depend on left out: the
     ends of the model hold no block to recompute, and ZeRO-3's ops are the same for any dp > 1

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
-from civetta.models.gpt import GPTConfig
+from civetta.models import ModelDescription
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import (
     CostOptions,
@@ -88,12 +89,19 @@ class TuneResult:
     explanation: list[str] = field(default_factory=list)
 
 
+def tensor_parallel_divides(config: Any, tp: int) -> bool:
+    """Whether `tp` splits the model's heads, key/value heads, MLP width and vocabulary."""
+    sizes = [config.n_head, config.vocab_size, getattr(config, "n_kv_head", 0)]
+    sizes.append(getattr(config, "ffn_hidden", 0))
+    return not any(size and size % tp for size in sizes)
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _pipelines(
-    config: GPTConfig, pp: int, microbatches: int, space: SearchSpace
+    config: ModelDescription, pp: int, microbatches: int, space: SearchSpace
 ) -> list[tuple[str, int]]:
     """(schedule, virtual stages) choices for pp stages and this many microbatches."""
     if pp == 1:
@@ -107,7 +115,9 @@ def _pipelines(
     return out
 
 
-def _fits(config: GPTConfig, layout: Layout, work: Workload, capacity: int) -> tuple[bool, int]:
+def _fits(
+    config: ModelDescription, layout: Layout, work: Workload, capacity: int
+) -> tuple[bool, int]:
     """Whether every pipeline position fits, and the largest total."""
     positions = sorted({0, layout.pp - 1})
     total = max(device_memory_of(config, layout, d, work).total for d in positions)
@@ -115,7 +125,7 @@ def _fits(config: GPTConfig, layout: Layout, work: Workload, capacity: int) -> t
 
 
 def enumerate_layouts(
-    config: GPTConfig,
+    config: ModelDescription,
     profile: HardwareProfile,
     gpus: int,
     batch: int,
@@ -132,7 +142,7 @@ def enumerate_layouts(
     enumerated = 0
     smallest: tuple[int, Layout] | None = None
     for tp in divisors(gpus):
-        if tp > max_tp or config.n_head % tp or config.vocab_size % tp:
+        if tp > max_tp or not tensor_parallel_divides(config, tp):
             continue
         if space.tp is not None and tp != space.tp:
             continue
@@ -183,7 +193,7 @@ def enumerate_layouts(
 
 
 def tune(
-    config: GPTConfig,
+    config: ModelDescription,
     profile: HardwareProfile,
     gpus: int,
     batch: int,
@@ -326,7 +336,10 @@ def _seconds(value: float) -> str:
 
 
 def explain(
-    config: GPTConfig, profile: HardwareProfile, ranked: list[Ranked], work: Workload | None = None
+    config: ModelDescription,
+    profile: HardwareProfile,
+    ranked: list[Ranked],
+    work: Workload | None = None,
 ) -> list[str]:
     """A few sentences: the winner, what the runner-up loses on, why this much memory saving,
     and what a different tp and pp would cost."""
@@ -380,7 +393,7 @@ def explain(
 
 
 def explain_nothing_fits(
-    config: GPTConfig,
+    config: ModelDescription,
     profile: HardwareProfile,
     gpus: int,
     batch: int,

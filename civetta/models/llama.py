@@ -1,0 +1,278 @@
+"""A Llama-family decoder with Hugging Face's parameter names and weight layout.
+
+Pre-RMSNorm blocks, grouped-query attention (`n_kv_head` key/value heads shared by
+`n_head / n_kv_head` query heads each), rotary position embeddings in Hugging Face's rotate-half
+convention, SwiGLU MLPs (down(silu(gate(x)) · up(x))), no biases, and an untied head unless
+`tie_embeddings`. Names are those of `transformers`' LlamaForCausalLM state dict
+(`model.layers.{i}.self_attn.q_proj.weight`, ...), so a state dict loads there unchanged.
+
+The rotary angles are evaluated in float64 and rounded to the model's dtype; Hugging Face
+evaluates them in float32 whatever the model's dtype (see `tests/test_hf_parity.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from civetta import axioms as ax
+from civetta import functional, fused, meta
+from civetta.nn import DENSE, DenseSharding, Model, Module, RMSNorm, merge
+from civetta.recompute import checkpoint
+from civetta.tensor import Tensor
+
+
+def default_ffn_hidden(n_embd: int) -> int:
+    """SwiGLU's width when none is given: two thirds of 4·n_embd (so its three matrices hold
+    what a GELU MLP's two do), rounded up to a multiple of 16."""
+    return -(-8 * n_embd // (3 * 16)) * 16
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 256
+    block_size: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_kv_head: int = 0  # 0: n_head (multi-head attention)
+    n_embd: int = 64
+    ffn_hidden: int = 0  # 0: (8/3)·n_embd rounded up to a multiple of 16
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        # Defaults that depend on other fields; the dataclass is frozen, so set them once here.
+        if not self.n_kv_head:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if not self.ffn_hidden:
+            object.__setattr__(self, "ffn_hidden", default_ffn_hidden(self.n_embd))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head size n_embd/n_head={self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def tied_weights(self) -> tuple[str, ...]:
+        """Parameters a pipeline's first and last stage both hold (the tied table)."""
+        return ("model.embed_tokens.weight",) if self.tie_embeddings else ()
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        c, d, f = self.n_embd, self.head_dim, self.ffn_hidden
+        attention = c * self.n_head * d * 2 + 2 * c * self.n_kv_head * d  # q, o; k, v
+        per_block = attention + 3 * c * f + 2 * c  # + gate, up, down; two RMSNorms
+        head = 0 if self.tie_embeddings else self.vocab_size * c
+        return self.vocab_size * c + self.n_layer * per_block + c + head
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Model training FLOPs per token: 6 · (weights that take part in matmuls) plus
+        12 · n_layer · n_head · head_dim · T for the scores and the weighted values over the
+        full T×T matrix, counted as `GPTConfig.flops_per_token` counts them."""
+        t = seq_len or self.block_size
+        c, d = self.n_embd, self.head_dim
+        per_block = 2 * c * self.n_head * d + 2 * c * self.n_kv_head * d + 3 * c * self.ffn_hidden
+        matmul_weights = self.n_layer * per_block + self.vocab_size * c
+        return 6 * matmul_weights + 12 * self.n_layer * self.n_head * d * t
+
+
+def Attention(  # noqa: N802 - a module constructor reads like a class
+    name: str,
+    config: LlamaConfig,
+    *,
+    seed: int,
+    dtype: Any,
+    sharding: DenseSharding,
+    recompute_core: bool,
+) -> Module:
+    """Grouped-query causal attention with RoPE on q and k; tensor parallelism splits the query
+    heads and the key/value heads alike, so each rank keeps whole groups."""
+    c, d = config, config.head_dim
+    heads, kv_heads = c.n_head // sharding.tp_size, c.n_kv_head // sharding.tp_size
+    qkv = sharding.column_linears(
+        [f"{name}.q_proj", f"{name}.k_proj", f"{name}.v_proj"],
+        c.n_embd,
+        [c.n_head * d, c.n_kv_head * d, c.n_kv_head * d],
+        bias=False,
+        seed=seed,
+        dtype=dtype,
+    )
+    o_proj = sharding.row_linear(
+        f"{name}.o_proj", c.n_head * d, c.n_embd, bias=False, seed=seed, dtype=dtype
+    )
+
+    def split_heads(x: Tensor, count: int) -> Tensor:
+        batch, block = x.shape[0], x.shape[1]
+        return ax.transpose(ax.reshape(x, (batch, block, count, d)), (0, 2, 1, 3))
+
+    def forward(x: Tensor) -> Tensor:
+        q, k, v = qkv(x)  # this rank's heads, over the whole sequence
+        batch, block = q.shape[0], q.shape[1]
+        cos, sin = functional.rope_tables(meta.arange(block, like=q.data), d, c.rope_theta, q.dtype)
+        q = fused.rope(split_heads(q, heads), cos, sin)  # (B, nh, T, hs)
+        k = fused.rope(split_heads(k, kv_heads), cos, sin)  # (B, nkv, T, hs)
+        v = split_heads(v, kv_heads)
+        if recompute_core:
+            y = checkpoint(fused.scaled_dot_product_attention, q, k, v)
+        else:
+            y = fused.scaled_dot_product_attention(q, k, v, causal=True)
+        y = ax.reshape(ax.transpose(y, (0, 2, 1, 3)), (batch, block, heads * d))
+        return o_proj(y)
+
+    return Module(forward, merge(qkv, o_proj))
+
+
+def SwiGLU(  # noqa: N802
+    name: str, config: LlamaConfig, *, seed: int, dtype: Any, sharding: DenseSharding
+) -> Module:
+    """down(silu(gate(x)) · up(x)): gate and up column-parallel, down row-parallel."""
+    c = config
+    gate_up = sharding.column_linears(
+        [f"{name}.gate_proj", f"{name}.up_proj"],
+        c.n_embd,
+        [c.ffn_hidden, c.ffn_hidden],
+        bias=False,
+        seed=seed,
+        dtype=dtype,
+    )
+    down = sharding.row_linear(
+        f"{name}.down_proj", c.ffn_hidden, c.n_embd, bias=False, seed=seed, dtype=dtype
+    )
+
+    def forward(x: Tensor) -> Tensor:
+        gate, up = gate_up(x)
+        return down(fused.swiglu(gate, up))
+
+    return Module(forward, merge(gate_up, down))
+
+
+def DecoderLayer(  # noqa: N802
+    name: str,
+    config: LlamaConfig,
+    *,
+    seed: int,
+    dtype: Any,
+    sharding: DenseSharding,
+    recompute: str,
+) -> Module:
+    """x + attn(norm(x)), then + mlp(norm(x)); `recompute` as in `civetta.nn.Block`."""
+    c, store = config, sharding.store
+    norm_1 = RMSNorm(f"{name}.input_layernorm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=store)
+    attn = Attention(
+        f"{name}.self_attn",
+        c,
+        seed=seed,
+        dtype=dtype,
+        sharding=sharding,
+        recompute_core=recompute == "selective",
+    )
+    norm_2 = RMSNorm(
+        f"{name}.post_attention_layernorm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=store
+    )
+    mlp = SwiGLU(f"{name}.mlp", c, seed=seed, dtype=dtype, sharding=sharding)
+
+    def layer(x: Tensor) -> Tensor:
+        x = ax.add(x, attn(norm_1(x)))
+        return ax.add(x, mlp(norm_2(x)))
+
+    def forward(x: Tensor) -> Tensor:
+        return checkpoint(layer, x) if recompute == "full" else layer(x)
+
+    return Module(forward, merge(norm_1, attn, norm_2, mlp))
+
+
+def Llama(  # noqa: N802
+    config: LlamaConfig,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    sharding: DenseSharding = DENSE,
+    recompute: str = "none",
+) -> Model:
+    """``model(idx, targets)`` → mean cross-entropy (0-d); ``model.logits(idx)`` → logits."""
+    return LlamaStage(config, range(config.n_layer), True, True, seed, dtype, sharding, recompute)
+
+
+def LlamaStage(  # noqa: N802
+    config: LlamaConfig,
+    layers: range,
+    first: bool,
+    last: bool,
+    seed: int = 0,
+    dtype: Any = np.float32,
+    sharding: DenseSharding = DENSE,
+    recompute: str = "none",
+) -> Model:
+    """The part of the model a pipeline stage runs, as `civetta.models.gpt.GPTStage`: layers
+    `layers` (global indices in the names), the token embedding when `first`, the final norm,
+    head and loss when `last`. A tied table on a last stage that is not the first is its own
+    copy of ``model.embed_tokens.weight``, summed with the first stage's gradient every step."""
+    c = config
+    assert recompute in ("none", "selective", "full"), recompute
+    blocks = [
+        DecoderLayer(
+            f"model.layers.{i}", c, seed=seed, dtype=dtype, sharding=sharding, recompute=recompute
+        )
+        for i in layers
+    ]
+    modules: list[Module] = []
+    aliases: dict[str, str] = {}
+    embed = None
+    if first:
+        embed = sharding.token_embedding(
+            "model.embed_tokens", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
+        )
+        modules.append(embed)
+    modules += blocks
+    head_weight = None
+    norm = None
+    if last:
+        norm = RMSNorm("model.norm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=sharding.store)
+        modules.append(norm)
+        if c.tie_embeddings:
+            table = embed or sharding.token_embedding(
+                "model.embed_tokens", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
+            )
+            if embed is None:
+                modules.append(table)
+            head_weight = table.params["model.embed_tokens.weight"]
+            aliases["lm_head.weight"] = "model.embed_tokens.weight"
+        else:
+            head = sharding.token_embedding(
+                "lm_head", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
+            )
+            head_weight = head.params["lm_head.weight"]
+            modules.append(head)
+
+    def hidden(inputs: Any) -> Tensor:
+        if embed is not None:
+            idx = meta.asarray(inputs)  # token ids, real or data-free
+            if idx.shape[-1] > c.block_size:
+                raise ValueError(
+                    f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}"
+                )
+            x = embed(idx)  # (B, T, C)
+        else:
+            x = inputs
+        for block in blocks:
+            x = block(x)
+        return norm(x) if norm is not None else x
+
+    def forward(inputs: Any, targets: np.ndarray | None = None) -> Tensor:
+        if not last:
+            return hidden(inputs)
+        assert head_weight is not None  # the last stage has the head
+        return sharding.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
+
+    def logits(inputs: Any) -> Tensor:
+        assert last and head_weight is not None, "only the last stage has the head"
+        return sharding.lm_logits(hidden(inputs), head_weight)
+
+    return Model(forward, merge(*modules), aliases, logits=logits, config=config)

@@ -1,0 +1,63 @@
+"""The shipped model configs (configs/models/) describe what they say, and every one of them is
+accepted by `simulate` and `tune`: projected through the traced path like any other model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from launch.config import load, model_description
+from launch.simulate import simulate_command
+from launch.tune import tune_command
+
+MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
+SHIPPED = sorted(p.stem for p in MODELS.glob("*.yaml"))
+
+# Published totals (Llama 3 model card, "Params"; Dubey et al. 2024, Table 3).
+PUBLISHED_BILLIONS = {"llama3.1-8b": 8.0, "llama3.1-70b": 70.6, "llama3.1-405b": 405.9}
+# GPUs that `tune` lays each out on (small models on few GPUs, large ones on many).
+TUNE_GPUS = {"llama3.1-8b": 16, "llama3.1-70b": 128, "llama3.1-405b": 1024}
+
+
+def experiment(tmp_path: Path, name: str) -> Path:
+    """An experiment file that includes the shipped model and sets a bf16 training run."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"include: {MODELS / (name + '.yaml')}\n"
+        "data: {source: synthetic}\n"
+        "train: {batch_size: 64, microbatch_size: 1, dtype: bf16, steps: 10}\n"
+    )
+    return path
+
+
+def test_every_model_config_is_shipped() -> None:
+    assert {"llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "llama-tiny"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
+def test_llama_shapes_have_their_published_parameter_counts(tmp_path, name: str) -> None:
+    model = model_description(load(experiment(tmp_path, name)))
+    assert model.vocab_size == 128256 and model.rope_theta == 500000.0
+    assert model.num_parameters() / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], abs=0.06)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_simulate_and_tune_accept_every_shipped_model(tmp_path, name: str) -> None:
+    path = experiment(tmp_path, name)
+    model = model_description(load(path))
+    large = model.n_embd >= 4096
+    overrides = ["parallel.tp=8", "parallel.sequence_parallel=true"] if large else []
+    out = tmp_path / "simulate.json"
+    console = Console(file=io.StringIO(), width=100)
+    assert simulate_command(str(path), "h100-dgx", overrides, None, out, console) == 0
+    projection = json.loads(out.read_text())
+    assert projection["step_time_s"] > 0
+    gpus = TUNE_GPUS.get(name, 8)
+    ranked = tmp_path / "tune.json"
+    assert tune_command(str(path), "h100-dgx", gpus, json_out=ranked, console=console) == 0
+    layouts = json.loads(ranked.read_text())
+    assert layouts["layouts"], f"tune found no layout for {name} on {gpus} GPUs"
