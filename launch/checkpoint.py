@@ -388,12 +388,14 @@ def load(trainer: Any, directory: Path) -> int:
 
 
 def export(directory: Path, out: Path, warn: Callable[[str], None] | None = None) -> int:
-    """Write the full, unsharded weights with nanoGPT's names to one `.npz`; returns the count.
-    The checkpoint is found and verified as `--resume` finds it."""
+    """Write the full, unsharded weights with the model's own names (nanoGPT's for the GPT,
+    Hugging Face's for a Llama) to one `.npz`; returns the count. The checkpoint is found and
+    verified as `--resume` finds it."""
     _, full = read_full_state(find(directory, warn, flag=""))
     weights = {key.removeprefix("param/"): a for key, a in full.items() if key.startswith("param/")}
-    if "lm_head.weight" not in weights and "transformer.wte.weight" in weights:
-        weights["lm_head.weight"] = weights["transformer.wte.weight"]  # tied, as PyTorch saves
+    for table in ("transformer.wte.weight", "model.embed_tokens.weight"):  # GPT, Llama
+        if "lm_head.weight" not in weights and table in weights:
+            weights["lm_head.weight"] = weights[table]  # tied, as PyTorch saves
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
     with open(tmp, "wb") as file:

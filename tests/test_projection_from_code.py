@@ -177,3 +177,37 @@ def test_the_arrangement_changes_the_projection(family: None) -> None:
     other = project(_model(config), config.layout, A100, work=workload_of(config))
     assert other.model_flops_per_step < gpt.model_flops_per_step
     assert other.memory_per_gpu["params"] < gpt.memory_per_gpu["params"]
+
+
+def test_a_llama_block_is_traced_with_its_grouped_kv_and_three_mlp_gemms() -> None:
+    """Llama 3.1 8B at tp=8 with sequence parallelism: the traced block runs q, k, v and o with
+    k and v a quarter of q's width (8 of 32 heads), the attention batched over this rank's one
+    key/value group with its 4 query heads stacked (rep·T rows), and SwiGLU's gate, up and down;
+    the head is one vocabulary-parallel GEMM, whose share of the model FLOPs is exactly
+    V / (per-block weights + attention) of a block's."""
+    from civetta.models import LlamaConfig
+    from parallel.cost.trace import key_for, trace
+    from parallel.layout import Layout
+
+    c = LlamaConfig(vocab_size=128256, block_size=8192, n_layer=32, n_head=32, n_kv_head=8,
+                    n_embd=4096, ffn_hidden=14336, rope_theta=500000.0)  # fmt: skip
+    layout, s, tp = Layout(tp=8, sequence_parallel=True), 8192, 8
+    block = trace(key_for(c, "block", layout, "bf16"))
+    shapes = [(g.m, g.k, g.n, g.batch) for g in block.gemms("forward")]
+    h, d = c.n_embd, c.head_dim
+    assert shapes == [
+        (s, h, c.n_head * d // tp, 1),  # q
+        (s, h, c.n_kv_head * d // tp, 1),  # k: a quarter of q
+        (s, h, c.n_kv_head * d // tp, 1),  # v
+        (4 * s, d, s, 1),  # scores: 4 query heads per key/value head, 1 group on this rank
+        (4 * s, s, d, 1),  # weighted values
+        (s, c.n_head * d // tp, h, 1),  # o
+        (s, h, c.ffn_hidden // tp, 1),  # gate
+        (s, h, c.ffn_hidden // tp, 1),  # up
+        (s, c.ffn_hidden // tp, h, 1),  # down
+    ]
+    last = trace(key_for(c, "last", layout, "bf16"))
+    assert [(g.m, g.k, g.n) for g in last.gemms("forward")] == [(s, h, c.vocab_size // tp)]
+    per_block = 2 * h * (c.n_head + c.n_kv_head) * d + 3 * h * c.ffn_hidden
+    attention = 2 * c.n_head * d * s  # scores and values per token, as flops_per_token counts
+    assert last.flops / block.flops == pytest.approx(c.vocab_size * h / (per_block + attention))
