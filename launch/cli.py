@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument(
         "--schedule",
         default="1f1b",
-        help="gpipe | 1f1b | interleaved-1f1b | zb-h1 (default 1f1b)",
+        help="gpipe | 1f1b | interleaved-1f1b | zb-h1 | zb-h2 | zb-v | dualpipev (default 1f1b)",
     )
     schedule.add_argument("--virtual-stages", type=int, default=1, help="for interleaved-1f1b")
     schedule.add_argument("--save", default=None, help="write the schedule to a .csv or .yaml")

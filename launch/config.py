@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import itertools
 import re
 from collections.abc import Sequence
@@ -19,10 +20,12 @@ import yaml
 
 from civetta.models.gpt import GPTConfig
 from civetta.models.llama import LlamaConfig
+from launch.schedule_files import load_schedule
 from launch.schema import Schema
 from launch.schema import describe as _describe
 from launch.schema import did_you_mean as _did_you_mean
-from parallel.layout import Layout, LayoutError
+from parallel.layout import Layout, LayoutError, is_schedule_file
+from parallel.schedules import Schedule, ScheduleError
 
 
 class ConfigError(ValueError):
@@ -92,6 +95,8 @@ class ParallelConfig:
     zero: int = 0
     recompute: str = "none"
     bucket_mb: float = 25.0
+    # Layers per stage: "Et*3|t*4|t*4|t*3L" or a list of layer counts; None: as even as possible.
+    pipeline_layout: str | None = None
 
 
 @dataclass
@@ -109,9 +114,14 @@ class ExperimentConfig:
         try:
             # Every key of the parallel section is a field of the Layout, by the same name.
             choices = dataclasses.asdict(p)
-            return Layout.for_batch(self.train.batch_size, self.train.microbatch_size, **choices)
+            if is_schedule_file(p.schedule):
+                choices.update(_schedule_file_choices(p))
+            layout = Layout.for_batch(self.train.batch_size, self.train.microbatch_size, **choices)
         except LayoutError as exc:
             raise ConfigError(str(exc)) from None
+        if is_schedule_file(p.schedule):
+            _check_schedule_file_batch(p.schedule, layout)
+        return layout
 
     @property
     def world_size(self) -> int:
@@ -128,6 +138,71 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_schedule_file(path: str, mtime_ns: int) -> Schedule:
+    del mtime_ns  # part of the cache key only: an edited file is read again
+    try:
+        return load_schedule(path)
+    except ScheduleError as exc:
+        raise ConfigError(f"parallel.schedule: {exc}") from None
+
+
+def _schedule_file_choices(p: ParallelConfig) -> dict[str, Any]:
+    """The layout's fields a schedule file sets: its stages per rank, actions and placement."""
+    path = Path(p.schedule)
+    if not path.is_file():
+        raise ConfigError(f"parallel.schedule: schedule file {p.schedule!r} does not exist")
+    schedule = _read_schedule_file(str(path), path.stat().st_mtime_ns)
+    if schedule.pp != p.pp:
+        raise ConfigError(
+            f"parallel.schedule: {p.schedule!r} is for pp={schedule.pp}, parallel.pp={p.pp}"
+        )
+    if p.virtual_stages not in (1, schedule.virtual_stages):
+        raise ConfigError(
+            f"parallel.virtual_stages={p.virtual_stages}, but {p.schedule!r} has "
+            f"{schedule.virtual_stages} stages per rank"
+        )
+    actions = tuple(tuple(str(a) for a in rank) for rank in schedule.actions)
+    return {
+        "virtual_stages": schedule.virtual_stages,
+        "schedule_actions": actions,
+        "placement": schedule.placement,
+    }
+
+
+def _check_schedule_file_batch(path: str, layout: Layout) -> None:
+    schedule = _read_schedule_file(path, Path(path).stat().st_mtime_ns)
+    if schedule.microbatches != layout.microbatches:
+        raise ConfigError(
+            f"parallel.schedule: {path!r} runs {schedule.microbatches} microbatches per step, "
+            f"the batch gives {layout.microbatches} (train.batch_size / (parallel.dp · "
+            "train.microbatch_size))"
+        )
+
+
+def _pipeline_layout(key: str, value: Any) -> str | None:
+    """`parallel.pipeline_layout` as written: a string, or a list of stages, each a string or
+    a number of layers (the embedding and head then go to the first and last stage)."""
+    if value is None or isinstance(value, str):
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+            for v in value
+        )
+    ):
+        stages = [v if isinstance(v, str) else f"t*{v}" if v else "" for v in value]
+        if all(isinstance(v, int) for v in value):
+            stages[0], stages[-1] = "E" + stages[0], stages[-1] + "L"
+        return "|".join(stages)
+    raise ConfigError(
+        f"{key} expected a string like 'Et*3|t*4|t*4|t*3L' or a list of layer counts per "
+        f"stage, got {_describe(value)}"
+    )
 
 
 def model_description(config: ExperimentConfig) -> GPTConfig | LlamaConfig:
@@ -216,7 +291,13 @@ NON_NEGATIVE = {
 }
 
 
-SCHEMA = Schema(ConfigError, positive=POSITIVE, non_negative=NON_NEGATIVE, choices=CHOICES)
+SCHEMA = Schema(
+    ConfigError,
+    positive=POSITIVE,
+    non_negative=NON_NEGATIVE,
+    choices=CHOICES,
+    checks={"parallel.pipeline_layout": _pipeline_layout},
+)
 
 
 def _check_consistency(config: ExperimentConfig) -> None:

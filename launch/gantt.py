@@ -49,11 +49,19 @@ class GanttChart:
         self.slot = max((len(label) for label in labels), default=2) + 1
         self.row_label_width = len(f"rank {schedule.pp - 1} ")
 
+    def chunk(self, action: Action) -> int:
+        """Which of its rank's stages the action runs on (0 for the first in model order)."""
+        stage = action.stage
+        if action.kind in ("RECV_F", "RECV_B"):  # named by the sending stage
+            stage += 1 if action.kind == "RECV_F" else -1
+        return self.schedule.stages_of(self.schedule.stage_rank(stage)).index(stage)
+
     def label(self, action: Action) -> str:
-        """ "F3" (microbatch 3); with virtual stages "F3.1" (microbatch 3 on chunk 1)."""
+        """ "F3" (microbatch 3); with several stages per rank "F3.1" (microbatch 3 on the rank's
+        chunk 1)."""
         if self.schedule.virtual_stages == 1:
             return f"{action.kind}{action.microbatch}"
-        return f"{action.kind}{action.microbatch}.{action.stage // self.schedule.pp}"
+        return f"{action.kind}{action.microbatch}.{self.chunk(action)}"
 
     def _columns(self, t: float) -> int:
         return round(t * self.slot)
@@ -66,7 +74,7 @@ class GanttChart:
             first, last = self._columns(start), self._columns(end)
             if last <= first:
                 continue
-            chunk = action.stage // self.schedule.pp
+            chunk = self.chunk(action)
             shades = KIND_STYLES[action.kind]
             style = shades[chunk % len(shades)]
             text = self.label(action).ljust(last - first)[: last - first]
@@ -116,7 +124,9 @@ def legend(schedule: Schedule) -> Text:
             text.append(sample, style=KIND_STYLES[kind][0])
             text.append(f" {names[kind]}  ")
     text.append(f"{IDLE} idle", style="dim")
-    if schedule.virtual_stages > 1:
+    if schedule.virtual_stages > 1 and schedule.placement is not None:
+        text.append("   (m: microbatch; c: the rank's chunk, 0 on the V's way down, 1 up)")
+    elif schedule.virtual_stages > 1:
         text.append(f"   (m: microbatch; c: chunk, stage c·{schedule.pp}+rank)")
     return text
 
@@ -124,10 +134,12 @@ def legend(schedule: Schedule) -> Text:
 def summary_lines(schedule: Schedule, durations: Durations | None = None) -> list[str]:
     """Bubble for unit action times beside the textbook value; peak in-flight per rank."""
     p, m, v = schedule.pp, schedule.microbatches, schedule.virtual_stages
-    formula = "(p−1)/(m+p−1)" if v == 1 else "(p−1)/(v·m+p−1)"
+    tv = v if schedule.name == "interleaved-1f1b" else 1  # whose textbook value is shown
+    formula = "(p−1)/(m+p−1)" if tv == 1 else "(p−1)/(v·m+p−1)"
+    textbook = "1F1B's " if schedule.name not in ("1f1b", "gpipe", "interleaved-1f1b") else ""
     parts = [
         f"bubble (unit times F=1, B=2, I=W=1): {unit_time_bubble(schedule):.1%}",
-        f"textbook {formula} = {textbook_bubble(p, m, v):.1%}",
+        f"{textbook}textbook {formula} = {textbook_bubble(p, m, tv):.1%}",
     ]
     if durations is not None:
         parts.insert(1, f"with the given durations: {bubble_fraction(schedule, durations):.1%}")

@@ -27,9 +27,11 @@ CSV_COLUMNS = ("rank", "index", "kind", "microbatch", "stage")
 def save_schedule(schedule: Schedule, path: str | Path) -> None:
     """Write `schedule` as CSV (.csv) or YAML (.yaml/.yml), chosen by the file's suffix.
 
-    CSV: a first comment line "# name=...,pp=...,microbatches=...,virtual_stages=..." then the
-    columns rank,index,kind,microbatch,stage, one row per action. YAML: a mapping with name, pp,
-    microbatches, virtual_stages and ranks, a list per rank of action strings ("F0@s0").
+    CSV: a first comment line "# name=...,pp=...,microbatches=...,virtual_stages=..." (and
+    ",placement=0 1 1 0" where stages are not interleaved) then the columns
+    rank,index,kind,microbatch,stage, one row per action. YAML: a mapping with name, pp,
+    microbatches, virtual_stages, placement (each stage's rank, where not interleaved) and ranks,
+    a list per rank of action strings ("F0@s0").
     """
     path = Path(path)
     kind = _file_kind(path)
@@ -37,8 +39,11 @@ def save_schedule(schedule: Schedule, path: str | Path) -> None:
         buffer = io.StringIO()
         buffer.write(
             f"# name={schedule.name},pp={schedule.pp},microbatches={schedule.microbatches},"
-            f"virtual_stages={schedule.virtual_stages}\n"
+            f"virtual_stages={schedule.virtual_stages}"
         )
+        if schedule.placement is not None:
+            buffer.write(",placement=" + " ".join(map(str, schedule.placement)))
+        buffer.write("\n")
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for rank, rank_actions in enumerate(schedule.actions):
@@ -53,6 +58,7 @@ def save_schedule(schedule: Schedule, path: str | Path) -> None:
             "pp": schedule.pp,
             "microbatches": schedule.microbatches,
             "virtual_stages": schedule.virtual_stages,
+            **({"placement": list(schedule.placement)} if schedule.placement else {}),
             "ranks": [
                 [str(action) for action in rank_actions] for rank_actions in schedule.actions
             ],
@@ -77,7 +83,9 @@ def load_schedule(path: str | Path, insert_comms: bool | None = None) -> Schedul
     """Read a schedule written by `save_schedule` (or by hand) and check it.
 
     Metadata may be omitted: pp defaults to the number of ranks, microbatches to the largest
-    microbatch + 1, virtual_stages to the number of stages / pp, name to the file's stem.
+    microbatch + 1, virtual_stages to the number of stages / pp, name to the file's stem, and
+    placement (each stage's rank) to where the file's compute actions of each stage run
+    (interleaved when that is interleaved).
     `insert_comms`: None (default) adds SEND/RECV actions with `insert_communication` when the
     file has no communication action at all, so a compute-only file runs as written; True always
     adds them (the file must then be compute-only); False never does.
@@ -97,7 +105,7 @@ def load_schedule(path: str | Path, insert_comms: bool | None = None) -> Schedul
     if insert_comms or (insert_comms is None and not has_comm):
         try:
             schedule.actions = insert_communication(
-                schedule.actions, schedule.pp, schedule.virtual_stages
+                schedule.actions, schedule.pp, schedule.virtual_stages, schedule.placement
             )
         except ScheduleError as exc:
             raise ScheduleError(f"{path}: {exc}") from None
@@ -116,6 +124,25 @@ def _meta_int(path: Path, where: str, key: str, value: Any) -> int:
     return value
 
 
+def _placement(path: Path, where: str, value: Any) -> tuple[int, ...]:
+    """A placement as written: each stage's rank, non-negative integers."""
+    items = value if isinstance(value, list) else None
+    ranks = []
+    for item in items or []:
+        if isinstance(item, str) and item.isdigit():
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            items = None
+            break
+        ranks.append(item)
+    if not items:
+        raise ScheduleError(
+            f"{path} {where}: placement must list each stage's rank (non-negative integers), "
+            f"got {value!r}"
+        )
+    return tuple(ranks)
+
+
 def _parse_csv(path: Path, text: str) -> tuple[dict[str, Any], list[list[Action]]]:
     meta: dict[str, Any] = {}
     rows: dict[int, list[tuple[int, Action, int]]] = {}
@@ -129,9 +156,10 @@ def _parse_csv(path: Path, text: str) -> tuple[dict[str, Any], list[list[Action]
                 if "=" in item:
                     key, _, value = item.partition("=")
                     key = key.strip()
-                    if key in ("name", "pp", "microbatches", "virtual_stages"):
-                        value = value.strip()
-                        where = f"line {line_no}"
+                    value, where = value.strip(), f"line {line_no}"
+                    if key == "placement":
+                        meta[key] = _placement(path, where, value.split())
+                    elif key in ("name", "pp", "microbatches", "virtual_stages"):
                         meta[key] = value if key == "name" else _meta_int(path, where, key, value)
             continue
         cells = [cell.strip() for cell in next(csv.reader([line]))]
@@ -196,7 +224,8 @@ def _parse_yaml(path: Path, text: str) -> tuple[dict[str, Any], list[list[Action
         raise ScheduleError(
             f"{path}: expected a mapping with 'ranks' (a list per rank of actions like F0@s0)"
         )
-    unknown = sorted(set(document) - {"name", "pp", "microbatches", "virtual_stages", "ranks"})
+    keys = {"name", "pp", "microbatches", "virtual_stages", "placement", "ranks"}
+    unknown = sorted(set(document) - keys)
     if unknown:
         raise ScheduleError(f"{path}: unknown key {unknown[0]!r}")
     ranks = document["ranks"]
@@ -208,6 +237,8 @@ def _parse_yaml(path: Path, text: str) -> tuple[dict[str, Any], list[list[Action
             meta[key] = _meta_int(path, f"key {key!r}", key, document[key])
     if "name" in document:
         meta["name"] = str(document["name"])
+    if "placement" in document:
+        meta["placement"] = _placement(path, "key 'placement'", document["placement"])
     actions: list[list[Action]] = []
     for rank, items in enumerate(ranks):
         rank_actions = []
@@ -236,7 +267,39 @@ def _assemble(path: Path, meta: dict[str, Any], actions: list[list[Action]]) -> 
         num_stages = 1 + max(a.stage + (a.kind in ("SEND_F", "RECV_F")) for a in all_actions)
         virtual_stages = -(-num_stages // pp)
     name = meta.get("name") or path.stem
-    return Schedule(name, pp, microbatches, virtual_stages, actions)
+    placement = meta.get("placement") or _placement_of(path, actions, pp * virtual_stages)
+    if placement == tuple(s % pp for s in range(pp * virtual_stages)):
+        placement = None  # interleaved: the default
+    if placement is not None and len(placement) != pp * virtual_stages and "placement" in meta:
+        raise ScheduleError(
+            f"{path}: placement lists {len(placement)} stages, the schedule has "
+            f"pp × virtual_stages = {pp * virtual_stages}"
+        )
+    try:
+        return Schedule(name, pp, microbatches, virtual_stages, actions, placement)
+    except ScheduleError as exc:
+        raise ScheduleError(f"{path}: {exc}") from None
+
+
+def _placement_of(
+    path: Path, actions: list[list[Action]], num_stages: int
+) -> tuple[int, ...] | None:
+    """Each stage's rank, from where the file runs its compute actions (None: a stage has
+    none, which the checker reports as missing work)."""
+    where: dict[int, int] = {}
+    for rank, rank_actions in enumerate(actions):
+        for action in rank_actions:
+            if not action.is_compute:
+                continue
+            seen = where.setdefault(action.stage, rank)
+            if seen != rank:
+                raise ScheduleError(
+                    f"{path}: stage {action.stage} has compute actions on rank {seen} and on "
+                    f"rank {rank}; a stage lives on one rank"
+                )
+    if set(where) != set(range(num_stages)):
+        return None
+    return tuple(where[s] for s in range(num_stages))
 
 
 def schedule_lines(schedule: Schedule) -> Iterable[str]:

@@ -26,9 +26,9 @@ from launch import checkpoint
 from launch.config import ExperimentConfig, model_description
 from launch.faults import maybe_fail
 from parallel.cost.memory import state_bytes_per_param
-from parallel.pipeline import PipelineExecutor, StepTimeline, partition_layers
+from parallel.pipeline import PipelineExecutor, StepTimeline
 from parallel.runtime import Runtime
-from parallel.schedules import check_schedule, make_schedule
+from parallel.schedules import schedule_of
 from parallel.update import GradientUpdate, make_update
 from parallel.virtual import VirtualComm
 from parallel.zero import ShardedStore, model_state_bytes
@@ -123,10 +123,9 @@ class Trainer:
             )
         p, model_config = runtime.layout, model or model_description(config)
         assert p == config.layout, "build the Runtime with config.layout"
-        self.schedule = make_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
-        check_schedule(self.schedule)
+        self.schedule = schedule_of(p)  # checked: complete and deadlock-free
         num_stages = self.schedule.num_stages
-        layers = partition_layers(model_config.n_layer, num_stages)
+        layers = p.stage_layers(model_config.n_layer)
         with meta.data_free(data_free):  # nothing drawn: parameters are MetaArrays
             self.stages = {
                 s: build_stage(

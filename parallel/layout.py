@@ -4,7 +4,8 @@ A `Layout` says how one step is split over ranks: the sizes of the mesh axes (da
 pipeline parallelism; context and expert parallelism are reserved and must be 1 until the
 runtime implements them), their order, sequence parallelism, the pipeline schedule and its
 virtual stages, the microbatch size and count, the ZeRO stage, activation recomputation and the
-gradient bucket size. It is built once from the experiment config (`launch.config.layout_of`),
+gradient bucket size, and how the layers are cut into stages (`pipeline_layout`, or as evenly
+as possible). It is built once from the experiment config (`launch.config.layout_of`),
 checked here and nowhere else (`Layout.check`), and passed to the runtime, the trainer, the
 checkpoints, the cost model, the tuner and the reports; metrics.json writes `as_dict()`.
 
@@ -14,12 +15,17 @@ was given; the command line prefixes it.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from parallel.mesh import AXES, MeshLayout
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+# V-shaped schedules hold two stages per rank, stages r and 2·pp − 1 − r on rank r.
+V_SCHEDULES = ("zb-v", "dualpipev")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", *V_SCHEDULES)
+SCHEDULE_FILE_SUFFIXES = (".yaml", ".yml", ".csv")
 RECOMPUTE = ("none", "full", "selective")
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -41,6 +47,78 @@ class ModelShape(Protocol):
     def n_head(self) -> int: ...
     @property
     def n_embd(self) -> int: ...
+
+
+def is_schedule_file(schedule: Any) -> bool:
+    """Whether `parallel.schedule` names a schedule file rather than a generator."""
+    return isinstance(schedule, str) and schedule.lower().endswith(SCHEDULE_FILE_SUFFIXES)
+
+
+_STAGE_TOKEN = re.compile(r"([EtL])(?:\*(\d+))?")
+
+
+def parse_pipeline_layout(text: str, num_stages: int) -> tuple[int, ...]:
+    """Layers per stage of a `parallel.pipeline_layout` string, in the spirit of Megatron-LM's
+    `--pipeline-model-parallel-layout`: stages separated by `|`, in each `E` for the token
+    embedding, `t` for one transformer layer (`t*4` for four) and `L` for the final norm, head
+    and loss; the embedding opens the first stage and the head closes the last one. "Et*3|t*4|
+    t*4|t*3L" cuts 14 layers into 3, 4, 4, 3. A stage may hold no layer ("E|t*8|L")."""
+    key = "parallel.pipeline_layout"
+    stages = text.replace(" ", "").split("|")
+    if len(stages) != num_stages:
+        raise LayoutError(
+            f"{key} expected {num_stages} stages separated by '|' (one per pipeline stage), "
+            f"got {len(stages)} in {text!r}"
+        )
+    counts = []
+    for index, stage in enumerate(stages):
+        position, layers = 0, 0
+        for match in _STAGE_TOKEN.finditer(stage):
+            if match.start() != position:
+                break
+            position = match.end()
+            token, repeat = match.group(1), int(match.group(2) or 1)
+            if token == "t":
+                layers += repeat
+                continue
+            first, last = index == 0 and match.start() == 0, index == num_stages - 1
+            where = "the first stage's start" if token == "E" else "the last stage's end"
+            if repeat != 1 or not (first if token == "E" else last and position == len(stage)):
+                raise LayoutError(f"{key}: {token!r} belongs once at {where}, got {text!r}")
+        if position != len(stage):
+            raise LayoutError(
+                f"{key}: stage {index} {stage!r} expected E, t, t*N and L only, got {text!r}"
+            )
+        counts.append(layers)
+    if not stages[0].startswith("E") or not stages[-1].endswith("L"):
+        raise LayoutError(
+            f"{key} expected the embedding E to open the first stage and the head L to close "
+            f"the last one, got {text!r}"
+        )
+    return tuple(counts)
+
+
+def even_layers(n_layer: int, num_stages: int) -> tuple[int, ...]:
+    """Layers per stage, as evenly as possible: stages that hold neither the embedding nor the
+    head take the extra layers first (Meta's Llama 3 405B pipeline gives its first and last
+    stage a layer less), then the last stage, then the first."""
+    base, extra = divmod(n_layer, num_stages)
+    counts = [base] * num_stages
+    preference = [*range(1, num_stages - 1), num_stages - 1, 0][:num_stages]
+    for stage in preference[:extra]:
+        counts[stage] += 1
+    return tuple(counts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _stage_layers(pipeline_layout: str | None, num_stages: int, n_layer: int) -> tuple[range, ...]:
+    # Cached: a tuner asks for the stages of thousands of layouts of a few shapes.
+    if pipeline_layout is not None:
+        counts = parse_pipeline_layout(pipeline_layout, num_stages)
+    else:
+        counts = even_layers(n_layer, num_stages)
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    return tuple(range(start, start + n) for start, n in zip(starts, counts, strict=True))
 
 
 def _positive_int(key: str, value: Any) -> None:
@@ -69,6 +147,11 @@ class Layout:
     zero: int = 0
     recompute: str = "none"
     bucket_mb: float = 25.0  # MiB per gradient bucket (`parallel.data_parallel`)
+    pipeline_layout: str | None = None  # layers per stage (`parse_pipeline_layout`)
+    # A schedule file's content (`parallel.schedule: PATH`), read by the launcher: each rank's
+    # actions as strings ("F0@s1") and where each stage lives. The layout stays a value.
+    schedule_actions: tuple[tuple[str, ...], ...] | None = None
+    placement: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for key in ("dp", "tp", "pp", "cp", "ep", "virtual_stages"):
@@ -79,7 +162,11 @@ class Layout:
             if getattr(self, key) != 1:
                 value = getattr(self, key)
                 raise LayoutError(f"parallel.{key} expected 1 (not implemented yet), got {value}")
-        _one_of("parallel.schedule", self.schedule, SCHEDULES)
+        if not is_schedule_file(self.schedule):
+            options = (*SCHEDULES, "a schedule file (.yaml, .yml, .csv)")
+            _one_of("parallel.schedule", self.schedule, options)
+        elif self.schedule_actions is None:
+            raise LayoutError(f"parallel.schedule={self.schedule!r}: the file was not read")
         _one_of("parallel.recompute", self.recompute, RECOMPUTE)
         _one_of("parallel.zero", self.zero, ZERO_STAGES)
         axes = self.order.split("-") if isinstance(self.order, str) else []
@@ -91,13 +178,18 @@ class Layout:
             raise LayoutError(
                 f"parallel.bucket_mb expected a positive number, got {self.bucket_mb}"
             )
-        if self.virtual_stages > 1 and self.schedule != "interleaved-1f1b":
+        file = is_schedule_file(self.schedule)
+        if self.virtual_stages > 1 and self.schedule != "interleaved-1f1b" and not file:
             raise LayoutError(
                 f"parallel.virtual_stages={self.virtual_stages} needs "
                 f"parallel.schedule=interleaved-1f1b, got {self.schedule}"
             )
         if self.virtual_stages > 1 and self.pp == 1:
             raise LayoutError("parallel.virtual_stages > 1 needs parallel.pp > 1")
+        if self.schedule in V_SCHEDULES and self.pp == 1:
+            raise LayoutError(f"parallel.schedule={self.schedule} needs parallel.pp > 1")
+        if self.pipeline_layout is not None:
+            parse_pipeline_layout(self.pipeline_layout, self.num_stages)
         if self.schedule == "interleaved-1f1b" and self.pp > 1 and self.microbatches % self.pp:
             raise LayoutError(
                 f"parallel.schedule=interleaved-1f1b needs the microbatches per step "
@@ -133,9 +225,43 @@ class Layout:
         return self.dp * self.microbatch_size * self.microbatches
 
     @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each rank holds: two for a V-shaped schedule, else virtual_stages."""
+        return 2 if self.schedule in V_SCHEDULES else self.virtual_stages
+
+    @property
     def num_stages(self) -> int:
-        """Pipeline stages: pp ranks, each holding `virtual_stages` of them."""
-        return self.pp * self.virtual_stages
+        """Pipeline stages: pp ranks, each holding `stages_per_rank` of them."""
+        return self.pp * self.stages_per_rank
+
+    def stage_layers(self, n_layer: int) -> tuple[range, ...]:
+        """The blocks of each stage, in model order: as `pipeline_layout` says, or as evenly as
+        possible (`even_layers`)."""
+        return _stage_layers(self.pipeline_layout, self.num_stages, n_layer)
+
+    @property
+    def stage_placement(self) -> tuple[int, ...]:
+        """The rank of each stage: a file's placement, the V of a V-shaped schedule, or
+        interleaved (stage s on rank s % pp)."""
+        if self.placement is not None:
+            return self.placement
+        if self.schedule in V_SCHEDULES:
+            return (*range(self.pp), *reversed(range(self.pp)))
+        return tuple(s % self.pp for s in range(self.num_stages))
+
+    @property
+    def shares_ends_rank(self) -> bool:
+        """Whether the first and the last stage live on the same rank of a real pipeline."""
+        placement = self.stage_placement
+        return self.pp > 1 and placement[0] == placement[-1]
+
+    @property
+    def schedule_label(self) -> str:
+        """The schedule as a label shows it: a generator's name, or a file's stem."""
+        if is_schedule_file(self.schedule):
+            stem = self.schedule.replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+            return re.sub(r"[^A-Za-z0-9_.-]", "_", stem)
+        return self.schedule
 
     @property
     def mesh(self) -> MeshLayout:
@@ -148,7 +274,7 @@ class Layout:
         parts = [f"{axis}{size}" for axis, size in sizes if size > 1]
         if self.pp > 1:
             virtual = f"-v{self.virtual_stages}" if self.virtual_stages > 1 else ""
-            parts += [self.schedule + virtual, f"m{self.microbatches}"]
+            parts += [self.schedule_label + virtual, f"m{self.microbatches}"]
         if self.sequence_parallel:
             parts.append("sp")
         if self.zero:
@@ -159,7 +285,9 @@ class Layout:
 
     def as_dict(self) -> dict[str, Any]:
         """What metrics.json and the reports write under `layout` (keys are only ever added)."""
-        return {**asdict(self), "world_size": self.world_size}
+        values = asdict(self)
+        del values["schedule_actions"]  # the file's content; `schedule` names the file
+        return {**values, "world_size": self.world_size}
 
     # ---- the one check against a model ------------------------------------------------------
     def check(self, model: ModelShape, seq_len: int | None = None) -> None:
@@ -191,8 +319,21 @@ class Layout:
                 f"parallel.tp={self.tp} does not divide {what} (sequence parallel splits the "
                 "sequence)"
             )
-        if model.n_layer % self.num_stages:
+        if self.pipeline_layout is not None:
+            counts = parse_pipeline_layout(self.pipeline_layout, self.num_stages)
+            if sum(counts) != model.n_layer:
+                raise LayoutError(
+                    f"parallel.pipeline_layout places {sum(counts)} layers, "
+                    f"model.n_layer={model.n_layer}"
+                )
+        elif model.n_layer < self.num_stages:
             raise LayoutError(
-                f"parallel.pp·parallel.virtual_stages={self.num_stages} does not divide "
-                f"model.n_layer={model.n_layer}"
+                f"the pipeline has {self.num_stages} stages, more than model.n_layer="
+                f"{model.n_layer} (set parallel.pipeline_layout to leave a stage without layers)"
+            )
+        if getattr(model, "tie_embeddings", False) and self.shares_ends_rank:
+            raise LayoutError(
+                f"parallel.schedule={self.schedule} puts the first and last stage on one rank, "
+                "where a tied embedding table is not supported yet: set "
+                "model.tie_embeddings=false"
             )

@@ -1,12 +1,13 @@
 """Pipeline parallelism: what the computation graph cannot express.
 
-The GPT's layers are cut into `pp · virtual_stages` stages; stage s lives on pipeline rank
-s mod pp. A schedule (`parallel.schedules`) says, for each rank, in which order to run the
-forward (F), backward (B, or its input half I and weight half W) of each microbatch on each of
-its stages, and when to send and receive activations and gradients. The executor here runs that
-list over MPI with buffer point-to-point calls (sends non-blocking, receives blocking, as the
-schedule checker assumes), times every action, and measures how long each rank sat idle.
-"""
+The model's layers are cut into `pp · virtual_stages` stages, placed on the pipeline ranks as
+the schedule says (by default stage s on rank s mod pp; V-shaped schedules put stages r and 2·pp
+− 1 − r on rank r, so consecutive stages at the V's turn share a rank and hand their tensors
+over in memory). A schedule (`parallel.schedules`) says, for each rank, in which order to run
+the forward (F), backward (B, or its input half I and weight half W) of each microbatch on each
+of its stages, and when to send and receive activations and gradients. The executor here runs
+that list over MPI with buffer point-to-point calls (sends non-blocking, receives blocking, as
+the schedule checker assumes), times every action, and measures how long each rank sat idle."""
 
 from __future__ import annotations
 
@@ -33,13 +34,6 @@ LEDGER_PHASE = {
     "SEND_B": "backward",
     "RECV_B": "backward",
 }
-
-
-def partition_layers(n_layer: int, num_stages: int) -> list[range]:
-    """Equal contiguous runs of blocks, one per stage (the config checks divisibility)."""
-    assert n_layer % num_stages == 0, (n_layer, num_stages)
-    per_stage = n_layer // num_stages
-    return [range(s * per_stage, (s + 1) * per_stage) for s in range(num_stages)]
 
 
 @dataclass
@@ -163,6 +157,8 @@ class PipelineExecutor:
             out = self.stages[s](x, state.targets[m] if s == self.last_stage else None)
             if s == self.last_stage:
                 state.losses[m] = _loss_value(out)
+            elif s + 1 in self.stages:  # the next stage is here too: hand the output over
+                state.stage_inputs[(m, s + 1)] = Tensor(out.data, requires_grad=True)
             state.outputs[key] = out  # in flight until its backward
         elif kind in ("B", "I"):
             out = state.outputs.pop(key)
@@ -175,7 +171,10 @@ class PipelineExecutor:
             if s > 0:
                 grad_in = state.stage_inputs.pop(key).grad
                 assert grad_in is not None, "a stage's input takes part in its loss"
-                state.input_grads[key] = grad_in
+                if s - 1 in self.stages:  # the previous stage is here: no message
+                    state.output_grads[(m, s - 1)] = grad_in
+                else:
+                    state.input_grads[key] = grad_in
         elif kind == "W":
             state.weight_stores.pop(key).apply()
         elif kind == "SEND_F":
@@ -211,12 +210,15 @@ class PipelineExecutor:
     def forward_only(self, inputs: list[np.ndarray], targets: list[np.ndarray]) -> list[float]:
         """Evaluation: each microbatch through every stage, no graph, no backward."""
         losses = []
+        out: Any = None  # the previous stage's output, when that stage is on this rank too
         for m in range(len(inputs)):
             for s in range(self.schedule.num_stages):
                 if self.schedule.stage_rank(s) != self.rank:
                     continue
                 if s == 0:
                     x: Any = inputs[m]
+                elif s - 1 in self.stages:  # handed over in memory
+                    x = Tensor(out.data)
                 else:
                     source = self.schedule.stage_rank(s - 1)
                     tag = message_tag("SEND_F", m, s - 1, self.schedule)
@@ -225,7 +227,7 @@ class PipelineExecutor:
                 out = self.stages[s](x, targets[m] if s == self.last_stage else None)
                 if s == self.last_stage:
                     losses.append(_loss_value(out))
-                else:
+                elif s + 1 not in self.stages:
                     tag = message_tag("SEND_F", m, s, self.schedule)
                     self.group.send(out.data, self.schedule.stage_rank(s + 1), tag)
         return losses

@@ -3,14 +3,16 @@
 A schedule is, for every pipeline rank, an ordered list of `Action`s: compute (F forward, B full
 backward, or I backward-input then W backward-weight) of one microbatch on one (virtual) stage,
 and point-to-point communication (SEND_F/RECV_F carry activations forward, SEND_B/RECV_B carry
-input gradients backward). Stage s lives on rank s % pp, so with v virtual stages rank r holds
-stages r, r+pp, r+2pp, ... (Megatron-LM's interleaved layout).
+input gradients backward). A schedule says where each stage lives (`placement`, stage → rank);
+by default stage s lives on rank s % pp, so with v virtual stages rank r holds stages r, r+pp,
+r+2pp, ... (Megatron-LM's interleaved layout). V-shaped schedules (ZB-V, DualPipeV) place two
+stages per rank in a V: rank r holds stages r and 2·pp − 1 − r (`v_placement`).
 
 Communication convention shared with the executor: SEND_F(m, s) runs on rank(s) right after
 F(m, s) and is matched by RECV_F(m, s) on rank(s+1); SEND_B(m, s) runs on rank(s) after the B or I
 of (m, s) and is matched by RECV_B(m, s) on rank(s-1). SENDs never block (Isend, completed at the
 end of the step); RECVs block until the matching SEND has run. Consecutive stages on one rank
-(pp == 1) exchange nothing.
+(pp == 1, or the turn of a V) exchange nothing: the executor hands the tensors over in memory.
 
 Nothing here needs MPI: `check_schedule` proves a schedule complete and deadlock-free before it
 runs, and `simulate` replays it with per-action durations (the cost model's discrete-event replay).
@@ -18,6 +20,7 @@ runs, and `simulate` replays it with per-action durations (the cost model's disc
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -25,9 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTION_KINDS = ("F", "B", "I", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B")
+_KIND_SET = frozenset(ACTION_KINDS)
 COMPUTE_KINDS = ("F", "B", "I", "W")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+V_SHAPED = ("zb-v", "dualpipev")  # two stages per rank, placed in a V (`v_placement`)
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", *V_SHAPED)
 
 _ACTION_RE = re.compile(r"^(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)@s(\d+)$")
 _BACKWARD_KINDS = ("B", "I")
@@ -46,6 +51,10 @@ class Action:
     stage: int
 
     def __post_init__(self) -> None:
+        # One fast test for the valid case: generators build millions of actions for a tuner.
+        m, s = self.microbatch, self.stage
+        if self.kind in _KIND_SET and type(m) is int and type(s) is int and m >= 0 and s >= 0:
+            return
         if self.kind not in ACTION_KINDS:
             raise ScheduleError(
                 f"unknown action kind {self.kind!r}; expected one of {', '.join(ACTION_KINDS)}"
@@ -80,27 +89,56 @@ class Action:
         return self.kind in COMM_KINDS
 
 
+Placement = tuple[int, ...]  # stage -> the pipeline rank that holds it
+
+
+def interleaved_placement(pp: int, v: int = 1) -> Placement:
+    """Stage s on rank s % pp: rank r holds r, r+pp, r+2pp, ... (Megatron-LM's interleaving)."""
+    return tuple(s % pp for s in range(pp * v))
+
+
+def v_placement(pp: int) -> Placement:
+    """Two stages per rank in a V: rank r holds stages r and 2·pp − 1 − r, so the first and the
+    last stage share rank 0 and the turn (stages pp − 1 and pp) stays on rank pp − 1."""
+    return tuple(range(pp)) + tuple(reversed(range(pp)))
+
+
 @dataclass
 class Schedule:
-    """Per-rank ordered action lists for `pp` ranks, `microbatches` and `virtual_stages`."""
+    """Per-rank ordered action lists for `pp` ranks, `microbatches` and `virtual_stages`, and
+    where each of the pp · virtual_stages stages lives (`placement`; None: interleaved)."""
 
     name: str
     pp: int
     microbatches: int
     virtual_stages: int
     actions: list[list[Action]]
+    placement: Placement | None = None
+
+    def __post_init__(self) -> None:
+        if self.placement is not None:
+            check_placement(self.placement, self.pp, self.virtual_stages)
 
     def stage_rank(self, stage: int) -> int:
-        """The rank holding `stage`: interleaved, rank r holds r, r+pp, r+2pp, ..."""
-        return stage % self.pp
+        """The rank holding `stage` (interleaved by default: rank r holds r, r+pp, ...)."""
+        if self.placement is None:
+            return stage % self.pp
+        return self.placement[stage]
 
     @property
     def num_stages(self) -> int:
         return self.pp * self.virtual_stages
 
+    @property
+    def stage_placement(self) -> Placement:
+        """The placement, spelled out."""
+        if self.placement is None:
+            return interleaved_placement(self.pp, self.virtual_stages)
+        return self.placement
+
     def stages_of(self, rank: int) -> list[int]:
         """The virtual stages held by `rank`, in model order."""
-        return list(range(rank, self.num_stages, self.pp))
+        return [s for s, r in enumerate(self.stage_placement) if r == rank]
 
     @property
     def has_communication(self) -> bool:
@@ -109,6 +147,27 @@ class Schedule:
     def compute_only(self) -> list[list[Action]]:
         """The compute actions of every rank, communication stripped."""
         return [[a for a in rank_actions if a.is_compute] for rank_actions in self.actions]
+
+
+def check_placement(placement: Any, pp: int, v: int) -> None:
+    """A placement names a rank in 0..pp-1 for each of the pp · v stages, v stages per rank."""
+    stages = pp * v
+    if not isinstance(placement, tuple | list) or len(placement) != stages:
+        raise ScheduleError(
+            f"placement expected {stages} ranks (pp={pp} × virtual_stages={v} stages), "
+            f"got {placement!r}"
+        )
+    for stage, rank in enumerate(placement):
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < pp:
+            raise ScheduleError(
+                f"placement of stage {stage} expected a rank in 0..{pp - 1}, got {rank!r}"
+            )
+    for rank in range(pp):
+        held = sum(1 for r in placement if r == rank)
+        if held != v:
+            raise ScheduleError(
+                f"placement puts {held} stages on rank {rank}; every rank holds virtual_stages={v}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,15 +185,18 @@ def _check_sizes(pp: Any, microbatches: Any, virtual_stages: Any = 1) -> None:
 
 
 def insert_communication(
-    compute_only: list[list[Action]], pp: int, v: int = 1
+    compute_only: list[list[Action]], pp: int, v: int = 1, placement: Placement | None = None
 ) -> list[list[Action]]:
-    """Add the SEND/RECV actions a compute-only schedule needs, per rank.
+    """Add the SEND/RECV actions a compute-only schedule needs, per rank, for stages placed by
+    `placement` (None: interleaved).
 
     Each RECV goes right before the compute that consumes it and each SEND right after the
     compute that produced it: the latest receive and the earliest send, so the communication adds
     no ordering constraint beyond the compute order itself.
     """
     _check_sizes(pp, 1, v)
+    where = interleaved_placement(pp, v) if placement is None else tuple(placement)
+    check_placement(where, pp, v)
     if len(compute_only) != pp:
         raise ScheduleError(
             f"expected {pp} rank lists (one per pipeline rank), got {len(compute_only)}"
@@ -150,9 +212,14 @@ def insert_communication(
                     f"compute actions only (F, B, I, W)"
                 )
             m, s = action.microbatch, action.stage
-            # Neighbours on the same rank (pp == 1) hand tensors over in memory.
-            prev_remote = s > 0 and (s - 1) % pp != s % pp
-            next_remote = s + 1 < num_stages and (s + 1) % pp != s % pp
+            if s >= num_stages:
+                raise ScheduleError(
+                    f"rank {rank}, action {index} ({action}): stage {s} out of range "
+                    f"({num_stages} stages)"
+                )
+            # Neighbours on the same rank (pp == 1, a V's turn) hand tensors over in memory.
+            prev_remote = s > 0 and where[s - 1] != where[s]
+            next_remote = s + 1 < num_stages and where[s + 1] != where[s]
             if action.kind == "F":
                 if prev_remote:
                     out.append(Action("RECV_F", m, s - 1))
@@ -171,8 +238,16 @@ def insert_communication(
     return result
 
 
-def _build(name: str, pp: int, m: int, v: int, compute: list[list[Action]]) -> Schedule:
-    return Schedule(name, pp, m, v, insert_communication(compute, pp, v))
+def _build(
+    name: str,
+    pp: int,
+    m: int,
+    v: int,
+    compute: list[list[Action]],
+    placement: Placement | None = None,
+) -> Schedule:
+    actions = insert_communication(compute, pp, v, placement)
+    return Schedule(name, pp, m, v, actions, placement)
 
 
 def gpipe(pp: int, m: int) -> Schedule:
@@ -272,10 +347,22 @@ def zb_h1(pp: int, m: int) -> Schedule:
 
 
 def make_schedule(name: str, pp: int, m: int, v: int = 1) -> Schedule:
-    """The named schedule: "gpipe" | "1f1b" | "interleaved-1f1b" | "zb-h1"."""
+    """The named schedule: "gpipe" | "1f1b" | "interleaved-1f1b" | "zb-h1" | "zb-h2" | "zb-v" |
+    "dualpipev" (the last two V-shaped, two stages per rank whatever `v` says)."""
     _check_sizes(pp, m, v)
     if name == "interleaved-1f1b":
         return interleaved_1f1b(pp, m, v)
+    if name in ("zb-h2", *V_SHAPED):
+        from parallel import zero_bubble  # it builds on this module's generators
+
+        zero_bubble_builders = {
+            "zb-h2": zero_bubble.zb_h2,
+            "zb-v": zero_bubble.zb_v,
+            "dualpipev": zero_bubble.dualpipev,
+        }
+        if v != 1 and name == "zb-h2":
+            raise ScheduleError(f"virtual_stages must be 1 for schedule 'zb-h2' (got {v})")
+        return zero_bubble_builders[name](pp, m)
     builders: dict[str, Callable[[int, int], Schedule]] = {
         "gpipe": gpipe,
         "1f1b": one_f_one_b,
@@ -291,6 +378,29 @@ def make_schedule(name: str, pp: int, m: int, v: int = 1) -> Schedule:
             f"only interleaved-1f1b uses virtual stages"
         )
     return builders[name](pp, m)
+
+
+@functools.lru_cache(maxsize=64)
+def schedule_of(layout: Any) -> Schedule:
+    """The schedule a `parallel.layout.Layout` runs, checked: its file's actions (read by the
+    launcher into the layout) or its generator's. Cached: the trainer and every projection of
+    one layout share it, and nobody changes a schedule once built."""
+    if layout.schedule_actions is not None:
+        actions = [[Action.parse(a) for a in rank] for rank in layout.schedule_actions]
+        schedule = Schedule(
+            layout.schedule_label,
+            layout.pp,
+            layout.microbatches,
+            layout.stages_per_rank,
+            actions,
+            layout.placement,
+        )
+    else:
+        schedule = make_schedule(
+            layout.schedule, layout.pp, layout.microbatches, layout.virtual_stages
+        )
+    check_schedule(schedule)
+    return schedule
 
 
 # ----------------------------------------------------------------------------------------------

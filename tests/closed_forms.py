@@ -219,3 +219,19 @@ def block_activation_bytes(
     if recompute == "selective":
         return replicated + split
     return replicated + split + (2 * e + 1) * scores / tp  # softmax out, mask, dropout out
+
+
+def in_flight_layers(
+    n_layer: int, pp: int, microbatches: int, schedule: str, virtual_stages: int = 1
+) -> float:
+    """Block-microbatches whose activations the first pipeline device holds at its peak."""
+    if pp == 1:
+        return n_layer  # gradient accumulation: one microbatch through all blocks at a time
+    per_device = n_layer / pp
+    if schedule == "gpipe":
+        return per_device * microbatches
+    if schedule == "interleaved-1f1b":
+        # Warm-up of (v + 1)·p - 1 chunk-microbatches of L/(p·v) blocks: L·(1 + (p-1)/(p·v)).
+        chunks = min((virtual_stages + 1) * pp - 1, microbatches * virtual_stages)
+        return chunks * n_layer / (pp * virtual_stages)
+    return per_device * min(pp, microbatches)  # 1f1b, zb-h1

@@ -120,8 +120,8 @@ CHOICE_CASES = [
     ),
     Bad(
         "schedule-choice",
-        "error: parallel.schedule expected one of gpipe | 1f1b | interleaved-1f1b | zb-h1, "
-        "got 'foo'",
+        "error: parallel.schedule expected one of gpipe | 1f1b | interleaved-1f1b | zb-h1 | "
+        "zb-h2 | zb-v | dualpipev | a schedule file (.yaml, .yml, .csv), got 'foo'",
         ("parallel.schedule=foo",),
     ),
     Bad(
@@ -245,8 +245,9 @@ CONSISTENCY_CASES = [
 
 NOT_YET_CASES = [
     Bad(
-        "pipeline-stages-divide-layers",
-        "error: parallel.pp·parallel.virtual_stages=2 does not divide model.n_layer=1",
+        "pipeline-stages-exceed-layers",
+        "error: the pipeline has 2 stages, more than model.n_layer=1 (set "
+        "parallel.pipeline_layout to leave a stage without layers)",
         ("parallel.pp=2",),
     ),
     Bad(

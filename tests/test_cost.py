@@ -25,8 +25,13 @@ from launch.profiles import load_profile, profile_from_dict
 from launch.simulate import simulate_command
 from parallel.cost.collectives import all_reduce_time, group_link
 from parallel.cost.hardware import CostModelError
-from parallel.cost.memory import in_flight_layers
-from parallel.cost.projection import CostOptions, Workload, device_memory_of, project
+from parallel.cost.projection import (
+    CostOptions,
+    Workload,
+    device_memory_of,
+    peak_in_flight_layers,
+    project,
+)
 from parallel.cost.replay import (
     REPLAY_LIMIT,
     PipelineTimes,
@@ -169,15 +174,19 @@ def test_activation_bytes_follow_korthikanti() -> None:
     assert closed.block_activation_bytes(c, b, s, dtype="float32") == sbh * (66 + 9 * a * s / h)
 
 
-def test_pipeline_first_stage_holds_the_microbatches_in_flight() -> None:
-    L, p, m = 48, 4, 16
-    assert in_flight_layers(L, 1, m, "1f1b") == L  # gradient accumulation: one at a time
-    assert in_flight_layers(L, p, m, "1f1b") == L  # p microbatches of L/p blocks
-    assert in_flight_layers(L, p, m, "zb-h1") == L
-    assert in_flight_layers(L, p, 2, "1f1b") == L / p * 2  # fewer microbatches than stages
-    assert in_flight_layers(L, p, m, "gpipe") == L / p * m
-    v = 3
-    assert in_flight_layers(L, p, m, "interleaved-1f1b", v) == L * (1 + (p - 1) / (p * v))
+@pytest.mark.parametrize(
+    ("p", "m", "schedule", "v"),
+    [(1, 16, "1f1b", 1), (4, 16, "1f1b", 1), (4, 16, "zb-h1", 1), (4, 2, "1f1b", 1),
+     (4, 16, "gpipe", 1), (4, 16, "interleaved-1f1b", 3)],
+)  # fmt: skip
+def test_pipeline_first_stage_holds_the_microbatches_in_flight(p, m, schedule, v) -> None:
+    """What the projection walks from the schedule equals the closed forms: 1F1B's p microbatches
+    of L/p blocks (L: all of them), GPipe's m, interleaving's L·(1 + (p−1)/(p·v))."""
+    L = 48
+    layout = Layout(pp=p, microbatches=m, schedule=schedule, virtual_stages=v)
+    blocks = tuple(len(r) for r in layout.stage_layers(L))
+    layers, _ = peak_in_flight_layers(layout, 0, blocks)
+    assert layers == closed.in_flight_layers(L, p, m, schedule, v)
 
 
 # ---- pipeline bubble ----------------------------------------------------------------------------
@@ -215,8 +224,9 @@ def test_bubble_seam_takes_a_replayed_makespan() -> None:
 
 @pytest.mark.parametrize(
     ("schedule", "p", "m", "v"),
-    [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved-1f1b", 4, 8, 2), ("zb-h1", 4, 8, 1)],
-)
+    [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved-1f1b", 4, 8, 2), ("zb-h1", 4, 8, 1),
+     ("zb-h2", 4, 8, 1), ("zb-v", 4, 8, 2), ("dualpipev", 4, 8, 2), ("zb-v", 2, 8, 2)],
+)  # fmt: skip
 def test_replay_matches_the_closed_forms_without_messages(
     schedule: str, p: int, m: int, v: int
 ) -> None:
@@ -230,6 +240,44 @@ def test_replay_matches_the_closed_forms_without_messages(
     bubble, p2p, how = pipeline_time(schedule, p, m, v, times)
     assert how == "replay" and bubble == pytest.approx(replayed)
     assert 0 < p2p <= analytic_p2p(p, m, v, 0.1)
+
+
+@pytest.mark.parametrize(
+    "schedule", ["1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipev", "interleaved-1f1b"]
+)
+@pytest.mark.parametrize("p", [2, 4])
+def test_peaks_in_flight_saturate_where_the_projection_stops_walking(schedule, p) -> None:
+    """The projection walks a schedule of SATURATION·pp microbatches when the batch has more:
+    every generator's peaks (weighted by uneven stages too) are the same at 1, 1.5 and 2 times
+    that; and the closed forms of GPipe, 1F1B and ZB-H1 equal the walk."""
+    from parallel.cost import projection
+    from parallel.schedules import make_schedule
+
+    v = 2 if schedule == "interleaved-1f1b" else 1
+    layout = Layout(pp=p, microbatches=4, schedule=schedule, virtual_stages=v)
+    blocks = tuple(range(1, layout.num_stages + 1))  # uneven: 1, 2, 3, ... blocks
+
+    def walk(m: int, device: int) -> tuple[int, int]:
+        built = make_schedule(schedule, p, m, v)
+        alive = peak = first = peak_first = 0
+        for action in built.actions[device]:
+            if action.kind == "F":
+                alive += blocks[action.stage]
+                first += action.stage == 0
+                peak, peak_first = max(peak, alive), max(peak_first, first)
+            elif action.kind in ("B", "I"):
+                alive -= blocks[action.stage]
+                first -= action.stage == 0
+        return peak, peak_first
+
+    saturated = projection.SATURATION * p
+    for device in range(p):
+        peaks = {walk(m, device) for m in (saturated, saturated * 3 // 2, 2 * saturated)}
+        assert len(peaks) == 1, (device, peaks)
+        if schedule in ("1f1b", "zb-h1"):
+            for m in (1, p, 2 * saturated):
+                big = Layout(pp=p, microbatches=m, schedule=schedule)
+                assert peak_in_flight_layers(big, device, blocks) == walk(m, device)
 
 
 def test_zero_bubble_with_few_microbatches_is_replayed_not_guessed() -> None:

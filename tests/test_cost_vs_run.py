@@ -39,7 +39,6 @@ from launch.simulate import workload_of
 from parallel.cost.projection import device_memory_of, project
 from parallel.cost.stages import StagedModel
 from parallel.layout import Layout
-from parallel.pipeline import partition_layers
 
 PROFILE = load_profile("a100-dgx")  # counts do not depend on the profile
 STEPS = 2
@@ -105,6 +104,29 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         4,
         ["parallel.dp=2", "parallel.pp=2", "parallel.zero=3", "train.microbatch_size=2", *ODD],
     ),
+    # Zero-bubble and V-shaped schedules, uneven stages (untied: a V puts both ends on rank 0).
+    "pp2-zb-h2-m4": (2, ["parallel.pp=2", "parallel.schedule=zb-h2", "train.microbatch_size=2"]),
+    "pp2-zb-v-m4": (
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.schedule=zb-v",
+            "train.microbatch_size=2",
+            "model.tie_embeddings=false",
+            "model.n_layer=4",
+        ],
+    ),
+    "pp2-dualpipev-m4": (
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.schedule=dualpipev",
+            "train.microbatch_size=2",
+            "model.tie_embeddings=false",
+            "model.n_layer=4",
+        ],
+    ),
+    "pp2-uneven-3-layers": (2, ["parallel.pp=2", "model.n_layer=3", "train.microbatch_size=2"]),
     "llama-single-selective-recompute": (1, [*LLAMA, "parallel.recompute=selective"]),
     "llama-tp2-sp": (2, [*LLAMA, "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "llama-pp2-1f1b-m4": (2, [*LLAMA, "parallel.pp=2", "train.microbatch_size=2"]),
@@ -206,7 +228,8 @@ def test_gradient_buckets_see_the_models_parameters_in_order(
     )  # fmt: skip
     model = model_description(config)
     stages = pp * v
-    layers = partition_layers(model.n_layer, stages)
+    layout = Layout(pp=pp, virtual_stages=v, microbatches=pp, schedule=schedule(v))
+    layers = layout.stage_layers(model.n_layer)
     for rank in range(pp):
         mine = [
             GPTStage(model, layers[s], first=s == 0, last=s == stages - 1)

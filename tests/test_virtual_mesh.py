@@ -92,6 +92,19 @@ LAYOUTS: dict[str, list[str]] = {
     "dp2xpp2-zero3": ["parallel.dp=2", *PP_M4, "parallel.zero=3", *ODD],
     "dp2-fp16": ["parallel.dp=2", "train.dtype=fp16"],  # loss scaling's overflow all-reduce
     "tp2-selective-recompute": ["parallel.tp=2", "parallel.recompute=selective"],
+    "pp2-zb-v-m4-untied": [
+        *PP_M4,
+        "parallel.schedule=zb-v",
+        "model.n_layer=4",
+        "model.tie_embeddings=false",
+    ],
+    "pp2-dualpipev-m4-untied": [
+        *PP_M4,
+        "parallel.schedule=dualpipev",
+        "model.n_layer=4",
+        "model.tie_embeddings=false",
+    ],
+    "pp2-zb-h2-m4-uneven": [*PP_M4, "parallel.schedule=zb-h2", "model.n_layer=3"],
     "llama-dp2xtp2-sp": [
         *LLAMA,
         "parallel.dp=2",

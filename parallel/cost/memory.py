@@ -11,8 +11,9 @@ ZeRO shards over the data-parallel group: stage 1 the optimizer state, stage 2 a
 gradients, stage 3 also the weights.
 
 Activations are what the traced pieces of the model keep for backward (`parallel.cost.trace`),
-times the block-microbatches a pipeline rank holds at its peak (`in_flight_layers`): a
-pipeline's first stage holds the activations of the microbatches in flight. Korthikanti et al.
+times the block-microbatches a pipeline rank holds at its peak, walked from its schedule
+(`parallel.cost.projection.peak_in_flight_layers`): a pipeline's first stage holds the
+activations of the microbatches in flight. Korthikanti et al.
 2022's closed form (s·b·h·(34 + 5·a·s/h) bytes per block in 16-bit) is an independent check in
 the tests, not the model.
 """
@@ -36,23 +37,6 @@ def state_bytes_per_param(dtype: str, optimizer: str) -> tuple[int, int, int]:
         return 2, 2, master + (8 if optimizer == "adamw" else 0)
     e = element_bytes(dtype)
     return e, e, (2 * e if optimizer == "adamw" else 0)
-
-
-# ---- activations in flight --------------------------------------------------------------------
-def in_flight_layers(
-    n_layer: int, pp: int, microbatches: int, schedule: str, virtual_stages: int = 1
-) -> float:
-    """Block-microbatches whose activations the first pipeline device holds at its peak."""
-    if pp == 1:
-        return n_layer  # gradient accumulation: one microbatch through all blocks at a time
-    per_device = n_layer / pp
-    if schedule == "gpipe":
-        return per_device * microbatches
-    if schedule == "interleaved-1f1b":
-        # Warm-up of (v + 1)·p - 1 chunk-microbatches of L/(p·v) blocks: L·(1 + (p-1)/(p·v)).
-        chunks = min((virtual_stages + 1) * pp - 1, microbatches * virtual_stages)
-        return chunks * n_layer / (pp * virtual_stages)
-    return per_device * min(pp, microbatches)  # 1f1b, zb-h1
 
 
 @dataclass(frozen=True)

@@ -51,9 +51,12 @@ training dtype. The bubble fraction is the idle pipeline time over the step time
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from civetta.meters import Gemm
 from civetta.models import ModelDescription
@@ -71,20 +74,21 @@ from parallel.cost.memory import (
     MemoryPerGPU,
     ceil_div,
     element_bytes,
-    in_flight_layers,
     state_bytes_per_param,
 )
 from parallel.cost.replay import (
     PipelineTimes,
     Replay,
     StageTimes,
+    cached_schedule,
     pipeline_time,
     replayed_makespan,
 )
 from parallel.cost.stages import StagedModel, staged_model
 from parallel.cost.trace import Call, Piece, zero3_calls
-from parallel.layout import Layout, LayoutError
+from parallel.layout import Layout, LayoutError, is_schedule_file
 from parallel.mesh import MeshLayout
+from parallel.schedules import Schedule, schedule_of
 
 MIB = 1 << 20
 OPTIMIZERS = ("adamw", "sgd")
@@ -339,14 +343,16 @@ def _group_links(mesh: MeshLayout, profile: HardwareProfile) -> dict[str, GroupL
     return _LINKS[key]
 
 
-def pipeline_sends(pp: int, virtual_stages: int, device: int) -> int:
+def pipeline_sends(placement: tuple[int, ...], device: int) -> int:
     """Messages pipeline rank `device` sends per microbatch: an activation from each of its
-    stages but the last, a gradient from each but the first."""
-    if pp == 1:
-        return 0
-    stages = range(device, pp * virtual_stages, pp)
-    last = pp * virtual_stages - 1
-    return sum((s < last) + (s > 0) for s in stages)
+    stages whose next stage lives elsewhere, a gradient from each whose previous stage does
+    (`placement`: each stage's rank)."""
+    last = len(placement) - 1
+    return sum(
+        (s < last and placement[s + 1] != device) + (s > 0 and placement[s - 1] != device)
+        for s, rank in enumerate(placement)
+        if rank == device
+    )
 
 
 def _dp_calls(pieces: list[tuple[Piece, int]], dp: int, element: int) -> list[tuple[Call, int]]:
@@ -415,9 +421,13 @@ def _project(
     w_b, g_b, _ = state_bytes_per_param(work.dtype, work.optimizer)
 
     stage_ticks = [dev.ticks(model.stage_pieces(k)) for k in range(model.num_stages)]
-    # The devices that differ: the first (embedding), the last (head), and a middle one.
-    positions = sorted({0, p - 1} | ({1} if p > 2 else set()))
-    ticks = {d: _combine([(t, 1) for t in stage_ticks[d::p]]) for d in positions}
+    # The devices that differ: with equal stages placed interleaved, the first (embedding), the
+    # last (head) and a middle one; otherwise (uneven stages, a V) every device.
+    uniform = len(set(model.stage_blocks)) == 1 and model.placement == tuple(
+        k % p for k in range(model.num_stages)
+    )
+    positions = sorted({0, p - 1} | ({1} if p > 2 else set())) if uniform else list(range(p))
+    ticks = {d: _combine([(stage_ticks[k], 1) for k in model.device_stages(d)]) for d in positions}
     slowest = max(positions, key=lambda d: ticks[d].forward + ticks[d].backward)
     tick = ticks[slowest]
     params = {d: model.device_params(d) for d in positions}
@@ -435,8 +445,11 @@ def _project(
             per_message += all_gather_time(message, links["tp"])
         per_message += p2p_time(wire, latency, bandwidth)
     times = PipelineTimes(tuple(t.times() for t in stage_ticks), per_message)
+    schedule: str | Schedule = layout.schedule
+    if is_schedule_file(layout.schedule):
+        schedule = schedule_of(layout)
     bubble, pp_exposed, pipeline_model = pipeline_time(
-        layout.schedule, p, m, v, times, options.replay
+        schedule, p, m, v, times, options.replay, model.placement
     )
     # After backward: the first and last stage exchange the gradients of the weights they both
     # hold (a tied embedding: one message each way, one after the other), then the gradient
@@ -539,7 +552,7 @@ def _project(
     pp_bytes = 0
     if p > 1:
         pp_bytes = max(
-            m * pipeline_sends(p, v, d) * message
+            m * pipeline_sends(model.placement, d) * message
             + (tied_bytes if d in (0, p - 1) else 0)
             + norm_bytes
             for d in positions
@@ -608,10 +621,9 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     if lay.zero >= 3:
         params = ceil_div(params, lay.dp)
     block = model.piece("block")
-    layers = in_flight_layers(
-        model.config.n_layer, lay.pp, lay.microbatches, lay.schedule, lay.virtual_stages
-    )
-    in_flight = layers / (model.config.n_layer / lay.pp)  # microbatches the first stage holds
+    # From the schedule itself: the most block-microbatches alive between a forward and its
+    # backward on this device, and the most microbatches alive on the first stage.
+    layers, in_flight = peak_in_flight_layers(lay, device, model.stage_blocks)
     ends_forward = ends_backward = 0.0
     for stage in model.device_stages(device):
         first, last = stage == 0, stage == model.num_stages - 1
@@ -625,14 +637,83 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     return MemoryPerGPU(params, grads, opt, int(acts))
 
 
+def layout_schedule(layout: Layout) -> Schedule:
+    """The layout's schedule: a file's (checked when the config was read), or its generator's,
+    built once per pipeline shape (`parallel.cost.replay.cached_schedule`)."""
+    if is_schedule_file(layout.schedule):
+        return schedule_of(layout)
+    return cached_schedule(layout.schedule, layout.pp, layout.microbatches, layout.virtual_stages)
+
+
+# A generated schedule's peaks stop growing once its warm-up, one steady period and its cool-down
+# fit (tests/test_cost.py checks this for every generator): the tuner walks a schedule of at most
+# this many microbatches per pipeline rank instead of building one for every batch.
+SATURATION = 4
+
+
+@functools.lru_cache(maxsize=4096)
+def _peak_in_flight(
+    shape: tuple[Any, ...], layout: Layout, device: int, stage_blocks: tuple[int, ...]
+) -> tuple[int, int]:
+    m, pp = layout.microbatches, layout.pp
+    if layout.schedule in ("gpipe", "1f1b", "zb-h1"):  # one stage per rank: closed forms
+        # GPipe keeps every microbatch alive; 1F1B and ZB-H1 (whose I passes follow 1F1B) the
+        # pp - device of their warm-up (tests/test_cost.py checks both against the walk).
+        alive = m if layout.schedule == "gpipe" else min(pp - device, m)
+        return alive * stage_blocks[device], alive * (device == 0)
+    if is_schedule_file(layout.schedule) or m <= SATURATION * pp:
+        schedule = layout_schedule(layout)
+    else:
+        schedule = cached_schedule(
+            layout.schedule, layout.pp, SATURATION * layout.pp, layout.virtual_stages
+        )
+    alive_layers = peak_layers = alive_first = peak_first = 0
+    for action in schedule.actions[device]:
+        weight = stage_blocks[action.stage]
+        if action.kind == "F":
+            alive_layers += weight
+            alive_first += action.stage == 0
+            peak_layers = max(peak_layers, alive_layers)
+            peak_first = max(peak_first, alive_first)
+        elif action.kind in ("B", "I"):
+            alive_layers -= weight
+            alive_first -= action.stage == 0
+    return peak_layers, peak_first
+
+
+def peak_in_flight_layers(
+    layout: Layout, device: int, stage_blocks: tuple[int, ...]
+) -> tuple[int, int]:
+    """(block-microbatches, first-stage microbatches) alive at their peaks on `device`, walking
+    its actions in the layout's schedule: a forward keeps its stage's blocks until the stage's
+    backward (B, or the input-gradient half I) frees them."""
+    shape = (layout.schedule, layout.pp, layout.microbatches, layout.virtual_stages)
+    shape += (layout.schedule_actions, layout.placement)
+    first = _first_layout.setdefault(shape, layout)  # one per schedule shape: the cache stays small
+    return _peak_in_flight(shape, first, device, stage_blocks)
+
+
+_first_layout: dict[tuple[Any, ...], Layout] = {}
+
+
 def device_memory_of(
     config: ModelDescription, layout: Layout, device: int, work: Workload | None = None
 ) -> MemoryPerGPU:
     """Memory of the GPU at pipeline position `device` (0 = first) under `layout`."""
+    return devices_memory_of(config, layout, [device], work)[0]
+
+
+def devices_memory_of(
+    config: ModelDescription,
+    layout: Layout,
+    devices: Sequence[int],
+    work: Workload | None = None,
+) -> list[MemoryPerGPU]:
+    """`device_memory_of` for several pipeline positions, the layout checked once."""
     work = work or Workload()
     checked(config, layout, work)
     model = staged_model(config, layout, work.dtype, work.seq(config))
-    return _memory(model, layout, device, work)
+    return [_memory(model, layout, device, work) for device in devices]
 
 
 def microbatch_times(

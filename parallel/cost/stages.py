@@ -1,13 +1,13 @@
 """The model as the cost model sees it: traced pieces arranged into pipeline stages.
 
-A layout cuts the model into `pp · virtual_stages` stages of equal runs of blocks
-(`parallel.pipeline.partition_layers`); the first stage also runs the embeddings, the last the
-final norm, head and loss, and a single stage runs both ends. `StagedModel` puts the traced
-pieces (`parallel.cost.trace`) in that arrangement and answers what each pipeline rank holds
-and runs: its pieces with their counts, its parameters in the order the trainer merges them
-(the order gradient buckets are planned in), and the size of the activation a stage sends on.
-Nothing here knows what a block contains.
-"""
+A layout cuts the model into `pp · stages_per_rank` stages, runs of blocks as even as possible
+or as `parallel.pipeline_layout` says (`Layout.stage_layers`), placed on the pipeline ranks as
+the schedule places them (`Layout.stage_placement`: interleaved, or a V); the first stage also
+runs the embeddings, the last the final norm, head and loss, and a single stage runs both ends.
+`StagedModel` puts the traced pieces (`parallel.cost.trace`) in that arrangement and answers
+what each pipeline rank holds and runs: its pieces with their counts, its parameters in the
+order the trainer merges them (the order gradient buckets are planned in), and the size of the
+activation a stage sends on. Nothing here knows what a block contains."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class StagedModel:
     def __init__(self, config: ModelDescription, layout: Layout, dtype: str, seq_len: int) -> None:
         self.config, self.layout, self.dtype, self.seq_len = config, layout, dtype, seq_len
         self.num_stages = layout.num_stages
-        self.blocks_per_stage = config.n_layer // self.num_stages
+        self.stage_blocks = tuple(len(r) for r in layout.stage_layers(config.n_layer))
+        self.placement = layout.stage_placement
         self._pieces: dict[tuple[str, Layout | None], Piece] = {}
         self._stages: dict[int, list[tuple[Piece, int]]] = {}
         self._devices: dict[int, list[tuple[Piece, int]]] = {}
@@ -53,14 +54,14 @@ class StagedModel:
     def stage_pieces(self, stage: int) -> list[tuple[Piece, int]]:
         """(piece, how many) of one pipeline stage, for one microbatch."""
         if stage not in self._stages:
-            block = self.piece("block")
-            blocks = [(block, self.blocks_per_stage)] if self.blocks_per_stage else []
+            block, count = self.piece("block"), self.stage_blocks[stage]
+            blocks = [(block, count)] if count else []
             self._stages[stage] = [(p, 1) for p in self.ends(stage)] + blocks
         return self._stages[stage]
 
-    def device_stages(self, device: int) -> range:
-        """The stages pipeline rank `device` holds (virtual stages are `pp` apart)."""
-        return range(device, self.num_stages, self.layout.pp)
+    def device_stages(self, device: int) -> list[int]:
+        """The stages pipeline rank `device` holds, in model order."""
+        return [stage for stage, rank in enumerate(self.placement) if rank == device]
 
     def device_pieces(self, device: int) -> list[tuple[Piece, int]]:
         if device not in self._devices:
@@ -75,14 +76,14 @@ class StagedModel:
         embeddings, the blocks, then the final norm and head (a tied head on a last stage that
         is not the first holds its own copy of the token embedding)."""
         if device not in self._params:
-            block = self.piece("block").params if self.blocks_per_stage else ()
+            block = self.piece("block").params if any(self.stage_blocks) else ()
             first = {p.name for p in self.piece("first").params}
             out: list[Param] = []
             for stage in self.device_stages(device):
                 ends = [p for piece in self.ends(stage) for p in piece.params]
                 before = [p for p in ends if stage == 0 and p.name in first]
                 after = [p for p in ends if p not in before]
-                out += before + list(block) * self.blocks_per_stage + after
+                out += before + list(block) * self.stage_blocks[stage] + after
             self._params[device] = out
         return self._params[device]
 
@@ -121,7 +122,8 @@ def staged_model(config: ModelDescription, layout: Layout, dtype: str, seq_len: 
         layout.microbatch_size,
         zero3,
         layout.pp,
-        layout.virtual_stages,
+        layout.stage_placement,
+        layout.stage_layers(config.n_layer),
     )
     first = _first_of.setdefault((config, dtype, seq_len, shape), layout)
     return _staged(config, dtype, seq_len, shape, first)

@@ -35,11 +35,13 @@ from parallel.cost.projection import (
     Projection,
     Workload,
     device_memory_of,
+    devices_memory_of,
     executor_options,
     project,
 )
 from parallel.cost.replay import SCHEDULES
 from parallel.layout import Layout
+from parallel.schedules import V_SHAPED
 
 GIB = 2**30
 RECOMPUTE = ("none", "selective", "full")  # least work first
@@ -58,7 +60,11 @@ class SearchSpace:
     """What the tuner may choose. Defaults: everything civetta can run or project."""
 
     max_microbatch: int = 16
-    schedules: tuple[str, ...] = SCHEDULES
+    # Every schedule but ZB-H2 and DualPipeV, which the projection's one step (ended by the
+    # optimizer's synchronisation, with no overlap of a paired forward and backward) never
+    # ranks first: ZB-H2 has ZB-H1's bubble with up to twice the activations, DualPipeV twice
+    # ZB-V's bubble with one more chunk. `--set parallel.schedule=zb-h2` asks for one.
+    schedules: tuple[str, ...] = tuple(s for s in SCHEDULES if s not in ("zb-h2", "dualpipev"))
     max_virtual_stages: int = 8
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     recompute: tuple[str, ...] = RECOMPUTE  # tried in this order: least work first
@@ -106,7 +112,12 @@ def _pipelines(
     """(schedule, virtual stages) choices for pp stages and this many microbatches."""
     if pp == 1:
         return [("1f1b", 1)]
-    out = [(s, 1) for s in space.schedules if s != "interleaved-1f1b"]
+    out = [
+        (s, 1) for s in space.schedules if s != "interleaved-1f1b" and _builds(s, pp, microbatches)
+    ]
+    # A V needs two stages of layers per rank, and puts both ends on rank 0 (no tied table).
+    v_ok = not getattr(config, "tie_embeddings", False) and config.n_layer >= 2 * pp
+    out = [(s, v) for s, v in out if s not in V_SHAPED or v_ok]
     if "interleaved-1f1b" in space.schedules and microbatches % pp == 0:
         chunks = config.n_layer // pp
         out += [
@@ -115,12 +126,19 @@ def _pipelines(
     return out
 
 
+def _builds(schedule: str, pp: int, microbatches: int) -> bool:
+    """Whether the generator builds this pipeline shape: DualPipeV needs 2·pp microbatches."""
+    return schedule != "dualpipev" or microbatches >= 2 * pp
+
+
 def _fits(
     config: ModelDescription, layout: Layout, work: Workload, capacity: int
 ) -> tuple[bool, int]:
-    """Whether every pipeline position fits, and the largest total."""
-    positions = sorted({0, layout.pp - 1})
-    total = max(device_memory_of(config, layout, d, work).total for d in positions)
+    """Whether every pipeline position fits, and the largest total: the first and last
+    device, or every device where the stages differ (uneven layers, a V)."""
+    uniform = config.n_layer % layout.num_stages == 0 and layout.schedule not in V_SHAPED
+    positions = sorted({0, layout.pp - 1}) if uniform else range(layout.pp)
+    total = max(m.total for m in devices_memory_of(config, layout, positions, work))
     return total <= capacity, total
 
 
@@ -148,7 +166,9 @@ def enumerate_layouts(
             continue
         for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            if config.n_layer % pp or batch % dp:
+            # Equal stages, unless this pp is asked for: then as even as can be (uneven).
+            uneven_ok = space.pp == pp and config.n_layer >= pp
+            if (config.n_layer % pp and not uneven_ok) or batch % dp:
                 continue
             if (space.pp is not None and pp != space.pp) or (
                 space.dp is not None and dp != space.dp
