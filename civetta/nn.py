@@ -282,8 +282,11 @@ class DenseSharding:
 
     tp_size = 1
 
-    def __init__(self, store: ParameterStore = WHOLE) -> None:
+    def __init__(self, store: ParameterStore = WHOLE, context: Any = None) -> None:
         self.store = store
+        # Context parallelism (`parallel.context.ContextShard`): this rank holds a chunk of
+        # every sequence, and attention reaches the others' keys and values. None: the whole.
+        self.context = context
 
     def column_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
         """A linear whose output features a tensor-parallel sharding splits across ranks.
@@ -316,9 +319,23 @@ class DenseSharding:
     def token_embedding(self, name: str, vocab_size: int, dim: int, **kw: Any) -> Module:
         return Embedding(name, vocab_size, dim, store=self.store, **kw)
 
+    def token_positions(self, block: int) -> np.ndarray:
+        """Global positions of the `block` tokens of each sequence this rank holds (all of
+        them, or its context-parallel chunks)."""
+        if self.context is None:
+            return np.arange(block)
+        return self.context.positions(block)
+
     def local_positions(self, block: int) -> np.ndarray:
         """Positions of the sequence this rank holds in the residual stream."""
-        return np.arange(block)
+        return self.token_positions(block)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of this rank's queries over the whole sequence's keys and values
+        (grouped-query when k and v have fewer heads)."""
+        if self.context is None:
+            return fused.scaled_dot_product_attention(q, k, v, causal=True)
+        return self.context.attention(q, k, v)
 
     def lm_loss(self, hidden: Tensor, weight: Tensor, targets: np.ndarray) -> Tensor:
         """Mean cross-entropy of the logits hidden · weightᵀ."""
@@ -388,9 +405,9 @@ def CausalSelfAttention(  # noqa: N802
         qkv = ax.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, nh, T, hs)
         q, k, v = (ax.reshape(t, t.shape[1:]) for t in ax.split(qkv, 3, axis=0))
         if recompute_core:
-            y = checkpoint(fused.scaled_dot_product_attention, q, k, v)  # (B, nh, T, hs)
+            y = checkpoint(sharding.attention, q, k, v)  # (B, nh, T, hs)
         else:
-            y = fused.scaled_dot_product_attention(q, k, v, causal=True)  # (B, nh, T, hs)
+            y = sharding.attention(q, k, v)  # (B, nh, T, hs)
         y = ax.reshape(ax.transpose(y, (0, 2, 1, 3)), (batch, block, local_heads * head_size))
         return c_proj(y)
 

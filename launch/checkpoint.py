@@ -125,10 +125,11 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
         staging.mkdir(parents=True)
     world.barrier()
 
-    # Whole over dp (gathered under ZeRO), the same on every dp replica: dp rank 0 writes it.
+    # Whole over dp × cp (gathered under ZeRO), the same on every replica (context-parallel
+    # ranks hold the same parameters too): the first of them writes it.
     params, optim, masters = trainer.update.whole_state()
     arrays: dict[str, np.ndarray] = {}
-    if runtime.mesh.coords["dp"] == 0:
+    if runtime.mesh.coords["dp"] == 0 and runtime.mesh.coords.get("cp", 0) == 0:
         arrays.update({f"param/{n}": a for n, a in params.items()})
         arrays.update({f"optim/{k}": v for k, v in optim.items()})
         arrays.update({f"master/{n}": a for n, a in masters.items()})
@@ -326,7 +327,7 @@ def read_full_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarr
     metas = []
     for meta, arrays in _rank_files(directory):
         metas.append(meta)
-        if meta["coords"]["dp"] != 0:
+        if meta["coords"]["dp"] != 0 or meta["coords"].get("cp", 0) != 0:
             continue  # every dp replica holds the same state
         for key, array in arrays.items():
             pieces.setdefault(key, {})[meta["coords"]["tp"]] = array

@@ -224,7 +224,7 @@ SHORT_HEADERS = {
     "mem_total_bytes": ("total", None),
     **{
         f"comm_{axis}_bytes_per_step": (f"{axis}/step", "X/step = MB per step on axis X")
-        for axis in ("dp", "tp", "pp")
+        for axis in ("dp", "tp", "pp", "cp")
     },
     "comm_total_bytes_per_step": ("all/step", "all/step = MB per step on all axes"),
     "proj_step_ms": ("step ms", None),

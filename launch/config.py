@@ -88,6 +88,7 @@ class ParallelConfig:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallelism: the sequence split over cp ranks
     order: str = "tp-dp-pp"
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -97,6 +98,8 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     # Layers per stage: "Et*3|t*4|t*4|t*3L" or a list of layer counts; None: as even as possible.
     pipeline_layout: str | None = None
+    cp_comm: str = "ring"  # ring | all_gather | a2a: how attention reaches the other chunks
+    cp_balance: bool = True  # causal load balancing of the chunks over the cp ranks
 
 
 @dataclass
@@ -256,6 +259,7 @@ CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.dtype": ("float32", "float64", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
+    "parallel.cp_comm": ("ring", "all_gather", "a2a"),
 }
 
 
@@ -279,6 +283,7 @@ POSITIVE = {
     "parallel.dp",
     "parallel.tp",
     "parallel.pp",
+    "parallel.cp",
     "parallel.virtual_stages",
     "parallel.bucket_mb",
 }

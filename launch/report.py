@@ -21,7 +21,7 @@ import numpy as np
 
 from launch import plots
 
-AXES = ("dp", "tp", "pp")
+AXES = ("dp", "tp", "pp", "cp")
 # "gathered" is ZeRO-3's peak of full parameters gathered for a layer's forward or backward.
 MEMORY = ("params", "grads", "optimizer", "activations", "gathered")
 MB = 1e6
@@ -302,8 +302,12 @@ def tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[Column]]]:
     """The (title, columns) of each table that has something to show for `rows`: the first
     leads with the label and status, the others with the label only."""
     shown = []
+    # The context-parallel axis is shown once some layout uses it.
+    context = any(row.get("layout", {}).get("cp", 1) > 1 for row in rows)
     for title, groups in TABLES:
         columns = [c for c in COLUMNS if c.group in groups and c.in_tables]
+        if not context:
+            columns = [c for c in columns if c.key != "comm_cp_bytes_per_step"]
         if any(c.value(row) is not None for c in columns for row in rows):
             lead = [c for c in COLUMNS if c.group == "id" and c.in_tables]
             shown.append((title, (lead if not shown else lead[:1]) + columns))

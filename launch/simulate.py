@@ -134,7 +134,9 @@ def render(
     sp = ", sequence parallel" if p.sequence_parallel else ""
     pipe = f", {p.schedule}" + (f" v={p.virtual_stages}" if p.virtual_stages > 1 else "")
     console.print(
-        f"layout dp={p.dp} × tp={p.tp} × pp={p.pp} = {pr.world_size} GPUs on {nodes} nodes "
+        f"layout dp={p.dp} × tp={p.tp} × pp={p.pp}"
+        + (f" × cp={p.cp} ({p.cp_comm})" if p.cp > 1 else "")
+        + f" = {pr.world_size} GPUs on {nodes} nodes "
         f"(order {p.order}); batch {config.train.batch_size} = {p.dp} × "
         f"{config.microbatches} microbatches × {config.microbatch_size}{pipe if p.pp > 1 else ''}"
         f"; ZeRO {p.zero}, recompute {p.recompute}{sp}"
@@ -146,10 +148,13 @@ def render(
         "compute": "compute (GEMMs + elementwise)",
         "optimizer": "optimizer step",
         "tp_exposed": "tensor-parallel comm (exposed)",
+        "cp_exposed": "context-parallel comm (exposed)",
         "pp_exposed": "pipeline p2p (exposed)",
         "dp_exposed": "data-parallel comm (exposed)",
         "bubble": "pipeline bubble",
     }
+    if config.parallel.cp == 1:
+        del labels["cp_exposed"]
     parts = [
         [label, _seconds(pr.breakdown_s[key]), f"{pr.breakdown_s[key] / pr.step_time_s:.1%}"]
         for key, label in labels.items()
@@ -180,7 +185,8 @@ def render(
         f"{_gib(pr.memory_capacity_bytes)} usable "
         f"({profile.device.memory_gib:g} GiB minus {profile.device.memory_reserved_gib:g} reserved)"
     )
-    comm = ", ".join(f"{axis} {_traffic(pr.comm_bytes[axis])}" for axis in ("tp", "pp", "dp"))
+    axes = ("tp", "pp", "dp", "cp") if config.parallel.cp > 1 else ("tp", "pp", "dp")
+    comm = ", ".join(f"{axis} {_traffic(pr.comm_bytes[axis])}" for axis in axes)
     console.print(f"bytes per GPU per step: {comm}")
 
     price = profile.price_per_gpu_hour

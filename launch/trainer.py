@@ -148,7 +148,7 @@ class Trainer:
             {a: t for stage in self.stages.values() for a, t in stage.aliases.items()},
             config=model_config,
         )
-        block = config.model.block_size
+        block = config.model.block_size // p.cp  # context parallelism: this rank's chunks
         if runtime.sequence_parallel:
             block //= p.tp
         self.executor = PipelineExecutor(
@@ -190,6 +190,9 @@ class Trainer:
         c, rt = self.config, self.runtime
         x, y = self.dataset.batch(split, c.data.seed, step, c.train.batch_size, c.model.block_size)
         x, y = shard_rows(x, rt.dp_rank, rt.dp_size), shard_rows(y, rt.dp_rank, rt.dp_size)
+        context = rt.sharding.context
+        if context is not None:  # context parallelism: this rank's chunks of every sequence
+            x, y = context.local_tokens(x), context.local_tokens(y)
         count = len(x) // c.microbatch_size
         return [shard_rows(x, i, count) for i in range(count)], [
             shard_rows(y, i, count) for i in range(count)
@@ -325,8 +328,8 @@ class Trainer:
         return model_state_bytes(
             sizes,
             stage=rt.layout.zero,
-            dp=rt.dp_size,
-            rank=rt.dp_rank,
+            dp=rt.dp_group.size,  # ZeRO shards over dp × cp
+            rank=rt.dp_group.rank,
             per_element=state_bytes_per_param(c.train.dtype, c.train.optimizer),
             itemsize=np.dtype(self.dtype).itemsize,
             bucket_mb=rt.layout.bucket_mb,

@@ -47,13 +47,14 @@ def search_space(config: ExperimentConfig, overrides: list[str]) -> SearchSpace:
     keys = {item.split("=", 1)[0].strip() for item in overrides}
     p = config.parallel
     fixed: dict[str, Any] = {}
-    for key in ("dp", "tp", "pp", "virtual_stages"):
+    for key in ("dp", "tp", "pp", "virtual_stages", "cp"):
         if f"parallel.{key}" in keys:
             fixed[key] = getattr(p, key)
     if "parallel.tp" in keys:
         fixed["max_tp"] = p.tp  # asked for: allowed even across nodes
     choices = {
         "parallel.schedule": ("schedules", p.schedule),
+        "parallel.cp_comm": ("cp_comms", p.cp_comm),
         "parallel.zero": ("zero_stages", p.zero),
         "parallel.recompute": ("recompute", p.recompute),
         "parallel.sequence_parallel": ("sequence_parallel", p.sequence_parallel),
@@ -99,7 +100,7 @@ def _row(rank: int, r: Ranked) -> list[str]:
         schedule += f" v={lay.virtual_stages}"
     return [
         str(rank),
-        f"{lay.dp}×{lay.tp}×{lay.pp}",
+        f"{lay.dp}×{lay.tp}×{lay.pp}" + (f" cp{lay.cp} {lay.cp_comm}" if lay.cp > 1 else ""),
         f"{lay.microbatch_size}×{lay.microbatches}",
         schedule,
         str(lay.zero),

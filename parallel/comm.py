@@ -14,7 +14,9 @@ buffer holds bf16/fp16 values and counts 2 bytes an element, what a GPU would se
 - all_gather: this rank's input shard (not the gathered result);
 - reduce_scatter: the full input array (not the returned chunk);
 - broadcast: the broadcast buffer, on every rank;
-- send / recv: the message, on each side (count "send" alone for the bytes on the links).
+- send / recv: the message, on each side (count "send" alone for the bytes on the links);
+- all_to_all: this rank's whole input buffer (its n chunks, its own included);
+- sendrecv: the buffer sent (not the one received: its sender counts that).
 
 ``wire_bytes`` is what this rank sends on the links when a group of n ranks runs the collective
 as a ring (the bandwidth-optimal algorithm, NCCL's default for large buffers). With it a
@@ -28,7 +30,8 @@ ZeRO paper (Rajbhandari et al. 2020, §7); ``bytes`` cannot compare them. For a 
 - reduce_scatter: (n−1)·S/n, one chunk per ring step;
 - broadcast: S on every rank (a pipelined chain forwards the whole buffer at each hop; the last
   rank's 0 is not told apart);
-- send: S; recv: 0 (the sender counts the message).
+- all_to_all: (n−1)·S/n: every chunk but this rank's own leaves it once;
+- send, sendrecv: S; recv: 0 (the sender counts the message).
 
 A group of one rank sends nothing and records nothing. `SelfComm` stands in for an MPI
 communicator when the process was not started by an MPI launcher, so a world of size 1 never
@@ -414,6 +417,42 @@ class Group:
         )
         return buf
 
+    def all_to_all(self, x: np.ndarray, split_axis: int, concat_axis: int) -> np.ndarray:
+        """Every rank's `x` cut into group-size equal chunks along `split_axis`; chunk j goes to
+        rank j, and the chunks this rank receives are concatenated along `concat_axis` in
+        group-rank order. `all_to_all(y, concat_axis, split_axis)` undoes it.
+        """
+        if self.size == 1:
+            return x
+        start = time.perf_counter()
+        n = self.size
+        split_axis = _normalize_axis(split_axis, x.ndim)
+        concat_axis = _normalize_axis(concat_axis, x.ndim)
+        length = x.shape[split_axis]
+        if length % n:
+            raise CommError(
+                f"all_to_all over {n} ranks needs axis {split_axis} divisible by {n}, got {length}"
+            )
+        chunk = length // n
+        chunk_shape = (*x.shape[:split_axis], chunk, *x.shape[split_axis + 1 :])
+        if split_axis == 0:
+            send = x if x.flags.c_contiguous else meta.ascontiguousarray(x)
+        else:
+            # Chunk j must be the j-th contiguous block of the send buffer (as in reduce_scatter).
+            split = x.reshape(*x.shape[:split_axis], n, chunk, *x.shape[split_axis + 1 :])
+            to_front = (split_axis, *(a for a in range(split.ndim) if a != split_axis))
+            send = meta.ascontiguousarray(split.transpose(to_front))
+        blocks = meta.empty((n, *chunk_shape), x.dtype, like=send)  # block i: from rank i
+        self.comm.Alltoall(send, blocks)
+        if concat_axis == 0:
+            result = blocks.reshape(n * chunk_shape[0], *chunk_shape[1:])  # a view, no copy
+        else:
+            result = np.concatenate(blocks, axis=concat_axis)
+        nbytes = self.ledger.nbytes(x)
+        wire = (n - 1) * (nbytes // n)  # this rank keeps its own chunk
+        self.ledger.record("all_to_all", self.axis, nbytes, time.perf_counter() - start, wire)
+        return result
+
     # -- point to point --
     def send(self, x: np.ndarray, dest: int, tag: int = 0) -> None:
         """Blocking send of `x` to group rank `dest`."""
@@ -464,6 +503,26 @@ class Group:
             "recv", self.axis, self.ledger.nbytes(buf), time.perf_counter() - start, 0
         )
         return buf
+
+    def sendrecv(self, x: np.ndarray, dest: int, source: int, tag: int = 0) -> np.ndarray:
+        """Send `x` to group rank `dest` and receive an array of its shape and dtype from group
+        rank `source`, in one call (a ring shift cannot deadlock). Data-free when `x` is. The
+        message sent is recorded; a group of one returns `x`, having sent nothing."""
+        if self.size == 1:
+            return x
+        for peer, what in ((dest, "dest"), (source, "source")):
+            if not 0 <= peer < self.size:
+                raise CommError(
+                    f"{what} {peer} is not a rank of the {self.axis} group (size {self.size})"
+                )
+        start = time.perf_counter()
+        send = meta.ascontiguousarray(x)
+        received = meta.empty(send.shape, send.dtype, like=send)
+        self.comm.Sendrecv(send, dest, tag, received, source, tag)
+        self.ledger.record(
+            "sendrecv", self.axis, self.ledger.nbytes(send), time.perf_counter() - start
+        )
+        return received
 
     def barrier(self) -> None:
         """Wait for every rank of the group (not recorded: it moves no data)."""

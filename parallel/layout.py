@@ -28,6 +28,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", *V_SCHEDULES
 SCHEDULE_FILE_SUFFIXES = (".yaml", ".yml", ".csv")
 RECOMPUTE = ("none", "full", "selective")
 ZERO_STAGES = (0, 1, 2, 3)
+CP_COMMS = ("ring", "all_gather", "a2a")
 
 
 class LayoutError(ValueError):
@@ -136,7 +137,7 @@ class Layout:
     dp: int = 1
     tp: int = 1
     pp: int = 1
-    cp: int = 1  # context parallelism: reserved, 1 until the runtime has it
+    cp: int = 1  # context parallelism: the sequence split over cp ranks
     ep: int = 1  # expert parallelism: reserved, 1 until the runtime has it
     order: str = "tp-dp-pp"  # mesh axes, fastest-varying first
     sequence_parallel: bool = False
@@ -148,6 +149,8 @@ class Layout:
     recompute: str = "none"
     bucket_mb: float = 25.0  # MiB per gradient bucket (`parallel.data_parallel`)
     pipeline_layout: str | None = None  # layers per stage (`parse_pipeline_layout`)
+    cp_comm: str = "ring"  # how attention sees the other cp ranks' keys and values
+    cp_balance: bool = True  # causal load balancing: chunks i and 2·cp − 1 − i on cp rank i
     # A schedule file's content (`parallel.schedule: PATH`), read by the launcher: each rank's
     # actions as strings ("F0@s1") and where each stage lives. The layout stays a value.
     schedule_actions: tuple[tuple[str, ...], ...] | None = None
@@ -158,10 +161,9 @@ class Layout:
             _positive_int(f"parallel.{key}", getattr(self, key))
         for key in ("microbatch_size", "microbatches"):
             _positive_int(key, getattr(self, key))
-        for key in ("cp", "ep"):
-            if getattr(self, key) != 1:
-                value = getattr(self, key)
-                raise LayoutError(f"parallel.{key} expected 1 (not implemented yet), got {value}")
+        if self.ep != 1:
+            raise LayoutError(f"parallel.ep expected 1 (not implemented yet), got {self.ep}")
+        _one_of("parallel.cp_comm", self.cp_comm, CP_COMMS)
         if not is_schedule_file(self.schedule):
             options = (*SCHEDULES, "a schedule file (.yaml, .yml, .csv)")
             _one_of("parallel.schedule", self.schedule, options)
@@ -170,9 +172,12 @@ class Layout:
         _one_of("parallel.recompute", self.recompute, RECOMPUTE)
         _one_of("parallel.zero", self.zero, ZERO_STAGES)
         axes = self.order.split("-") if isinstance(self.order, str) else []
+        if "cp" not in axes and "tp" in axes:  # cp left out: right after tp (`parse_order`)
+            axes.insert(axes.index("tp") + 1, "cp")
         if sorted(axes) != sorted(AXES):
             raise LayoutError(
-                f"parallel.order expected the axes dp, tp, pp joined by '-', got {self.order!r}"
+                f"parallel.order expected the axes dp, tp, pp (and optionally cp) joined by '-', "
+                f"got {self.order!r}"
             )
         if isinstance(self.bucket_mb, bool) or not self.bucket_mb > 0:
             raise LayoutError(
@@ -265,13 +270,17 @@ class Layout:
 
     @property
     def mesh(self) -> MeshLayout:
-        return MeshLayout(self.dp, self.tp, self.pp, self.order)
+        return MeshLayout(self.dp, self.tp, self.pp, self.order, self.cp)
 
     @property
     def label(self) -> str:
         """A short, file-name-safe name, e.g. dp2-tp2-sp or pp4-1f1b-m8."""
         sizes = (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
         parts = [f"{axis}{size}" for axis, size in sizes if size > 1]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}-{self.cp_comm.replace('_', '')}")
+            if not self.cp_balance:
+                parts.append("unbalanced")
         if self.pp > 1:
             virtual = f"-v{self.virtual_stages}" if self.virtual_stages > 1 else ""
             parts += [self.schedule_label + virtual, f"m{self.microbatches}"]
@@ -313,8 +322,27 @@ class Layout:
         seq = seq_len or model.block_size
         if seq > model.block_size:
             raise LayoutError(f"seq_len={seq} exceeds model.block_size={model.block_size}")
+        what = f"model.block_size={seq}" if seq == model.block_size else f"seq_len={seq}"
+        if self.cp > 1:
+            chunks = 2 * self.cp if self.cp_balance else self.cp
+            if seq % chunks:
+                balance = " (2·cp chunks: parallel.cp_balance)" if self.cp_balance else ""
+                raise LayoutError(
+                    f"the {chunks} sequence chunks of parallel.cp={self.cp}{balance} do not "
+                    f"divide {what}"
+                )
+            if self.cp_comm == "a2a":
+                heads = getattr(model, "n_kv_head", None) or model.n_head
+                key = "model.n_kv_head" if getattr(model, "n_kv_head", None) else "model.n_head"
+                if heads % (self.cp * self.tp):
+                    raise LayoutError(
+                        f"parallel.cp_comm=a2a splits the key/value heads over cp: "
+                        f"parallel.cp={self.cp} × parallel.tp={self.tp} does not divide "
+                        f"{key}={heads}"
+                    )
+            seq //= self.cp  # what each cp rank holds, which sequence parallelism splits
+            what = f"the {seq} tokens each cp rank holds"
         if self.sequence_parallel and seq % self.tp:
-            what = f"model.block_size={seq}" if seq == model.block_size else f"seq_len={seq}"
             raise LayoutError(
                 f"parallel.tp={self.tp} does not divide {what} (sequence parallel splits the "
                 "sequence)"

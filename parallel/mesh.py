@@ -1,8 +1,14 @@
-"""The process mesh: which data-, tensor- and pipeline-parallel coordinates each rank holds.
+"""The process mesh: which data-, tensor-, pipeline- and context-parallel coordinates each rank
+holds.
 
-World ranks are laid out on a dp × tp × pp grid. The order string names the axes fastest-varying
-first, as Megatron-LM does: with "tp-dp-pp", world ranks 0 and 1 differ in their tp index, so a
-tensor-parallel group is a run of consecutive ranks and stays inside one node when it can.
+World ranks are laid out on a dp × tp × pp × cp grid. The order string names the axes
+fastest-varying first, as Megatron-LM does: with "tp-cp-dp-pp", world ranks 0 and 1 differ in
+their tp index, so a tensor-parallel group is a run of consecutive ranks and stays inside one
+node when it can. An order that leaves cp out ("tp-dp-pp") puts it right after tp, as
+Megatron-core's default tp-cp-ep-dp-pp does. Besides one group per axis, the mesh has the
+group of ranks that hold the same parameters and different tokens: dp × cp ("dp_cp"), over
+which gradients are averaged and ZeRO shards (Megatron-core's data-parallel group with context
+parallelism).
 
 `MeshLayout` is the arithmetic alone (any world size, no communicator), for the cost model and
 for tests. `Mesh` adds one communicator per axis, split from the world, each wrapped in a traced
@@ -16,32 +22,39 @@ from typing import Any
 
 from parallel.comm import Group, Ledger, SelfComm, world_comm
 
-AXES = ("dp", "tp", "pp")
+AXES = ("dp", "tp", "pp", "cp")
+# The groups a mesh builds, in the order it splits them: one per axis, then dp × cp.
+GROUPS: tuple[tuple[str, ...], ...] = (("dp",), ("tp",), ("pp",), ("cp",), ("dp", "cp"))
 
 
 class MeshError(ValueError):
     """A mesh that cannot be built: bad sizes, bad order string, or a world of the wrong size."""
 
 
-def parse_order(order: str) -> tuple[str, str, str]:
-    """The axis names of `order` ("tp-dp-pp"), fastest-varying first."""
+def parse_order(order: str) -> tuple[str, ...]:
+    """The axis names of `order` ("tp-dp-pp", "tp-cp-dp-pp"), fastest-varying first; a cp left
+    out goes right after tp."""
     names = tuple(order.split("-")) if isinstance(order, str) else ()
+    if "cp" not in names and "tp" in names:
+        at = names.index("tp") + 1
+        names = (*names[:at], "cp", *names[at:])
     if sorted(names) != sorted(AXES):
         raise MeshError(
-            f"parallel.order must name dp, tp and pp once each joined by '-' "
-            f"(e.g. 'tp-dp-pp'), got {order!r}"
+            f"parallel.order must name dp, tp and pp (and optionally cp) once each joined by "
+            f"'-' (e.g. 'tp-dp-pp'), got {order!r}"
         )
-    return names  # type: ignore[return-value]
+    return names
 
 
 @dataclass(frozen=True)
 class MeshLayout:
-    """Rank <-> coordinates arithmetic of a dp × tp × pp grid; needs no MPI."""
+    """Rank <-> coordinates arithmetic of a dp × tp × pp × cp grid; needs no MPI."""
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
     order: str = "tp-dp-pp"
+    cp: int = 1
 
     def __post_init__(self) -> None:
         for axis in AXES:
@@ -51,17 +64,17 @@ class MeshLayout:
         parse_order(self.order)
 
     @property
-    def axes(self) -> tuple[str, str, str]:
+    def axes(self) -> tuple[str, ...]:
         """Axis names, fastest-varying first."""
         return parse_order(self.order)
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     def size(self, axis: str) -> int:
         if axis not in AXES:
-            raise MeshError(f"unknown mesh axis {axis!r}; expected one of dp, tp, pp")
+            raise MeshError(f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, cp")
         return getattr(self, axis)
 
     def stride(self, axis: str) -> int:
@@ -71,10 +84,10 @@ class MeshLayout:
             if name == axis:
                 return stride
             stride *= self.size(name)
-        raise MeshError(f"unknown mesh axis {axis!r}; expected one of dp, tp, pp")
+        raise MeshError(f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, cp")
 
     def coords_of(self, rank: int) -> dict[str, int]:
-        """{"dp": i, "tp": j, "pp": k} of world rank `rank`."""
+        """{"dp": i, "tp": j, "pp": k, "cp": l} of world rank `rank`."""
         if not 0 <= rank < self.world_size:
             raise MeshError(f"rank {rank} is outside a world of {self.world_size}")
         coords: dict[str, int] = {}
@@ -83,9 +96,9 @@ class MeshLayout:
             rest, coords[name] = divmod(rest, self.size(name))
         return {axis: coords[axis] for axis in AXES}
 
-    def rank_of(self, dp: int = 0, tp: int = 0, pp: int = 0) -> int:
+    def rank_of(self, dp: int = 0, tp: int = 0, pp: int = 0, cp: int = 0) -> int:
         """World rank at the given coordinates."""
-        coords = {"dp": dp, "tp": tp, "pp": pp}
+        coords = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
         rank = 0
         for axis, index in coords.items():
             if not 0 <= index < self.size(axis):
@@ -93,15 +106,29 @@ class MeshLayout:
             rank += index * self.stride(axis)
         return rank
 
-    def group_ranks(self, axis: str, rank: int) -> tuple[int, ...]:
-        """World ranks of `rank`'s group along `axis`, in group-rank (axis index) order."""
+    def group_ranks(self, axis: str | tuple[str, ...], rank: int) -> tuple[int, ...]:
+        """World ranks of `rank`'s group along `axis` (in axis-index order), or along several
+        axes together (in world-rank order, as a split of the world orders them)."""
+        axes = (axis,) if isinstance(axis, str) else axis
         coords = self.coords_of(rank)
-        coords[axis] = 0
+        for name in axes:
+            coords[name] = 0
         first = self.rank_of(**coords)
-        step = self.stride(axis)
-        return tuple(first + i * step for i in range(self.size(axis)))
+        ranks = [first]
+        for name in axes:
+            step = self.stride(name)
+            ranks = [r + i * step for i in range(self.size(name)) for r in ranks]
+        return tuple(ranks) if len(axes) == 1 else tuple(sorted(ranks))
 
-    def crosses_node(self, axis: str, gpus_per_node: int, rank: int | None = None) -> bool:
+    def group_index(self, axes: str | tuple[str, ...], rank: int) -> int:
+        """`rank`'s index in its group along `axes` (its group rank)."""
+        if isinstance(axes, str) or len(axes) == 1:
+            return self.coords_of(rank)[axes if isinstance(axes, str) else axes[0]]
+        return self.group_ranks(axes, rank).index(rank)
+
+    def crosses_node(
+        self, axis: str | tuple[str, ...], gpus_per_node: int, rank: int | None = None
+    ) -> bool:
         """Whether `rank`'s group along `axis` (any group, when `rank` is None) spans more than
         one node, when world ranks fill nodes of `gpus_per_node` consecutively."""
         if (
@@ -118,7 +145,8 @@ class MeshLayout:
 
 
 class Mesh:
-    """This rank's place in the dp × tp × pp grid, with one traced `Group` per axis.
+    """This rank's place in the dp × tp × pp × cp grid, with one traced `Group` per axis and
+    one over dp × cp ("dp_cp", recorded in the ledger under "dp": gradients and ZeRO).
 
     `comm` defaults to MPI.COMM_WORLD under an MPI launcher and to a one-process stand-in
     otherwise. Building a mesh is collective: every rank of `comm` must build the same one.
@@ -132,34 +160,43 @@ class Mesh:
         order: str = "tp-dp-pp",
         comm: Any = None,
         ledger: Ledger | None = None,
+        cp: int = 1,
     ) -> None:
-        self.layout = MeshLayout(dp, tp, pp, order)
+        self.layout = MeshLayout(dp, tp, pp, order, cp)
         self.comm = world_comm() if comm is None else comm
         self.ledger = Ledger() if ledger is None else ledger
         self.world_size: int = self.comm.Get_size()
         if self.world_size != self.layout.world_size:
             raise MeshError(
-                f"dp × tp × pp = {dp} × {tp} × {pp} = {self.layout.world_size} ranks, "
-                f"but the world has {self.world_size}"
+                f"dp × tp × pp × cp = {dp} × {tp} × {pp} × {cp} = {self.layout.world_size} "
+                f"ranks, but the world has {self.world_size}"
             )
         self.rank: int = self.comm.Get_rank()
         self.coords: dict[str, int] = self.layout.coords_of(self.rank)
         self.world = Group(self.comm, "world", self.ledger, tuple(range(self.world_size)))
         self._groups: dict[str, Group] = {}
         self._owned: list[Any] = []  # communicators this mesh split off, freed by close()
-        for axis in AXES:  # the same order on every rank: Split is collective
-            ranks = self.layout.group_ranks(axis, self.rank)
+        for axes in GROUPS:  # the same order on every rank: Split is collective
+            name = "_".join(axes)
+            ranks = self.layout.group_ranks(axes, self.rank)
+            index = self.layout.group_index(axes, self.rank)
+            same = [g for g in self._groups.values() if g.ranks == ranks and len(axes) > 1]
+            if same:  # dp × cp with one of them 1: the other axis's communicator, as dp
+                self._groups[name] = Group(same[0].comm, "dp", self.ledger, ranks)
+                continue
             if len(ranks) == 1:
                 axis_comm: Any = SelfComm()  # a lone rank needs no communicator
             elif len(ranks) == self.world_size:
                 axis_comm = self.comm
             else:
-                # Ranks sharing the other two coordinates share the first member's rank as colour;
-                # the axis index as key makes group rank == axis coordinate.
-                axis_comm = self.comm.Split(ranks[0], self.coords[axis])
+                # Ranks sharing the other coordinates share the first member's rank as colour;
+                # the index along the axes as key makes group rank == that index.
+                axis_comm = self.comm.Split(ranks[0], index)
                 self._owned.append(axis_comm)
-            self._groups[axis] = Group(axis_comm, axis, self.ledger, ranks)
-            assert self._groups[axis].rank == self.coords[axis]
+            # dp × cp averages gradients: the ledger books it as data-parallel traffic.
+            label = "dp" if axes == ("dp", "cp") else name
+            self._groups[name] = Group(axis_comm, label, self.ledger, ranks)
+            assert self._groups[name].rank == index
 
     def close(self) -> None:
         """Free the communicators this mesh split off (collective, like building it)."""
@@ -170,7 +207,8 @@ class Mesh:
     def __repr__(self) -> str:
         return (
             f"Mesh(dp={self.layout.dp}, tp={self.layout.tp}, pp={self.layout.pp}, "
-            f"order={self.layout.order!r}, rank={self.rank}, coords={self.coords})"
+            f"cp={self.layout.cp}, order={self.layout.order!r}, rank={self.rank}, "
+            f"coords={self.coords})"
         )
 
     @property
@@ -180,6 +218,10 @@ class Mesh:
     @property
     def dp_rank(self) -> int:
         return self.coords["dp"]
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords["cp"]
 
     @property
     def tp_rank(self) -> int:
@@ -196,16 +238,18 @@ class Mesh:
         return self.layout.size(axis)
 
     def group(self, axis: str) -> Group:
-        """This rank's group along `axis` ("dp", "tp", "pp", or "world")."""
+        """This rank's group along `axis` ("dp", "tp", "pp", "cp", "dp_cp", or "world")."""
         if axis == "world":
             return self.world
         if axis not in self._groups:
-            raise MeshError(f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, world")
+            raise MeshError(
+                f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, cp, dp_cp, world"
+            )
         return self._groups[axis]
 
-    def rank_of(self, dp: int = 0, tp: int = 0, pp: int = 0) -> int:
+    def rank_of(self, dp: int = 0, tp: int = 0, pp: int = 0, cp: int = 0) -> int:
         """World rank at the given coordinates."""
-        return self.layout.rank_of(dp=dp, tp=tp, pp=pp)
+        return self.layout.rank_of(dp=dp, tp=tp, pp=pp, cp=cp)
 
     def crosses_node(self, axis: str, gpus_per_node: int) -> bool:
         """Whether this rank's group along `axis` spans more than one node, when world ranks fill

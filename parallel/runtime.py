@@ -15,6 +15,7 @@ import numpy as np
 from civetta import meta
 from civetta.nn import DENSE, WHOLE, DenseSharding, ParameterStore
 from parallel.comm import Ledger
+from parallel.context import ContextShard
 from parallel.data_parallel import GradientAverager
 from parallel.layout import Layout
 from parallel.mesh import Mesh
@@ -29,17 +30,26 @@ class Runtime:
     def __init__(self, layout: Layout | None = None, mesh: Mesh | None = None) -> None:
         self.layout = Layout() if layout is None else layout
         lay = self.layout
-        self.mesh = Mesh(lay.dp, lay.tp, lay.pp, lay.order) if mesh is None else mesh
+        self.mesh = Mesh(lay.dp, lay.tp, lay.pp, lay.order, cp=lay.cp) if mesh is None else mesh
         assert self.mesh.layout == lay.mesh, (self.mesh.layout, lay.mesh)
         self.ledger: Ledger = self.mesh.ledger
-        self.dp_group = self.mesh.group("dp")
+        # Gradients are averaged, and ZeRO shards, over every rank holding the same parameters:
+        # dp × cp (context-parallel ranks hold other tokens of the same sequences).
+        self.dp_group = self.mesh.group("dp_cp")
         self.tp_group = self.mesh.group("tp")
         self.pp_group = self.mesh.group("pp")
+        self.cp_group = self.mesh.group("cp")
+        context = None
+        if self.cp_group.size > 1:
+            context = ContextShard(self.cp_group, lay.cp_comm, lay.cp_balance)
         # ZeRO-3 shards every parameter (each tensor-parallel slice) over the dp group.
         store: ParameterStore = ShardedStore(self.dp_group) if lay.zero == 3 else WHOLE
-        self.sharding: DenseSharding = DENSE if store is WHOLE else DenseSharding(store)
+        plain = store is WHOLE and context is None
+        self.sharding: DenseSharding = DENSE if plain else DenseSharding(store, context)
         if self.tp_group.size > 1:
-            self.sharding = TensorParallelSharding(self.tp_group, lay.sequence_parallel, store)
+            self.sharding = TensorParallelSharding(
+                self.tp_group, lay.sequence_parallel, store, context
+            )
         self.sequence_parallel = lay.sequence_parallel and self.tp_group.size > 1
         self.averager = GradientAverager(self.dp_group, lay.bucket_mb)
 
@@ -53,11 +63,17 @@ class Runtime:
 
     @property
     def dp_rank(self) -> int:
-        return self.dp_group.rank
+        """This rank's data-parallel index: which rows of the batch it takes."""
+        return self.mesh.coords["dp"]
 
     @property
     def dp_size(self) -> int:
-        return self.dp_group.size
+        return self.layout.dp
+
+    @property
+    def cp_rank(self) -> int:
+        """This rank's context-parallel index: which chunks of each sequence it takes."""
+        return self.cp_group.rank
 
     @property
     def pp_rank(self) -> int:

@@ -64,9 +64,13 @@ class TensorParallelSharding(DenseSharding):
     """Where each GPT parameter lives under tensor (and optionally sequence) parallelism."""
 
     def __init__(
-        self, group: Group, sequence_parallel: bool = False, store: ParameterStore = WHOLE
+        self,
+        group: Group,
+        sequence_parallel: bool = False,
+        store: ParameterStore = WHOLE,
+        context: Any = None,
     ) -> None:
-        super().__init__(store)
+        super().__init__(store, context)
         self.group = group
         self.tp_size = group.size
         self.rank = group.rank
@@ -214,7 +218,7 @@ class TensorParallelSharding(DenseSharding):
         return Module(forward, {f"{name}.weight": weight})
 
     def local_positions(self, block: int) -> np.ndarray:
-        positions = np.arange(block)
+        positions = self.token_positions(block)
         if self.sequence_parallel:
             return positions[shard_range(block, self.rank, self.tp_size)]
         return positions

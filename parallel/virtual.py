@@ -10,7 +10,8 @@ ledger rule of `parallel.comm` is reused as is.
 
 The fill is "as if every rank held this rank's data": a reduction returns its input, an
 all-gather repeats the input n times, a reduce-scatter returns this rank's chunk of its input,
-a broadcast leaves the buffer as it is, and a receive gets zeros. The values are meaningless;
+a broadcast leaves the buffer as it is, an all-to-all receives from every rank the block of the
+input meant for this rank, and a receive (a sendrecv's too) gets zeros. The values are meaningless;
 the shapes, dtypes and bytes are exact. Data-free buffers (`civetta.meta`) are left unfilled,
 so a data-free step runs on a virtual mesh as a real one does; `fill` may be swapped.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from civetta import meta
 from parallel.comm import REDUCTIONS, CommError, Ledger
-from parallel.mesh import AXES, Mesh, MeshLayout
+from parallel.mesh import GROUPS, Mesh, MeshLayout
 
 # fill(out, source): write `source` (broadcast to out's shape) into `out`, or zeros if None.
 Fill = Callable[[Any, Any], None]
@@ -124,13 +125,16 @@ class VirtualComm:
         """
         if self.layout is None:
             raise CommError("a virtual communicator without a mesh layout cannot be split")
-        coords = self.layout.coords_of(self.rank)
-        for axis in AXES:
-            members = self.layout.group_ranks(axis, self.rank)
-            if axis in self._split_axes or len(members) in (1, self.size):
+        seen: list[tuple[int, ...]] = []
+        for axes in GROUPS:
+            name = "_".join(axes)
+            members = self.layout.group_ranks(axes, self.rank)
+            repeated = len(axes) > 1 and members in seen  # the mesh reuses that group
+            seen.append(members)
+            if name in self._split_axes or len(members) in (1, self.size) or repeated:
                 continue
-            if members[0] == color and coords[axis] == key:
-                self._split_axes.add(axis)
+            if members[0] == color and self.layout.group_index(axes, self.rank) == key:
+                self._split_axes.add(name)
                 return VirtualComm(len(members), members.index(self.rank), fill=self.fill)
         raise CommError(
             f"Split(color={color}, key={key}) on world rank {self.rank} names no mesh axis of "
@@ -160,6 +164,11 @@ class VirtualComm:
     def Bcast(self, buf: Any, root: int = 0) -> None:  # noqa: N802 - mpi4py's name
         self._check_peer(root)
 
+    def Alltoall(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802 - mpi4py's name
+        # Every rank sends this rank its block `rank`: as if all held this rank's send buffer.
+        blocks = sendbuf.reshape(self.size, -1)
+        self.fill(recvbuf.reshape(self.size, -1), blocks[self.rank])
+
     # -- point to point --
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802 - mpi4py's name
         self._check_peer(dest)
@@ -171,6 +180,20 @@ class VirtualComm:
     def Recv(self, buf: Any, source: int, tag: int = 0) -> None:  # noqa: N802 - mpi4py's name
         self._check_peer(source)
         self.fill(buf, None)
+
+    def Sendrecv(  # noqa: N802 - mpi4py's name
+        self,
+        sendbuf: Any,
+        dest: int,
+        sendtag: int = 0,
+        recvbuf: Any = None,
+        source: int = 0,
+        recvtag: int = 0,
+    ) -> None:
+        # A send that completes at once and a receive of zeros, as `Send` and `Recv`.
+        self._check_peer(dest)
+        self._check_peer(source)
+        self.fill(recvbuf, None)
 
     def _check_peer(self, peer: int) -> None:
         if not 0 <= peer < self.size:
@@ -185,8 +208,9 @@ def virtual_mesh(
     rank: int = 0,
     ledger: Ledger | None = None,
     fill: Fill = numpy_fill,
+    cp: int = 1,
 ) -> Mesh:
-    """World rank `rank`'s `Mesh` of a dp × tp × pp world, over a `VirtualComm`."""
-    layout = MeshLayout(dp, tp, pp, order)
+    """World rank `rank`'s `Mesh` of a dp × tp × pp × cp world, over a `VirtualComm`."""
+    layout = MeshLayout(dp, tp, pp, order, cp)
     comm = VirtualComm(layout.world_size, rank, layout, fill)
-    return Mesh(dp, tp, pp, order, comm=comm, ledger=ledger)
+    return Mesh(dp, tp, pp, order, comm=comm, ledger=ledger, cp=cp)

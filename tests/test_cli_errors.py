@@ -228,12 +228,14 @@ CONSISTENCY_CASES = [
     ),
     Bad(
         "order-missing-axis",
-        "error: parallel.order expected the axes dp, tp, pp joined by '-', got 'tp-dp'",
+        "error: parallel.order expected the axes dp, tp, pp (and optionally cp) joined by '-', "
+        "got 'tp-dp'",
         ("parallel.order=tp-dp",),
     ),
     Bad(
         "order-repeated-axis",
-        "error: parallel.order expected the axes dp, tp, pp joined by '-', got 'tp-tp-pp'",
+        "error: parallel.order expected the axes dp, tp, pp (and optionally cp) joined by '-', "
+        "got 'tp-tp-pp'",
         ("parallel.order=tp-tp-pp",),
     ),
     Bad(

@@ -127,6 +127,17 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         ],
     ),
     "pp2-uneven-3-layers": (2, ["parallel.pp=2", "model.n_layer=3", "train.microbatch_size=2"]),
+    # Context parallelism: a ring, all-gathered keys and values, all-to-all (block 16: 2·cp
+    # chunks of 4 tokens), and with dp (gradients averaged over dp × cp).
+    "llama-cp2-ring": (2, [*LLAMA, "parallel.cp=2"]),
+    "llama-cp2-all-gather-unbalanced": (
+        2,
+        [*LLAMA, "parallel.cp=2", "parallel.cp_comm=all_gather", "parallel.cp_balance=false"],
+    ),
+    "gpt-cp2-a2a-dp2-zero1": (
+        4,
+        ["parallel.cp=2", "parallel.cp_comm=a2a", "parallel.dp=2", "parallel.zero=1"],
+    ),
     "llama-single-selective-recompute": (1, [*LLAMA, "parallel.recompute=selective"]),
     "llama-tp2-sp": (2, [*LLAMA, "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "llama-pp2-1f1b-m4": (2, [*LLAMA, "parallel.pp=2", "train.microbatch_size=2"]),
@@ -166,7 +177,10 @@ def test_flops_equal_the_engines_meter(name: str) -> None:
     config, projection = projected(name)
     assert projection.hardware_flops_per_step == metrics["flops"]["hardware_per_step"]
     assert projection.model_flops_per_step == metrics["flops"]["model_per_step"]
-    if config.parallel.recompute == "none":
+    ring = config.parallel.cp > 1 and config.parallel.cp_comm == "ring"
+    if ring:  # the ring's backward recomputes each block's scores, as flash attention does
+        assert projection.hardware_flops_per_step > projection.model_flops_per_step
+    elif config.parallel.recompute == "none":
         assert projection.model_flops_per_step == projection.hardware_flops_per_step
     else:
         assert projection.hardware_flops_per_step > projection.model_flops_per_step
@@ -176,7 +190,7 @@ def test_flops_equal_the_engines_meter(name: str) -> None:
 def test_bytes_per_axis_equal_the_ledger(name: str) -> None:
     metrics = executed(name)
     _, projection = projected(name)
-    measured = {axis: ledger_bytes(metrics, axis) for axis in ("tp", "pp", "dp")}
+    measured = {axis: ledger_bytes(metrics, axis) for axis in ("tp", "pp", "dp", "cp")}
     assert projection.comm_bytes == measured
     # What the convention leaves out: the loss mean for the log, 16 bytes (sum and count) a call.
     for rank in metrics["comm"]["per_rank"]:
@@ -194,12 +208,12 @@ def test_model_state_bytes_equal_the_run(name: str) -> None:
     ranks = metrics["memory"]["per_rank"]
     if layout.zero == 0:  # replicas are identical: compare every rank with its position
         for rank in ranks:
-            position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
+            position = layout.mesh.coords_of(rank["rank"])["pp"]
             expected = device_memory_of(model, layout, position, work).as_dict()
             assert {k: rank[k] for k in keys} == {k: expected[k] for k in keys}
     else:  # ZeRO shards differ by their padding: the busiest rank of each pipeline position
         for position in range(layout.pp):
-            here = [r for r in ranks if r["rank"] // (layout.tp * layout.dp) == position]
+            here = [r for r in ranks if layout.mesh.coords_of(r["rank"])["pp"] == position]
             busiest = max(here, key=lambda r: sum(r[k] for k in keys))
             expected = device_memory_of(model, layout, position, work).as_dict()
             assert {k: busiest[k] for k in keys} == {k: expected[k] for k in keys}

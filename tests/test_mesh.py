@@ -17,7 +17,7 @@ from parallel.mesh import AXES, Mesh, MeshError, MeshLayout, parse_order
 def test_single_process_mesh_needs_no_mpi() -> None:
     code = (
         "import sys; from parallel.mesh import Mesh; m = Mesh(); "
-        "assert m.world_size == 1 and m.coords == {'dp': 0, 'tp': 0, 'pp': 0}; "
+        "assert m.world_size == 1 and m.coords == {'dp': 0, 'tp': 0, 'pp': 0, 'cp': 0}; "
         "assert 'mpi4py' not in sys.modules, 'mpi4py was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -83,7 +83,7 @@ def test_megatron_order() -> None:
     assert layout.group_ranks("dp", 0) == (0, 2)
     assert layout.group_ranks("pp", 0) == (0, 4)
     assert layout.rank_of(dp=1, tp=1, pp=1) == 7
-    assert layout.coords_of(5) == {"dp": 0, "tp": 1, "pp": 1}
+    assert layout.coords_of(5) == {"dp": 0, "tp": 1, "pp": 1, "cp": 0}
 
 
 def test_crosses_node() -> None:
@@ -147,7 +147,7 @@ def test_mpi_group_members(mpi_mesh: dict, layout: str) -> None:
     per_rank = mpi_mesh["data"][layout]
     for axis, want in EXPECTED[layout].items():
         assert [groups[axis] for groups in per_rank] == want, axis
-    size_one = [axis for axis in AXES if axis not in EXPECTED[layout]]
+    size_one = [axis for axis in ("dp", "tp", "pp") if axis not in EXPECTED[layout]]
     for axis in size_one:
         assert [groups[axis] for groups in per_rank] == [[0], [1], [2], [3]]
 

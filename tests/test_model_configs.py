@@ -61,3 +61,22 @@ def test_simulate_and_tune_accept_every_shipped_model(tmp_path, name: str) -> No
     assert tune_command(str(path), "h100-dgx", gpus, json_out=ranked, console=console) == 0
     layouts = json.loads(ranked.read_text())
     assert layouts["layouts"], f"tune found no layout for {name} on {gpus} GPUs"
+
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "configs"
+PROJECTED = ["gpt3-175b", "llama3.1-405b", "llama3.1-405b-128k"]
+
+
+@pytest.mark.parametrize("name", PROJECTED)
+def test_the_shipped_cluster_experiments_project_and_fit(tmp_path, name: str) -> None:
+    """The experiments shipped for the simulator (GPT-3's Megatron layout, Llama 3.1 405B's
+    8K and 128K layouts) project, and fit an H100's or A100's memory as their comments say."""
+    out = tmp_path / "simulate.json"
+    hardware = "a100-dgx" if name.startswith("gpt3") else "h100-dgx"
+    console = Console(file=io.StringIO(), width=100)
+    path = str(EXPERIMENTS / f"{name}.yaml")
+    assert simulate_command(path, hardware, (), None, out, console) == 0
+    projection = json.loads(out.read_text())
+    assert projection["fits"]
+    if name.endswith("128k"):
+        assert projection["comm_bytes"]["cp"] > 0

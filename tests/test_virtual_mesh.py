@@ -105,6 +105,21 @@ LAYOUTS: dict[str, list[str]] = {
         "model.tie_embeddings=false",
     ],
     "pp2-zb-h2-m4-uneven": [*PP_M4, "parallel.schedule=zb-h2", "model.n_layer=3"],
+    "llama-cp2-ring": [*LLAMA, "parallel.cp=2"],
+    "llama-cp2-all-gather-dp2-zero2": [
+        *LLAMA,
+        "parallel.cp=2",
+        "parallel.cp_comm=all_gather",
+        "parallel.dp=2",
+        "parallel.zero=2",
+    ],
+    "gpt-cp2-a2a-unbalanced-tp2-sp": [
+        "parallel.cp=2",
+        "parallel.cp_comm=a2a",
+        "parallel.cp_balance=false",
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+    ],
     "llama-dp2xtp2-sp": [
         *LLAMA,
         "parallel.dp=2",
@@ -123,12 +138,12 @@ def case_config(name: str) -> ExperimentConfig:
     return load(None, [*TINY, *LAYOUTS[name]])
 
 
-def case_mesh_shape(name: str) -> tuple[int, int, int, str]:
-    """(dp, tp, pp, order) of the case's mesh."""
+def case_mesh_shape(name: str) -> tuple[int, int, int, str, int]:
+    """(dp, tp, pp, order, cp) of the case's mesh."""
     if name == "collectives":
-        return COLLECTIVES
+        return (*COLLECTIVES, 1)
     layout = case_config(name).layout
-    return layout.dp, layout.tp, layout.pp, layout.order
+    return layout.dp, layout.tp, layout.pp, layout.order, layout.cp
 
 
 def build_trainer(config: ExperimentConfig, mesh: Mesh, data_free: bool = False) -> Trainer:
@@ -205,10 +220,10 @@ def case_payload(name: str, mesh: Mesh, data_free: bool = False) -> dict[str, An
 
 def virtual_payloads(name: str, data_free: bool = False) -> list[dict[str, Any]]:
     """The case on a virtual mesh, for every world rank in turn, in this process."""
-    dp, tp, pp, order = case_mesh_shape(name)
+    dp, tp, pp, order, cp = case_mesh_shape(name)
     return [
-        case_payload(name, virtual_mesh(dp, tp, pp, order, rank), data_free)
-        for rank in range(dp * tp * pp)
+        case_payload(name, virtual_mesh(dp, tp, pp, order, rank, cp=cp), data_free)
+        for rank in range(dp * tp * pp * cp)
     ]
 
 

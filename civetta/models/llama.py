@@ -116,14 +116,17 @@ def Attention(  # noqa: N802 - a module constructor reads like a class
     def forward(x: Tensor) -> Tensor:
         q, k, v = qkv(x)  # this rank's heads, over the whole sequence
         batch, block = q.shape[0], q.shape[1]
-        cos, sin = functional.rope_tables(meta.arange(block, like=q.data), d, c.rope_theta, q.dtype)
+        positions = sharding.token_positions(block)  # global: context parallelism's chunks
+        if meta.is_meta(q.data):
+            positions = meta.arange(block, like=q.data)
+        cos, sin = functional.rope_tables(positions, d, c.rope_theta, q.dtype)
         q = fused.rope(split_heads(q, heads), cos, sin)  # (B, nh, T, hs)
         k = fused.rope(split_heads(k, kv_heads), cos, sin)  # (B, nkv, T, hs)
         v = split_heads(v, kv_heads)
         if recompute_core:
-            y = checkpoint(fused.scaled_dot_product_attention, q, k, v)
+            y = checkpoint(sharding.attention, q, k, v)
         else:
-            y = fused.scaled_dot_product_attention(q, k, v, causal=True)
+            y = sharding.attention(q, k, v)
         y = ax.reshape(ax.transpose(y, (0, 2, 1, 3)), (batch, block, heads * d))
         return o_proj(y)
 

@@ -43,8 +43,13 @@ class GroupLink:
         return f"{self.link_name} ({where}, {self.bytes_per_s / 1e9:.0f} GB/s)"
 
 
-def group_link(layout: MeshLayout, axis: str, profile: HardwareProfile) -> GroupLink:
-    """The link of the slowest group along `axis` (every group of an axis runs at once)."""
+def group_link(
+    layout: MeshLayout, axis: str | tuple[str, ...], profile: HardwareProfile
+) -> GroupLink:
+    """The link of the slowest group along `axis` (every group of an axis runs at once), or
+    along several axes together (dp × cp: the ranks that average gradients)."""
+    if not isinstance(axis, str):
+        return _joint_link(layout, axis, profile)
     gpn = profile.gpus_per_node
     size = layout.size(axis)
     intra, inter = profile.intra_node, profile.inter_node
@@ -65,6 +70,26 @@ def group_link(layout: MeshLayout, axis: str, profile: HardwareProfile) -> Group
         return GroupLink(axis, size, False, size, intra.name, intra.latency_s, intra.bytes_per_s)
     bandwidth = min(intra.bytes_per_s, fewest * inter.bytes_per_s)
     return GroupLink(axis, size, True, fewest, inter.name, inter.latency_s, bandwidth)
+
+
+def _joint_link(layout: MeshLayout, axes: tuple[str, ...], profile: HardwareProfile) -> GroupLink:
+    gpn, intra, inter = profile.gpus_per_node, profile.intra_node, profile.inter_node
+    name = axes[0]  # booked under its first axis (dp), as the mesh's group is
+    crosses, fewest, size = False, 0, 1
+    for rank in range(layout.world_size):
+        if layout.group_index(axes, rank):
+            continue  # each group once, from its first member
+        members = layout.group_ranks(axes, rank)
+        size = len(members)
+        per_node = Counter(r // gpn for r in members)
+        if len(per_node) > 1:
+            least = min(per_node.values())
+            fewest = least if not crosses else min(fewest, least)
+            crosses = True
+    if not crosses:
+        return GroupLink(name, size, False, size, intra.name, intra.latency_s, intra.bytes_per_s)
+    bandwidth = min(intra.bytes_per_s, fewest * inter.bytes_per_s)
+    return GroupLink(name, size, True, fewest, inter.name, inter.latency_s, bandwidth)
 
 
 def all_reduce_time(nbytes: float, link: GroupLink) -> float:

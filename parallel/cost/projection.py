@@ -139,11 +139,13 @@ class CostOptions:
     pp_scatter_gather: bool = False
     # Discrete-event replay of the schedule (parallel.cost.replay); None: closed forms.
     replay: Replay | None = replayed_makespan
+    # A context-parallel ring's key/value blocks travel while attention computes.
+    overlap_cp: bool = True
 
 
-# How civetta's executor runs a step: the gradient all-reduce waits for the last backward, and
-# each ZeRO-3 gather for its op.
-CIVETTA_EXECUTOR = CostOptions(overlap_dp=False)
+# How civetta's executor runs a step: the gradient all-reduce waits for the last backward, each
+# ZeRO-3 gather for its op, and each ring step for its message.
+CIVETTA_EXECUTOR = CostOptions(overlap_dp=False, overlap_cp=False)
 
 
 def executor_options(profile: HardwareProfile) -> CostOptions:
@@ -235,6 +237,8 @@ class _Tick:
     comm_b: float = 0.0
     wgrad: float = 0.0  # weight-gradient GEMMs, what zb-h1 may defer
     tp_bytes: int = 0  # ledger bytes of tp collectives for this microbatch
+    cp_bytes: int = 0  # ledger bytes of context-parallel messages and collectives
+    cp_time: float = 0.0  # the part of comm_f + comm_b that is context-parallel
 
     @property
     def forward(self) -> float:
@@ -258,8 +262,10 @@ class _Device:
         profile: HardwareProfile,
         links: dict,
         layout: Layout,
+        overlap_cp: bool = True,
     ) -> None:
         self.model, self.work, self.profile, self.links = model, work, profile, links
+        self.overlap_cp = overlap_cp
         self.e = element_bytes(work.dtype)
         self.hbm = profile.device.hbm_bytes_per_s
         self.traffic = profile.device.elementwise_traffic
@@ -273,7 +279,8 @@ class _Device:
             self.per_node = profile.device.layer_overhead_us * 1e-6 / reference
         # A piece's tick depends on the piece, the device and the tp link alone: layouts that
         # share a staged model (a tuner's, differing in dp or schedule) share them.
-        key = (repr(profile.device), work.dtype, links["tp"], self.per_node)
+        key = (repr(profile.device), work.dtype, links["tp"], links["cp"], overlap_cp)
+        key += (self.per_node,)
         self._ticks: dict[int, _Tick] = model.ticks.setdefault(key, {})
 
     def gemm(self, g: Gemm) -> float:
@@ -289,6 +296,11 @@ class _Device:
             return all_gather_time(call.nbytes * link.size, link)
         if call.op == "reduce_scatter":
             return reduce_scatter_time(call.nbytes, link)
+        if call.op == "sendrecv":  # one block to the next rank while one arrives
+            return p2p_time(call.nbytes, link.latency_s, link.bytes_per_s)
+        if call.op == "all_to_all":  # each rank keeps 1/n and sends the rest
+            n = link.size
+            return link.latency_s * (n - 1) + call.nbytes * (n - 1) / n / link.bytes_per_s
         raise AssertionError(f"no time model for {call.op} inside a microbatch")
 
     def elementwise(self, nbytes: int, nodes: int) -> float:
@@ -307,15 +319,35 @@ class _Device:
             elem_f = self.elementwise(f.output_bytes, f.nodes)
             elem_again = self.elementwise(b.output_bytes, b.nodes)  # recomputation
             tp_f, tp_b = f.calls_on("tp"), b.calls_on("tp")
+            cp_f, cp_b = f.calls_on("cp"), b.calls_on("cp")
+            compute_f = sum(self.gemm(g) for g in f.gemms) + elem_f
+            compute_b = sum(by_phase.values()) + self.backward_ratio * elem_f + elem_again
+            cp_time_f, cp_time_b = (
+                self.cp_exposed(cp_f, compute_f),
+                self.cp_exposed(cp_b, compute_b),
+            )
             self._ticks[key] = _Tick(
-                compute_f=sum(self.gemm(g) for g in f.gemms) + elem_f,
-                comm_f=sum(self.call_time(c) for c in tp_f),
-                compute_b=sum(by_phase.values()) + self.backward_ratio * elem_f + elem_again,
-                comm_b=sum(self.call_time(c) for c in tp_b),
+                compute_f=compute_f,
+                comm_f=sum(self.call_time(c) for c in tp_f) + cp_time_f,
+                compute_b=compute_b,
+                comm_b=sum(self.call_time(c) for c in tp_b) + cp_time_b,
+                cp_time=cp_time_f + cp_time_b,
                 wgrad=by_phase["backward-weight"],
                 tp_bytes=sum(c.nbytes for c in tp_f + tp_b),
+                cp_bytes=sum(c.nbytes for c in cp_f + cp_b),
             )
         return self._ticks[key]
+
+    def cp_exposed(self, calls: tuple[Call, ...], compute: float) -> float:
+        """Seconds of context-parallel communication not hidden: a ring's blocks travel while
+        the previous block's attention computes (as Megatron-core's and ring-flash-attention's
+        rings overlap them, hidden up to the pass's compute); all-gathered keys and values and
+        all-to-alls are waited for."""
+        ring = sum(self.call_time(c) for c in calls if c.op == "sendrecv")
+        other = sum(self.call_time(c) for c in calls if c.op != "sendrecv")
+        if self.overlap_cp:
+            ring = max(0.0, ring - compute)
+        return ring + other
 
     def ticks(self, pieces: list[tuple[Piece, int]]) -> _Tick:
         return _combine([(self.tick(piece), count) for piece, count in pieces])
@@ -324,7 +356,8 @@ class _Device:
 def _combine(parts: list[tuple[_Tick, int]]) -> _Tick:
     total = _Tick()
     for tick, count in parts:
-        for name in ("compute_f", "comm_f", "compute_b", "comm_b", "wgrad", "tp_bytes"):
+        names = ("compute_f", "comm_f", "compute_b", "comm_b", "wgrad", "tp_bytes", "cp_bytes")
+        for name in (*names, "cp_time"):
             setattr(total, name, getattr(total, name) + count * getattr(tick, name))
     return total
 
@@ -339,7 +372,10 @@ def _group_links(mesh: MeshLayout, profile: HardwareProfile) -> dict[str, GroupL
     if key not in _LINKS:
         if len(_LINKS) > 512:
             _LINKS.clear()
-        _LINKS[key] = {axis: group_link(mesh, axis, profile) for axis in ("tp", "dp", "pp")}
+        links = {axis: group_link(mesh, axis, profile) for axis in ("tp", "pp", "cp")}
+        # Gradients are averaged (and ZeRO shards) over dp × cp: one group, booked as dp.
+        links["dp"] = group_link(mesh, ("dp", "cp"), profile)
+        _LINKS[key] = links
     return _LINKS[key]
 
 
@@ -415,8 +451,9 @@ def _project(
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     links = _group_links(layout.mesh, profile)
     model = staged_model(config, layout, work.dtype, work.seq(config))
-    dev = _Device(model, work, profile, links, layout)
-    p, m, v, dp, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.dp, layout.tp
+    dev = _Device(model, work, profile, links, layout, options.overlap_cp)
+    p, m, v, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.tp
+    dp = layout.dp * layout.cp  # the ranks that average gradients (and that ZeRO shards over)
     s = model.seq_len
     w_b, g_b, _ = state_bytes_per_param(work.dtype, work.optimizer)
 
@@ -531,12 +568,14 @@ def _project(
         optimizer_s = max(optimizer_s, optimizer_time(mine, len(params[d]), work, profile))
 
     compute = m * (tick.compute_f + tick.compute_b)
-    tp_exposed = m * (tick.comm_f + tick.comm_b) + (tp_step_s if tp > 1 else 0.0)
-    step = compute + tp_exposed + bubble + pp_exposed + dp_exposed + optimizer_s
+    cp_exposed = m * tick.cp_time
+    tp_exposed = m * (tick.comm_f + tick.comm_b) - cp_exposed + (tp_step_s if tp > 1 else 0.0)
+    step = compute + tp_exposed + cp_exposed + bubble + pp_exposed + dp_exposed + optimizer_s
     breakdown = {
         "compute": compute,
         "optimizer": optimizer_s,
         "tp_exposed": tp_exposed,
+        "cp_exposed": cp_exposed,
         "pp_exposed": pp_exposed,
         "dp_exposed": dp_exposed,
         "bubble": bubble,
@@ -544,11 +583,10 @@ def _project(
 
     flops = _step_flops(model, layout)
     world = layout.world_size
-    memory = max(
-        (_memory(model, layout, d, work) for d in sorted({0, p - 1})), key=lambda x: x.total
-    )
+    memory = max((_memory(model, layout, d, work) for d in positions), key=lambda x: x.total)
     capacity = profile.device.usable_memory_bytes
     tp_bytes = max(m * ticks[d].tp_bytes + tp_step_bytes[d] for d in positions)
+    cp_bytes = max(m * ticks[d].cp_bytes for d in positions)
     pp_bytes = 0
     if p > 1:
         pp_bytes = max(
@@ -568,7 +606,7 @@ def _project(
         memory_per_gpu=memory.as_dict(),
         memory_capacity_bytes=capacity,
         fits=memory.total <= capacity,
-        comm_bytes={"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes},
+        comm_bytes={"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "cp": cp_bytes},
         model_flops_per_step=flops.model,
         hardware_flops_per_step=flops.hardware,
         tokens_per_step=layout.global_batch * s,
@@ -600,7 +638,7 @@ def _step_flops(model: StagedModel, lay: Layout) -> StepFlops:
         for piece, count in model.stage_pieces(stage):
             model_flops += count * piece.flops
             recomputed += count * piece.recomputed_flops
-    scale = lay.tp * lay.dp * lay.microbatches
+    scale = lay.tp * lay.dp * lay.cp * lay.microbatches  # every rank's pieces
     return StepFlops(model=scale * model_flops, hardware=scale * (model_flops + recomputed))
 
 
@@ -615,11 +653,11 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     w, g, o = state_bytes_per_param(work.dtype, work.optimizer)
     params, grads, opt = count * w, count * g, count * o
     if lay.zero >= 1:
-        opt = ceil_div(opt, lay.dp)
+        opt = ceil_div(opt, lay.dp * lay.cp)
     if lay.zero >= 2:
-        grads = ceil_div(grads, lay.dp)
+        grads = ceil_div(grads, lay.dp * lay.cp)
     if lay.zero >= 3:
-        params = ceil_div(params, lay.dp)
+        params = ceil_div(params, lay.dp * lay.cp)
     block = model.piece("block")
     # From the schedule itself: the most block-microbatches alive between a forward and its
     # backward on this device, and the most microbatches alive on the first stage.
@@ -726,6 +764,6 @@ def microbatch_times(
     checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
     model = staged_model(config, layout, work.dtype, work.seq(config))
-    dev = _Device(model, work, profile, _group_links(layout.mesh, profile), layout)
+    dev = _Device(model, work, profile, _group_links(layout.mesh, profile), layout, False)
     devices = [dev.ticks(model.device_pieces(d)) for d in sorted({0, layout.pp - 1})]
     return max((t.times() for t in devices), key=lambda t: t.forward_s + t.backward_s)

@@ -124,6 +124,7 @@ def staged_model(config: ModelDescription, layout: Layout, dtype: str, seq_len: 
         layout.pp,
         layout.stage_placement,
         layout.stage_layers(config.n_layer),
+        (layout.cp, layout.cp_comm, layout.cp_balance) if layout.cp > 1 else 1,
     )
     first = _first_of.setdefault((config, dtype, seq_len, shape), layout)
     return _staged(config, dtype, seq_len, shape, first)

@@ -141,6 +141,9 @@ class TraceKey:
     recompute: str = "none"
     dtype: str = "bf16"
     zero3: bool = False  # ZeRO-3 shards the parameters: its gathers are the pieces' own
+    cp: int = 1  # context parallelism: the piece runs one cp rank's chunks
+    cp_comm: str = "ring"
+    cp_balance: bool = True
 
 
 def key_for(
@@ -154,8 +157,9 @@ def key_for(
     recompute = layout.recompute if part == "block" else "none"
     zero3 = layout.zero == 3 and layout.dp > 1
     seq = seq_len or config.block_size
+    cp = (layout.cp, layout.cp_comm, layout.cp_balance) if layout.cp > 1 else (1, "ring", True)
     return TraceKey(
-        config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3
+        config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3, *cp
     )
 
 
@@ -205,12 +209,17 @@ def trace(key: TraceKey) -> Piece:
     layout = Layout(
         dp=dp,
         tp=key.tp,
+        cp=key.cp,
+        cp_comm=key.cp_comm,
+        cp_balance=key.cp_balance,
         sequence_parallel=key.sequence_parallel,
         zero=3 if key.zero3 else 0,
         recompute=key.recompute,
     )
     log = CallLog()
-    mesh = virtual_mesh(dp=dp, tp=key.tp, ledger=log, fill=_fill)
+    # Balanced, every cp rank attends over as much; unbalanced, the last one over the most.
+    rank = 0 if key.cp_balance else layout.mesh.rank_of(cp=key.cp - 1)
+    mesh = virtual_mesh(dp=dp, tp=key.tp, ledger=log, fill=_fill, cp=key.cp, rank=rank)
     runtime = Runtime(layout, mesh)
     sharded_ops = _record_sharded_ops(runtime, log)
     precision = PRECISIONS.get(key.dtype)
@@ -218,7 +227,7 @@ def trace(key: TraceKey) -> Piece:
         log.float32_itemsize = precision.itemsize
     module, from_tokens = _build(key, runtime)
     dtype = ARRAY_DTYPES[key.dtype]
-    b, s, h = key.microbatch, key.seq_len, key.config.n_embd
+    b, s, h = key.microbatch, key.seq_len // key.cp, key.config.n_embd  # this cp rank's chunks
     local = s // key.tp if key.sequence_parallel else s
     tokens = meta.token_ids((b, s))
     inputs: Any = tokens

@@ -49,6 +49,7 @@ TERMS = {
     "compute": "compute",
     "bubble": "pipeline bubble",
     "tp_exposed": "tensor-parallel communication",
+    "cp_exposed": "context-parallel communication",
     "pp_exposed": "pipeline messages",
     "dp_exposed": "exposed data-parallel communication",
     "optimizer": "optimizer step",
@@ -77,6 +78,30 @@ class SearchSpace:
     pp: int | None = None
     microbatch_size: int | None = None
     virtual_stages: int | None = None
+    # Context parallelism: searched from this sequence length on (shorter sequences gain
+    # nothing from splitting them), over these back ends; `--set parallel.cp=4` fixes it.
+    cp: int | None = None
+    cp_from_seq: int = 32768
+    max_cp: int = 16
+    cp_comms: tuple[str, ...] = ("ring", "all_gather", "a2a")
+
+
+def _context_choices(config: Any, seq: int, gpus: int, space: SearchSpace) -> list[tuple]:
+    """(cp, back end) choices: none below `cp_from_seq` tokens unless cp is fixed."""
+    if space.cp is not None:
+        sizes = [space.cp]
+    elif seq < space.cp_from_seq:
+        return [(1, "ring")]
+    else:
+        sizes = [c for c in divisors(gpus) if c <= space.max_cp and seq % (2 * c) == 0]
+    heads = getattr(config, "n_kv_head", 0) or config.n_head
+    out = []
+    for cp in sizes:
+        if cp == 1:
+            out.append((1, "ring"))
+            continue
+        out += [(cp, comm) for comm in space.cp_comms if comm != "a2a" or heads % cp == 0]
+    return out
 
 
 @dataclass(frozen=True)
@@ -159,10 +184,40 @@ def enumerate_layouts(
     fitting: list[Layout] = []
     enumerated = 0
     smallest: tuple[int, Layout] | None = None
+    for cp, cp_comm in _context_choices(config, seq, gpus, space):
+        found, count, least = _enumerate_mesh(
+            config, gpus // cp, cp, cp_comm, batch, base, space, work, capacity, max_tp, seq
+        )
+        fitting += found
+        enumerated += count
+        if least is not None and (smallest is None or least[0] < smallest[0]):
+            smallest = least
+    return fitting, enumerated, smallest
+
+
+def _enumerate_mesh(
+    config: ModelDescription,
+    gpus: int,
+    cp: int,
+    cp_comm: str,
+    batch: int,
+    base: Layout,
+    space: SearchSpace,
+    work: Workload,
+    capacity: int,
+    max_tp: int,
+    seq: int,
+) -> tuple[list[Layout], int, tuple[int, Layout] | None]:
+    """`enumerate_layouts` for one context-parallel choice, over the other `gpus` ranks."""
+    fitting: list[Layout] = []
+    enumerated = 0
+    smallest: tuple[int, Layout] | None = None
     for tp in divisors(gpus):
         if tp > max_tp or not tensor_parallel_divides(config, tp):
             continue
         if space.tp is not None and tp != space.tp:
+            continue
+        if cp_comm == "a2a" and (getattr(config, "n_kv_head", 0) or config.n_head) % (cp * tp):
             continue
         for pp in divisors(gpus // tp):
             dp = gpus // (tp * pp)
@@ -184,7 +239,7 @@ def enumerate_layouts(
                     if space.virtual_stages is not None and v != space.virtual_stages:
                         continue
                     for sp in space.sequence_parallel:
-                        if sp and (tp == 1 or seq % tp):
+                        if sp and (tp == 1 or (seq // cp) % tp):
                             continue
                         for zero in space.zero_stages if dp > 1 else (0,):
                             enumerated += 1
@@ -200,6 +255,8 @@ def enumerate_layouts(
                                 sequence_parallel=sp,
                                 zero=zero,
                                 order=space.order,
+                                cp=cp,
+                                cp_comm=cp_comm,
                             )
                             for recompute in space.recompute:
                                 candidate = dataclasses.replace(layout, recompute=recompute)
@@ -262,6 +319,8 @@ def tune(
 def describe(layout: Layout) -> str:
     """A layout in one line: dp×tp×pp, microbatches, schedule, ZeRO, recompute, SP."""
     parts = [f"dp={layout.dp} × tp={layout.tp} × pp={layout.pp}"]
+    if layout.cp > 1:
+        parts[0] += f" × cp={layout.cp} ({layout.cp_comm})"
     parts.append(f"microbatch {layout.microbatch_size} × {layout.microbatches}")
     if layout.pp > 1:
         v = f" v={layout.virtual_stages}" if layout.virtual_stages > 1 else ""

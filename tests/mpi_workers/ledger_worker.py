@@ -27,7 +27,8 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     report = {}
     for name in sys.argv[1:]:
-        mesh = Mesh(*case_mesh_shape(name))
+        dp, tp, pp, order, cp = case_mesh_shape(name)
+        mesh = Mesh(dp, tp, pp, order, cp=cp)
         payload = case_payload(name, mesh)
         mesh.close()
         gathered = comm.gather(payload, root=0)  # test plumbing: pickling is fine here
