@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from launch.launcher import find_mpiexec, kill_tree
 
 WORKERS = Path(__file__).parent / "mpi_workers"
@@ -100,3 +102,31 @@ def run_mpi_json(n: int, args: Sequence[str], timeout: float = 120, **kwargs: An
 def run_worker(n: int, name: str, *worker_args: str, timeout: float = 120) -> Any:
     """Run tests/mpi_workers/<name>.py on n ranks and return rank 0's JSON result."""
     return run_mpi_json(n, [str(WORKERS / f"{name}.py"), *worker_args], timeout=timeout)
+
+
+def train_worker_run(
+    out_dir: Path, overrides: Sequence[str], ranks: int = 1, timeout: float = 180
+) -> dict[str, np.ndarray]:
+    """tests/mpi_workers/train_worker.py under `ranks` ranks (one process: no MPI at all) with
+    these `--set`-style overrides; its arrays (losses, norms, gathered gradients, ...)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "run.npz"
+    args = [str(WORKERS / "train_worker.py"), str(out), *overrides]
+    if ranks == 1:
+        subprocess.run([sys.executable, *args], check=True, timeout=timeout)
+    else:
+        run_mpi(ranks, args, timeout=timeout)
+    with np.load(out, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
+
+
+def assert_same_run(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    """A layout's run equals one process's in float64: every step's loss and global gradient
+    norm within 1e-10 relative, every gathered gradient within 1e-9 of its largest entry."""
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-10, atol=0)
+    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-10, atol=0)
+    grads = sorted(k for k in ref if k.startswith("grad."))
+    assert grads == sorted(k for k in got if k.startswith("grad."))
+    for key in grads:
+        scale = np.max(np.abs(ref[key])) + 1e-30
+        assert np.max(np.abs(got[key] - ref[key])) / scale < 1e-9, key

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_helpers import WORKERS, run_mpi
+from mpi_helpers import assert_same_run, train_worker_run
 
 from launch.config import ConfigError, load
 
@@ -39,31 +39,13 @@ COMMON = [
 
 
 def run(tmp: Path, model: list[str], *overrides: str, ranks: int = 1) -> dict[str, np.ndarray]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = tmp / "run.npz"
-    args = [str(WORKERS / "train_worker.py"), str(out), *model, *COMMON, *overrides]
-    if ranks == 1:
-        subprocess.run([sys.executable, *args], check=True, timeout=120)
-    else:
-        run_mpi(ranks, args, timeout=180)
-    with np.load(out, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    return train_worker_run(tmp, [*model, *COMMON, *overrides], ranks)
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.ndarray]]:
     tmp = tmp_path_factory.mktemp("reference")
     return {"llama": run(tmp / "llama", LLAMA), "gpt": run(tmp / "gpt", GPT)}
-
-
-def assert_same_run(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-10, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-10, atol=0)
-    grads = sorted(k for k in ref if k.startswith("grad."))
-    assert grads == sorted(k for k in got if k.startswith("grad."))
-    for key in grads:
-        scale = np.max(np.abs(ref[key])) + 1e-30
-        assert np.max(np.abs(got[key] - ref[key])) / scale < 1e-9, key
 
 
 def cp(n: int, comm: str, balance: bool = True) -> list[str]:

@@ -7,13 +7,11 @@ training from a schedule file. Each reproduces one process within 1e-10 in float
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_helpers import WORKERS, run_mpi
+from mpi_helpers import assert_same_run, train_worker_run
 
 from launch.config import ConfigError, load
 from launch.schedule_files import save_schedule
@@ -34,30 +32,12 @@ TINY = [
 
 
 def run(tmp: Path, *overrides: str, ranks: int = 1) -> dict[str, np.ndarray]:
-    tmp.mkdir(parents=True, exist_ok=True)
-    out = tmp / "run.npz"
-    args = [str(WORKERS / "train_worker.py"), str(out), *TINY, *overrides]
-    if ranks == 1:
-        subprocess.run([sys.executable, *args], check=True, timeout=120)
-    else:
-        run_mpi(ranks, args, timeout=180)
-    with np.load(out, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    return train_worker_run(tmp, [*TINY, *overrides], ranks)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     return run(tmp_path_factory.mktemp("reference"))
-
-
-def assert_same_run(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
-    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-10, atol=0)
-    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-10, atol=0)
-    grads = sorted(k for k in ref if k.startswith("grad."))
-    assert grads == sorted(k for k in got if k.startswith("grad."))
-    for key in grads:
-        scale = np.max(np.abs(ref[key])) + 1e-30
-        assert np.max(np.abs(got[key] - ref[key])) / scale < 1e-9, key
 
 
 LAYOUTS = {  # label: (ranks, overrides)

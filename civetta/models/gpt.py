@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta import fused, meta
+from civetta import fused
 from civetta.functional import relu
+from civetta.models.stage import decoder_stage
 from civetta.nn import (
     DENSE,
     Block,
@@ -158,31 +159,12 @@ def GPTStage(  # noqa: N802
             head_weight = head.params["lm_head.weight"]
             modules.append(head)
 
-    def hidden(inputs: Any) -> Tensor:
-        if first:
-            idx = meta.asarray(inputs)  # token ids, real or data-free
-            if idx.shape[-1] > c.block_size:
-                raise ValueError(
-                    f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}"
-                )
-            x = ax.add(wte(idx), wpe(sharding.local_positions(idx.shape[-1])))  # (B, T, C)
-        else:
-            x = inputs
-        for block in blocks:
-            x = block(x)
-        return ln_f(x) if last else x
+    def embed(idx: np.ndarray) -> Tensor:
+        return ax.add(wte(idx), wpe(sharding.local_positions(idx.shape[-1])))
 
-    def forward(inputs: Any, targets: np.ndarray | None = None) -> Tensor:
-        if not last:
-            return hidden(inputs)
-        assert head_weight is not None  # the last stage has the head
-        return sharding.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
-
-    def logits(inputs: Any) -> Tensor:
-        assert last and head_weight is not None, "only the last stage has the head"
-        return sharding.lm_logits(hidden(inputs), head_weight)
-
-    return Model(forward, merge(*modules), aliases, logits=logits, config=config)
+    final_norm = ln_f if last else None
+    embedding = embed if first else None
+    return decoder_stage(c, sharding, modules, aliases, embedding, blocks, final_norm, head_weight)
 
 
 def MLPModel(  # noqa: N802

@@ -19,6 +19,7 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta import functional, fused, meta
+from civetta.models.stage import decoder_stage
 from civetta.nn import DENSE, DenseSharding, Model, Module, RMSNorm, merge
 from civetta.recompute import checkpoint
 from civetta.tensor import Tensor
@@ -254,28 +255,4 @@ def LlamaStage(  # noqa: N802
             head_weight = head.params["lm_head.weight"]
             modules.append(head)
 
-    def hidden(inputs: Any) -> Tensor:
-        if embed is not None:
-            idx = meta.asarray(inputs)  # token ids, real or data-free
-            if idx.shape[-1] > c.block_size:
-                raise ValueError(
-                    f"sequence length {idx.shape[-1]} exceeds block_size={c.block_size}"
-                )
-            x = embed(idx)  # (B, T, C)
-        else:
-            x = inputs
-        for block in blocks:
-            x = block(x)
-        return norm(x) if norm is not None else x
-
-    def forward(inputs: Any, targets: np.ndarray | None = None) -> Tensor:
-        if not last:
-            return hidden(inputs)
-        assert head_weight is not None  # the last stage has the head
-        return sharding.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
-
-    def logits(inputs: Any) -> Tensor:
-        assert last and head_weight is not None, "only the last stage has the head"
-        return sharding.lm_logits(hidden(inputs), head_weight)
-
-    return Model(forward, merge(*modules), aliases, logits=logits, config=config)
+    return decoder_stage(c, sharding, modules, aliases, embed, blocks, norm, head_weight)
