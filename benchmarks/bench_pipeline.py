@@ -3,8 +3,8 @@
     python benchmarks/bench_pipeline.py [--pp 4] [--microbatches 8] [--steps 4]
 
 Runs the bench config (configs/bench.yaml) with 8 layers instead of 4 (so that pp=4 with two
-stages per rank has a block per stage) and an untied head (a V puts the first and last stage on
-rank 0) through `civetta train` once per schedule (GPipe, 1F1B, interleaved 1F1B with 2 virtual
+stages per rank has a block per stage) and an untied head, the same for every schedule,
+through `civetta train` once per schedule (GPipe, 1F1B, interleaved 1F1B with 2 virtual
 stages, ZB-H1, ZB-H2, ZB-V, DualPipeV) and prints, per schedule: the bubble measured on the
 ranks (idle share of the pipeline phase, mean over ranks, median over steps after the first),
 the median step time, the schedule's bubble replayed with unit action times (F=1, B=2, I=W=1)

@@ -126,9 +126,17 @@ class Trainer:
         self.schedule = schedule_of(p)  # checked: complete and deadlock-free
         num_stages = self.schedule.num_stages
         layers = p.stage_layers(model_config.n_layer)
+        self.stages: dict[int, Model] = {}
         with meta.data_free(data_free):  # nothing drawn: parameters are MetaArrays
-            self.stages = {
-                s: build_stage(
+            for s in range(num_stages):
+                if self.schedule.stage_rank(s) != runtime.pp_rank:
+                    continue
+                extra: dict[str, Any] = {}
+                tied = model_config.tied_weights
+                if s == num_stages - 1 and s > 0 and 0 in self.stages and tied:
+                    # The first stage is on this rank too (a V): the head reuses its table.
+                    extra["tied_table"] = self.stages[0].params[tied[0]]
+                self.stages[s] = build_stage(
                     model_config,
                     layers[s],
                     first=s == 0,
@@ -137,10 +145,8 @@ class Trainer:
                     dtype=self.dtype,
                     sharding=runtime.sharding,
                     recompute=p.recompute,
+                    **extra,
                 )
-                for s in range(num_stages)
-                if self.schedule.stage_rank(s) == runtime.pp_rank
-            }
         # All of this rank's parameters, by their whole-model names.
         self.model = Model(
             self.stages[0].forward if num_stages == 1 else _not_whole_model,

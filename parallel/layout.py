@@ -359,9 +359,3 @@ class Layout:
                 f"the pipeline has {self.num_stages} stages, more than model.n_layer="
                 f"{model.n_layer} (set parallel.pipeline_layout to leave a stage without layers)"
             )
-        if getattr(model, "tie_embeddings", False) and self.shares_ends_rank:
-            raise LayoutError(
-                f"parallel.schedule={self.schedule} puts the first and last stage on one rank, "
-                "where a tied embedding table is not supported yet: set "
-                "model.tie_embeddings=false"
-            )

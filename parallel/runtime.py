@@ -81,6 +81,8 @@ class Runtime:
 
     def _holds_tied_copy(self, name: str, tied: tuple[str, ...]) -> bool:
         """Whether `name` is the second copy of a weight tied across the first and last stage."""
+        if self.layout.shares_ends_rank:  # one table on one rank: no second copy anywhere
+            return False
         return name in tied and self.pp_group.size > 1 and self.pp_rank == self.pp_group.size - 1
 
     def _sharded(self, name: str) -> bool:
@@ -110,7 +112,7 @@ class Runtime:
         """Everything before the dp reduction: sum the two copies of weights `tied` across the
         first and last pipeline stage (as Megatron-LM's embedding group does), and sum
         sequence-parallel partial gradients over tp."""
-        if self.pp_group.size > 1:
+        if self.pp_group.size > 1 and not self.layout.shares_ends_rank:
             grads = {**grads, **self._sum_tied_copies(grads, tied)}
         if self.sequence_parallel:
             # Replicated parameters saw only this rank's part of the sequence.

@@ -127,6 +127,10 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
         ],
     ),
     "pp2-uneven-3-layers": (2, ["parallel.pp=2", "model.n_layer=3", "train.microbatch_size=2"]),
+    "pp2-zb-v-tied-m4": (
+        2,
+        ["parallel.pp=2", "parallel.schedule=zb-v", "train.microbatch_size=2", "model.n_layer=4"],
+    ),
     # Context parallelism: a ring, all-gathered keys and values, all-to-all (block 16: 2·cp
     # chunks of 4 tokens), and with dp (gradients averaged over dp × cp).
     "llama-cp2-ring": (2, [*LLAMA, "parallel.cp=2"]),

@@ -22,7 +22,7 @@ TINY = [
     "model.n_layer=8",
     "model.n_head=4",
     "model.n_embd=32",
-    "model.tie_embeddings=false",  # a V keeps the first and last stage on rank 0
+    "model.tie_embeddings=false",
     "train.batch_size=8",
     "train.steps=3",
     "train.eval_batches=1",
@@ -161,9 +161,6 @@ def test_a_deadlocking_file_is_refused_with_the_checkers_line(tmp_path) -> None:
         (["parallel.pp=2", "parallel.pipeline_layout=t*4|Et*4L"],
          "parallel.pipeline_layout: 'E' belongs once at the first stage's start, got "
          "'t*4|Et*4L'"),
-        (["parallel.pp=2", "parallel.schedule=zb-v", "model.tie_embeddings=true"],
-         "parallel.schedule=zb-v puts the first and last stage on one rank, where a tied "
-         "embedding table is not supported yet: set model.tie_embeddings=false"),
         (["parallel.pp=4", "parallel.schedule=zb-v", "model.n_layer=6"],
          "the pipeline has 8 stages, more than model.n_layer=6 (set parallel.pipeline_layout "
          "to leave a stage without layers)"),
@@ -178,3 +175,13 @@ def test_bad_pipeline_layouts_are_one_line(overrides: list[str], message: str) -
 def test_uneven_layers_go_to_the_middle_stages_first() -> None:
     layout = load(None, [*TINY, "model.n_layer=10", "parallel.pp=4"]).layout
     assert [len(r) for r in layout.stage_layers(10)] == [2, 3, 3, 2]
+
+
+@pytest.mark.parametrize("schedule", ["zb-v", "dualpipev"])
+def test_a_tied_table_under_a_v_is_one_tensor_on_rank_0(tmp_path, schedule: str) -> None:
+    """A V puts the first and last stage on rank 0: the head reuses the embedding's table (one
+    tensor, its gradient the sum of both uses), as one process does."""
+    tied = ("model.tie_embeddings=true",)
+    ref = run(tmp_path / "one", *tied)
+    v = ("parallel.pp=2", f"parallel.schedule={schedule}", "train.microbatch_size=1")
+    assert_same_run(run(tmp_path / "v", *tied, *v, ranks=2), ref)

@@ -96,6 +96,7 @@ def GPTStage(  # noqa: N802
     dtype: Any = np.float32,
     sharding: DenseSharding = DENSE,
     recompute: str = "none",
+    tied_table: Tensor | None = None,
 ) -> Model:
     """The part of the GPT a pipeline stage runs: blocks `layers`, with the embeddings when it
     is the `first` stage and the final LayerNorm, head and loss when it is the `last`.
@@ -140,7 +141,10 @@ def GPTStage(  # noqa: N802
             "transformer.ln_f", c.n_embd, bias=c.bias, dtype=dtype, store=sharding.store
         )
         modules.append(ln_f)
-        if c.tie_embeddings:
+        if c.tie_embeddings and tied_table is not None:
+            head_weight = tied_table  # the first stage's, on this rank too (a V's rank 0)
+            aliases["lm_head.weight"] = "transformer.wte.weight"
+        elif c.tie_embeddings:
             table = (
                 wte
                 if first

@@ -213,6 +213,7 @@ def LlamaStage(  # noqa: N802
     dtype: Any = np.float32,
     sharding: DenseSharding = DENSE,
     recompute: str = "none",
+    tied_table: Tensor | None = None,
 ) -> Model:
     """The part of the model a pipeline stage runs, as `civetta.models.gpt.GPTStage`: layers
     `layers` (global indices in the names), the token embedding when `first`, the final norm,
@@ -240,7 +241,10 @@ def LlamaStage(  # noqa: N802
     if last:
         norm = RMSNorm("model.norm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=sharding.store)
         modules.append(norm)
-        if c.tie_embeddings:
+        if c.tie_embeddings and tied_table is not None:
+            head_weight = tied_table  # the first stage's, on this rank too (a V's rank 0)
+            aliases["lm_head.weight"] = "model.embed_tokens.weight"
+        elif c.tie_embeddings:
             table = embed or sharding.token_embedding(
                 "model.embed_tokens", c.vocab_size, c.n_embd, seed=seed, dtype=dtype
             )

@@ -649,7 +649,7 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     a forward, with the ends' (the embeddings' output waits for each microbatch in flight, as
     every block's does; the head's lives for one microbatch); during a backward the head's are
     gone and recomputation rebuilds one block. The peak is the larger of the two."""
-    count = sum(n * piece.param_elements for piece, n in model.device_pieces(device))
+    count = sum(param.elements for param in model.device_params(device))
     w, g, o = state_bytes_per_param(work.dtype, work.optimizer)
     params, grads, opt = count * w, count * g, count * o
     if lay.zero >= 1:

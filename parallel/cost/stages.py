@@ -84,7 +84,17 @@ class StagedModel:
                 before = [p for p in ends if stage == 0 and p.name in first]
                 after = [p for p in ends if p not in before]
                 out += before + list(block) * self.stage_blocks[stage] + after
-            self._params[device] = out
+            # A tied table whose two ends share this rank (a V) is one tensor, listed once.
+            tied = set(self.piece("first").tied) | set(self.piece("last").tied)
+            seen: set[str] = set()
+            kept = []
+            for param in out:
+                if param.name in tied:
+                    if param.name in seen:
+                        continue
+                    seen.add(param.name)
+                kept.append(param)
+            self._params[device] = kept
         return self._params[device]
 
     def buckets(self, device: int, cap: int, element: int) -> list[int]:

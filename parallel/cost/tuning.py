@@ -140,8 +140,7 @@ def _pipelines(
     out = [
         (s, 1) for s in space.schedules if s != "interleaved-1f1b" and _builds(s, pp, microbatches)
     ]
-    # A V needs two stages of layers per rank, and puts both ends on rank 0 (no tied table).
-    v_ok = not getattr(config, "tie_embeddings", False) and config.n_layer >= 2 * pp
+    v_ok = config.n_layer >= 2 * pp  # a V needs two stages of layers per rank
     out = [(s, v) for s, v in out if s not in V_SHAPED or v_ok]
     if "interleaved-1f1b" in space.schedules and microbatches % pp == 0:
         chunks = config.n_layer // pp
