@@ -102,22 +102,9 @@ class TensorParallelSharding(DenseSharding):
         return reduce_from_region(partial, self.group)
 
     # ---- layers ---------------------------------------------------------------------------------
-    def column_linear(
-        self,
-        name: str,
-        in_features: int,
-        out_features: int,
-        *,
-        bias: bool = True,
-        std: float = 0.02,
-        seed: int = 0,
-        dtype: Any = np.float32,
-        packed: int = 1,
-    ) -> Module:
-        weight, b, params = self._column_params(
-            name, in_features, out_features, bias=bias, std=std, seed=seed, dtype=dtype,
-            packed=packed,
-        )  # fmt: skip
+    def column_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
+        """See `_column_params` for the keywords (bias, std, seed, dtype, packed)."""
+        weight, b, params = self._column_params(name, in_features, out_features, **kw)
         store = self.store
 
         def forward(x: Tensor) -> Tensor:
