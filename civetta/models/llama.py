@@ -19,6 +19,7 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta import functional, fused, meta
+from civetta.models.moe import MoEConfig, SparseMoE
 from civetta.models.stage import decoder_stage
 from civetta.nn import DENSE, DenseSharding, Model, Module, RMSNorm, merge
 from civetta.recompute import checkpoint
@@ -43,6 +44,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # Mixtral-style sparse MLPs in every layer instead of SwiGLU (`civetta.models.moe`).
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         # Defaults that depend on other fields; the dataclass is frozen, so set them once here.
@@ -56,6 +59,8 @@ class LlamaConfig:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head size n_embd/n_head={self.head_dim} must be even for RoPE")
+        if isinstance(self.moe, dict):  # read back from a config section or a checkpoint
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
     @property
     def head_dim(self) -> int:
@@ -70,17 +75,24 @@ class LlamaConfig:
         """Unique parameters (a tied head counts once)."""
         c, d, f = self.n_embd, self.head_dim, self.ffn_hidden
         attention = c * self.n_head * d * 2 + 2 * c * self.n_kv_head * d  # q, o; k, v
-        per_block = attention + 3 * c * f + 2 * c  # + gate, up, down; two RMSNorms
+        mlp = 3 * c * f  # gate, up, down
+        if self.moe is not None:  # every expert's three matrices and the router
+            mlp = self.moe.experts * (3 * c * self.moe.ffn_hidden + c)
+        per_block = attention + mlp + 2 * c  # + two RMSNorms
         head = 0 if self.tie_embeddings else self.vocab_size * c
         return self.vocab_size * c + self.n_layer * per_block + c + head
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Model training FLOPs per token: 6 · (weights that take part in matmuls) plus
         12 · n_layer · n_head · head_dim · T for the scores and the weighted values over the
-        full T×T matrix, counted as `GPTConfig.flops_per_token` counts them."""
+        full T×T matrix, counted as `GPTConfig.flops_per_token` counts them. With `moe`, a
+        token's MLP weights are its top_k experts' and the router's (the active parameters)."""
         t = seq_len or self.block_size
         c, d = self.n_embd, self.head_dim
-        per_block = 2 * c * self.n_head * d + 2 * c * self.n_kv_head * d + 3 * c * self.ffn_hidden
+        mlp = 3 * c * self.ffn_hidden
+        if self.moe is not None:
+            mlp = self.moe.top_k * 3 * c * self.moe.ffn_hidden + c * self.moe.experts
+        per_block = 2 * c * self.n_head * d + 2 * c * self.n_kv_head * d + mlp
         matmul_weights = self.n_layer * per_block + self.vocab_size * c
         return 6 * matmul_weights + 12 * self.n_layer * self.n_head * d * t
 
@@ -166,8 +178,11 @@ def DecoderLayer(  # noqa: N802
     dtype: Any,
     sharding: DenseSharding,
     recompute: str,
+    aux_losses: list[Tensor] | None = None,
 ) -> Module:
-    """x + attn(norm(x)), then + mlp(norm(x)); `recompute` as in `civetta.nn.Block`."""
+    """x + attn(norm(x)), then + mlp(norm(x)); `recompute` as in `civetta.nn.Block`. With
+    `config.moe` the MLP is `SparseMoE` (Mixtral's names), which appends its weighted
+    load-balancing loss to `aux_losses`."""
     c, store = config, sharding.store
     norm_1 = RMSNorm(f"{name}.input_layernorm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=store)
     attn = Attention(
@@ -181,7 +196,18 @@ def DecoderLayer(  # noqa: N802
     norm_2 = RMSNorm(
         f"{name}.post_attention_layernorm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=store
     )
-    mlp = SwiGLU(f"{name}.mlp", c, seed=seed, dtype=dtype, sharding=sharding)
+    if c.moe is not None:
+        mlp = SparseMoE(
+            f"{name}.block_sparse_moe",
+            c.n_embd,
+            c.moe,
+            seed=seed,
+            dtype=dtype,
+            sharding=sharding,
+            aux_losses=aux_losses,
+        )
+    else:
+        mlp = SwiGLU(f"{name}.mlp", c, seed=seed, dtype=dtype, sharding=sharding)
 
     def layer(x: Tensor) -> Tensor:
         x = ax.add(x, attn(norm_1(x)))
@@ -221,9 +247,23 @@ def LlamaStage(  # noqa: N802
     copy of ``model.embed_tokens.weight``, summed with the first stage's gradient every step."""
     c = config
     assert recompute in ("none", "selective", "full"), recompute
+    # The MoE layers' weighted load-balancing losses of the current forward, added to the loss.
+    aux_losses: list[Tensor] | None = None
+    if c.moe is not None and c.moe.aux_loss_coef:
+        if not (first and last):
+            raise NotImplementedError("moe.aux_loss_coef > 0 needs the whole model on one stage")
+        if recompute == "full":
+            raise NotImplementedError("moe.aux_loss_coef > 0 does not support full recompute yet")
+        aux_losses = []
     blocks = [
         DecoderLayer(
-            f"model.layers.{i}", c, seed=seed, dtype=dtype, sharding=sharding, recompute=recompute
+            f"model.layers.{i}",
+            c,
+            seed=seed,
+            dtype=dtype,
+            sharding=sharding,
+            recompute=recompute,
+            aux_losses=aux_losses,
         )
         for i in layers
     ]
@@ -259,4 +299,6 @@ def LlamaStage(  # noqa: N802
             head_weight = head.params["lm_head.weight"]
             modules.append(head)
 
-    return decoder_stage(c, sharding, modules, aliases, embed, blocks, norm, head_weight)
+    return decoder_stage(
+        c, sharding, modules, aliases, embed, blocks, norm, head_weight, aux_losses=aux_losses
+    )
