@@ -20,6 +20,7 @@ import yaml
 
 from civetta.models.gpt import GPTConfig
 from civetta.models.llama import LlamaConfig
+from civetta.models.moe import MoEConfig
 from launch.schedule_files import load_schedule
 from launch.schema import Schema
 from launch.schema import describe as _describe
@@ -50,6 +51,7 @@ class ModelConfig:
     ffn_hidden: int | None = None  # llama only (default (8/3)·n_embd, a multiple of 16)
     rope_theta: float | None = None  # llama only (default 10000)
     norm_eps: float | None = None  # llama only (default 1e-5)
+    moe: MoEConfig | None = None  # llama only: a section {experts, top_k, ffn_hidden, ...}
 
 
 # model.kind -> the family's description; its fields are the model section's keys it takes.
@@ -213,7 +215,8 @@ def model_description(config: ExperimentConfig) -> GPTConfig | LlamaConfig:
     m = config.model
     family = FAMILIES[m.kind]
     keys = {f.name for f in dataclasses.fields(family)}
-    shape = {k: v for k, v in dataclasses.asdict(m).items() if k in keys and v is not None}
+    # Not `asdict`: it would turn the moe section into a dict.
+    shape = {k: getattr(m, k) for k in keys if getattr(m, k) is not None}
     return family(**shape)
 
 
@@ -231,9 +234,7 @@ def resolve_model(model: ModelConfig) -> None:
                 f"(it is one of {' | '.join(owners)})"
             )
     try:
-        described = family(
-            **{k: v for k, v in dataclasses.asdict(model).items() if k in own and v is not None}
-        )
+        described = family(**{k: getattr(model, k) for k in own if getattr(model, k) is not None})
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     for name in own:
@@ -273,6 +274,10 @@ POSITIVE = {
     "model.ffn_hidden",
     "model.rope_theta",
     "model.norm_eps",
+    "model.moe.experts",
+    "model.moe.top_k",
+    "model.moe.ffn_hidden",
+    "model.moe.capacity_factor",
     "train.steps",
     "train.batch_size",
     "train.microbatch_size",
@@ -293,6 +298,8 @@ NON_NEGATIVE = {
     "train.grad_clip",
     "train.warmup_steps",
     "data.seed",
+    "model.moe.aux_loss_coef",
+    "model.moe.shared_experts",
 }
 
 
@@ -337,7 +344,12 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
             hint = _did_you_mean(str(section), [*SECTIONS, *EXPERIMENT_KEYS])
             raise ConfigError(f"unknown section '{section}' in {origin}{hint}")
         if values is not None:  # an empty section keeps its defaults
-            setattr(config, section, SCHEMA.build(SECTIONS[section], values, f"{section}."))
+            try:
+                setattr(config, section, SCHEMA.build(SECTIONS[section], values, f"{section}."))
+            except ConfigError:
+                raise
+            except ValueError as exc:  # a nested description's own check (model.moe's)
+                raise ConfigError(f"{section}.{exc}") from None
     _check_consistency(config)
     return config
 

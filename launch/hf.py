@@ -65,6 +65,11 @@ def check_expressible(description: ModelDescription) -> None:
             "model.bias=false cannot be written as GPT2LMHeadModel, which has biases in every "
             "layer (export it with --format npz)"
         )
+    if getattr(description, "moe", None) is not None:
+        raise HFError(
+            "model.moe: exporting a mixture of experts (MixtralForCausalLM) is not implemented "
+            "yet (export it with --format npz)"
+        )
 
 
 def hf_config(description: ModelDescription, dtype: np.dtype) -> dict[str, Any]:
