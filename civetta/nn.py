@@ -282,11 +282,16 @@ class DenseSharding:
 
     tp_size = 1
 
-    def __init__(self, store: ParameterStore = WHOLE, context: Any = None) -> None:
+    def __init__(
+        self, store: ParameterStore = WHOLE, context: Any = None, experts: Any = None
+    ) -> None:
         self.store = store
         # Context parallelism (`parallel.context.ContextShard`): this rank holds a chunk of
         # every sequence, and attention reaches the others' keys and values. None: the whole.
         self.context = context
+        # Expert parallelism (`parallel.experts.ExpertShard`): which experts of a MoE layer this
+        # rank holds and how tokens reach them. None: every expert, nothing exchanged.
+        self.experts = experts
 
     def column_linear(self, name: str, in_features: int, out_features: int, **kw: Any) -> Module:
         """A linear whose output features a tensor-parallel sharding splits across ranks.

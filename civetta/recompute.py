@@ -21,6 +21,14 @@ import numpy as np
 
 from civetta.tensor import Tensor, enable_grad, is_grad_enabled, make_node, no_grad
 
+_recomputing = 0  # depth of recomputed forwards running now (inside a backward)
+
+
+def is_recomputing() -> bool:
+    """Whether the forward running now is a recomputation, whose side records (routing
+    statistics) the first forward already made."""
+    return _recomputing > 0
+
 
 def checkpoint(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
     """`fn(*inputs)` whose activations are recomputed during backward instead of kept."""
@@ -32,9 +40,14 @@ def checkpoint(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
     needs = [x.requires_grad for x in inputs]
 
     def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        global _recomputing
         leaves = [Tensor(a, requires_grad=need) for a, need in zip(arrays, needs, strict=True)]
-        with enable_grad():
-            recomputed = fn(*leaves)
+        _recomputing += 1
+        try:
+            with enable_grad():
+                recomputed = fn(*leaves)
+        finally:
+            _recomputing -= 1
         recomputed.backward(g)
         return tuple(leaf.grad if need else None for leaf, need in zip(leaves, needs, strict=True))
 

@@ -126,13 +126,19 @@ def save(trainer: Any, out_dir: Path, step: int) -> Path:
     world.barrier()
 
     # Whole over dp × cp (gathered under ZeRO), the same on every replica (context-parallel
-    # ranks hold the same parameters too): the first of them writes it.
+    # ranks hold the same parameters too): the first of them writes it. Experts differ over
+    # ep: the first rank of each expert-data-parallel group writes its experts.
     params, optim, masters = trainer.update.whole_state()
+    experts = runtime.expert_names
+    writes = {False: runtime.dp_group.rank == 0, True: runtime.edp_group.rank == 0}
+
+    def mine(name: str | None) -> bool:
+        return writes[name in experts]
+
     arrays: dict[str, np.ndarray] = {}
-    if runtime.mesh.coords["dp"] == 0 and runtime.mesh.coords.get("cp", 0) == 0:
-        arrays.update({f"param/{n}": a for n, a in params.items()})
-        arrays.update({f"optim/{k}": v for k, v in optim.items()})
-        arrays.update({f"master/{n}": a for n, a in masters.items()})
+    arrays.update({f"param/{n}": a for n, a in params.items() if mine(n)})
+    arrays.update({f"optim/{k}": v for k, v in optim.items() if mine(_param_of(f"optim/{k}"))})
+    arrays.update({f"master/{n}": a for n, a in masters.items() if mine(n)})
     mesh = runtime.mesh
     scaler = trainer.loss_scaler
     meta = {
@@ -327,8 +333,8 @@ def read_full_state(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarr
     metas = []
     for meta, arrays in _rank_files(directory):
         metas.append(meta)
-        if meta["coords"]["dp"] != 0 or meta["coords"].get("cp", 0) != 0:
-            continue  # every dp replica holds the same state
+        # Only one replica of each array was written (the first dp × cp rank's, or for an
+        # expert the first of its expert-data-parallel group's).
         for key, array in arrays.items():
             pieces.setdefault(key, {})[meta["coords"]["tp"]] = array
     first = metas[0]

@@ -20,7 +20,7 @@ import yaml
 
 from civetta.models.gpt import GPTConfig
 from civetta.models.llama import LlamaConfig
-from civetta.models.moe import MoEConfig
+from civetta.models.moe import AUX_LOSS_SCOPES, MoEConfig
 from launch.schedule_files import load_schedule
 from launch.schema import Schema
 from launch.schema import describe as _describe
@@ -91,6 +91,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallelism: the sequence split over cp ranks
+    ep: int = 1  # expert parallelism: MoE experts split over ep of the dp × cp ranks
     order: str = "tp-dp-pp"
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -261,6 +262,7 @@ CHOICES = {
     "train.dtype": ("float32", "float64", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip"),
     "parallel.cp_comm": ("ring", "all_gather", "a2a"),
+    "model.moe.aux_loss_scope": AUX_LOSS_SCOPES,
 }
 
 
@@ -289,6 +291,7 @@ POSITIVE = {
     "parallel.tp",
     "parallel.pp",
     "parallel.cp",
+    "parallel.ep",
     "parallel.virtual_stages",
     "parallel.bucket_mb",
 }

@@ -19,6 +19,7 @@ import numpy as np
 from civetta import Tensor, activation_meter, flop_meter, meta, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
 from civetta.models import build_stage
+from civetta.models.moe import RoutingLog, aux_loss_weight, recording_routing
 from civetta.nn import Model, merge
 from civetta.optim import Optimizer, constant_lr, cosine_with_warmup, make_optimizer
 from civetta.precision import PRECISIONS, LossScaler, autocast, has_overflow
@@ -190,6 +191,7 @@ class Trainer:
             checkpoint.init_from_hf(self, Path(config.train.init_from))
         self.lr_schedule = lr_schedule(config)
         self.timelines: list[StepTimeline] = []
+        self.routing = RoutingLog()  # MoE layers' routing over the training steps, this rank
 
     def _microbatches(self, split: str, step: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """This DP rank's rows of the global batch, cut into microbatches."""
@@ -211,9 +213,12 @@ class Trainer:
         flop_meter.reset()
         inputs, targets = self._microbatches("train", step)
         # Each microbatch's mean loss weighs 1/count: the sum is the mean over the rank's rows.
+        # MoE load-balancing terms get the same weight in the backward (`aux_loss_weight`).
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
-        with autocast(self.precision):
-            losses, timeline = self.executor.run(inputs, targets, scale / len(inputs))
+        weight = scale / len(inputs)
+        with autocast(self.precision), recording_routing() as routing, aux_loss_weight(weight):
+            losses, timeline = self.executor.run(inputs, targets, weight)
+        self.routing.merge(routing)
         self.timelines.append(timeline)
         lr = self.lr_schedule(step)
         mean_loss = rt.mean_loss(losses)  # before the update: a non-finite loss stops it
@@ -323,23 +328,36 @@ class Trainer:
         }
 
     def memory_closed_form(self) -> dict[str, int]:
-        """What `memory()` must report for params, grads and optimizer, in closed form."""
+        """What `memory()` must report for params, grads and optimizer, in closed form: the
+        dense parameters sharded over dp × cp, a MoE's experts over their edp group."""
         c, rt = self.config, self.runtime
-        store = rt.sharding.store
-        if isinstance(store, ShardedStore):
-            whole = store.whole_sizes()  # the params are this rank's chunks
-            sizes = [whole[name] for name in self.model.params]
-        else:
-            sizes = [p.size for p in self.model.params.values()]
-        return model_state_bytes(
-            sizes,
-            stage=rt.layout.zero,
-            dp=rt.dp_group.size,  # ZeRO shards over dp × cp
-            rank=rt.dp_group.rank,
-            per_element=state_bytes_per_param(c.train.dtype, c.train.optimizer),
-            itemsize=np.dtype(self.dtype).itemsize,
-            bucket_mb=rt.layout.bucket_mb,
-        )
+        experts = rt.expert_names
+        expert_store = rt.sharding.experts.store if rt.sharding.experts is not None else None
+        total: dict[str, int] = {}
+        for group, store, expert in (
+            (rt.dp_group, rt.sharding.store, False),
+            (rt.edp_group, expert_store, True),
+        ):
+            names = [name for name in self.model.params if (name in experts) == expert]
+            if not names:
+                continue
+            if isinstance(store, ShardedStore):
+                whole = store.whole_sizes()  # the params are this rank's chunks
+                sizes = [whole[name] for name in names]
+            else:
+                sizes = [self.model.params[name].size for name in names]
+            part = model_state_bytes(
+                sizes,
+                stage=rt.layout.zero,
+                dp=group.size,
+                rank=group.rank,
+                per_element=state_bytes_per_param(c.train.dtype, c.train.optimizer),
+                itemsize=np.dtype(self.dtype).itemsize,
+                bucket_mb=rt.layout.bucket_mb,
+            )
+            for key, value in part.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def run(
         self, on_step: Callable[[StepRecord], Any] | None = None, start_step: int = 0

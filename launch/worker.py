@@ -99,6 +99,7 @@ def build_metrics(
         },
         "memory": {"per_rank": [{"rank": r["rank"], **r["memory"]} for r in per_rank]},
         "comm": {"per_rank": [{"rank": r["rank"], "ops": r["ops"]} for r in per_rank]},
+        **routing_metrics(per_rank),
         "pipeline": {
             "schedule": p.schedule,
             "virtual_stages": p.virtual_stages,
@@ -108,6 +109,52 @@ def build_metrics(
             "per_rank": [{"rank": r["rank"], **r["pipeline"]} for r in per_rank],
         },
     }
+
+
+def routing_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """metrics.json's `moe` section (absent for a dense model): per MoE layer, over every
+    rank's tokens and every training step, the slots routed to each expert before capacity
+    (`tokens_per_expert`), those dropped, the imbalance max/mean of the routed counts, and the
+    mean unweighted load-balancing term."""
+    layers: dict[str, dict[str, Any]] = {}
+    for rank in per_rank:
+        for layer, record in rank.get("routing", {}).items():
+            into = layers.setdefault(layer, {"routed": 0, "kept": 0, "aux": np.zeros(2)})
+            into["routed"] = into["routed"] + np.asarray(record["routed"], dtype=np.int64)
+            into["kept"] = into["kept"] + np.asarray(record["kept"], dtype=np.int64)
+            into["aux"] = into["aux"] + np.asarray(record["aux"], dtype=np.float64)
+    if not layers:
+        return {}
+    rows = []
+    for layer in sorted(layers, key=_layer_order):
+        routed, kept, aux = layers[layer]["routed"], layers[layer]["kept"], layers[layer]["aux"]
+        mean = routed.mean()
+        rows.append(
+            {
+                "layer": layer,
+                "tokens_per_expert": [int(n) for n in routed],
+                "dropped_per_expert": [int(n) for n in routed - kept],
+                "dropped": int((routed - kept).sum()),
+                "dropped_fraction": float((routed - kept).sum() / routed.sum()),
+                "imbalance": float(routed.max() / mean) if mean else 0.0,
+                "aux_loss": float(aux[0] / aux[1]) if aux[1] else None,
+            }
+        )
+    total = sum(r["dropped"] for r in rows)
+    slots = sum(sum(r["tokens_per_expert"]) for r in rows)
+    return {
+        "moe": {
+            "layers": rows,
+            "dropped_fraction": total / slots if slots else 0.0,
+            "max_imbalance": max(r["imbalance"] for r in rows),
+        }
+    }
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    """model.layers.10.x after model.layers.9.x."""
+    digits = [part for part in name.split(".") if part.isdigit()]
+    return (int(digits[0]) if digits else -1, name)
 
 
 def write_json_atomically(path: Path, payload: Any) -> None:
@@ -157,6 +204,11 @@ def _run(config: ExperimentConfig, out_dir: Path, resume: Path | None) -> int:
             "pipeline": pipeline_summary(trainer.timelines),
             "flops_per_step": result.steps[-1].flops if result.steps else 0,
             "trace": trace.step_events(mesh.rank, traced_timeline, calls),
+            # Tensor-parallel ranks without sequence parallelism route the same tokens: one
+            # of them counts.
+            "routing": trainer.routing.as_dict()
+            if runtime.sequence_parallel or mesh.coords["tp"] == 0
+            else {},
         },
     )
     if leader:

@@ -453,6 +453,47 @@ class Group:
         self.ledger.record("all_to_all", self.axis, nbytes, time.perf_counter() - start, wire)
         return result
 
+    def exchange_counts(self, counts: np.ndarray) -> np.ndarray:
+        """Every rank's int64 `counts` (group size, ...): row j goes to rank j; returns the rows
+        received, row i from rank i. The counts an uneven all-to-all needs first; recorded as
+        its own op ("count_exchange"), so the payload's bytes stay the payload's."""
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        if self.size == 1:
+            return counts
+        start = time.perf_counter()
+        received = np.empty_like(counts)
+        self.comm.Alltoall(counts, received)
+        nbytes = counts.nbytes
+        wire = (self.size - 1) * (nbytes // self.size)
+        self.ledger.record("count_exchange", self.axis, nbytes, time.perf_counter() - start, wire)
+        return received
+
+    def all_to_all_v(
+        self, x: np.ndarray, send_counts: np.ndarray, recv_counts: np.ndarray
+    ) -> np.ndarray:
+        """Uneven all-to-all along axis 0: the first send_counts[0] rows of `x` go to rank 0,
+        the next send_counts[1] to rank 1, ...; returns the rows received, recv_counts[i] from
+        rank i, in group-rank order. Data-free when `x` is. Recorded bytes: every row sent,
+        this rank's own included (`wire`: the rows that leave the rank)."""
+        send_counts = np.asarray(send_counts, dtype=np.int64)
+        recv_counts = np.asarray(recv_counts, dtype=np.int64)
+        if send_counts.sum() != x.shape[0]:
+            raise CommError(
+                f"all_to_all_v sends {int(send_counts.sum())} rows, the buffer has {x.shape[0]}"
+            )
+        if self.size == 1:
+            return x
+        start = time.perf_counter()
+        row = int(np.prod(x.shape[1:], dtype=np.int64))
+        send = meta.ascontiguousarray(x)
+        received = meta.empty((int(recv_counts.sum()), *x.shape[1:]), x.dtype, like=send)
+        self.comm.Alltoallv([send, send_counts * row], [received, recv_counts * row])
+        itemsize = self.ledger.itemsize(x.dtype)
+        nbytes = int(send_counts.sum()) * row * itemsize
+        wire = nbytes - int(send_counts[self.rank]) * row * itemsize
+        self.ledger.record("all_to_all", self.axis, nbytes, time.perf_counter() - start, wire)
+        return received
+
     # -- point to point --
     def send(self, x: np.ndarray, dest: int, tag: int = 0) -> None:
         """Blocking send of `x` to group rank `dest`."""

@@ -40,8 +40,11 @@ class GradientAverager:
     are views into them, valid until the next call.
     """
 
-    def __init__(self, group: Group, bucket_mb: float) -> None:
+    def __init__(self, group: Group, bucket_mb: float, divisor: int | None = None) -> None:
         self.group = group
+        # What the sum is divided by: the group's size, or more when the group's ranks stand
+        # for others too (expert gradients: summed over edp, averaged over dp × cp).
+        self.divisor = group.size if divisor is None else divisor
         self.cap_bytes = max(1, int(bucket_mb * MB))
         self._layout: list[list[tuple[str, tuple[int, ...], int, int]]] = []
         self._buffers: list[np.ndarray] = []
@@ -67,10 +70,12 @@ class GradientAverager:
             self._buffers.append(meta.empty(offset, dtype, like=like))
 
     def __call__(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.group.size == 1:
+        if not grads:
+            return grads
+        if self.group.size == 1 and self.divisor == 1:
             return grads
         self._prepare(grads)
-        scale = 1.0 / self.group.size
+        scale = 1.0 / self.divisor
         averaged: dict[str, np.ndarray] = {}
         for entries, buffer in zip(self._layout, self._buffers, strict=True):
             for name, _, start, stop in entries:

@@ -1,8 +1,8 @@
 """The layout: every parallel choice of a training run, in one frozen value.
 
-A `Layout` says how one step is split over ranks: the sizes of the mesh axes (data, tensor and
-pipeline parallelism; context and expert parallelism are reserved and must be 1 until the
-runtime implements them), their order, sequence parallelism, the pipeline schedule and its
+A `Layout` says how one step is split over ranks: the sizes of the mesh axes (data, tensor,
+pipeline and context parallelism, and expert parallelism folded onto data × context, adding no
+ranks: `parallel.mesh`), their order, sequence parallelism, the pipeline schedule and its
 virtual stages, the microbatch size and count, the ZeRO stage, activation recomputation and the
 gradient bucket size, and how the layers are cut into stages (`pipeline_layout`, or as evenly
 as possible). It is built once from the experiment config (`launch.config.layout_of`),
@@ -138,7 +138,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     cp: int = 1  # context parallelism: the sequence split over cp ranks
-    ep: int = 1  # expert parallelism: reserved, 1 until the runtime has it
+    ep: int = 1  # expert parallelism: a MoE layer's experts split over ep of the dp × cp ranks
     order: str = "tp-dp-pp"  # mesh axes, fastest-varying first
     sequence_parallel: bool = False
     schedule: str = "1f1b"
@@ -161,8 +161,11 @@ class Layout:
             _positive_int(f"parallel.{key}", getattr(self, key))
         for key in ("microbatch_size", "microbatches"):
             _positive_int(key, getattr(self, key))
-        if self.ep != 1:
-            raise LayoutError(f"parallel.ep expected 1 (not implemented yet), got {self.ep}")
+        if (self.dp * self.cp) % self.ep:
+            raise LayoutError(
+                f"parallel.ep={self.ep} does not divide parallel.dp × parallel.cp = "
+                f"{self.dp * self.cp} (the experts fold onto the data-parallel ranks)"
+            )
         _one_of("parallel.cp_comm", self.cp_comm, CP_COMMS)
         if not is_schedule_file(self.schedule):
             options = (*SCHEDULES, "a schedule file (.yaml, .yml, .csv)")
@@ -222,7 +225,7 @@ class Layout:
     # ---- derived --------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp * self.cp * self.ep
+        return self.dp * self.tp * self.pp * self.cp  # ep folds onto dp × cp
 
     @property
     def global_batch(self) -> int:
@@ -270,7 +273,7 @@ class Layout:
 
     @property
     def mesh(self) -> MeshLayout:
-        return MeshLayout(self.dp, self.tp, self.pp, self.order, self.cp)
+        return MeshLayout(self.dp, self.tp, self.pp, self.order, self.cp, self.ep)
 
     @property
     def label(self) -> str:
@@ -281,6 +284,8 @@ class Layout:
             parts.append(f"cp{self.cp}-{self.cp_comm.replace('_', '')}")
             if not self.cp_balance:
                 parts.append("unbalanced")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.pp > 1:
             virtual = f"-v{self.virtual_stages}" if self.virtual_stages > 1 else ""
             parts += [self.schedule_label + virtual, f"m{self.microbatches}"]
@@ -311,6 +316,16 @@ class Layout:
             raise LayoutError(
                 f"parallel.tp={self.tp} does not divide model.n_kv_head={kv_heads} (tensor "
                 "parallelism splits whole key/value heads)"
+            )
+        moe = getattr(model, "moe", None)
+        if self.ep > 1 and moe is None:
+            raise LayoutError(
+                f"parallel.ep={self.ep} needs a mixture-of-experts model (model.moe), got a "
+                "dense one"
+            )
+        if moe is not None and moe.experts % self.ep:
+            raise LayoutError(
+                f"parallel.ep={self.ep} does not divide model.moe.experts={moe.experts}"
             )
         ffn = getattr(model, "ffn_hidden", None)
         if ffn and ffn % self.tp:

@@ -10,6 +10,12 @@ group of ranks that hold the same parameters and different tokens: dp × cp ("dp
 which gradients are averaged and ZeRO shards (Megatron-core's data-parallel group with context
 parallelism).
 
+Expert parallelism folds onto that group, as Megatron-core's "parallel folding" does: the ep
+ranks of an expert-parallel group ("ep") are consecutive members of the dp × cp group, each
+holding a different slice of the experts, and the ranks holding the same experts form the
+expert-data-parallel group ("edp", dp·cp/ep ranks), over which expert gradients are reduced.
+ep adds no ranks to the world: attention sees dp × tp × cp, the experts ep × edp (× tp).
+
 `MeshLayout` is the arithmetic alone (any world size, no communicator), for the cost model and
 for tests. `Mesh` adds one communicator per axis, split from the world, each wrapped in a traced
 `Group` that shares the mesh's ledger.
@@ -24,7 +30,20 @@ from parallel.comm import Group, Ledger, SelfComm, world_comm
 
 AXES = ("dp", "tp", "pp", "cp")
 # The groups a mesh builds, in the order it splits them: one per axis, then dp × cp.
-GROUPS: tuple[tuple[str, ...], ...] = (("dp",), ("tp",), ("pp",), ("cp",), ("dp", "cp"))
+GROUPS: tuple[tuple[str, ...], ...] = (
+    ("dp",),
+    ("tp",),
+    ("pp",),
+    ("cp",),
+    ("dp", "cp"),
+    ("ep",),
+    ("edp",),
+)
+# Groups cut out of dp × cp rather than along an axis of the grid (expert parallelism).
+FOLDED = ("ep", "edp")
+# Groups that may equal an earlier one (dp × cp with cp = 1, ep = dp·cp, ...): they reuse its
+# communicator instead of splitting again.
+DERIVED = ("dp_cp", *FOLDED)
 
 
 class MeshError(ValueError):
@@ -55,12 +74,18 @@ class MeshLayout:
     pp: int = 1
     order: str = "tp-dp-pp"
     cp: int = 1
+    ep: int = 1  # expert parallelism, folded onto dp × cp (adds no ranks)
 
     def __post_init__(self) -> None:
-        for axis in AXES:
+        for axis in (*AXES, "ep"):
             value = getattr(self, axis)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MeshError(f"parallel.{axis} must be a positive integer, got {value!r}")
+        if (self.dp * self.cp) % self.ep:
+            raise MeshError(
+                f"parallel.ep={self.ep} does not divide parallel.dp × parallel.cp = "
+                f"{self.dp * self.cp} (the experts fold onto the data-parallel ranks)"
+            )
         parse_order(self.order)
 
     @property
@@ -73,6 +98,10 @@ class MeshLayout:
         return self.dp * self.tp * self.pp * self.cp
 
     def size(self, axis: str) -> int:
+        if axis == "ep":
+            return self.ep
+        if axis == "edp":
+            return self.dp * self.cp // self.ep
         if axis not in AXES:
             raise MeshError(f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, cp")
         return getattr(self, axis)
@@ -110,6 +139,8 @@ class MeshLayout:
         """World ranks of `rank`'s group along `axis` (in axis-index order), or along several
         axes together (in world-rank order, as a split of the world orders them)."""
         axes = (axis,) if isinstance(axis, str) else axis
+        if axes[0] in FOLDED:
+            return self._folded_group(axes[0], rank)
         coords = self.coords_of(rank)
         for name in axes:
             coords[name] = 0
@@ -120,8 +151,21 @@ class MeshLayout:
             ranks = [r + i * step for i in range(self.size(name)) for r in ranks]
         return tuple(ranks) if len(axes) == 1 else tuple(sorted(ranks))
 
+    def _folded_group(self, name: str, rank: int) -> tuple[int, ...]:
+        """The ep group: runs of ep consecutive members of the dp × cp group; the edp group:
+        the members ep apart (the same experts)."""
+        members = self.group_ranks(("dp", "cp"), rank)
+        index = members.index(rank)
+        if name == "ep":
+            start = index // self.ep * self.ep
+            return members[start : start + self.ep]
+        return members[index % self.ep :: self.ep]
+
     def group_index(self, axes: str | tuple[str, ...], rank: int) -> int:
         """`rank`'s index in its group along `axes` (its group rank)."""
+        name = axes if isinstance(axes, str) else axes[0]
+        if name in FOLDED:
+            return self._folded_group(name, rank).index(rank)
         if isinstance(axes, str) or len(axes) == 1:
             return self.coords_of(rank)[axes if isinstance(axes, str) else axes[0]]
         return self.group_ranks(axes, rank).index(rank)
@@ -161,8 +205,9 @@ class Mesh:
         comm: Any = None,
         ledger: Ledger | None = None,
         cp: int = 1,
+        ep: int = 1,
     ) -> None:
-        self.layout = MeshLayout(dp, tp, pp, order, cp)
+        self.layout = MeshLayout(dp, tp, pp, order, cp, ep)
         self.comm = world_comm() if comm is None else comm
         self.ledger = Ledger() if ledger is None else ledger
         self.world_size: int = self.comm.Get_size()
@@ -180,9 +225,12 @@ class Mesh:
             name = "_".join(axes)
             ranks = self.layout.group_ranks(axes, self.rank)
             index = self.layout.group_index(axes, self.rank)
-            same = [g for g in self._groups.values() if g.ranks == ranks and len(axes) > 1]
-            if same:  # dp × cp with one of them 1: the other axis's communicator, as dp
-                self._groups[name] = Group(same[0].comm, "dp", self.ledger, ranks)
+            # dp × cp recorded as "dp" (gradients), so are the expert-data-parallel reductions;
+            # the experts' all-to-alls as "ep".
+            label = "dp" if name in ("dp_cp", "edp") else name
+            same = [g for g in self._groups.values() if g.ranks == ranks and name in DERIVED]
+            if same:  # equal to an earlier group (dp × cp with cp = 1, ...): its communicator
+                self._groups[name] = Group(same[0].comm, label, self.ledger, ranks)
                 continue
             if len(ranks) == 1:
                 axis_comm: Any = SelfComm()  # a lone rank needs no communicator
@@ -193,8 +241,6 @@ class Mesh:
                 # the index along the axes as key makes group rank == that index.
                 axis_comm = self.comm.Split(ranks[0], index)
                 self._owned.append(axis_comm)
-            # dp × cp averages gradients: the ledger books it as data-parallel traffic.
-            label = "dp" if axes == ("dp", "cp") else name
             self._groups[name] = Group(axis_comm, label, self.ledger, ranks)
             assert self._groups[name].rank == index
 
@@ -207,7 +253,8 @@ class Mesh:
     def __repr__(self) -> str:
         return (
             f"Mesh(dp={self.layout.dp}, tp={self.layout.tp}, pp={self.layout.pp}, "
-            f"cp={self.layout.cp}, order={self.layout.order!r}, rank={self.rank}, "
+            f"cp={self.layout.cp}, ep={self.layout.ep}, order={self.layout.order!r}, "
+            f"rank={self.rank}, "
             f"coords={self.coords})"
         )
 
@@ -238,12 +285,13 @@ class Mesh:
         return self.layout.size(axis)
 
     def group(self, axis: str) -> Group:
-        """This rank's group along `axis` ("dp", "tp", "pp", "cp", "dp_cp", or "world")."""
+        """This rank's group along `axis` ("dp", "tp", "pp", "cp", "dp_cp", "ep", "edp", or
+        "world")."""
         if axis == "world":
             return self.world
         if axis not in self._groups:
             raise MeshError(
-                f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, cp, dp_cp, world"
+                f"unknown mesh axis {axis!r}; expected one of dp, tp, pp, cp, dp_cp, ep, edp, world"
             )
         return self._groups[axis]
 

@@ -20,6 +20,9 @@ copy is a sum:
 - `gather_from_sequence_region`: all-gather forward / reduce-scatter backward. Sequence
   parallelism's entry into a column-parallel layer: the slices are gathered, and the partial
   gradients each rank computes are summed and handed back slice by slice.
+- `all_to_all_rows`: uneven all-to-all of rows forward / the reverse exchange backward. Expert
+  parallelism sends each token to the rank of its expert and back; a row's gradient returns
+  along the path the row came.
 
 These are the "mappings" of Megatron-LM and the `tensor_parallel` helpers of picotron, written
 as civetta ops. Forward calls are recorded in the ledger under phase "forward", backward calls
@@ -137,5 +140,24 @@ def gather_from_sequence_region(x: Tensor, group: Group, axis: int) -> Tensor:
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         with ledger.phase("backward"):
             return (group.reduce_scatter(g, axis=axis),)
+
+    return make_node(out, (x,), backward, saved=(), computed=False)
+
+
+def all_to_all_rows(
+    x: Tensor, group: Group, send_counts: np.ndarray, recv_counts: np.ndarray
+) -> Tensor:
+    """Uneven all-to-all of the rows of `x` (`Group.all_to_all_v`) forward; the same exchange
+    reversed on the gradient backward (each row's gradient goes back to the rank it came from).
+    Expert parallelism's dispatch and combine."""
+    if group.size == 1:
+        return x
+    ledger = group.ledger
+    with ledger.phase("forward"):
+        out = group.all_to_all_v(x.data, send_counts, recv_counts)
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        with ledger.phase("backward"):
+            return (group.all_to_all_v(g, recv_counts, send_counts),)
 
     return make_node(out, (x,), backward, saved=(), computed=False)

@@ -1,7 +1,8 @@
 """What a training loop needs to know about the layout it runs in.
 
 A `Runtime` ties a `Layout` (`parallel.layout`) to this rank's `Mesh` and to the sharding of the
-model's parameters (dense or tensor-parallel, whole or, under ZeRO-3, sharded over dp), and
+model's parameters (dense or tensor-parallel, whole or, under ZeRO-3, sharded over dp; a MoE
+layer's experts split over ep and reduced over edp, `parallel.experts`), and
 offers the few layout-dependent steps of a training step: this rank's share of the batch,
 gradient synchronisation, the global gradient norm, and the loss averaged over data-parallel
 ranks. With a world of one rank every step is local and nothing is sent. The update itself
@@ -17,6 +18,7 @@ from civetta.nn import DENSE, WHOLE, DenseSharding, ParameterStore
 from parallel.comm import Ledger
 from parallel.context import ContextShard
 from parallel.data_parallel import GradientAverager
+from parallel.experts import ExpertShard
 from parallel.layout import Layout
 from parallel.mesh import Mesh
 from parallel.tensor_parallel import TensorParallelSharding
@@ -30,7 +32,9 @@ class Runtime:
     def __init__(self, layout: Layout | None = None, mesh: Mesh | None = None) -> None:
         self.layout = Layout() if layout is None else layout
         lay = self.layout
-        self.mesh = Mesh(lay.dp, lay.tp, lay.pp, lay.order, cp=lay.cp) if mesh is None else mesh
+        if mesh is None:
+            mesh = Mesh(lay.dp, lay.tp, lay.pp, lay.order, cp=lay.cp, ep=lay.ep)
+        self.mesh = mesh
         assert self.mesh.layout == lay.mesh, (self.mesh.layout, lay.mesh)
         self.ledger: Ledger = self.mesh.ledger
         # Gradients are averaged, and ZeRO shards, over every rank holding the same parameters:
@@ -39,19 +43,49 @@ class Runtime:
         self.tp_group = self.mesh.group("tp")
         self.pp_group = self.mesh.group("pp")
         self.cp_group = self.mesh.group("cp")
+        # Experts fold onto dp × cp: ep ranks hold different experts, edp ranks the same ones.
+        self.ep_group = self.mesh.group("ep")
+        self.edp_group = self.mesh.group("edp")
         context = None
         if self.cp_group.size > 1:
             context = ContextShard(self.cp_group, lay.cp_comm, lay.cp_balance)
         # ZeRO-3 shards every parameter (each tensor-parallel slice) over the dp group.
         store: ParameterStore = ShardedStore(self.dp_group) if lay.zero == 3 else WHOLE
-        plain = store is WHOLE and context is None
-        self.sharding: DenseSharding = DENSE if plain else DenseSharding(store, context)
+        self.sequence_parallel = lay.sequence_parallel and self.tp_group.size > 1
+        experts = self._expert_shard() if self.mesh.world_size > 1 else None
+        plain = store is WHOLE and context is None and experts is None
+        self.sharding: DenseSharding = DENSE if plain else DenseSharding(store, context, experts)
         if self.tp_group.size > 1:
             self.sharding = TensorParallelSharding(
-                self.tp_group, lay.sequence_parallel, store, context
+                self.tp_group, lay.sequence_parallel, store, context, experts
             )
-        self.sequence_parallel = lay.sequence_parallel and self.tp_group.size > 1
         self.averager = GradientAverager(self.dp_group, lay.bucket_mb)
+        # Expert gradients: summed over the ranks holding the same experts, divided by dp × cp
+        # (every rank's tokens reached them through the all-to-alls).
+        self.expert_averager = GradientAverager(
+            self.edp_group, lay.bucket_mb, divisor=self.dp_group.size
+        )
+
+    def _expert_shard(self) -> ExpertShard:
+        """Where a MoE layer's experts live and whose tokens its routing statistics pool: the
+        ranks splitting this rank's sequences (cp, and tp under sequence parallelism), or with
+        every data-parallel rank's as well."""
+        expert_store: ParameterStore = (
+            ShardedStore(self.edp_group) if self.layout.zero == 3 else WHOLE
+        )
+        split = (self.tp_group,) if self.sequence_parallel else ()
+        token_groups = {
+            "microbatch": (*split, self.cp_group),
+            "data_parallel": (*split, self.dp_group),
+        }
+        aux_scale = 1.0 / self.tp_group.size if self.sequence_parallel else 1.0
+        return ExpertShard(self.ep_group, expert_store, token_groups, aux_scale)
+
+    @property
+    def expert_names(self) -> frozenset[str]:
+        """The expert parameters this rank holds (gradients over edp, not dp)."""
+        experts = self.sharding.experts
+        return frozenset(experts.names) if experts is not None else frozenset()
 
     @property
     def rank(self) -> int:
@@ -93,9 +127,14 @@ class Runtime:
         """Whole parameters or gradients from arrays shaped like this rank's parameters
         (collective over dp under ZeRO-3, then over tp)."""
         sharding, store = self.sharding, self.sharding.store
+        experts = self.expert_names
         with self.ledger.phase("other"):
             if isinstance(store, ShardedStore):
-                arrays = {name: store.full_array(name, a) for name, a in arrays.items()}
+                expert_store = sharding.experts.store if sharding.experts is not None else store
+                arrays = {
+                    name: (expert_store if name in experts else store).full_array(name, a)
+                    for name, a in arrays.items()
+                }
             if isinstance(sharding, TensorParallelSharding):
                 arrays = {name: sharding.full_array(name, a) for name, a in arrays.items()}
         return dict(arrays)
@@ -103,8 +142,15 @@ class Runtime:
     def synchronize_gradients(
         self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
     ) -> dict[str, np.ndarray]:
-        """Combine partial gradients (`combine_partial_gradients`), then average over dp."""
-        return self.averager(self.combine_partial_gradients(grads, tied))
+        """Combine partial gradients (`combine_partial_gradients`), then average over dp (the
+        experts' over edp, `expert_averager`)."""
+        grads = self.combine_partial_gradients(grads, tied)
+        experts = self.expert_names
+        if not experts:
+            return self.averager(grads)
+        averaged = self.averager({n: g for n, g in grads.items() if n not in experts})
+        averaged.update(self.expert_averager({n: g for n, g in grads.items() if n in experts}))
+        return {name: averaged[name] for name in grads}
 
     def combine_partial_gradients(
         self, grads: dict[str, np.ndarray], tied: tuple[str, ...] = ()
@@ -156,8 +202,13 @@ class Runtime:
 
         Data-free gradients (`civetta.meta`) have no values: this is the one place a data-free
         step asks for one, and it gets NaN (so clipping leaves the gradients as they are). The
-        all-reduces of the partial sums still run, as in an executed step."""
+        all-reduces of the partial sums still run, as in an executed step.
+
+        Expert parameters differ over ep: their partial sum is added over the ep group (under
+        ZeRO the dp × cp sum covers ep × edp)."""
         total = np.zeros(1)
+        expert_total = np.zeros(1)
+        experts = self.expert_names
         data_free = False
         for name, g in grads.items():
             if self._holds_tied_copy(name, tied):
@@ -167,7 +218,11 @@ class Runtime:
                     data_free = True
                     continue
                 flat = g.reshape(-1).astype(np.float64, copy=False)
-                total[0] += np.dot(flat, flat)
+                (expert_total if name in experts else total)[0] += np.dot(flat, flat)
+        if experts:
+            if not sharded_over_dp:
+                expert_total = self.ep_group.all_reduce(expert_total)
+            total = total + expert_total
         total = self.tp_group.all_reduce(total)
         total = self.pp_group.all_reduce(total)
         if sharded_over_dp:

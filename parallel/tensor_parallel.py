@@ -69,8 +69,9 @@ class TensorParallelSharding(DenseSharding):
         sequence_parallel: bool = False,
         store: ParameterStore = WHOLE,
         context: Any = None,
+        experts: Any = None,
     ) -> None:
-        super().__init__(store, context)
+        super().__init__(store, context, experts)
         self.group = group
         self.tp_size = group.size
         self.rank = group.rank

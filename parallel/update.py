@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -161,7 +161,9 @@ class ZeroUpdate(GradientUpdate):
     `step(lr)` replaces plain DP's all-reduce → norm → clip → update. The optimizer that
     `build_optimizer` makes sees only this rank's shard: views into the parameters' arrays
     (stages 1, 2; named after their parameter, so weight decay still goes by name) or the
-    parameters themselves (stage 3, where they are the shards). With mixed precision
+    parameters themselves (stage 3, where they are the shards). Expert parameters
+    (`Runtime.expert_names`) are sharded over the expert-data-parallel group instead, in
+    buckets of their own; every gradient is divided by dp × cp all the same. With mixed precision
     (`precision`) it updates float32 masters of that shard only (`masters`), whose rounding is
     written into the shard before the parameters are gathered (ZeRO's 16Ψ: the 12 bytes of
     masters and Adam state per parameter are what stage 1 shards).
@@ -181,6 +183,7 @@ class ZeroUpdate(GradientUpdate):
         assert (stage == 3) == isinstance(runtime.sharding.store, ShardedStore), stage
         self.runtime = runtime
         self.group = runtime.dp_group
+        self.divisor = runtime.dp_group.size  # every gradient is a sum over dp × cp's tokens
         self.params = params
         self.stage = stage
         self.tied = tied
@@ -196,12 +199,19 @@ class ZeroUpdate(GradientUpdate):
             return
         like = next(iter(params.values())).data  # real, or data-free (`civetta.meta`)
         dtype = like.dtype
-        sizes = {name: p.size for name, p in params.items()}
-        n = self.group.size
-        self.buckets = partition_buckets(
-            sizes, dtype.itemsize, runtime.layout.bucket_mb, self.group.rank, n
-        )
+        experts = runtime.expert_names
+        for group, names in (
+            (runtime.dp_group, [n for n in params if n not in experts]),
+            (runtime.edp_group, [n for n in params if n in experts]),
+        ):
+            sizes = {name: params[name].size for name in names}
+            for bucket in partition_buckets(
+                sizes, dtype.itemsize, runtime.layout.bucket_mb, group.rank, group.size
+            ):
+                bucket.group = group
+                self.buckets.append(bucket)
         for bucket in self.buckets:
+            n = bucket.group.size
             # Stage 1 keeps each bucket's whole gradient buffer (zero padding written once);
             # stage 2 keeps only the chunk.
             length = n * bucket.chunk if stage == 1 else bucket.chunk
@@ -275,7 +285,7 @@ class ZeroUpdate(GradientUpdate):
 
     def _average_shards(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stage 3: the ops' backward already reduce-scattered (summed) every gradient."""
-        scale = 1.0 / self.group.size
+        scale = 1.0 / self.divisor
         averaged = {name: g * g.dtype.type(scale) for name, g in grads.items()}
         self.grad_bytes = sum(g.nbytes for g in averaged.values())
         return averaged
@@ -283,10 +293,11 @@ class ZeroUpdate(GradientUpdate):
     def _reduce_scatter(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stages 1, 2: each bucket packed, reduce-scattered and averaged; returns this rank's
         pieces of the gradients by parameter name (views into the kept buffers)."""
-        n, rank = self.group.size, self.group.rank
         shards: dict[str, np.ndarray] = {}
         for bucket in self.buckets:
             assert bucket.grad_buffer is not None
+            group = bucket.group
+            n, rank = group.size, group.rank
             if self.stage == 1:
                 flat = bucket.grad_buffer
             else:  # a transient whole bucket: freed when the next one is packed
@@ -296,10 +307,10 @@ class ZeroUpdate(GradientUpdate):
                 flat[start:stop] = grads.pop(name).reshape(-1)
             if self.stage == 1:
                 mine = flat[rank * bucket.chunk : (rank + 1) * bucket.chunk]
-                mine[...] = self.group.reduce_scatter(flat)
+                mine[...] = group.reduce_scatter(flat)
             else:
-                mine = self.group.reduce_scatter(flat, out=bucket.grad_buffer)
-            mine *= mine.dtype.type(1.0 / n)
+                mine = group.reduce_scatter(flat, out=bucket.grad_buffer)
+            mine *= mine.dtype.type(1.0 / self.divisor)
             for name, _, chunk_range in bucket.pieces:
                 shards[name] = mine[chunk_range]
         self.grad_bytes = sum(b.buffer.nbytes for b in self.buckets)
@@ -312,7 +323,7 @@ class ZeroUpdate(GradientUpdate):
             mine = meta.zeros(bucket.chunk, buffer.dtype, like=buffer)
             for name, param_range, chunk_range in bucket.pieces:
                 mine[chunk_range] = self._flat(name)[param_range]
-            whole = self.group.all_gather(mine)
+            whole = bucket.group.all_gather(mine)
             for name, start, stop in bucket.entries:
                 self._flat(name)[...] = whole[start:stop]
 
@@ -331,29 +342,49 @@ class ZeroUpdate(GradientUpdate):
     def _masters(self) -> dict[str, np.ndarray]:
         return {n: t.data for n, t in self.masters.master.items()} if self.masters else {}
 
+    def _stores(self) -> list[ShardedStore]:
+        """Stage 3's stores: the dense parameters' (over dp × cp), the experts' (over edp)."""
+        sharding = self.runtime.sharding
+        stores = [sharding.store]
+        if sharding.experts is not None and sharding.experts.store is not sharding.store:
+            stores.append(sharding.experts.store)
+        assert all(isinstance(s, ShardedStore) for s in stores)
+        return cast(list[ShardedStore], stores)
+
+    def _store_of(self, name: str) -> ShardedStore:
+        """Stage 3: the store holding parameter `name`'s chunk."""
+        leaf = self.params[name]
+        return next(store for store in self._stores() if leaf in store._by_leaf)
+
     def _whole_state_sharded(self) -> tuple[dict[str, np.ndarray], ...]:
-        """Stage 3: every chunk (parameters, optimizer state, masters) in one all-gather."""
-        store = self.runtime.sharding.store
-        assert isinstance(store, ShardedStore)
+        """Stage 3: every chunk (parameters, optimizer state, masters) in one all-gather per
+        store."""
         state = self.optimizer.state_dict()
-        shard_of = {name: store._by_leaf[p] for name, p in self.params.items()}
-        items = [(f"param/{name}", shard_of[name], p.data) for name, p in self.params.items()]
+        store_of = {name: self._store_of(name) for name in self.params}
+        shard_of = {name: store_of[name]._by_leaf[p] for name, p in self.params.items()}
+        items = [(f"param/{name}", name, p.data) for name, p in self.params.items()]
         for key, value in state.items():
             if key != "step":
-                items.append((f"optim/{key}", shard_of[key.partition(".")[2]], value))
-        items += [(f"master/{n}", shard_of[n], a) for n, a in self._masters().items()]
-        n = self.group.size
-        width = sum(s.chunk for _, s, _ in items)
-        mine = np.concatenate([np.ravel(a) for _, _, a in items])
-        blocks = self.group.all_gather(mine).reshape(n, width)  # row r: rank r's chunks
+                items.append((f"optim/{key}", key.partition(".")[2], value))
+        items += [(f"master/{n}", n, a) for n, a in self._masters().items()]
         out: dict[str, dict[str, np.ndarray]] = {"param": {}, "optim": {"step": state["step"]}}
         out["master"] = {}
-        offset = 0
-        for key, s, _ in items:
-            whole = blocks[:, offset : offset + s.chunk].reshape(-1)[: s.size].reshape(s.shape)
-            kind, _, rest = key.partition("/")
-            out[kind][rest] = whole
-            offset += s.chunk
+        for store in self._stores():
+            mine_items = [
+                (key, shard_of[name], a) for key, name, a in items if store_of[name] is store
+            ]
+            if not mine_items:
+                continue
+            n = store.group.size
+            width = sum(s.chunk for _, s, _ in mine_items)
+            mine = np.concatenate([np.ravel(a) for _, _, a in mine_items])
+            blocks = store.group.all_gather(mine).reshape(n, width)  # row r: rank r's chunks
+            offset = 0
+            for key, s, _ in mine_items:
+                whole = blocks[:, offset : offset + s.chunk].reshape(-1)[: s.size]
+                kind, _, rest = key.partition("/")
+                out[kind][rest] = whole.reshape(s.shape)
+                offset += s.chunk
         return out["param"], out["optim"], out["master"]
 
     def _whole_state_buckets(self) -> tuple[dict[str, np.ndarray], ...]:
@@ -363,17 +394,17 @@ class ZeroUpdate(GradientUpdate):
         state = self.optimizer.state_dict()
         state.update({f"{MASTER}.{n}": a for n, a in self._masters().items()})
         kinds = self._state_kinds + ([MASTER] if self.masters else [])
-        n = self.group.size
         optim = {"step": state["step"]}
         for bucket in self.buckets:
             if not kinds:
                 break
+            n = bucket.group.size
             buffer = bucket.buffer
             mine = meta.zeros((len(kinds), bucket.chunk), buffer.dtype, like=buffer)
             for name, _, chunk_range in bucket.pieces:
                 for k, kind in enumerate(kinds):
                     mine[k, chunk_range] = state[f"{kind}.{name}"]
-            blocks = self.group.all_gather(mine.reshape(-1)).reshape(n, len(kinds), bucket.chunk)
+            blocks = bucket.group.all_gather(mine.reshape(-1)).reshape(n, len(kinds), bucket.chunk)
             for k, kind in enumerate(kinds):
                 flat = blocks[:, k, :].reshape(-1)  # the bucket's state of this kind
                 for name, start, stop in bucket.entries:
@@ -384,9 +415,7 @@ class ZeroUpdate(GradientUpdate):
 
     def _shard(self, name: str) -> Any:
         """Stage 3: the store's record of parameter `name` (its whole shape and chunk)."""
-        store = self.runtime.sharding.store
-        assert isinstance(store, ShardedStore)
-        return store._by_leaf[self.params[name]]
+        return self._store_of(name)._by_leaf[self.params[name]]
 
     def load_whole_state(
         self,
@@ -398,7 +427,6 @@ class ZeroUpdate(GradientUpdate):
         parameter by name; `state` every key of this rank's optimizer's `state_dict`, in the
         whole parameter's shape; `masters` the float32 masters under mixed precision (default:
         the parameters). Raises ValueError on a shape that does not fit. Local."""
-        n, rank = self.group.size, self.group.rank
 
         def whole_shape(name: str) -> tuple[int, ...]:
             if self.stage == 3:
@@ -415,6 +443,8 @@ class ZeroUpdate(GradientUpdate):
             flat = checked(name, value, what).reshape(-1)
             if self.stage == 3:
                 chunk = self._shard(name).chunk
+                group = self._store_of(name).group
+                n, rank = group.size, group.rank
                 padded = np.zeros(n * chunk, dtype=flat.dtype)
                 padded[: flat.size] = flat
                 return padded[rank * chunk : (rank + 1) * chunk]
@@ -450,7 +480,7 @@ class ZeroUpdate(GradientUpdate):
             mine = meta.zeros(bucket.chunk, buffer.dtype, like=buffer)
             for name, _, chunk_range in bucket.pieces:
                 mine[chunk_range] = grads[name]
-            whole = self.group.all_gather(mine)
+            whole = bucket.group.all_gather(mine)
             for name, start, stop in bucket.entries:
                 full[name] = whole[start:stop].reshape(self.params[name].shape)
         return {name: full[name] for name in self.params}

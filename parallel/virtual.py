@@ -28,7 +28,7 @@ import numpy as np
 
 from civetta import meta
 from parallel.comm import REDUCTIONS, CommError, Ledger
-from parallel.mesh import GROUPS, Mesh, MeshLayout
+from parallel.mesh import DERIVED, GROUPS, Mesh, MeshLayout
 
 # fill(out, source): write `source` (broadcast to out's shape) into `out`, or zeros if None.
 Fill = Callable[[Any, Any], None]
@@ -129,7 +129,7 @@ class VirtualComm:
         for axes in GROUPS:
             name = "_".join(axes)
             members = self.layout.group_ranks(axes, self.rank)
-            repeated = len(axes) > 1 and members in seen  # the mesh reuses that group
+            repeated = name in DERIVED and members in seen  # the mesh reuses that group
             seen.append(members)
             if name in self._split_axes or len(members) in (1, self.size) or repeated:
                 continue
@@ -168,6 +168,10 @@ class VirtualComm:
         # Every rank sends this rank its block `rank`: as if all held this rank's send buffer.
         blocks = sendbuf.reshape(self.size, -1)
         self.fill(recvbuf.reshape(self.size, -1), blocks[self.rank])
+
+    def Alltoallv(self, sendbuf: Any, recvbuf: Any) -> None:  # noqa: N802 - mpi4py's name
+        # [array, counts] specs, as mpi4py takes them; what arrives is not known: zeros.
+        self.fill(recvbuf[0], None)
 
     # -- point to point --
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:  # noqa: N802 - mpi4py's name
@@ -209,8 +213,10 @@ def virtual_mesh(
     ledger: Ledger | None = None,
     fill: Fill = numpy_fill,
     cp: int = 1,
+    ep: int = 1,
 ) -> Mesh:
-    """World rank `rank`'s `Mesh` of a dp × tp × pp × cp world, over a `VirtualComm`."""
-    layout = MeshLayout(dp, tp, pp, order, cp)
+    """World rank `rank`'s `Mesh` of a dp × tp × pp × cp world (experts folded over ep), over a
+    `VirtualComm`."""
+    layout = MeshLayout(dp, tp, pp, order, cp, ep)
     comm = VirtualComm(layout.world_size, rank, layout, fill)
-    return Mesh(dp, tp, pp, order, comm=comm, ledger=ledger, cp=cp)
+    return Mesh(dp, tp, pp, order, comm=comm, ledger=ledger, cp=cp, ep=ep)

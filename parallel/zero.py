@@ -362,6 +362,7 @@ class _Bucket:
     # This rank's chunk, as (name, range in the flattened parameter, range in the chunk).
     pieces: list[tuple[str, slice, slice]] = field(default_factory=list)
     grad_buffer: np.ndarray | None = None  # stage 1: the whole bucket; stage 2: the chunk
+    group: Any = None  # the ranks sharing it: dp × cp, or edp for expert parameters
 
     @property
     def buffer(self) -> np.ndarray:

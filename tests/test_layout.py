@@ -45,7 +45,7 @@ def test_for_batch_cuts_the_batch_into_microbatches() -> None:
     [
         ({"dp": 0}, "parallel.dp expected a positive integer, got 0"),
         ({"microbatches": True}, "microbatches expected a positive integer, got True"),
-        ({"ep": 2}, "parallel.ep expected 1 (not implemented yet), got 2"),
+        ({"ep": 2}, "parallel.ep=2 does not divide parallel.dp × parallel.cp = 1"),
         ({"cp": 2, "cp_comm": "p2p"}, "parallel.cp_comm expected one of ring | all_gather | a2a"),
         ({"schedule": "1f2b"}, "parallel.schedule expected one of gpipe | 1f1b | "),
         ({"zero": 4}, "parallel.zero expected one of 0 | 1 | 2 | 3, got 4"),

@@ -12,15 +12,22 @@ import pytest
 from civetta import meta
 from civetta.meta import MetaArray
 from civetta.models import Llama, LlamaConfig
-from civetta.models.moe import MoEConfig, SparseMoE, route, top_k_experts
+from civetta.models.moe import (
+    MoEConfig,
+    SparseMoE,
+    aux_loss_weight,
+    recording_routing,
+    route,
+    top_k_experts,
+)
 from civetta.nn import DENSE
 from civetta.tensor import Tensor
 from launch.config import ConfigError, load
 from launch.trainer import Trainer
 
 
-def block(moe: MoEConfig, n_embd: int = 4, aux: list[Tensor] | None = None) -> object:
-    return SparseMoE("moe", n_embd, moe, seed=0, dtype=np.float64, sharding=DENSE, aux_losses=aux)
+def block(moe: MoEConfig, n_embd: int = 4) -> object:
+    return SparseMoE("moe", n_embd, moe, seed=0, dtype=np.float64, sharding=DENSE)
 
 
 def test_ties_go_to_the_lowest_expert_index() -> None:
@@ -78,40 +85,79 @@ def test_dropless_equals_a_large_capacity() -> None:
 
 def test_aux_loss_equals_the_closed_form() -> None:
     moe = MoEConfig(experts=4, top_k=2, ffn_hidden=8, aux_loss_coef=0.5)
-    aux: list[Tensor] = []
-    module = block(moe, aux=aux)
+    module = block(moe)
     rng = np.random.default_rng(2)
     module.params["moe.gate.weight"].data[...] = rng.normal(0, 1, (4, 4))
     x = rng.normal(0, 1, (3, 5, 4))
-    module(Tensor(x))
+    with recording_routing() as log:
+        module(Tensor(x))
     logits = x.reshape(15, 4) @ module.params["moe.gate.weight"].data.T
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :2]
     f = np.bincount(chosen.ravel(), minlength=4) / (15 * 2)  # fraction of routed slots
     closed = 4 * np.sum(f * probs.mean(0))
-    assert len(aux) == 1
-    assert float(aux[0].data) == pytest.approx(0.5 * closed, rel=1e-12)
+    assert log.aux["moe"] == [pytest.approx(closed, rel=1e-12)]  # unweighted
 
 
 def test_aux_loss_is_one_when_routing_is_uniform() -> None:
     """A zero router: every probability 1/E and (ties to the lowest index) every slot at
     experts 0..k-1, so f = (1/k, ..., 0) and aux = E · Σ f_e / E = 1."""
-    aux: list[Tensor] = []
-    module = block(MoEConfig(experts=4, top_k=2, ffn_hidden=8, aux_loss_coef=1.0), aux=aux)
+    module = block(MoEConfig(experts=4, top_k=2, ffn_hidden=8, aux_loss_coef=1.0))
     module.params["moe.gate.weight"].data[...] = 0
-    module(Tensor(np.ones((2, 3, 4))))
-    assert float(aux[0].data) == pytest.approx(1.0, rel=1e-14)
+    with recording_routing() as log:
+        module(Tensor(np.ones((2, 3, 4))))
+    assert log.aux["moe"] == [pytest.approx(1.0, rel=1e-14)]
 
 
-def test_the_model_loss_adds_each_layers_aux_term() -> None:
+def test_the_aux_term_trains_the_router_as_if_added_to_the_loss() -> None:
+    """The aux term rides on the layer's output (`attach_aux_loss`): the loss value is the LM
+    loss alone, and the gradients are those of loss + coef · Σ aux, which the same model with
+    the terms added explicitly gives (the aux weight follows `aux_loss_weight`)."""
     moe = MoEConfig(experts=4, top_k=2, ffn_hidden=8, aux_loss_coef=0.1)
     c = LlamaConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, moe=moe)
     idx = np.random.default_rng(3).integers(0, 32, (2, 8))
-    with_aux = float(Llama(c, dtype=np.float64)(idx, idx).data)
     plain = LlamaConfig(**{**c.__dict__, "moe": MoEConfig(experts=4, top_k=2, ffn_hidden=8)})
-    without = float(Llama(plain, dtype=np.float64)(idx, idx).data)
-    # Each layer's aux E·Σ f_e·P_e lies in (0, E] (Σ f_e = 1, P_e <= 1): two layers at 0.1.
-    assert 0.0 < with_aux - without < 0.1 * 2 * 4
+    with_aux, without = Llama(c, dtype=np.float64), Llama(plain, dtype=np.float64)
+    with recording_routing() as log:
+        loss = with_aux(idx, idx)
+    assert float(loss.data) == float(without(idx, idx).data)
+    assert len(log.aux) == 2 and all(0.0 < v[0] <= 4 for v in log.aux.values())
+    with aux_loss_weight(2.0):  # the seed of the backward: aux gets the same weight
+        loss.backward(np.asarray(2.0))
+    router = with_aux.params["model.layers.0.block_sparse_moe.gate.weight"].grad
+    reference = Llama(plain, dtype=np.float64)
+    _explicit_aux_loss(reference, idx, 0.1).backward(np.asarray(2.0))
+    expected = reference.params["model.layers.0.block_sparse_moe.gate.weight"].grad
+    assert router is not None and expected is not None
+    np.testing.assert_allclose(router, expected, rtol=1e-12, atol=1e-16)
+    assert np.abs(router).max() > 0
+
+
+def _explicit_aux_loss(model: object, idx: np.ndarray, coef: float) -> Tensor:
+    """loss + coef · Σ_layers aux, with aux written out from each layer's router (no attach)."""
+    from civetta import axioms as ax
+    from civetta import fused
+    from civetta.models.moe import load_balancing_loss, route, top_k_experts
+
+    hidden_inputs: list[Tensor] = []
+    original = fused.softmax
+
+    def spy(x: Tensor, *args: object, **kw: object) -> Tensor:
+        out = original(x, *args, **kw)
+        if x.shape[-1] == 4:  # the routers' logits (E = 4); attention scores are wider
+            hidden_inputs.append(out)
+        return out
+
+    fused.softmax = spy
+    try:
+        loss = model(idx, idx)
+    finally:
+        fused.softmax = original
+    moe = MoEConfig(experts=4, top_k=2, ffn_hidden=8)
+    for probs in hidden_inputs:
+        counts = route(top_k_experts(probs.data, 2), 4, None).counts
+        loss = ax.add(loss, ax.mul(load_balancing_loss(probs, counts, moe), coef))
+    return loss
 
 
 def test_counts_are_the_active_parameters() -> None:

@@ -178,11 +178,9 @@ def DecoderLayer(  # noqa: N802
     dtype: Any,
     sharding: DenseSharding,
     recompute: str,
-    aux_losses: list[Tensor] | None = None,
 ) -> Module:
     """x + attn(norm(x)), then + mlp(norm(x)); `recompute` as in `civetta.nn.Block`. With
-    `config.moe` the MLP is `SparseMoE` (Mixtral's names), which appends its weighted
-    load-balancing loss to `aux_losses`."""
+    `config.moe` the MLP is `SparseMoE` (Mixtral's names)."""
     c, store = config, sharding.store
     norm_1 = RMSNorm(f"{name}.input_layernorm", c.n_embd, eps=c.norm_eps, dtype=dtype, store=store)
     attn = Attention(
@@ -204,7 +202,6 @@ def DecoderLayer(  # noqa: N802
             seed=seed,
             dtype=dtype,
             sharding=sharding,
-            aux_losses=aux_losses,
         )
     else:
         mlp = SwiGLU(f"{name}.mlp", c, seed=seed, dtype=dtype, sharding=sharding)
@@ -247,14 +244,6 @@ def LlamaStage(  # noqa: N802
     copy of ``model.embed_tokens.weight``, summed with the first stage's gradient every step."""
     c = config
     assert recompute in ("none", "selective", "full"), recompute
-    # The MoE layers' weighted load-balancing losses of the current forward, added to the loss.
-    aux_losses: list[Tensor] | None = None
-    if c.moe is not None and c.moe.aux_loss_coef:
-        if not (first and last):
-            raise NotImplementedError("moe.aux_loss_coef > 0 needs the whole model on one stage")
-        if recompute == "full":
-            raise NotImplementedError("moe.aux_loss_coef > 0 does not support full recompute yet")
-        aux_losses = []
     blocks = [
         DecoderLayer(
             f"model.layers.{i}",
@@ -263,7 +252,6 @@ def LlamaStage(  # noqa: N802
             dtype=dtype,
             sharding=sharding,
             recompute=recompute,
-            aux_losses=aux_losses,
         )
         for i in layers
     ]
@@ -299,6 +287,4 @@ def LlamaStage(  # noqa: N802
             head_weight = head.params["lm_head.weight"]
             modules.append(head)
 
-    return decoder_stage(
-        c, sharding, modules, aliases, embed, blocks, norm, head_weight, aux_losses=aux_losses
-    )
+    return decoder_stage(c, sharding, modules, aliases, embed, blocks, norm, head_weight)

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from civetta import axioms as ax
 from civetta import meta
 from civetta.nn import DenseSharding, Model, Module, merge
 from civetta.tensor import Tensor
@@ -28,17 +27,12 @@ def decoder_stage(
     blocks: Sequence[Module],
     final_norm: Module | None,
     head_weight: Tensor | None,
-    aux_losses: list[Tensor] | None = None,
 ) -> Model:
     """`embed` is None except on the first stage; `final_norm` and `head_weight` None except on
-    the last. The loss is the sharding's (vocabulary-parallel under tensor parallelism), plus
-    the terms the blocks append to `aux_losses` during the forward (MoE load balancing): the
-    list is emptied before each forward."""
+    the last. The loss is the sharding's (vocabulary-parallel under tensor parallelism)."""
     last = final_norm is not None
 
     def hidden(inputs: Any) -> Tensor:
-        if aux_losses is not None:
-            aux_losses.clear()  # this forward's terms only
         if embed is not None:
             idx = meta.asarray(inputs)  # token ids, real or data-free
             if idx.shape[-1] > config.block_size:
@@ -56,10 +50,7 @@ def decoder_stage(
         if not last:
             return hidden(inputs)
         assert head_weight is not None  # the last stage has the head
-        loss = sharding.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
-        for term in aux_losses or ():
-            loss = ax.add(loss, term)
-        return loss
+        return sharding.lm_loss(hidden(inputs), head_weight, meta.asarray(targets))
 
     def logits(inputs: Any) -> Tensor:
         assert last and head_weight is not None, "only the last stage has the head"

@@ -6,7 +6,8 @@ Rank 0 writes OUT.npz: each step's loss (`loss`) and global gradient norm (`grad
 synchronised full gradients of every step gathered from the shards (`grad.<step>.<name>`), the
 final full parameters (`param.<name>`), this rank's ledger totals by (op, axis, phase) as
 a JSON string (`ledger`), and every rank's measured model-state bytes beside their closed forms
-(`memory`, JSON, by world rank). Run without MPI it is the single-process reference.
+(`memory`, JSON, by world rank), and every rank's MoE routing records (`routing`, JSON, by
+world rank). Run without MPI it is the single-process reference.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def main() -> None:
                     arrays.setdefault(key, value)
     peaks = [max(t.peak_in_flight for t in trainer.timelines)]
     memory = [{**trainer.memory(), "closed_form": trainer.memory_closed_form()}]
+    routing = [trainer.routing.as_dict()]
     if mesh.world_size > 1:
         peaks = mesh.comm.gather(peaks[0], root=0)
         memory = mesh.comm.gather(memory[0], root=0)
+        routing = mesh.comm.gather(routing[0], root=0)
     if mesh.rank == 0:
         arrays["loss"] = np.array(losses)
         arrays["grad_norm"] = np.array(norms)
@@ -63,6 +66,7 @@ def main() -> None:
         arrays["grad_bytes"] = np.array(trainer.update.grad_bytes)
         arrays["peak_in_flight"] = np.array(peaks)  # by world rank
         arrays["memory"] = np.array(json.dumps(memory))  # by world rank
+        arrays["routing"] = np.array(json.dumps(routing))  # MoE routing, by world rank
         np.savez(out_path, **arrays)
 
 
