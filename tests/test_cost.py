@@ -325,7 +325,7 @@ def test_comm_bytes_closed_forms() -> None:
         norm + replicated
     )
     dp = project(c, Layout(dp=4, microbatch_size=b, microbatches=m), A100)
-    assert dp.comm_bytes == {"tp": 0, "pp": 0, "dp": 2 * c.num_parameters(), "cp": 0}
+    assert dp.comm_bytes == {"tp": 0, "pp": 0, "dp": 2 * c.num_parameters(), "cp": 0, "ep": 0}
     z1 = project(c, Layout(dp=4, microbatch_size=b, microbatches=m, zero=1), A100)
     assert z1.comm_bytes["dp"] == 2 * c.num_parameters() + 2 * c.num_parameters() // 4 + norm
     # pp = 2: each rank sends one message per microbatch (activations one way, gradients the
@@ -472,7 +472,7 @@ def test_simulate_writes_the_json_keys(tmp_path: Path) -> None:
     for key in ("step_time_s", "tflops_per_gpu", "mfu", "hfu", "bubble_fraction"):
         assert isinstance(data[key], float) and data[key] > 0
     assert set(data["memory_per_gpu"]) == {"params", "grads", "optimizer", "activations", "total"}
-    assert set(data["comm_bytes"]) == {"tp", "pp", "dp", "cp"}
+    assert set(data["comm_bytes"]) == {"tp", "pp", "dp", "cp", "ep"}
     assert data["world_size"] == 1536 and data["hardware"] == "a100-dgx"
     assert data["training"]["tokens"] == 300 * 10**9 and data["training"]["cost"] > 0
     assert data["hfu"] > data["mfu"]  # full recomputation

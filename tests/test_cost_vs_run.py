@@ -60,6 +60,10 @@ ODD = ["model.n_embd=36", "model.n_head=3"]
 # A Llama of the same size: grouped-query attention (2 of 4 heads), SwiGLU 48 wide, untied.
 LLAMA = ["model.kind=llama", "model.n_kv_head=2", "model.ffn_hidden=48"]
 
+# A mixture of experts in the same Llama: 4 SwiGLU experts 24 wide, top-2, dropless, with the
+# load-balancing loss (pooled over the microbatch).
+MOE = [*LLAMA, "model.moe={experts: 4, top_k: 2, ffn_hidden: 24, aux_loss_coef: 0.01}"]
+
 # name: (ranks, overrides)
 LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "single": (1, []),
@@ -146,6 +150,26 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "llama-tp2-sp": (2, [*LLAMA, "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "llama-pp2-1f1b-m4": (2, [*LLAMA, "parallel.pp=2", "train.microbatch_size=2"]),
     "llama-dp2-zero3": (2, [*LLAMA, "parallel.dp=2", "parallel.zero=3"]),
+    # Expert parallelism: all-to-all over ep, expert gradients over edp, ZeRO over both groups.
+    "moe-single": (1, MOE),
+    "moe-dp2-ep2": (2, [*MOE, "parallel.dp=2", "parallel.ep=2"]),
+    "moe-dp4-ep2-zero1": (4, [*MOE, "parallel.dp=4", "parallel.ep=2", "parallel.zero=1"]),
+    "moe-dp2-ep2-zero3": (2, [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.zero=3"]),
+    "moe-dp4-ep2-zero3": (4, [*MOE, "parallel.dp=4", "parallel.ep=2", "parallel.zero=3"]),
+    "moe-dp2-ep2-tp2-sp": (
+        4,
+        [
+            *MOE,
+            "parallel.dp=2",
+            "parallel.ep=2",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+        ],
+    ),
+    "moe-dp2-ep2-pp2": (
+        4,
+        [*MOE, "parallel.dp=2", "parallel.ep=2", "parallel.pp=2", "train.microbatch_size=2"],
+    ),
 }
 
 
@@ -163,16 +187,19 @@ def projected(name: str) -> tuple[Any, Any]:
     )
 
 
-def ledger_bytes(metrics: dict[str, Any], axis: str) -> float:
-    """The ledger convention of `Projection.comm_bytes`: per step, the busiest rank."""
-    return max(
+def ledger_bytes(metrics: dict[str, Any], axis: str, busiest: bool = True) -> float:
+    """The ledger convention of `Projection.comm_bytes`: per step, the busiest rank (or the
+    mean over ranks)."""
+    per_rank = [
         sum(
             row["bytes"]
             for row in rank["ops"]
             if row["axis"] == axis and row["op"] != "recv" and row["phase"] != "other"
         )
         for rank in metrics["comm"]["per_rank"]
-    ) / len(metrics["steps"])
+    ]
+    total = max(per_rank) if busiest else sum(per_rank) / len(per_rank)
+    return total / len(metrics["steps"])
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -194,7 +221,10 @@ def test_flops_equal_the_engines_meter(name: str) -> None:
 def test_bytes_per_axis_equal_the_ledger(name: str) -> None:
     metrics = executed(name)
     _, projection = projected(name)
-    measured = {axis: ledger_bytes(metrics, axis) for axis in ("tp", "pp", "dp", "cp")}
+    measured = {axis: ledger_bytes(metrics, axis) for axis in ("tp", "pp", "dp", "cp", "ep")}
+    # The projection routes evenly (its routing assumption): each rank sends and receives the
+    # mean, which is what the ranks moved on average; a real router loads some ranks more.
+    measured["ep"] = ledger_bytes(metrics, "ep", busiest=False)
     assert projection.comm_bytes == measured
     # What the convention leaves out: the loss mean for the log, 16 bytes (sum and count) a call.
     for rank in metrics["comm"]["per_rank"]:
@@ -271,10 +301,12 @@ def test_zero3_collectives_per_op_equal_the_ledger_calls(name: str) -> None:
     staged = StagedModel(model, layout, config.train.dtype, model.block_size)
     for rank in metrics["comm"]["per_rank"]:
         position = rank["rank"] // (layout.tp * layout.dp)  # order tp-dp-pp
+        edp = layout.dp * layout.cp // layout.ep  # the experts' group: one rank issues none
         ops = [
             (piece_op, count)
             for piece, count in staged.device_pieces(position)
-            for piece_op, _, _ in piece.sharded_ops
+            for piece_op, _, _, group in piece.sharded_ops
+            if group == "dp" or edp > 1
         ]
         m = layout.microbatches
         expected = {

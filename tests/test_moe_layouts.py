@@ -13,6 +13,8 @@ microbatches are the ranks' shares, and the dropped set changes with dp (not wit
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,7 @@ def test_a_mixed_precision_expert_parallel_run_tracks_one_process(tmp_path) -> N
 # ---- capacity: dropped per rank, before the exchange ---------------------------------------
 CAPPED = MOE + "capacity_factor: 1.0}"  # scope microbatch: each rank's own tokens
 EP2 = ("parallel.dp=2", "parallel.ep=2")
+DP4_EP4 = ("parallel.dp=4", "parallel.ep=4")
 
 
 def dropped(result: dict[str, np.ndarray]) -> dict[str, int]:
@@ -205,3 +208,56 @@ def test_all_to_all_bytes_are_the_routed_slots_times_the_width(tmp_path) -> None
     assert moved("forward") == 2 * kept * WIDTH * 8
     assert moved("backward") == 2 * kept * WIDTH * 8
     assert any(row["op"] == "count_exchange" and row["axis"] == "ep" for row in ledger)
+
+
+# ---- through the launcher: checkpoints across ep, and the report's routing tables ---------
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llama-quickstart.yaml"
+
+
+def train_cli(out: Path, *overrides: str, resume: Path | None = None) -> dict:
+    command = [sys.executable, "-m", "launch", "train", str(CONFIG), "--out", str(out)]
+    settings = (*TINY, "train.dtype=float64", "train.steps=6", "train.warmup_steps=0")
+    for item in (*settings, *overrides):
+        command += ["--set", item]
+    if resume is not None:
+        command += ["--resume", str(resume)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_an_expert_parallel_checkpoint_reshards_to_other_layouts(tmp_path) -> None:
+    """Written under ep 4 (each rank its experts), resumed under ep 2 with ZeRO-3, a pipeline
+    without ep and one process: the same losses as the run that kept going."""
+    full = train_cli(
+        tmp_path / "full", DROPLESS, *DP4_EP4, "parallel.zero=1", "train.checkpoint_every=3"
+    )
+    losses = [s["loss"] for s in full["steps"]]
+    checkpoint = tmp_path / "full" / "checkpoints" / "step000002"
+    for label, layout in {
+        "ep2-zero3": ["parallel.dp=2", "parallel.ep=2", "parallel.zero=3"],
+        "pp2": ["parallel.pp=2", "train.microbatch_size=8"],
+        "single": [],
+    }.items():
+        resumed = train_cli(tmp_path / label, DROPLESS, *layout, resume=checkpoint)
+        got = [s["loss"] for s in resumed["steps"]]
+        np.testing.assert_allclose(got, losses[3:], rtol=1e-10, atol=0, err_msg=label)
+
+
+def test_metrics_report_the_routing_per_layer(tmp_path) -> None:
+    """metrics.json's moe section: every routed slot counted once over the ranks (dp 2 × tp 2,
+    so the tp replicas are not counted twice), dropless routing drops nothing, and with a
+    capacity the dropped slots differ between dp 1 and dp 2, as the tables show."""
+    dropless = train_cli(tmp_path / "dropless", DROPLESS, "parallel.dp=2", "parallel.tp=2")
+    layers = dropless["moe"]["layers"]
+    assert [row["layer"] for row in layers] == [
+        f"model.layers.{i}.block_sparse_moe" for i in range(4)
+    ]
+    slots = 6 * 8 * 16 * 2  # steps × sequences × tokens × top_k
+    assert all(sum(row["tokens_per_expert"]) == slots for row in layers)
+    assert all(row["dropped"] == 0 and row["imbalance"] >= 1.0 for row in layers)
+    assert all(row["aux_loss"] > 0 for row in layers)
+    one = train_cli(tmp_path / "dp1", CAPPED)["moe"]
+    two = train_cli(tmp_path / "dp2", CAPPED, *EP2)["moe"]
+    assert one["dropped_fraction"] > 0 and two["dropped_fraction"] > 0
+    assert [r["dropped"] for r in one["layers"]] != [r["dropped"] for r in two["layers"]]

@@ -239,6 +239,8 @@ class _Tick:
     tp_bytes: int = 0  # ledger bytes of tp collectives for this microbatch
     cp_bytes: int = 0  # ledger bytes of context-parallel messages and collectives
     cp_time: float = 0.0  # the part of comm_f + comm_b that is context-parallel
+    ep_bytes: int = 0  # ledger bytes of expert-parallel all-to-alls (and their counts)
+    ep_time: float = 0.0  # the part of comm_f + comm_b that is expert-parallel
 
     @property
     def forward(self) -> float:
@@ -279,7 +281,7 @@ class _Device:
             self.per_node = profile.device.layer_overhead_us * 1e-6 / reference
         # A piece's tick depends on the piece, the device and the tp link alone: layouts that
         # share a staged model (a tuner's, differing in dp or schedule) share them.
-        key = (repr(profile.device), work.dtype, links["tp"], links["cp"], overlap_cp)
+        key = (repr(profile.device), work.dtype, links["tp"], links["cp"], links["ep"], overlap_cp)
         key += (self.per_node,)
         self._ticks: dict[int, _Tick] = model.ticks.setdefault(key, {})
 
@@ -298,7 +300,7 @@ class _Device:
             return reduce_scatter_time(call.nbytes, link)
         if call.op == "sendrecv":  # one block to the next rank while one arrives
             return p2p_time(call.nbytes, link.latency_s, link.bytes_per_s)
-        if call.op == "all_to_all":  # each rank keeps 1/n and sends the rest
+        if call.op in ("all_to_all", "count_exchange"):  # each rank keeps 1/n, sends the rest
             n = link.size
             return link.latency_s * (n - 1) + call.nbytes * (n - 1) / n / link.bytes_per_s
         raise AssertionError(f"no time model for {call.op} inside a microbatch")
@@ -320,6 +322,9 @@ class _Device:
             elem_again = self.elementwise(b.output_bytes, b.nodes)  # recomputation
             tp_f, tp_b = f.calls_on("tp"), b.calls_on("tp")
             cp_f, cp_b = f.calls_on("cp"), b.calls_on("cp")
+            # Expert parallelism's dispatch and combine: waited for (civetta overlaps nothing).
+            ep_f = sum(self.call_time(c) for c in f.calls_on("ep"))
+            ep_b = sum(self.call_time(c) for c in b.calls_on("ep"))
             compute_f = sum(self.gemm(g) for g in f.gemms) + elem_f
             compute_b = sum(by_phase.values()) + self.backward_ratio * elem_f + elem_again
             cp_time_f, cp_time_b = (
@@ -328,13 +333,15 @@ class _Device:
             )
             self._ticks[key] = _Tick(
                 compute_f=compute_f,
-                comm_f=sum(self.call_time(c) for c in tp_f) + cp_time_f,
+                comm_f=sum(self.call_time(c) for c in tp_f) + cp_time_f + ep_f,
                 compute_b=compute_b,
-                comm_b=sum(self.call_time(c) for c in tp_b) + cp_time_b,
+                comm_b=sum(self.call_time(c) for c in tp_b) + cp_time_b + ep_b,
                 cp_time=cp_time_f + cp_time_b,
                 wgrad=by_phase["backward-weight"],
                 tp_bytes=sum(c.nbytes for c in tp_f + tp_b),
                 cp_bytes=sum(c.nbytes for c in cp_f + cp_b),
+                ep_bytes=sum(c.nbytes for c in f.calls_on("ep") + b.calls_on("ep")),
+                ep_time=ep_f + ep_b,
             )
         return self._ticks[key]
 
@@ -357,7 +364,7 @@ def _combine(parts: list[tuple[_Tick, int]]) -> _Tick:
     total = _Tick()
     for tick, count in parts:
         names = ("compute_f", "comm_f", "compute_b", "comm_b", "wgrad", "tp_bytes", "cp_bytes")
-        for name in (*names, "cp_time"):
+        for name in (*names, "cp_time", "ep_bytes", "ep_time"):
             setattr(total, name, getattr(total, name) + count * getattr(tick, name))
     return total
 
@@ -375,6 +382,9 @@ def _group_links(mesh: MeshLayout, profile: HardwareProfile) -> dict[str, GroupL
         links = {axis: group_link(mesh, axis, profile) for axis in ("tp", "pp", "cp")}
         # Gradients are averaged (and ZeRO shards) over dp × cp: one group, booked as dp.
         links["dp"] = group_link(mesh, ("dp", "cp"), profile)
+        # Experts: all-to-all over ep, gradients over edp (both cut out of dp × cp).
+        links["ep"] = group_link(mesh, ("ep",), profile)
+        links["edp"] = group_link(mesh, ("edp",), profile)
         _LINKS[key] = links
     return _LINKS[key]
 
@@ -391,11 +401,15 @@ def pipeline_sends(placement: tuple[int, ...], device: int) -> int:
     )
 
 
-def _dp_calls(pieces: list[tuple[Piece, int]], dp: int, element: int) -> list[tuple[Call, int]]:
+def _dp_calls(
+    pieces: list[tuple[Piece, int]], dp: int, element: int, edp: int
+) -> list[tuple[Call, int]]:
     """ZeRO-3's collectives of one microbatch on one rank, with how often each runs: every op
     gathers its parameters before its forward, recomputation and backward, and
-    reduce-scatters their gradients (as the traced pieces issued them)."""
-    return [(call, count) for piece, count in pieces for call in zero3_calls(piece, dp, element)]
+    reduce-scatters their gradients (as the traced pieces issued them; experts over edp)."""
+    return [
+        (call, count) for piece, count in pieces for call in zero3_calls(piece, dp, element, edp)
+    ]
 
 
 # ---- the projection -----------------------------------------------------------------------------
@@ -523,37 +537,46 @@ def _project(
                 tp_step_s += sum(all_reduce_time(n * g_b, tl) for n in sizes)
 
     # Data parallelism: gradient reduction (and ZeRO gathers) on each device; the slowest counts.
+    # A MoE's experts are reduced (and sharded) over their edp group, in buckets of their own.
     cap = max(1, int(layout.bucket_mb * MIB))
     dl = links["dp"]
+    edp = dp // layout.ep
+    groups = ((False, dp, links["dp"]), (True, edp, links["edp"]))
     dp_exposed, dp_bytes, optimizer_s = 0.0, 0, 0.0
     for d in positions:
-        elements = sum(x.elements for x in params[d])
-        exposed, nbytes = 0.0, 0
-        if dp > 1 and layout.zero <= 2:
-            # The buckets `parallel.data_parallel` plans (ZeRO-1/2 pad each to dp equal chunks).
-            buckets = model.buckets(d, cap, g_b)
-            chunks = [ceil_div(b, dp) for b in buckets]
+        exposed, nbytes, whole, last, mine = 0.0, 0, 0.0, 0.0, 0.0
+        for expert, n, link in groups:
+            elements = sum(x.elements for x in params[d] if x.expert == expert)
+            mine += elements / n if layout.zero >= 1 else elements
+            if n == 1 or not elements or layout.zero == 3:
+                continue
+            # The buckets `parallel.data_parallel` plans (ZeRO-1/2 pad each to n equal chunks).
+            buckets = model.buckets(d, cap, g_b, expert)
+            chunks = [ceil_div(b, n) for b in buckets]
             if layout.zero == 0:
                 op, sent = all_reduce_time, [b * g_b for b in buckets]
-                nbytes = sum(buckets) * g_b
+                nbytes += sum(buckets) * g_b
             else:
-                op, sent = reduce_scatter_time, [dp * c * g_b for c in chunks]
-                nbytes = sum(chunks) * (dp * g_b + w_b)  # reduce-scatter input, gathered shard
+                op, sent = reduce_scatter_time, [n * c * g_b for c in chunks]
+                nbytes += sum(chunks) * (n * g_b + w_b)  # reduce-scatter input, gathered shard
             # Buckets mostly share one size: time each size once.
-            whole = sum(k * op(size, dl) for size, k in Counter(sent).items())
+            whole += sum(k * op(size, link) for size, k in Counter(sent).items())
             # Backward fills the buckets in reverse order; the last one (the model's first
-            # parameters) is reduced after it, the others can hide behind the last microbatch.
-            last = op(sent[-1], dl)
-            window = ticks[d].backward
-            exposed = max(last, whole - window) if options.overlap_dp else whole
+            # parameters, dense) is reduced after it, the others can hide behind the last
+            # microbatch.
+            if not expert:
+                last = op(sent[-1], link)
             if layout.zero >= 1:
                 exposed += sum(
-                    k * all_gather_time(dp * c * w_b, dl) for c, k in Counter(chunks).items()
+                    k * all_gather_time(n * c * w_b, link) for c, k in Counter(chunks).items()
                 )
-        elif dp > 1:  # ZeRO-3: gather before each forward, recomputation and backward
+        if whole:
+            window = ticks[d].backward
+            exposed += max(last, whole - window) if options.overlap_dp else whole
+        if dp > 1 and layout.zero == 3:  # gather before each forward, recomputation, backward
             # Op by op, one collective each (so latency counts per op): a framework prefetches
             # them behind the microbatch's compute; civetta's executor waits for each.
-            calls = _dp_calls(model.device_pieces(d), dp, w_b)
+            calls = _dp_calls(model.device_pieces(d), dp, w_b, edp)
             traffic = sum(count * dev.call_time(call) for call, count in calls)
             busy = ticks[d].forward + ticks[d].backward
             exposed = m * (max(0.0, traffic - busy) if options.overlap_dp else traffic)
@@ -561,21 +584,26 @@ def _project(
         if dp > 1 and layout.zero >= 1:  # the norm's terms live on different dp ranks
             exposed += all_reduce_time(norm_bytes, dl)
             nbytes += norm_bytes
+        elif layout.ep > 1:  # the experts' terms live on different ep ranks
+            exposed += all_reduce_time(norm_bytes, links["ep"])
         exposed += all_reduce_time(loss_bytes, dl)
         dp_exposed = max(dp_exposed, exposed)
         dp_bytes = max(dp_bytes, nbytes)
-        mine = elements / dp if layout.zero >= 1 else elements
         optimizer_s = max(optimizer_s, optimizer_time(mine, len(params[d]), work, profile))
 
     compute = m * (tick.compute_f + tick.compute_b)
     cp_exposed = m * tick.cp_time
-    tp_exposed = m * (tick.comm_f + tick.comm_b) - cp_exposed + (tp_step_s if tp > 1 else 0.0)
-    step = compute + tp_exposed + cp_exposed + bubble + pp_exposed + dp_exposed + optimizer_s
+    ep_exposed = m * tick.ep_time
+    tp_exposed = m * (tick.comm_f + tick.comm_b) - cp_exposed - ep_exposed
+    tp_exposed += tp_step_s if tp > 1 else 0.0
+    step = compute + tp_exposed + cp_exposed + ep_exposed + bubble + pp_exposed + dp_exposed
+    step += optimizer_s
     breakdown = {
         "compute": compute,
         "optimizer": optimizer_s,
         "tp_exposed": tp_exposed,
         "cp_exposed": cp_exposed,
+        "ep_exposed": ep_exposed,
         "pp_exposed": pp_exposed,
         "dp_exposed": dp_exposed,
         "bubble": bubble,
@@ -587,6 +615,9 @@ def _project(
     capacity = profile.device.usable_memory_bytes
     tp_bytes = max(m * ticks[d].tp_bytes + tp_step_bytes[d] for d in positions)
     cp_bytes = max(m * ticks[d].cp_bytes for d in positions)
+    ep_bytes = max(m * ticks[d].ep_bytes for d in positions)
+    if layout.ep > 1 and layout.zero == 0:  # the experts' share of the gradient norm
+        ep_bytes += norm_bytes
     pp_bytes = 0
     if p > 1:
         pp_bytes = max(
@@ -606,7 +637,7 @@ def _project(
         memory_per_gpu=memory.as_dict(),
         memory_capacity_bytes=capacity,
         fits=memory.total <= capacity,
-        comm_bytes={"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "cp": cp_bytes},
+        comm_bytes={"tp": tp_bytes, "pp": pp_bytes, "dp": dp_bytes, "cp": cp_bytes, "ep": ep_bytes},
         model_flops_per_step=flops.model,
         hardware_flops_per_step=flops.hardware,
         tokens_per_step=layout.global_batch * s,
@@ -649,15 +680,14 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     a forward, with the ends' (the embeddings' output waits for each microbatch in flight, as
     every block's does; the head's lives for one microbatch); during a backward the head's are
     gone and recomputation rebuilds one block. The peak is the larger of the two."""
-    count = sum(param.elements for param in model.device_params(device))
     w, g, o = state_bytes_per_param(work.dtype, work.optimizer)
-    params, grads, opt = count * w, count * g, count * o
-    if lay.zero >= 1:
-        opt = ceil_div(opt, lay.dp * lay.cp)
-    if lay.zero >= 2:
-        grads = ceil_div(grads, lay.dp * lay.cp)
-    if lay.zero >= 3:
-        params = ceil_div(params, lay.dp * lay.cp)
+    params = grads = opt = 0
+    # Dense parameters are sharded over dp × cp, a MoE's experts over their edp group.
+    for expert, n in ((False, lay.dp * lay.cp), (True, lay.dp * lay.cp // lay.ep)):
+        count = sum(p.elements for p in model.device_params(device) if p.expert == expert)
+        params += ceil_div(count * w, n) if lay.zero >= 3 else count * w
+        grads += ceil_div(count * g, n) if lay.zero >= 2 else count * g
+        opt += ceil_div(count * o, n) if lay.zero >= 1 else count * o
     block = model.piece("block")
     # From the schedule itself: the most block-microbatches alive between a forward and its
     # backward on this device, and the most microbatches alive on the first stage.

@@ -32,7 +32,7 @@ class StagedModel:
         self._stages: dict[int, list[tuple[Piece, int]]] = {}
         self._devices: dict[int, list[tuple[Piece, int]]] = {}
         self._params: dict[int, list[Param]] = {}
-        self._buckets: dict[tuple[int, int, int], list[int]] = {}
+        self._buckets: dict[tuple[int, int, int, bool], list[int]] = {}
         self.ticks: dict[tuple, dict] = {}  # the projection's timings of pieces, by device
 
     def piece(self, part: str, layout: Layout | None = None) -> Piece:
@@ -97,12 +97,13 @@ class StagedModel:
             self._params[device] = kept
         return self._params[device]
 
-    def buckets(self, device: int, cap: int, element: int) -> list[int]:
+    def buckets(self, device: int, cap: int, element: int, expert: bool = False) -> list[int]:
         """Elements per gradient bucket of pipeline rank `device`, as `parallel.data_parallel`
-        plans them for `element`-byte gradients and buckets of `cap` bytes."""
-        key = (device, cap, element)
+        plans them for `element`-byte gradients and buckets of `cap` bytes: of its dense
+        parameters, or of its experts' (`expert`), which are bucketed apart."""
+        key = (device, cap, element, expert)
         if key not in self._buckets:
-            sizes = [p.elements for p in self.device_params(device)]
+            sizes = [p.elements for p in self.device_params(device) if p.expert == expert]
             plan = plan_buckets([(str(i), n * element) for i, n in enumerate(sizes)], cap)
             self._buckets[key] = [sum(sizes[int(i)] for i in names) for names in plan]
         return self._buckets[key]
@@ -135,6 +136,7 @@ def staged_model(config: ModelDescription, layout: Layout, dtype: str, seq_len: 
         layout.stage_placement,
         layout.stage_layers(config.n_layer),
         (layout.cp, layout.cp_comm, layout.cp_balance) if layout.cp > 1 else 1,
+        layout.ep,
     )
     first = _first_of.setdefault((config, dtype, seq_len, shape), layout)
     return _staged(config, dtype, seq_len, shape, first)

@@ -11,8 +11,8 @@ the engine recorded:
 - the graph nodes built (the engine's fixed cost per op) and the bytes op outputs wrote (the
   elementwise traffic);
 - the activation bytes the forward left alive for the backward, in the training dtype;
-- the parameters, with their names and sizes on this rank and whether tensor parallelism splits
-  them;
+- the parameters, with their names and sizes on this rank, whether tensor parallelism splits
+  them and whether they are a MoE layer's experts (held E/ep to a rank, reduced over edp);
 - the shape of the activation a pipeline stage sends on.
 
 A stage is blocks and, on the first and last stage, the ends: its counts are the pieces' counts
@@ -94,6 +94,7 @@ class Param:
     name: str
     elements: int  # on this tensor-parallel rank, whole over dp
     tp_split: bool  # False: every tp rank holds it whole (norms, row-parallel biases, positions)
+    expert: bool = False  # a MoE expert's: this rank's experts, gradients over edp
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,9 @@ class Piece:
     output_shape: tuple[int, ...]
     tied: tuple[str, ...] = ()  # parameters a pipeline's first and last stage both hold
     # ZeRO-3: each gather and reduce-scatter the pieces' ops issue, in order, as (op, pass,
-    # elements of each whole parameter in it); `zero3_calls` prices them for any dp.
-    sharded_ops: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    # elements of each whole parameter in it, group: "dp" or "edp" for experts);
+    # `zero3_calls` prices them for any dp.
+    sharded_ops: tuple[tuple[str, str, tuple[int, ...], str], ...] = ()
 
     def __post_init__(self) -> None:
         # Totals every projection reads, summed once.
@@ -144,6 +146,7 @@ class TraceKey:
     cp: int = 1  # context parallelism: the piece runs one cp rank's chunks
     cp_comm: str = "ring"
     cp_balance: bool = True
+    ep: int = 1  # expert parallelism: the piece holds E/ep experts and exchanges tokens
 
 
 def key_for(
@@ -158,22 +161,27 @@ def key_for(
     zero3 = layout.zero == 3 and layout.dp > 1
     seq = seq_len or config.block_size
     cp = (layout.cp, layout.cp_comm, layout.cp_balance) if layout.cp > 1 else (1, "ring", True)
+    ep = layout.ep if part == "block" else 1
     return TraceKey(
-        config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3, *cp
+        config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3, *cp, ep
     )
 
 
-def zero3_calls(piece: Piece, dp: int, element_bytes: int) -> list[Call]:
-    """ZeRO-3's collectives of one microbatch of `piece` over `dp` ranks, as the ledger counts
-    them: each parameter is cut into dp chunks of ⌈n/dp⌉ elements (`parallel.zero`); an
-    all-gather passes this rank's chunks, a reduce-scatter the dp chunks of every gradient."""
+def zero3_calls(piece: Piece, dp: int, element_bytes: int, edp: int | None = None) -> list[Call]:
+    """ZeRO-3's collectives of one microbatch of `piece` over `dp` ranks (a MoE's experts over
+    their `edp` ranks, on axis "edp"), as the ledger counts them: each parameter is cut into n
+    chunks of ⌈size/n⌉ elements (`parallel.zero`); an all-gather passes this rank's chunks, a
+    reduce-scatter the n chunks of every gradient."""
     calls = []
-    for op, phase, sizes in piece.sharded_ops:
-        chunks = sum(ceil_div(n, dp) for n in sizes) * element_bytes
+    for op, phase, sizes, group in piece.sharded_ops:
+        n, axis = (dp, "dp") if group == "dp" else (edp or dp, "edp")
+        if n == 1:
+            continue
+        chunks = sum(ceil_div(size, n) for size in sizes) * element_bytes
         if op == "all_gather":
-            calls.append(Call(op, "dp", phase, chunks, (dp - 1) * chunks))
+            calls.append(Call(op, axis, phase, chunks, (n - 1) * chunks))
         else:
-            calls.append(Call(op, "dp", phase, dp * chunks, (dp - 1) * chunks))
+            calls.append(Call(op, axis, phase, n * chunks, (n - 1) * chunks))
     return calls
 
 
@@ -204,10 +212,15 @@ def _build(key: TraceKey, runtime: Runtime) -> tuple[Module, bool]:
 @lru_cache(maxsize=4096)
 def trace(key: TraceKey) -> Piece:
     """Run one microbatch of the piece forward and backward, data-free, on tp rank 0 (and dp
-    rank 0 under ZeRO-3) of a virtual mesh, and keep what the engine and the ledger recorded."""
-    dp = 2 if key.zero3 else 1  # any dp > 1 issues ZeRO-3's ops; their sizes are `zero3_calls`'
+    rank 0 under ZeRO-3) of a virtual mesh, and keep what the engine and the ledger recorded.
+    Under expert parallelism the mesh has ep data-parallel ranks (2·ep under ZeRO-3, so the
+    experts' edp group issues its ops too); balanced data-free routing sends each ep rank as
+    many slots as it receives."""
+    # Any dp > 1 issues ZeRO-3's ops; their sizes are `zero3_calls`'.
+    dp = key.ep * (2 if key.zero3 else 1)
     layout = Layout(
         dp=dp,
+        ep=key.ep,
         tp=key.tp,
         cp=key.cp,
         cp_comm=key.cp_comm,
@@ -219,7 +232,7 @@ def trace(key: TraceKey) -> Piece:
     log = CallLog()
     # Balanced, every cp rank attends over as much; unbalanced, the last one over the most.
     rank = 0 if key.cp_balance else layout.mesh.rank_of(cp=key.cp - 1)
-    mesh = virtual_mesh(dp=dp, tp=key.tp, ledger=log, fill=_fill, cp=key.cp, rank=rank)
+    mesh = virtual_mesh(dp=dp, tp=key.tp, ledger=log, fill=_fill, cp=key.cp, rank=rank, ep=key.ep)
     runtime = Runtime(layout, mesh)
     sharded_ops = _record_sharded_ops(runtime, log)
     precision = PRECISIONS.get(key.dtype)
@@ -262,34 +275,55 @@ def trace(key: TraceKey) -> Piece:
                  output_shape, tied, tuple(sharded_ops))  # fmt: skip
 
 
-def _record_sharded_ops(runtime: Runtime, log: CallLog) -> list[tuple[str, str, tuple[int, ...]]]:
+ShardedOp = tuple[str, str, tuple[int, ...], str]
+
+
+def _record_sharded_ops(runtime: Runtime, log: CallLog) -> list[ShardedOp]:
     """Under ZeRO-3, note the whole sizes of the parameters each gather and reduce-scatter of
-    the store (`parallel.zero.ShardedStore`) moves, with the pass it runs in."""
-    store = runtime.sharding.store
-    found: list[tuple[str, str, tuple[int, ...]]] = []
-    if not isinstance(store, ShardedStore):
-        return found
+    the stores (`parallel.zero.ShardedStore`: the dense one over dp × cp, the experts' over
+    edp) moves, with the pass it runs in and the group."""
+    found: list[ShardedOp] = []
+    experts = runtime.sharding.experts
+    stores = [(runtime.sharding.store, "dp")]
+    if experts is not None and experts.store is not runtime.sharding.store:
+        stores.append((experts.store, "edp"))
+    for store, group in stores:
+        if isinstance(store, ShardedStore):
+            _wrap(store, group, log, found)
+    return found
+
+
+def _wrap(store: ShardedStore, group: str, log: CallLog, found: list[ShardedOp]) -> None:
     gather, reduce_scatter = store.gather, store.reduce_scatter
 
     def gathering(shards: Any) -> Any:
-        found.append(("all_gather", log.current_phase, tuple(s.size for s in shards)))
+        found.append(("all_gather", log.current_phase, tuple(s.size for s in shards), group))
         return gather(shards)
 
     def scattering(shards: Any, grads: Any) -> Any:
-        found.append(("reduce_scatter", log.current_phase, tuple(s.size for s in shards)))
+        found.append(("reduce_scatter", log.current_phase, tuple(s.size for s in shards), group))
         return reduce_scatter(shards, grads)
 
     store.gather, store.reduce_scatter = gathering, scattering  # type: ignore[method-assign]
-    return found
 
 
 def _params(module: Module, runtime: Runtime) -> tuple[Param, ...]:
     """The piece's parameters on this rank, whole over dp (ZeRO-3 keeps chunks)."""
     sharding = runtime.sharding
-    whole = getattr(sharding.store, "whole_sizes", None)
-    sizes = whole() if whole else {name: p.size for name, p in module.params.items()}
+    sizes = {name: p.size for name, p in module.params.items()}
+    stores = [sharding.store] + ([sharding.experts.store] if sharding.experts else [])
+    for store in stores:
+        whole = getattr(store, "whole_sizes", None)
+        if whole:
+            sizes.update({k: v for k, v in whole().items() if k in sizes})
     tensor_parallel = sharding if isinstance(sharding, TensorParallelSharding) else None
+    experts = runtime.expert_names
     return tuple(
-        Param(name, int(sizes[name]), bool(tensor_parallel and tensor_parallel.is_sharded(name)))
+        Param(
+            name,
+            int(sizes[name]),
+            bool(tensor_parallel and tensor_parallel.is_sharded(name)),
+            name in experts,
+        )
         for name in module.params
     )
