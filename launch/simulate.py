@@ -149,12 +149,15 @@ def render(
         "optimizer": "optimizer step",
         "tp_exposed": "tensor-parallel comm (exposed)",
         "cp_exposed": "context-parallel comm (exposed)",
+        "ep_exposed": "expert-parallel all-to-all (exposed)",
         "pp_exposed": "pipeline p2p (exposed)",
         "dp_exposed": "data-parallel comm (exposed)",
         "bubble": "pipeline bubble",
     }
     if config.parallel.cp == 1:
         del labels["cp_exposed"]
+    if config.parallel.ep == 1:
+        del labels["ep_exposed"]
     parts = [
         [label, _seconds(pr.breakdown_s[key]), f"{pr.breakdown_s[key] / pr.step_time_s:.1%}"]
         for key, label in labels.items()
@@ -185,7 +188,8 @@ def render(
         f"{_gib(pr.memory_capacity_bytes)} usable "
         f"({profile.device.memory_gib:g} GiB minus {profile.device.memory_reserved_gib:g} reserved)"
     )
-    axes = ("tp", "pp", "dp", "cp") if config.parallel.cp > 1 else ("tp", "pp", "dp")
+    axes = ("tp", "pp", "dp", *(("cp",) if config.parallel.cp > 1 else ()))
+    axes += ("ep",) if config.parallel.ep > 1 else ()
     comm = ", ".join(f"{axis} {_traffic(pr.comm_bytes[axis])}" for axis in axes)
     console.print(f"bytes per GPU per step: {comm}")
 

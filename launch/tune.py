@@ -47,7 +47,7 @@ def search_space(config: ExperimentConfig, overrides: list[str]) -> SearchSpace:
     keys = {item.split("=", 1)[0].strip() for item in overrides}
     p = config.parallel
     fixed: dict[str, Any] = {}
-    for key in ("dp", "tp", "pp", "virtual_stages", "cp"):
+    for key in ("dp", "tp", "pp", "virtual_stages", "cp", "ep"):
         if f"parallel.{key}" in keys:
             fixed[key] = getattr(p, key)
     if "parallel.tp" in keys:

@@ -25,6 +25,7 @@ Nothing here prints; `launch/tune.py` renders the result.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,7 @@ TERMS = {
     "bubble": "pipeline bubble",
     "tp_exposed": "tensor-parallel communication",
     "cp_exposed": "context-parallel communication",
+    "ep_exposed": "expert-parallel all-to-all",
     "pp_exposed": "pipeline messages",
     "dp_exposed": "exposed data-parallel communication",
     "optimizer": "optimizer step",
@@ -84,6 +86,21 @@ class SearchSpace:
     cp_from_seq: int = 32768
     max_cp: int = 16
     cp_comms: tuple[str, ...] = ("ring", "all_gather", "a2a")
+    # Expert parallelism (MoE models): every ep dividing both the experts and dp × cp, unless
+    # `--set parallel.ep=8` fixes it.
+    ep: int | None = None
+
+
+def _expert_choices(config: Any, dp_cp: int, space: SearchSpace) -> list[int]:
+    """The ep sizes to try: 1 for a dense model; for a MoE, the divisors of dp × cp that
+    divide the experts (or the fixed one, where it fits)."""
+    moe = getattr(config, "moe", None)
+    if moe is None:
+        return [1]
+    sizes = [e for e in divisors(dp_cp) if moe.experts % e == 0]
+    if space.ep is not None:
+        return [space.ep] if space.ep in sizes else []
+    return sizes
 
 
 def _context_choices(config: Any, seq: int, gpus: int, space: SearchSpace) -> list[tuple]:
@@ -240,7 +257,10 @@ def _enumerate_mesh(
                     for sp in space.sequence_parallel:
                         if sp and (tp == 1 or (seq // cp) % tp):
                             continue
-                        for zero in space.zero_stages if dp > 1 else (0,):
+                        for zero, ep in itertools.product(
+                            space.zero_stages if dp > 1 else (0,),
+                            _expert_choices(config, dp * cp, space),
+                        ):
                             enumerated += 1
                             layout = dataclasses.replace(
                                 base,
@@ -256,6 +276,7 @@ def _enumerate_mesh(
                                 order=space.order,
                                 cp=cp,
                                 cp_comm=cp_comm,
+                                ep=ep,
                             )
                             for recompute in space.recompute:
                                 candidate = dataclasses.replace(layout, recompute=recompute)
@@ -320,6 +341,8 @@ def describe(layout: Layout) -> str:
     parts = [f"dp={layout.dp} × tp={layout.tp} × pp={layout.pp}"]
     if layout.cp > 1:
         parts[0] += f" × cp={layout.cp} ({layout.cp_comm})"
+    if layout.ep > 1:
+        parts[0] += f", ep={layout.ep}"
     parts.append(f"microbatch {layout.microbatch_size} × {layout.microbatches}")
     if layout.pp > 1:
         v = f" v={layout.virtual_stages}" if layout.virtual_stages > 1 else ""
