@@ -159,6 +159,9 @@ def _llama_family_config(d: LlamaConfig, dtype: np.dtype) -> dict[str, Any]:
             "intermediate_size": d.moe.ffn_hidden,
             "num_local_experts": d.moe.experts,
             "num_experts_per_tok": d.moe.top_k,
+            # The coefficient as civetta's; HF's loss it weighs is top_k times civetta's and
+            # pools the layers (see tests/test_moe_parity.py), and counts only with
+            # output_router_logits, which stays off.
             "router_aux_loss_coef": d.moe.aux_loss_coef,
             "router_jitter_noise": 0.0,
             "sliding_window": None,

@@ -147,10 +147,12 @@ def Attention(  # noqa: N802 - a module constructor reads like a class
     o_proj = sharding.row_linear(
         f"{name}.o_proj", c.n_head * d, c.n_embd, bias=False, seed=seed, dtype=dtype
     )
-    norms = [HeadNorm(f"{name}.{x}_norm", c, dtype=dtype, sharding=sharding) for x in "qk"]
-    if not c.qk_norm:
-        norms = [Module(lambda x: x, {}), Module(lambda x: x, {})]
-    q_norm, k_norm = norms
+    if c.qk_norm:
+        q_norm, k_norm = (
+            HeadNorm(f"{name}.{x}_norm", c, dtype=dtype, sharding=sharding) for x in "qk"
+        )
+    else:
+        q_norm = k_norm = Module(lambda x: x, {})
 
     def split_heads(x: Tensor, count: int) -> Tensor:
         batch, block = x.shape[0], x.shape[1]
