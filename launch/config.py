@@ -52,6 +52,8 @@ class ModelConfig:
     rope_theta: float | None = None  # llama only (default 10000)
     norm_eps: float | None = None  # llama only (default 1e-5)
     moe: MoEConfig | None = None  # llama only: a section {experts, top_k, ffn_hidden, ...}
+    head_dim: int | None = None  # llama only (default n_embd / n_head)
+    qk_norm: bool | None = None  # llama only (default false): Qwen3's per-head q/k RMSNorm
 
 
 # model.kind -> the family's description; its fields are the model section's keys it takes.
@@ -276,6 +278,7 @@ POSITIVE = {
     "model.ffn_hidden",
     "model.rope_theta",
     "model.norm_eps",
+    "model.head_dim",
     "model.moe.experts",
     "model.moe.top_k",
     "model.moe.ffn_hidden",
@@ -317,7 +320,7 @@ SCHEMA = Schema(
 
 def _check_consistency(config: ExperimentConfig) -> None:
     m, t = config.model, config.train
-    if m.n_embd % m.n_head:
+    if m.head_dim is None and m.n_embd % m.n_head:
         raise ConfigError(f"model.n_head={m.n_head} does not divide model.n_embd={m.n_embd}")
     if m.n_kv_head is not None and m.n_head % m.n_kv_head:
         raise ConfigError(f"model.n_kv_head={m.n_kv_head} does not divide model.n_head={m.n_head}")

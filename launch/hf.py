@@ -1,18 +1,24 @@
 """Hugging Face checkpoints: a `config.json` and one `model.safetensors`, written and read.
 
-    DIR/config.json          the transformers config (model_type gpt2 or llama)
+    DIR/config.json          the transformers config (model_type gpt2, llama, mixtral or qwen3)
     DIR/model.safetensors    the weights under transformers' names (no pickle anywhere)
 
 A GPT is written as `GPT2LMHeadModel`, whose `Conv1D` layers hold their weights as (in, out):
 civetta's (out, in) matrices of `attn.c_attn`, `attn.c_proj`, `mlp.c_fc` and `mlp.c_proj` are
 transposed on the way out and back on the way in. A Llama is written as `LlamaForCausalLM`,
-whose state-dict names civetta's Llama already uses. A tied head is not written (safetensors
-refuses tensors that share memory, and transformers ties `lm_head.weight` when it loads).
+whose state-dict names civetta's Llama already uses; with `moe` as `MixtralForCausalLM` under the
+classic Mixtral names civetta uses (`block_sparse_moe.gate`, `block_sparse_moe.experts.{j}.w1|
+w2|w3`, which transformers 5 fuses when it loads); with `qk_norm` as `Qwen3ForCausalLM`
+(`self_attn.q_norm`, `self_attn.k_norm`). A tied head is not written (safetensors refuses tensors
+that share memory, and transformers ties `lm_head.weight` when it loads).
 
 Reading refuses, with one line, whatever civetta's models cannot run exactly: another
-model_type, rope scaling, biases on a Llama, another activation, a head_dim that is not
-hidden_size / num_attention_heads, and missing, unexpected or mis-shaped tensors. numpy and
-safetensors only: torch and transformers are needed by the tests alone.
+model_type, rope scaling, sliding windows, biases on a Llama, another activation, router jitter,
+and missing, unexpected or mis-shaped tensors. A Mixtral's experts are read under the classic
+names or under transformers 5's fused ones (`mlp.gate.weight`, `mlp.experts.gate_up_proj` of
+shape (experts, 2·ffn, n_embd) holding w1 then w3, `mlp.experts.down_proj` (experts, n_embd,
+ffn)), which are split into civetta's. numpy and safetensors only: torch and transformers are
+needed by the tests alone.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from safetensors.numpy import save_file
 
 from civetta import meta
 from civetta.models import GPTConfig, LlamaConfig, ModelDescription, build_stage
+from civetta.models.moe import MoEConfig
 from launch.config import FAMILIES
 
 CONFIG_FILE = "config.json"
@@ -43,6 +51,7 @@ BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh form, as civetta's
 GPT_NORM_EPS = 1e-5  # civetta's LayerNorm
+MIXTRAL_AUX_LOSS_COEF = 0.001  # MixtralConfig's default router_aux_loss_coef
 
 
 class HFError(ValueError):
@@ -65,10 +74,25 @@ def check_expressible(description: ModelDescription) -> None:
             "model.bias=false cannot be written as GPT2LMHeadModel, which has biases in every "
             "layer (export it with --format npz)"
         )
-    if getattr(description, "moe", None) is not None:
+    if not isinstance(description, LlamaConfig) or description.moe is None:
+        return
+    moe = description.moe
+    # MixtralForCausalLM routes every token: a model trained dropping tokens over capacity
+    # would compute something else there, so it is refused rather than exported with a warning.
+    if moe.capacity_factor is not None:
         raise HFError(
-            "model.moe: exporting a mixture of experts (MixtralForCausalLM) is not implemented "
-            "yet (export it with --format npz)"
+            f"model.moe.capacity_factor={moe.capacity_factor} cannot be written as "
+            "MixtralForCausalLM, which routes every token (dropless); export it with --format npz"
+        )
+    if moe.shared_experts:
+        raise HFError(
+            f"model.moe.shared_experts={moe.shared_experts} cannot be written as "
+            "MixtralForCausalLM, which has no shared experts (export it with --format npz)"
+        )
+    if description.qk_norm:
+        raise HFError(
+            "model.qk_norm with model.moe (Qwen3MoeForCausalLM) cannot be written yet "
+            "(export it with --format npz)"
         )
 
 
@@ -100,7 +124,12 @@ def hf_config(description: ModelDescription, dtype: np.dtype) -> dict[str, Any]:
             "dtype": dtype.name,
             **common,
         }
-    return {
+    return _llama_family_config(d, dtype) | common
+
+
+def _llama_family_config(d: LlamaConfig, dtype: np.dtype) -> dict[str, Any]:
+    """LlamaForCausalLM's keys, with Mixtral's (`moe`) or Qwen3's (`qk_norm`) where they apply."""
+    config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": d.vocab_size,
@@ -121,8 +150,33 @@ def hf_config(description: ModelDescription, dtype: np.dtype) -> dict[str, Any]:
         "rope_theta": d.rope_theta,
         "tie_word_embeddings": d.tie_embeddings,
         "dtype": dtype.name,
-        **common,
     }
+    if d.moe is not None:
+        del config["mlp_bias"]  # Mixtral's experts have no bias key
+        return config | {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "intermediate_size": d.moe.ffn_hidden,
+            "num_local_experts": d.moe.experts,
+            "num_experts_per_tok": d.moe.top_k,
+            # The coefficient as civetta's; HF's loss it weighs is top_k times civetta's and
+            # pools the layers (see tests/test_moe_parity.py), and counts only with
+            # output_router_logits, which stays off.
+            "router_aux_loss_coef": d.moe.aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+        }
+    if d.qk_norm:
+        del config["mlp_bias"]
+        return config | {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": d.n_layer,
+            "layer_types": ["full_attention"] * d.n_layer,
+        }
+    return config
 
 
 def to_hf(
@@ -230,9 +284,13 @@ def description_from_config(config: dict[str, Any], where: str = CONFIG_FILE) ->
     """The civetta model a transformers config.json describes, or one line on why civetta
     cannot run it; `where` names the file in messages."""
     kind = config.get("model_type")
-    reader = {"gpt2": _gpt2_description, "llama": _llama_description}.get(str(kind))
+    reader = READERS.get(str(kind))
     if reader is None:
-        raise HFError(f'{where}: model_type expected "gpt2" or "llama", got {_json(kind)}')
+        wanted = ", ".join(json.dumps(k) for k in list(READERS)[:-1])
+        raise HFError(
+            f"{where}: model_type expected {wanted} or {json.dumps(list(READERS)[-1])}, "
+            f"got {_json(kind)}"
+        )
     try:
         return reader(_Keys(config, where))
     except ValueError as e:  # the description's own checks (heads dividing the width, ...)
@@ -301,24 +359,68 @@ def _gpt2_description(keys: _Keys) -> GPTConfig:
 
 
 def _llama_description(keys: _Keys) -> LlamaConfig:
-    hidden, heads = keys.integer("hidden_size"), keys.integer("num_attention_heads")
+    keys.expect("mlp_bias", False, False)
+    return LlamaConfig(**_llama_fields(keys, head_dim=None))
+
+
+def _mixtral_description(keys: _Keys) -> LlamaConfig:
+    """MixtralForCausalLM: a Llama whose MLPs are sparse (dropless, no shared experts)."""
+    keys.expect("sliding_window", None, None)
+    keys.expect("router_jitter_noise", (0, 0.0), 0.0, text="0.0 (civetta routes without noise)")
+    coef = keys.config.get("router_aux_loss_coef", MIXTRAL_AUX_LOSS_COEF)
+    if isinstance(coef, bool) or not isinstance(coef, int | float) or not coef >= 0:
+        raise HFError(
+            f"{keys.where}: router_aux_loss_coef expected a number >= 0, got {_json(coef)}"
+        )
+    moe = MoEConfig(
+        experts=keys.integer("num_local_experts", 8),
+        top_k=keys.integer("num_experts_per_tok", 2),
+        ffn_hidden=keys.integer("intermediate_size"),
+        aux_loss_coef=float(coef),
+    )
+    fields = _llama_fields(keys, head_dim=None)
+    return LlamaConfig(**{**fields, "ffn_hidden": 0, "moe": moe})  # the dense width is unused
+
+
+def _qwen3_description(keys: _Keys) -> LlamaConfig:
+    """Qwen3ForCausalLM: a Llama with per-head q/k RMSNorm and its own head_dim (default 128)."""
+    keys.expect("use_sliding_window", False, False)
+    layer_types = keys.config.get("layer_types")
+    if layer_types is not None and set(layer_types) - {"full_attention"}:
+        raise HFError(
+            f'{keys.where}: layer_types expected "full_attention" only, got {_json(layer_types)}'
+        )
+    return LlamaConfig(**_llama_fields(keys, head_dim=128), qk_norm=True)
+
+
+def _llama_fields(keys: _Keys, head_dim: int | None) -> dict[str, Any]:
+    """LlamaConfig's fields from the keys the Llama family shares; `head_dim`: the model
+    class's default when config.json has none (None: hidden_size / num_attention_heads)."""
     keys.expect("hidden_act", "silu", "silu")
     keys.expect("attention_bias", False, False)
-    keys.expect("mlp_bias", False, False)
-    if hidden % heads == 0:
-        keys.expect("head_dim", (None, hidden // heads), None, text=f"{hidden // heads} or null")
-    return LlamaConfig(
-        vocab_size=keys.integer("vocab_size"),
-        block_size=keys.integer("max_position_embeddings", 2048),
-        n_layer=keys.integer("num_hidden_layers"),
-        n_head=heads,
-        n_kv_head=keys.integer("num_key_value_heads", heads),
-        n_embd=hidden,
-        ffn_hidden=keys.integer("intermediate_size"),
-        rope_theta=_rope_theta(keys),
-        norm_eps=keys.number("rms_norm_eps", keys.config.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=keys.flag("tie_word_embeddings", False),
-    )
+    heads = keys.integer("num_attention_heads")
+    given = keys.config.get("head_dim", head_dim)
+    return {
+        "vocab_size": keys.integer("vocab_size"),
+        "block_size": keys.integer("max_position_embeddings", 2048),
+        "n_layer": keys.integer("num_hidden_layers"),
+        "n_head": heads,
+        "n_kv_head": keys.integer("num_key_value_heads", heads),
+        "n_embd": keys.integer("hidden_size"),
+        "head_dim": None if given is None else keys.integer("head_dim", given),
+        "ffn_hidden": keys.integer("intermediate_size"),
+        "rope_theta": _rope_theta(keys),
+        "norm_eps": keys.number("rms_norm_eps", keys.config.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": keys.flag("tie_word_embeddings", False),
+    }
+
+
+READERS: dict[str, Callable[[_Keys], ModelDescription]] = {
+    "gpt2": _gpt2_description,
+    "llama": _llama_description,
+    "mixtral": _mixtral_description,
+    "qwen3": _qwen3_description,
+}
 
 
 def _rope_theta(keys: _Keys) -> float:
@@ -364,11 +466,9 @@ def read(directory: Path, load: bool = True) -> tuple[ModelDescription, dict[str
     weights: dict[str, np.ndarray] = {}
     try:
         with safe_open(str(path), framework="np") as file:
-            names = _checked_names(description, file, str(path))
+            sources = _checked_sources(description, file, str(path))
             if load:
-                weights = {
-                    n: _from_file(description, n, file.get_tensor(k)) for n, k in names.items()
-                }
+                weights = _loaded(description, file, sources)
     except HFError:
         raise
     except Exception as e:  # damaged bytes fail anywhere in safetensors' header or data
@@ -376,38 +476,101 @@ def read(directory: Path, load: bool = True) -> tuple[ModelDescription, dict[str
     return description, weights
 
 
-def _checked_names(description: ModelDescription, file: Any, where: str) -> dict[str, str]:
-    """civetta name → the file's name for every parameter, after checking the file holds each,
-    in the right shape and a float dtype, and nothing else but buffers and a tied head."""
-    shapes = parameter_shapes(description)
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where the file holds a civetta parameter: tensor `key` whole, or its part `part` (one
+    expert's piece of a fused tensor)."""
+
+    key: str
+    part: tuple[int | slice, ...] = ()
+
+
+def _checked_sources(description: ModelDescription, file: Any, where: str) -> dict[str, _Source]:
+    """civetta name → where the file holds it, after checking the file holds every tensor
+    needed, in the right shape and a float dtype, and nothing else but buffers and a tied head."""
     available = set(file.keys())
-    base_only = isinstance(description, GPTConfig) and not any(
-        k.startswith("transformer.") for k in available
-    )
-
-    def stored(name: str) -> str:  # GPT2Model checkpoints name the base model's tensors bare
-        return name.removeprefix("transformer.") if base_only else name
-
-    names = {name: stored(name) for name in shapes}
-    for name, key in names.items():
+    sources, shapes = _sources(description, available)
+    for key, wanted in shapes.items():
         if key not in available:
             raise HFError(f"{where}: tensor {key!r} is missing")
         shape = tuple(file.get_slice(key).get_shape())
-        wanted = shapes[name][::-1] if _is_conv1d(description, name) else shapes[name]
         if shape != wanted:
             raise HFError(f"{where}: tensor {key!r} expected shape {wanted}, got {shape}")
         dtype = file.get_slice(key).get_dtype()
         if dtype not in DTYPES:
             raise HFError(f"{where}: tensor {key!r} expected F16, F32 or F64, got {dtype}")
     tied_head = {"lm_head.weight"} if description.tie_embeddings else set()  # transformers ties
-    extra = sorted(
-        k for k in available - set(names.values()) - tied_head if not k.endswith(BUFFERS)
-    )
+    extra = sorted(k for k in available - set(shapes) - tied_head if not k.endswith(BUFFERS))
     if extra:
         raise HFError(
             f"{where}: tensor {extra[0]!r} is not a parameter of the model config.json describes"
         )
-    return names
+    return sources
+
+
+def _sources(
+    description: ModelDescription, available: set[str]
+) -> tuple[dict[str, _Source], dict[str, tuple[int, ...]]]:
+    """(civetta name → source, file tensor → the shape it must have) for a file holding the
+    tensors `available` (whose names decide between the naming schemes a model may have)."""
+    shapes = parameter_shapes(description)
+    base_only = isinstance(description, GPTConfig) and not any(
+        k.startswith("transformer.") for k in available
+    )
+    sources: dict[str, _Source] = {}
+    wanted: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        # GPT2Model checkpoints name the base model's tensors bare.
+        key = name.removeprefix("transformer.") if base_only else name
+        sources[name] = _Source(key)
+        wanted[key] = shape[::-1] if _is_conv1d(description, name) else shape
+    if isinstance(description, LlamaConfig) and description.moe is not None:
+        for i in range(description.n_layer):
+            if f"model.layers.{i}.mlp.gate.weight" in available:
+                _fused_experts(description, i, sources, wanted)
+    return sources, wanted
+
+
+def _fused_experts(
+    description: LlamaConfig,
+    layer: int,
+    sources: dict[str, _Source],
+    wanted: dict[str, tuple[int, ...]],
+) -> None:
+    """Point layer `layer`'s MoE parameters at transformers 5's fused tensors: the router
+    `mlp.gate.weight`, `mlp.experts.gate_up_proj` (E, 2F, C) holding each expert's w1 rows then
+    its w3 rows, and `mlp.experts.down_proj` (E, C, F) holding each w2."""
+    assert description.moe is not None
+    e, f, c = description.moe.experts, description.moe.ffn_hidden, description.n_embd
+    classic, fused = f"model.layers.{layer}.block_sparse_moe", f"model.layers.{layer}.mlp"
+    for name in [n for n in sources if n.startswith(classic + ".")]:
+        del wanted[sources.pop(name).key]
+    router, gate_up, down = (
+        f"{fused}.gate.weight",
+        f"{fused}.experts.gate_up_proj",
+        f"{fused}.experts.down_proj",
+    )
+    sources[f"{classic}.gate.weight"] = _Source(router)
+    wanted |= {router: (e, c), gate_up: (e, 2 * f, c), down: (e, c, f)}
+    for j in range(e):
+        expert = f"{classic}.experts.{j}"
+        sources[f"{expert}.w1.weight"] = _Source(gate_up, (j, slice(0, f)))
+        sources[f"{expert}.w3.weight"] = _Source(gate_up, (j, slice(f, 2 * f)))
+        sources[f"{expert}.w2.weight"] = _Source(down, (j,))
+
+
+def _loaded(
+    description: ModelDescription, file: Any, sources: dict[str, _Source]
+) -> dict[str, np.ndarray]:
+    """Every parameter's array from the file, each file tensor read once."""
+    tensors: dict[str, np.ndarray] = {}
+    weights = {}
+    for name, source in sources.items():
+        if source.key not in tensors:
+            tensors[source.key] = file.get_tensor(source.key)
+        array = tensors[source.key][source.part]
+        weights[name] = _from_file(description, name, array)
+    return weights
 
 
 def _is_conv1d(description: ModelDescription, name: str) -> bool:
@@ -419,15 +582,29 @@ def _from_file(description: ModelDescription, name: str, array: np.ndarray) -> n
 
 
 def differences(ours: ModelDescription, theirs: ModelDescription) -> tuple[str, Any, Any] | None:
-    """The first key (model.kind, then the family's fields in order) on which two models
-    differ, as (key, ours, theirs); None when they are the same model."""
+    """The first key (model.kind, then the family's fields in order, a nested section's as
+    `moe.top_k`) on which two models differ, as (key, ours, theirs); None when they are the
+    same model. A mixture of experts' dense `ffn_hidden` computes nothing and is not compared."""
     if type(ours) is not type(theirs):
         return "kind", _kind(ours), _kind(theirs)
+    return _first_difference(ours, theirs, "")
+
+
+def _first_difference(ours: Any, theirs: Any, prefix: str) -> tuple[str, Any, Any] | None:
+    sparse = getattr(ours, "moe", None) is not None and getattr(theirs, "moe", None) is not None
     for f in dataclasses.fields(ours):
         a, b = getattr(ours, f.name), getattr(theirs, f.name)
-        same = math.isclose(a, b, rel_tol=1e-12) if isinstance(a, float) else a == b
+        if sparse and f.name == "ffn_hidden":
+            continue
+        if dataclasses.is_dataclass(a) and type(a) is type(b):
+            nested = _first_difference(a, b, f"{prefix}{f.name}.")
+            if nested is not None:
+                return nested
+            continue
+        close = isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12)
+        same = close or a == b
         if not same:
-            return f.name, a, b
+            return f"{prefix}{f.name}", a, b
     return None
 
 

@@ -230,7 +230,7 @@ LLAMA_REFUSALS = {
     "model-type": (
         _set("model_type", "mistral"),
         None,
-        'model_type expected "gpt2" or "llama", got "mistral"',
+        'model_type expected "gpt2", "llama", "mixtral" or "qwen3", got "mistral"',
     ),
     "rope-scaling": (
         _set("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}),
@@ -249,7 +249,7 @@ LLAMA_REFUSALS = {
     ),
     "mlp-bias": (_set("mlp_bias", True), None, "mlp_bias expected false, got true"),
     "activation": (_set("hidden_act", "gelu"), None, 'hidden_act expected "silu", got "gelu"'),
-    "head-dim": (_set("head_dim", 16), None, "head_dim expected 8 or null, got 16"),
+    "head-dim": (_set("head_dim", 7), None, "head_dim=7 must be even for RoPE"),
     "width": (_set("hidden_size", "32"), None, 'hidden_size expected a positive integer, got "32"'),
 }
 TENSOR_REFUSALS = {

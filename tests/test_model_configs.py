@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+from civetta.models import LlamaConfig
 from launch.config import load, model_description
 from launch.simulate import simulate_command
 from launch.tune import tune_command
@@ -19,6 +21,25 @@ SHIPPED = sorted(p.stem for p in MODELS.glob("*.yaml"))
 
 # Published totals (Llama 3 model card, "Params"; Dubey et al. 2024, Table 3).
 PUBLISHED_BILLIONS = {"llama3.1-8b": 8.0, "llama3.1-70b": 70.6, "llama3.1-405b": 405.9}
+# Published (total, active) billions, the unit of their last digit and how they were cut to it:
+# Mixtral's paper (Jiang et al. 2024) and Mistral's 8x22B announcement round (46.7B, 12.9B;
+# 141B, 39B), the Qwen3 model cards truncate (30.5B and 3.3B activated for 30.53B and 3.35B; 235B
+# and 22B). Active: a token's top_k experts, the router, attention, norms, the embedding table
+# and the head (`LlamaConfig.active_parameters`).
+PUBLISHED_MOE_BILLIONS = {
+    "mixtral-8x7b": (46.7, 12.9, 0.1, "rounded"),
+    "mixtral-8x22b": (141.0, 39.0, 1.0, "rounded"),
+    "qwen3-30b-a3b": (30.5, 3.3, 0.1, "truncated"),
+    "qwen3-235b-a22b": (235.0, 22.0, 1.0, "truncated"),
+}
+
+
+def published_as(count: int, unit: float, cut: str) -> float:
+    """`count` parameters in billions cut to `unit` as the publisher cuts it."""
+    billions = count / 1e9 / unit
+    return (round(billions) if cut == "rounded" else int(billions)) * unit
+
+
 # GPUs that `tune` lays each out on (small models on few GPUs, large ones on many).
 TUNE_GPUS = {"llama3.1-8b": 16, "llama3.1-70b": 128, "llama3.1-405b": 1024}
 
@@ -36,6 +57,7 @@ def experiment(tmp_path: Path, name: str) -> Path:
 
 def test_every_model_config_is_shipped() -> None:
     assert {"llama3.1-8b", "llama3.1-70b", "llama3.1-405b", "llama-tiny"} <= set(SHIPPED)
+    assert set(PUBLISHED_MOE_BILLIONS) <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_BILLIONS))
@@ -45,12 +67,33 @@ def test_llama_shapes_have_their_published_parameter_counts(tmp_path, name: str)
     assert model.num_parameters() / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], abs=0.06)
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MOE_BILLIONS))
+def test_moe_shapes_have_their_published_total_and_active_counts(tmp_path, name: str) -> None:
+    total, active, unit, cut = PUBLISHED_MOE_BILLIONS[name]
+    model = model_description(load(experiment(tmp_path, name)))
+    assert isinstance(model, LlamaConfig) and model.moe is not None
+    assert published_as(model.num_parameters(), unit, cut) == pytest.approx(total)
+    assert published_as(model.active_parameters(), unit, cut) == pytest.approx(active)
+
+
+# Mixture-of-experts layers do not support tensor parallelism yet (`SparseMoE` raises), and
+# simulate's tp=8 override and tune's layouts use it; the MoE cost model is being written.
+MOE_NEEDS_TP = pytest.mark.xfail(
+    raises=NotImplementedError,
+    reason="SparseMoE does not support tensor parallelism yet, which simulate/tune lay out",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=MOE_NEEDS_TP) if n in PUBLISHED_MOE_BILLIONS else n for n in SHIPPED],
+)
 def test_simulate_and_tune_accept_every_shipped_model(tmp_path, name: str) -> None:
     path = experiment(tmp_path, name)
     model = model_description(load(path))
     large = model.n_embd >= 4096
-    overrides = ["parallel.tp=8", "parallel.sequence_parallel=true"] if large else []
+    tp = math.gcd(8, getattr(model, "n_kv_head", 8))  # whole key/value heads per rank
+    overrides = [f"parallel.tp={tp}", "parallel.sequence_parallel=true"] if large else []
     out = tmp_path / "simulate.json"
     console = Console(file=io.StringIO(), width=100)
     assert simulate_command(str(path), "h100-dgx", overrides, None, out, console) == 0

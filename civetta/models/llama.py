@@ -3,8 +3,11 @@
 Pre-RMSNorm blocks, grouped-query attention (`n_kv_head` key/value heads shared by
 `n_head / n_kv_head` query heads each), rotary position embeddings in Hugging Face's rotate-half
 convention, SwiGLU MLPs (down(silu(gate(x)) · up(x))), no biases, and an untied head unless
-`tie_embeddings`. Names are those of `transformers`' LlamaForCausalLM state dict
-(`model.layers.{i}.self_attn.q_proj.weight`, ...), so a state dict loads there unchanged.
+`tie_embeddings`. Qwen3's two departures are options: a head width `head_dim` other than
+n_embd / n_head, and `qk_norm`, an RMSNorm of each head of q and k before RoPE. Names are
+those of `transformers`' LlamaForCausalLM state dict (`model.layers.{i}.self_attn.q_proj.weight`,
+...; Qwen3ForCausalLM's `self_attn.q_norm.weight` and `k_norm.weight`), so a state dict loads
+there unchanged.
 
 The rotary angles are evaluated in float64 and rounded to the model's dtype; Hugging Face
 evaluates them in float32 whatever the model's dtype (see `tests/test_hf_parity.py`).
@@ -21,9 +24,9 @@ from civetta import axioms as ax
 from civetta import functional, fused, meta
 from civetta.models.moe import MoEConfig, SparseMoE
 from civetta.models.stage import decoder_stage
-from civetta.nn import DENSE, DenseSharding, Model, Module, RMSNorm, merge
+from civetta.nn import DENSE, DenseSharding, Model, Module, ParameterStore, RMSNorm, merge
 from civetta.recompute import checkpoint
-from civetta.tensor import Tensor
+from civetta.tensor import Tensor, make_node
 
 
 def default_ffn_hidden(n_embd: int) -> int:
@@ -46,6 +49,11 @@ class LlamaConfig:
     tie_embeddings: bool = False
     # Mixtral-style sparse MLPs in every layer instead of SwiGLU (`civetta.models.moe`).
     moe: MoEConfig | None = None
+    # Width of one attention head; None: n_embd // n_head. Qwen3 decouples the two (its q_proj
+    # maps n_embd to n_head · head_dim, which need not be n_embd).
+    head_dim: int | None = None
+    # Qwen3's RMSNorm over each head of q and of k, before RoPE (one (head_dim,) weight each).
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         # Defaults that depend on other fields; the dataclass is frozen, so set them once here.
@@ -53,18 +61,22 @@ class LlamaConfig:
             object.__setattr__(self, "n_kv_head", self.n_head)
         if not self.ffn_hidden:
             object.__setattr__(self, "ffn_hidden", default_ffn_hidden(self.n_embd))
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not self.head_dim:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            object.__setattr__(self, "head_dim", self.n_embd // self.n_head)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if self.head_dim % 2:
-            raise ValueError(f"head size n_embd/n_head={self.head_dim} must be even for RoPE")
+        if self.head_size % 2:
+            raise ValueError(f"head_dim={self.head_size} must be even for RoPE")
         if isinstance(self.moe, dict):  # read back from a config section or a checkpoint
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def head_size(self) -> int:
+        """`head_dim` as an int (the field is only None before `__post_init__` fills it)."""
+        assert self.head_dim is not None
+        return self.head_dim
 
     @property
     def tied_weights(self) -> tuple[str, ...]:
@@ -73,11 +85,24 @@ class LlamaConfig:
 
     def num_parameters(self) -> int:
         """Unique parameters (a tied head counts once)."""
-        c, d, f = self.n_embd, self.head_dim, self.ffn_hidden
+        return self._count(self.moe.experts if self.moe is not None else 0)
+
+    def active_parameters(self) -> int:
+        """Parameters one token's forward uses: as `num_parameters` but with only its top_k
+        experts of each MoE layer (the router, attention, norms, embedding table and head all
+        count; a tied head once). The convention of Mixtral's and Qwen3's published "active"
+        counts. A dense model's active parameters are all of them."""
+        return self._count(self.moe.top_k if self.moe is not None else 0)
+
+    def _count(self, experts: int) -> int:
+        """Parameters with `experts` experts per MoE layer (ignored for a dense MLP)."""
+        c, d, f = self.n_embd, self.head_size, self.ffn_hidden
         attention = c * self.n_head * d * 2 + 2 * c * self.n_kv_head * d  # q, o; k, v
+        if self.qk_norm:
+            attention += 2 * d
         mlp = 3 * c * f  # gate, up, down
-        if self.moe is not None:  # every expert's three matrices and the router
-            mlp = self.moe.experts * (3 * c * self.moe.ffn_hidden + c)
+        if self.moe is not None:  # the experts' three matrices each, and the router
+            mlp = experts * 3 * c * self.moe.ffn_hidden + c * self.moe.experts
         per_block = attention + mlp + 2 * c  # + two RMSNorms
         head = 0 if self.tie_embeddings else self.vocab_size * c
         return self.vocab_size * c + self.n_layer * per_block + c + head
@@ -88,7 +113,7 @@ class LlamaConfig:
         full T×T matrix, counted as `GPTConfig.flops_per_token` counts them. With `moe`, a
         token's MLP weights are its top_k experts' and the router's (the active parameters)."""
         t = seq_len or self.block_size
-        c, d = self.n_embd, self.head_dim
+        c, d = self.n_embd, self.head_size
         mlp = 3 * c * self.ffn_hidden
         if self.moe is not None:
             mlp = self.moe.top_k * 3 * c * self.moe.ffn_hidden + c * self.moe.experts
@@ -106,9 +131,10 @@ def Attention(  # noqa: N802 - a module constructor reads like a class
     sharding: DenseSharding,
     recompute_core: bool,
 ) -> Module:
-    """Grouped-query causal attention with RoPE on q and k; tensor parallelism splits the query
-    heads and the key/value heads alike, so each rank keeps whole groups."""
-    c, d = config, config.head_dim
+    """Grouped-query causal attention with RoPE on q and k (each RMS-normalised per head first
+    with `qk_norm`); tensor parallelism splits the query heads and the key/value heads alike,
+    so each rank keeps whole groups."""
+    c, d = config, config.head_size
     heads, kv_heads = c.n_head // sharding.tp_size, c.n_kv_head // sharding.tp_size
     qkv = sharding.column_linears(
         [f"{name}.q_proj", f"{name}.k_proj", f"{name}.v_proj"],
@@ -121,6 +147,12 @@ def Attention(  # noqa: N802 - a module constructor reads like a class
     o_proj = sharding.row_linear(
         f"{name}.o_proj", c.n_head * d, c.n_embd, bias=False, seed=seed, dtype=dtype
     )
+    if c.qk_norm:
+        q_norm, k_norm = (
+            HeadNorm(f"{name}.{x}_norm", c, dtype=dtype, sharding=sharding) for x in "qk"
+        )
+    else:
+        q_norm = k_norm = Module(lambda x: x, {})
 
     def split_heads(x: Tensor, count: int) -> Tensor:
         batch, block = x.shape[0], x.shape[1]
@@ -133,8 +165,8 @@ def Attention(  # noqa: N802 - a module constructor reads like a class
         if meta.is_meta(q.data):
             positions = meta.arange(block, like=q.data)
         cos, sin = functional.rope_tables(positions, d, c.rope_theta, q.dtype)
-        q = fused.rope(split_heads(q, heads), cos, sin)  # (B, nh, T, hs)
-        k = fused.rope(split_heads(k, kv_heads), cos, sin)  # (B, nkv, T, hs)
+        q = fused.rope(q_norm(split_heads(q, heads)), cos, sin)  # (B, nh, T, hs)
+        k = fused.rope(k_norm(split_heads(k, kv_heads)), cos, sin)  # (B, nkv, T, hs)
         v = split_heads(v, kv_heads)
         if recompute_core:
             y = checkpoint(sharding.attention, q, k, v)
@@ -143,7 +175,46 @@ def Attention(  # noqa: N802 - a module constructor reads like a class
         y = ax.reshape(ax.transpose(y, (0, 2, 1, 3)), (batch, block, heads * d))
         return o_proj(y)
 
-    return Module(forward, merge(qkv, o_proj))
+    return Module(forward, merge(qkv, q_norm, k_norm, o_proj))
+
+
+def HeadNorm(  # noqa: N802
+    name: str, config: LlamaConfig, *, dtype: Any, sharding: DenseSharding
+) -> Module:
+    """RMSNorm over the last axis (head_dim) of (B, heads, T, head_dim): Qwen3's q_norm and
+    k_norm, one weight shared by every head.
+
+    Under tensor parallelism the weight is replicated and each rank normalises its own heads,
+    so each rank's gradient is a part of the whole. With sequence parallelism the runtime sums
+    replicated gradients over tp already; without it, the weight enters through an op whose
+    backward sums its gradient over the tp group here."""
+    store = sharding.store
+    norm = RMSNorm(name, config.head_size, eps=config.norm_eps, dtype=dtype, store=store)
+    group = getattr(sharding, "group", None)
+    if sharding.tp_size == 1 or getattr(sharding, "sequence_parallel", False):
+        return norm
+    if group is None or type(store).affine is not ParameterStore.affine:
+        raise NotImplementedError(
+            "model.qk_norm under tensor parallelism needs parallel.sequence_parallel=true "
+            "with this parameter store (ZeRO-3)"
+        )
+    weight = norm.params[f"{name}.weight"]
+    eps = config.norm_eps
+
+    def forward(x: Tensor) -> Tensor:
+        return ax.mul(fused.rms_normalize(x, eps), summed_over(weight, group))
+
+    return Module(forward, norm.params)
+
+
+def summed_over(weight: Tensor, group: Any) -> Tensor:
+    """`weight` itself forward; its gradient all-reduced (summed) over `group` backward."""
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        with group.ledger.phase("backward"):
+            return (group.all_reduce(g),)
+
+    return make_node(weight.data.view(), (weight,), backward, saved=(), computed=False)
 
 
 def SwiGLU(  # noqa: N802
