@@ -22,9 +22,11 @@ layer holds every expert and exchanges nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from civetta import meta
 from civetta.nn import WHOLE, ParameterStore
 from civetta.tensor import Tensor
 from parallel.comm import Group
@@ -46,8 +48,11 @@ class Exchange:
     recv: np.ndarray
     by_expert: np.ndarray
 
-    def expert_rows(self) -> list[np.ndarray]:
-        """For each local expert, its rows of the received buffer (source by source)."""
+    def expert_rows(self, data_free: bool = False) -> list[Any]:
+        """For each local expert, its rows of the received buffer (source by source); for a
+        data-free step, index arrays of their sizes alone."""
+        if data_free:
+            return [meta.MetaArray((int(n),), np.int64) for n in self.by_expert.sum(axis=0)]
         starts = np.concatenate([[0], np.cumsum(self.recv)[:-1]])
         offsets = np.cumsum(self.by_expert, axis=1) - self.by_expert  # within each source
         return [

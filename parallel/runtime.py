@@ -166,6 +166,13 @@ class Runtime:
                 name: g if self._sharded(name) else self.tp_group.all_reduce(g)
                 for name, g in grads.items()
             }
+        elif isinstance(self.sharding, TensorParallelSharding) and self.sharding.partial_over_tp:
+            # Replicated parameters applied to this rank's heads only (per-head norms).
+            partial = self.sharding.partial_over_tp
+            grads = {
+                name: self.tp_group.all_reduce(g) if name in partial else g
+                for name, g in grads.items()
+            }
         return grads
 
     def _sum_tied_copies(

@@ -78,6 +78,9 @@ class TensorParallelSharding(DenseSharding):
         self.sequence_parallel = sequence_parallel
         # Parameter name -> (axis it is split along, number of packed blocks split separately).
         self.placements: dict[str, tuple[int, int]] = {}
+        # Replicated parameters each rank uses on its own part (Qwen3's per-head q/k norms):
+        # their gradients are partial sums, added over tp before the update.
+        self.partial_over_tp: set[str] = set()
         self.vocab_start = 0
 
     def is_sharded(self, name: str) -> bool:

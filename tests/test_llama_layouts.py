@@ -98,6 +98,33 @@ def test_llama_layout_matches_single_process(reference, tmp_path, label: str) ->
     assert_same_run(run(tmp_path, "train.dtype=float64", *overrides, ranks=ranks), reference)
 
 
+QWEN3 = ("train.dtype=float64", "model.qk_norm=true", "model.head_dim=16")  # 4 · 16 ≠ 32
+
+
+@pytest.fixture(scope="module")
+def qwen3_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    return run(tmp_path_factory.mktemp("qwen3"), *QWEN3)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("parallel.tp=2",),
+        ("parallel.tp=2", "parallel.sequence_parallel=true"),
+        ("parallel.dp=2", "parallel.tp=2", "parallel.zero=3"),
+    ],
+    ids=["tp2", "tp2-sp", "dp2-tp2-zero3"],
+)
+def test_qwen3_attention_under_tensor_parallelism(qwen3_reference, tmp_path, layout) -> None:
+    """Qwen3's per-head q/k norms (one weight shared by the heads each tp rank holds part of)
+    and a head size that is not n_embd/n_head, under tp with and without sequence parallelism
+    and under ZeRO-3: equal to one process."""
+    ranks = 4 if "parallel.dp=2" in layout else 2
+    got = run(tmp_path, *QWEN3, *layout, ranks=ranks)
+    assert any(".self_attn.q_norm." in k for k in qwen3_reference)
+    assert_same_run(got, qwen3_reference)
+
+
 def test_tied_llama_across_pipeline_stages_matches_single_process(tmp_path) -> None:
     tied = ("train.dtype=float64", "model.tie_embeddings=true")
     ref = run(tmp_path / "one", *tied)

@@ -76,18 +76,7 @@ def test_moe_shapes_have_their_published_total_and_active_counts(tmp_path, name:
     assert published_as(model.active_parameters(), unit, cut) == pytest.approx(active)
 
 
-# Mixture-of-experts layers do not support tensor parallelism yet (`SparseMoE` raises), and
-# simulate's tp=8 override and tune's layouts use it; the MoE cost model is being written.
-MOE_NEEDS_TP = pytest.mark.xfail(
-    raises=NotImplementedError,
-    reason="SparseMoE does not support tensor parallelism yet, which simulate/tune lay out",
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=MOE_NEEDS_TP) if n in PUBLISHED_MOE_BILLIONS else n for n in SHIPPED],
-)
+@pytest.mark.parametrize("name", SHIPPED)
 def test_simulate_and_tune_accept_every_shipped_model(tmp_path, name: str) -> None:
     path = experiment(tmp_path, name)
     model = model_description(load(path))

@@ -24,9 +24,9 @@ from civetta import axioms as ax
 from civetta import functional, fused, meta
 from civetta.models.moe import MoEConfig, SparseMoE
 from civetta.models.stage import decoder_stage
-from civetta.nn import DENSE, DenseSharding, Model, Module, ParameterStore, RMSNorm, merge
+from civetta.nn import DENSE, DenseSharding, Model, Module, RMSNorm, merge
 from civetta.recompute import checkpoint
-from civetta.tensor import Tensor, make_node
+from civetta.tensor import Tensor
 
 
 def default_ffn_hidden(n_embd: int) -> int:
@@ -185,36 +185,14 @@ def HeadNorm(  # noqa: N802
     k_norm, one weight shared by every head.
 
     Under tensor parallelism the weight is replicated and each rank normalises its own heads,
-    so each rank's gradient is a part of the whole. With sequence parallelism the runtime sums
-    replicated gradients over tp already; without it, the weight enters through an op whose
-    backward sums its gradient over the tp group here."""
-    store = sharding.store
-    norm = RMSNorm(name, config.head_size, eps=config.norm_eps, dtype=dtype, store=store)
-    group = getattr(sharding, "group", None)
-    if sharding.tp_size == 1 or getattr(sharding, "sequence_parallel", False):
-        return norm
-    if group is None or type(store).affine is not ParameterStore.affine:
-        raise NotImplementedError(
-            "model.qk_norm under tensor parallelism needs parallel.sequence_parallel=true "
-            "with this parameter store (ZeRO-3)"
-        )
-    weight = norm.params[f"{name}.weight"]
-    eps = config.norm_eps
-
-    def forward(x: Tensor) -> Tensor:
-        return ax.mul(fused.rms_normalize(x, eps), summed_over(weight, group))
-
-    return Module(forward, norm.params)
-
-
-def summed_over(weight: Tensor, group: Any) -> Tensor:
-    """`weight` itself forward; its gradient all-reduced (summed) over `group` backward."""
-
-    def backward(g: np.ndarray) -> tuple[np.ndarray]:
-        with group.ledger.phase("backward"):
-            return (group.all_reduce(g),)
-
-    return make_node(weight.data.view(), (weight,), backward, saved=(), computed=False)
+    so each rank's gradient is a part of the whole: the sharding is told (`partial_over_tp`),
+    and the runtime sums such gradients over tp before the update (with sequence parallelism it
+    sums every replicated parameter's already)."""
+    norm = RMSNorm(name, config.head_size, eps=config.norm_eps, dtype=dtype, store=sharding.store)
+    partial = getattr(sharding, "partial_over_tp", None)
+    if sharding.tp_size > 1 and partial is not None:
+        partial.add(f"{name}.weight")
+    return norm
 
 
 def SwiGLU(  # noqa: N802

@@ -113,6 +113,20 @@ def balanced_experts(tokens: int, experts: int, k: int) -> np.ndarray:
     return (np.arange(tokens)[:, None] + np.arange(k)[None, :]) % experts
 
 
+def balanced_routing(tokens: int, experts: int, k: int, capacity: int | None) -> Routing:
+    """`route(balanced_experts(...))` for a data-free step, without building its index arrays:
+    the counts in closed form (slot (t, j) goes to (t + j) mod E, so expert e gets
+    k·⌊N/E⌋ slots plus one for each j with (e − j) mod E < N mod E), the indices as data-free
+    arrays of their shapes (what the traced ops need of them)."""
+    base, extra = divmod(tokens, experts)
+    shift = (np.arange(experts)[:, None] - np.arange(k)[None, :]) % experts
+    counts = k * base + (shift < extra).sum(axis=1)
+    kept = counts if capacity is None else np.minimum(counts, capacity)
+    members = tuple(meta.MetaArray((int(n),), np.int64) for n in kept)
+    slots = meta.MetaArray((tokens, k), np.int64)
+    return Routing(slots, members, slots, counts.astype(np.int64))
+
+
 def route(chosen: np.ndarray, experts: int, capacity: int | None) -> Routing:
     """Group the slots of `chosen` (tokens, k) by expert, in token order, keeping at most
     `capacity` per expert (the earliest tokens; the later ones are dropped)."""
@@ -290,13 +304,15 @@ def SparseMoE(  # noqa: N802 - a module constructor reads like a class
         flat = ax.reshape(x, (-1, n_embd))  # (N, C)
         tokens = flat.shape[0]
         probs = fused.softmax(gate(flat))  # (N, E), in the model's dtype
-        if meta.is_meta(probs.data):
-            chosen = balanced_experts(tokens, moe.experts, moe.top_k)
+        data_free = meta.is_meta(probs.data)
+        if data_free:
+            routing = balanced_routing(tokens, moe.experts, moe.top_k, moe.capacity(tokens))
+            rows: Any = routing.experts  # shapes only
         else:
             chosen = top_k_experts(probs.data, moe.top_k)
-        routing = route(chosen, moe.experts, moe.capacity(tokens))
-        rows = np.broadcast_to(np.arange(tokens)[:, None], chosen.shape)
-        picked = ax.getitem(probs, (rows, chosen))  # (N, k)
+            routing = route(chosen, moe.experts, moe.capacity(tokens))
+            rows = np.broadcast_to(np.arange(tokens)[:, None], chosen.shape)
+        picked = ax.getitem(probs, (rows, routing.experts))  # (N, k)
         weights = functional.div(picked, ax.sum(picked, axis=-1, keepdims=True))
         if not exchanges:
             stacked = run_experts(flat, list(routing.members))  # (kept slots, C)
@@ -305,11 +321,9 @@ def SparseMoE(  # noqa: N802 - a module constructor reads like a class
             kept = np.array([m.size for m in routing.members], dtype=np.int64)
             sent = ax.getitem(flat, np.concatenate(routing.members))  # grouped by expert
             received, exchange = shard.dispatch(sent, kept)
-            by_expert = exchange.expert_rows()
+            by_expert = exchange.expert_rows(data_free)
             computed = run_experts(received, by_expert)  # expert order
-            order = np.concatenate(by_expert)
-            back = np.empty_like(order)
-            back[order] = np.arange(order.size)
+            back = _inverse(np.concatenate(by_expert))
             stacked = shard.combine(ax.getitem(computed, back), exchange)  # as `sent`
         zero = Tensor(meta.zeros((1, n_embd), flat.dtype, like=flat.data))
         stacked = ax.concat([stacked, zero], axis=0)  # (kept slots + 1, C)
@@ -323,7 +337,7 @@ def SparseMoE(  # noqa: N802 - a module constructor reads like a class
             scale = moe.aux_loss_coef * (1.0 if shard is None else shard.aux_scale)
             aux = load_balancing_loss(probs, counts, moe)
             mixed = attach_aux_loss(mixed, ax.mul(aux, scale))
-        if _log is not None and not is_recomputing() and not meta.is_meta(probs.data):
+        if _log is not None and not is_recomputing() and not data_free:
             kept_counts = np.array([m.size for m in routing.members], dtype=np.int64)
             _log.add(name, routing.counts, kept_counts)
             if aux is not None:
@@ -331,6 +345,15 @@ def SparseMoE(  # noqa: N802 - a module constructor reads like a class
         return ax.reshape(mixed, shape)
 
     return Module(forward, merge(gate, *(m for expert in experts for m in expert)))
+
+
+def _inverse(order: Any) -> Any:
+    """The permutation that undoes `order` (data-free: an index of the same shape)."""
+    if meta.is_meta(order):
+        return order
+    back = np.empty_like(order)
+    back[order] = np.arange(order.size)
+    return back
 
 
 def load_balancing_loss(probs: Tensor, counts: np.ndarray, moe: MoEConfig) -> Tensor:

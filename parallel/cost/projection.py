@@ -535,6 +535,13 @@ def _project(
             tp_step_bytes[d] += sum(sizes) * g_b
             if d == slowest:
                 tp_step_s += sum(all_reduce_time(n * g_b, tl) for n in sizes)
+    elif tp > 1:
+        # Replicated parameters applied to each rank's heads alone (per-head norms).
+        for d in positions:
+            sizes = [x.elements for x in params[d] if x.tp_partial]
+            tp_step_bytes[d] += sum(sizes) * g_b
+            if d == slowest:
+                tp_step_s += sum(all_reduce_time(n * g_b, tl) for n in sizes)
 
     # Data parallelism: gradient reduction (and ZeRO gathers) on each device; the slowest counts.
     # A MoE's experts are reduced (and sharded) over their edp group, in buckets of their own.
@@ -546,7 +553,7 @@ def _project(
     for d in positions:
         exposed, nbytes, whole, last, mine = 0.0, 0, 0.0, 0.0, 0.0
         for expert, n, link in groups:
-            elements = sum(x.elements for x in params[d] if x.expert == expert)
+            elements = model.device_elements(d, expert)
             mine += elements / n if layout.zero >= 1 else elements
             if n == 1 or not elements or layout.zero == 3:
                 continue
@@ -684,7 +691,7 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     params = grads = opt = 0
     # Dense parameters are sharded over dp × cp, a MoE's experts over their edp group.
     for expert, n in ((False, lay.dp * lay.cp), (True, lay.dp * lay.cp // lay.ep)):
-        count = sum(p.elements for p in model.device_params(device) if p.expert == expert)
+        count = model.device_elements(device, expert)
         params += ceil_div(count * w, n) if lay.zero >= 3 else count * w
         grads += ceil_div(count * g, n) if lay.zero >= 2 else count * g
         opt += ceil_div(count * o, n) if lay.zero >= 1 else count * o

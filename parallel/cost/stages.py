@@ -33,6 +33,7 @@ class StagedModel:
         self._devices: dict[int, list[tuple[Piece, int]]] = {}
         self._params: dict[int, list[Param]] = {}
         self._buckets: dict[tuple[int, int, int, bool], list[int]] = {}
+        self._elements: dict[tuple[int, bool], int] = {}
         self.ticks: dict[tuple, dict] = {}  # the projection's timings of pieces, by device
 
     def piece(self, part: str, layout: Layout | None = None) -> Piece:
@@ -85,17 +86,29 @@ class StagedModel:
                 after = [p for p in ends if p not in before]
                 out += before + list(block) * self.stage_blocks[stage] + after
             # A tied table whose two ends share this rank (a V) is one tensor, listed once.
-            tied = set(self.piece("first").tied) | set(self.piece("last").tied)
-            seen: set[str] = set()
-            kept = []
-            for param in out:
-                if param.name in tied:
-                    if param.name in seen:
-                        continue
-                    seen.add(param.name)
-                kept.append(param)
-            self._params[device] = kept
+            self._params[device] = _listed_once(out, self._tied())
         return self._params[device]
+
+    def _tied(self) -> set[str]:
+        return set(self.piece("first").tied) | set(self.piece("last").tied)
+
+    def device_elements(self, device: int, expert: bool = False) -> int:
+        """Elements of pipeline rank `device`'s dense parameters, or of its experts' (from the
+        pieces, without listing a large model's every parameter)."""
+        key = (device, expert)
+        if key not in self._elements:
+            stages = self.device_stages(device)
+            blocks = sum(self.stage_blocks[s] for s in stages)
+            block = self.piece("block") if blocks else None
+            in_block = 0
+            if block is not None:
+                in_block = sum(p.elements for p in block.params if p.expert == expert)
+            ends = [p for s in stages for piece in self.ends(s) for p in piece.params]
+            ends = _listed_once(ends, self._tied())
+            self._elements[key] = blocks * in_block + sum(
+                p.elements for p in ends if p.expert == expert
+            )
+        return self._elements[key]
 
     def buckets(self, device: int, cap: int, element: int, expert: bool = False) -> list[int]:
         """Elements per gradient bucket of pipeline rank `device`, as `parallel.data_parallel`
@@ -112,6 +125,21 @@ class StagedModel:
         """Bytes of the activation one stage sends the next per microbatch (sharded over tp
         under sequence parallelism): the blocks' input."""
         return math.prod(self.piece("block").input_shape) * element_bytes
+
+
+def _listed_once(params: list[Param], tied: set[str]) -> list[Param]:
+    """`params` with the second copy of each tied parameter left out."""
+    if not tied:
+        return params
+    seen: set[str] = set()
+    kept = []
+    for param in params:
+        if param.name in tied:
+            if param.name in seen:
+                continue
+            seen.add(param.name)
+        kept.append(param)
+    return kept
 
 
 @lru_cache(maxsize=2048)

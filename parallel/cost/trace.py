@@ -95,6 +95,7 @@ class Param:
     elements: int  # on this tensor-parallel rank, whole over dp
     tp_split: bool  # False: every tp rank holds it whole (norms, row-parallel biases, positions)
     expert: bool = False  # a MoE expert's: this rank's experts, gradients over edp
+    tp_partial: bool = False  # replicated, but each tp rank's gradient is a part (per-head norms)
 
 
 @dataclass(frozen=True)
@@ -318,12 +319,14 @@ def _params(module: Module, runtime: Runtime) -> tuple[Param, ...]:
             sizes.update({k: v for k, v in whole().items() if k in sizes})
     tensor_parallel = sharding if isinstance(sharding, TensorParallelSharding) else None
     experts = runtime.expert_names
+    partial = tensor_parallel.partial_over_tp if tensor_parallel else set()
     return tuple(
         Param(
             name,
             int(sizes[name]),
             bool(tensor_parallel and tensor_parallel.is_sharded(name)),
             name in experts,
+            name in partial,
         )
         for name in module.params
     )
