@@ -21,7 +21,9 @@ import numpy as np
 
 from launch import plots
 
-AXES = ("dp", "tp", "pp", "cp")
+AXES = ("dp", "tp", "pp", "cp", "ep")
+# Axes shown only once some layout of the report uses them.
+OPTIONAL_AXES = ("cp", "ep")
 # "gathered" is ZeRO-3's peak of full parameters gathered for a layer's forward or backward.
 MEMORY = ("params", "grads", "optimizer", "activations", "gathered")
 MB = 1e6
@@ -109,6 +111,8 @@ def summarize(
         "pipeline_timelines": None,
         # The cost model's projection onto `civetta compare --hardware PROFILE`, when given.
         "projection": None,
+        # A mixture-of-experts model's routing over the run (metrics.json's `moe`).
+        "moe": None,
     }
     if metrics is None:
         return row
@@ -123,6 +127,7 @@ def summarize(
         memory_peak_bytes=memory_peak(metrics),
         memory_per_rank=metrics["memory"]["per_rank"],
         comm_bytes_per_step=comm_per_step(metrics),
+        moe=metrics.get("moe"),
     )
     if layout["pp"] > 1:  # without a pipeline there is no bubble to speak of
         pipeline = metrics["pipeline"]
@@ -178,6 +183,7 @@ COLUMNS: list[Column] = [
     Column("dp", "dp", "layout", _get("layout", "dp")),
     Column("tp", "tp", "layout", _get("layout", "tp")),
     Column("pp", "pp", "layout", _get("layout", "pp")),
+    Column("ep", "ep", "layout", lambda r: r["layout"].get("ep", 1)),
     Column(
         "schedule",
         "schedule",
@@ -227,6 +233,21 @@ COLUMNS: list[Column] = [
         )
         for axis in (*AXES, "total")
     ],
+    Column(
+        "moe_dropped_fraction",
+        "dropped",
+        "moe",
+        _get("moe", "dropped_fraction"),
+        lambda v: f"{v:.2%}",
+    ),
+    Column("moe_max_imbalance", "max/mean", "moe", _get("moe", "max_imbalance"), _fixed(3)),
+    Column(
+        "moe_aux_loss",
+        "aux loss",
+        "moe",
+        lambda r: _mean_aux(r["moe"]) if r.get("moe") else None,
+        _fixed(4),
+    ),
     Column("proj_hardware", "hardware", "projection", _get("projection", "hardware")),
     Column(
         "proj_step_ms",
@@ -284,10 +305,21 @@ TABLES = [
         ("memory", "comm"),
     ),
     (
+        "Mixture of experts: routed slots over the run, every rank (dropped share, the busiest "
+        "expert over the mean, the load-balancing term)",
+        ("moe",),
+    ),
+    (
         "Cost-model projection (the same step on the chosen hardware, one GPU per rank)",
         ("projection",),
     ),
 ]
+
+
+def _mean_aux(moe: dict[str, Any]) -> float | None:
+    """The mean over layers of each layer's mean load-balancing term (None without one)."""
+    values = [row["aux_loss"] for row in moe["layers"] if row["aux_loss"] is not None]
+    return float(np.mean(values)) if values else None
 
 
 def cell(column: Column, row: dict[str, Any]) -> str:
@@ -302,12 +334,14 @@ def tables(rows: list[dict[str, Any]]) -> list[tuple[str, list[Column]]]:
     """The (title, columns) of each table that has something to show for `rows`: the first
     leads with the label and status, the others with the label only."""
     shown = []
-    # The context-parallel axis is shown once some layout uses it.
-    context = any(row.get("layout", {}).get("cp", 1) > 1 for row in rows)
+    # The context- and expert-parallel axes are shown once some layout uses them.
+    unused = {
+        axis for axis in OPTIONAL_AXES if all(r.get("layout", {}).get(axis, 1) == 1 for r in rows)
+    }
+    hidden = {f"comm_{axis}_bytes_per_step" for axis in unused} | (unused & {"ep"})
     for title, groups in TABLES:
         columns = [c for c in COLUMNS if c.group in groups and c.in_tables]
-        if not context:
-            columns = [c for c in columns if c.key != "comm_cp_bytes_per_step"]
+        columns = [c for c in columns if c.key not in hidden]
         if any(c.value(row) is not None for c in columns for row in rows):
             lead = [c for c in COLUMNS if c.group == "id" and c.in_tables]
             shown.append((title, (lead if not shown else lead[:1]) + columns))
@@ -331,6 +365,11 @@ NOTES = [
     "mean).",
     "With more ranks than cores, ranks take turns on a core: step times and pipeline timelines "
     "then include the time a rank waits for one.",
+    "Mixture of experts: slots routed to each expert before capacity, over every rank's tokens "
+    "and the training steps; dropped is the share a per-rank capacity dropped (before the "
+    "all-to-all, so it depends on how the batch is split over ranks), max/mean the busiest "
+    "expert of the worst layer over the mean, aux loss the mean unweighted load-balancing term "
+    "E·Σ f·P (1 when balanced).",
 ]
 
 
@@ -525,6 +564,32 @@ def figures(rows: list[dict[str, Any]]) -> list[str]:
                 window=max(t["window_s"] for t in timelines),
             )
         )
+    routed = [r for r in done if r.get("moe")]
+    if routed:
+        svgs.append(
+            plots.line_chart(
+                [
+                    (r["label"], list(range(len(r["moe"]["layers"]))),
+                     [row["imbalance"] for row in r["moe"]["layers"]])
+                    for r in routed
+                ],
+                "Expert load per MoE layer: busiest expert's slots over the mean",
+                "layer",
+                "max/mean",
+            )
+        )  # fmt: skip
+        svgs.append(
+            plots.line_chart(
+                [
+                    (r["label"], list(range(len(r["moe"]["layers"]))),
+                     [row["dropped_fraction"] for row in r["moe"]["layers"]])
+                    for r in routed
+                ],
+                "Slots dropped by capacity per MoE layer (share of the routed slots)",
+                "layer",
+                "dropped",
+            )
+        )  # fmt: skip
     projected = [
         (r["label"], r["step_time_median_s"], r["projection"]["step_time_s"])
         for r in done

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,8 +115,11 @@ def _all_positions(positions: np.ndarray, group: Group) -> np.ndarray:
         return group.all_gather(np.ascontiguousarray(positions)).reshape(n, local)
 
 
-def _visible(q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
-    """(Tq, Tk) True where the query at q_pos[i] may attend to the key at k_pos[j]."""
+def _visible(q_pos: np.ndarray, k_pos: np.ndarray, like: Any = None) -> np.ndarray:
+    """(Tq, Tk) True where the query at q_pos[i] may attend to the key at k_pos[j]; for a
+    data-free step (`like` data-free) only its shape, since a long sequence's mask is large."""
+    if like is not None and meta.is_meta(like):
+        return meta.MetaArray((len(q_pos), len(k_pos)), np.bool_)
     return k_pos[None, :] <= q_pos[:, None]
 
 
@@ -166,7 +170,7 @@ def all_gather_attention(
     key_pos = _all_positions(pos, group).reshape(-1)  # the gathered keys' order: rank by rank
     k_all = gather_from_sequence_region(k, group, axis=2)
     v_all = gather_from_sequence_region(v, group, axis=2)
-    return _masked_attention(q, k_all, v_all, _visible(pos, key_pos) if causal else None)
+    return _masked_attention(q, k_all, v_all, _visible(pos, key_pos, q.data) if causal else None)
 
 
 # ---- Ulysses (all-to-all) ------------------------------------------------------------------------
@@ -208,7 +212,7 @@ def ulysses_attention(
     q_h = _all_to_all(q, group, 1, 2)  # (B, H/n, n·Tl, D)
     k_h = _all_to_all(k, group, 1, 2)
     v_h = _all_to_all(v, group, 1, 2)
-    out = _masked_attention(q_h, k_h, v_h, _visible(seq_pos, seq_pos) if causal else None)
+    out = _masked_attention(q_h, k_h, v_h, _visible(seq_pos, seq_pos, q.data) if causal else None)
     return _all_to_all(out, group, 2, 1)  # (B, H, Tl, D)
 
 
@@ -245,12 +249,20 @@ def ring_attention(
     all_pos = _all_positions(pos, group)
     # At step s this rank holds rank (rank − s)'s block: None computes it whole, an array hides
     # its False entries, and a block no local query sees is skipped (but still passed on).
-    hidden: list[np.ndarray | None] = []
+    hidden: list[Any] = []
     skip: list[bool] = []
     for step in range(n):
-        visible = _visible(pos, all_pos[(rank - step) % n]) if causal else None
-        skip.append(visible is not None and not visible.any())
-        hidden.append(None if visible is None or visible.all() else ~visible)
+        k_pos = all_pos[(rank - step) % n]
+        # Key j is visible to query i when k_pos[j] <= pos[i]: all of them when the latest key
+        # precedes the earliest query, none when the earliest key follows the latest query.
+        every = not causal or bool(k_pos.max() <= pos.min())
+        skip.append(causal and bool(k_pos.min() > pos.max()))
+        if every or skip[-1]:
+            hidden.append(None)
+        elif meta.is_meta(qd):  # a data-free step has no scores to mask: the shape will do
+            hidden.append(meta.MetaArray((tl, len(k_pos)), np.bool_))
+        else:
+            hidden.append(~_visible(pos, k_pos))
     computed = n - sum(skip)
     # Per computed block and kv head: GEMMs of g·Tl × D × Tl (scores) and g·Tl × Tl × D (P·V).
     block_flops = 2 * b * kv_heads * groups * tl * tl * d

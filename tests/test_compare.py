@@ -213,7 +213,7 @@ def test_compare_writes_four_reports_and_every_layout_matches_the_baseline(
         assert run["max_abs_loss_diff"] <= 1e-10  # float64: the same losses up to rounding
         assert len(run["losses"]) == 3
         assert set(run["memory_peak_bytes"]) == {*report.MEMORY, "total"}
-        assert set(run["comm_bytes_per_step"]) == {"dp", "tp", "pp", "cp", "total"}
+        assert set(run["comm_bytes_per_step"]) == {"dp", "tp", "pp", "cp", "ep", "total"}
     assert runs["dp2"]["ranks"] == 2 and runs["dp2"]["comm_bytes_per_step"]["dp"]["max"] > 0
     assert runs["pp2-1f1b-m2"]["bubble_fraction"] is not None
     assert runs["pp2-1f1b-m2"]["comm_bytes_per_step"]["pp"]["max"] > 0
