@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fix a choice (e.g. parallel.tp=8) while the rest is searched",
     )
     tune.add_argument("--top", type=int, default=10, help="layouts to show (default 10)")
+    tune.add_argument(
+        "--moe-imbalance",
+        type=float,
+        default=1.0,
+        help="a MoE's busiest expert-parallel rank gets F × the mean load (default 1: balanced)",
+    )
     tune.add_argument("--json", dest="json_out", default=None, help="write the ranking")
     export = commands.add_parser(
         "export",
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
     )
     simulate.add_argument("--tokens", type=int, default=None, help="training tokens to cost")
+    simulate.add_argument(
+        "--moe-imbalance",
+        type=float,
+        default=1.0,
+        help="a MoE's busiest expert-parallel rank gets F × the mean load (default 1: balanced)",
+    )
     simulate.add_argument("--json", dest="json_out", default=None, help="write the projection")
     return parser
 
@@ -182,7 +194,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.tokens is not None and args.tokens < 1:
         raise UsageError(f"--tokens expected a positive integer, got {args.tokens}")
-    return simulate_command(args.config, args.hardware, args.overrides, args.tokens, args.json_out)
+    return simulate_command(
+        args.config,
+        args.hardware,
+        args.overrides,
+        args.tokens,
+        args.json_out,
+        moe_imbalance=args.moe_imbalance,
+    )
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -300,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.top,
                 args.json_out,
                 None,
+                args.moe_imbalance,
             )
     except (
         ConfigError,

@@ -36,20 +36,38 @@ CONVENTIONS = (
 )
 
 
-def workload_of(config: ExperimentConfig) -> Workload:
-    """What the step computes beside its layout, from the config."""
-    return Workload(dtype=config.train.dtype, optimizer=config.train.optimizer)
+def workload_of(config: ExperimentConfig, moe_imbalance: float = 1.0) -> Workload:
+    """What the step computes beside its layout, from the config (and the routing assumption
+    of a mixture of experts, `--moe-imbalance`)."""
+    return Workload(
+        dtype=config.train.dtype, optimizer=config.train.optimizer, moe_imbalance=moe_imbalance
+    )
 
 
 def simulate(
-    config: ExperimentConfig, profile: HardwareProfile, options: CostOptions | None = None
+    config: ExperimentConfig,
+    profile: HardwareProfile,
+    options: CostOptions | None = None,
+    moe_imbalance: float = 1.0,
 ) -> Projection:
     try:
-        return project(
-            model_description(config), config.layout, profile, options, workload_of(config)
-        )
+        work = workload_of(config, moe_imbalance)
+        return project(model_description(config), config.layout, profile, options, work)
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
+
+
+def routing_assumption(config: ExperimentConfig, moe_imbalance: float) -> str:
+    """The line that states how a mixture of experts was assumed to route."""
+    if config.parallel.ep == 1 or moe_imbalance == 1.0:
+        return (
+            "routing: balanced (every expert gets the mean of the slots); --moe-imbalance F "
+            "sends the busiest expert-parallel rank F times the mean"
+        )
+    return (
+        f"routing: the busiest expert-parallel rank gets {moe_imbalance:g} × the mean of the "
+        "slots (--moe-imbalance), and the step waits for it; model FLOPs are the balanced total"
+    )
 
 
 def report_dict(
@@ -117,21 +135,29 @@ def render(
     tokens: int | None,
 ) -> None:
     model, p = config.model, config.parallel
-    params = model_description(config).num_parameters()
+    description = model_description(config)
+    params = description.num_parameters()
     nodes = -(-pr.world_size // profile.gpus_per_node)
     console.print(
         f"[bold]civetta simulate[/bold] {config_path} on [bold]{profile.name}[/bold] "
         f"({profile.device.name}, {profile.gpus_per_node} per node)"
     )
     heads = f"{model.n_head} heads"
-    if model.kind == "llama":
+    active = ""
+    if model.kind == "llama" and model.moe is not None:
+        moe = model.moe
+        heads += f" ({model.n_kv_head} key/value), {moe.experts} experts × {moe.ffn_hidden}"
+        heads += f" (top {moe.top_k})"
+        active = f" ({_count(description.active_parameters())} active)"
+    elif model.kind == "llama":
         heads += f" ({model.n_kv_head} key/value), MLP {model.ffn_hidden}"
     console.print(
-        f"{FAMILY_NAMES[model.kind]} {_count(params)} parameters: {model.n_layer} layers, "
+        f"{FAMILY_NAMES[model.kind]} {_count(params)} parameters{active}: {model.n_layer} layers, "
         f"hidden {model.n_embd}, {heads}, sequence {model.block_size}, vocabulary "
         f"{model.vocab_size}; {config.train.dtype}, {config.train.optimizer}"
     )
     sp = ", sequence parallel" if p.sequence_parallel else ""
+    sp += f", experts over ep={p.ep}" if p.ep > 1 else ""
     pipe = f", {p.schedule}" + (f" v={p.virtual_stages}" if p.virtual_stages > 1 else "")
     console.print(
         f"layout dp={p.dp} × tp={p.tp} × pp={p.pp}"
@@ -216,6 +242,7 @@ def simulate_command(
     tokens: int | None = None,
     json_out: str | Path | None = None,
     console: Console | None = None,
+    moe_imbalance: float = 1.0,
 ) -> int:
     """Project CONFIG onto the hardware profile, print the report, write JSON; exit code.
 
@@ -229,8 +256,10 @@ def simulate_command(
         profile = load_profile(hardware)
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
-    projection = simulate(config, profile)
+    projection = simulate(config, profile, moe_imbalance=moe_imbalance)
     render(console, str(config_path), config, profile, projection, tokens)
+    if config.model.moe is not None:
+        console.print(routing_assumption(config, moe_imbalance))
     if json_out is not None:
         out = Path(json_out)
         if out.is_dir():

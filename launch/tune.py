@@ -42,8 +42,11 @@ def _positive(name: str, value: Any) -> int:
     return value
 
 
-def search_space(config: ExperimentConfig, overrides: list[str]) -> SearchSpace:
-    """The tuner's space, with every parallel choice the command line sets held fixed."""
+def search_space(
+    config: ExperimentConfig, overrides: list[str], moe_imbalance: float = 1.0
+) -> SearchSpace:
+    """The tuner's space, with every parallel choice the command line sets held fixed (and,
+    under a routing imbalance F, no ep below F: the busiest rank cannot take more than all)."""
     keys = {item.split("=", 1)[0].strip() for item in overrides}
     p = config.parallel
     fixed: dict[str, Any] = {}
@@ -66,6 +69,7 @@ def search_space(config: ExperimentConfig, overrides: list[str]) -> SearchSpace:
         fixed["order"] = p.order
     if "train.microbatch_size" in keys:
         fixed["microbatch_size"] = config.train.microbatch_size
+    fixed["min_ep"] = moe_imbalance
     return SearchSpace(**fixed)
 
 
@@ -100,7 +104,9 @@ def _row(rank: int, r: Ranked) -> list[str]:
         schedule += f" v={lay.virtual_stages}"
     return [
         str(rank),
-        f"{lay.dp}×{lay.tp}×{lay.pp}" + (f" cp{lay.cp} {lay.cp_comm}" if lay.cp > 1 else ""),
+        f"{lay.dp}×{lay.tp}×{lay.pp}"
+        + (f" cp{lay.cp} {lay.cp_comm}" if lay.cp > 1 else "")
+        + (f" ep{lay.ep}" if lay.ep > 1 else ""),
         f"{lay.microbatch_size}×{lay.microbatches}",
         schedule,
         str(lay.zero),
@@ -157,6 +163,7 @@ def tune_command(
     top: int = 10,
     json_out: str | Path | None = None,
     console: Console | None = None,
+    moe_imbalance: float = 1.0,
 ) -> int:
     """Search the layouts of CONFIG's model on `gpus` GPUs of `hardware`; print the best `top`
     and why the first wins; write them to `json_out`. Bad arguments raise ConfigError."""
@@ -169,8 +176,8 @@ def tune_command(
         profile = load_profile(hardware)
         model = model_description(config)
         # What the tuner does not choose comes from the config: dtype, optimizer, buckets.
-        work = workload_of(config)
-        space = search_space(config, list(overrides))
+        work = workload_of(config, moe_imbalance)
+        space = search_space(config, list(overrides), moe_imbalance)
         result = tune(model, profile, gpus, batch, config.layout, space, work=work)
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None

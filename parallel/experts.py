@@ -89,6 +89,9 @@ class ExpertShard:
         self.token_groups = token_groups or {scope: () for scope in AUX_LOSS_SCOPES}
         self.aux_scale = aux_scale
         self.names: set[str] = set()
+        # A data-free step's routing assumption: this rank's experts get `imbalance` times the
+        # mean of the slots (the cost model's option; 1: balanced).
+        self.imbalance = 1.0
 
     def local_experts(self, experts: int) -> range:
         """The experts this rank holds: E/ep consecutive ones."""

@@ -113,14 +113,33 @@ def balanced_experts(tokens: int, experts: int, k: int) -> np.ndarray:
     return (np.arange(tokens)[:, None] + np.arange(k)[None, :]) % experts
 
 
-def balanced_routing(tokens: int, experts: int, k: int, capacity: int | None) -> Routing:
+def balanced_routing(
+    tokens: int,
+    experts: int,
+    k: int,
+    capacity: int | None,
+    hot: tuple[int, float] | None = None,
+) -> Routing:
     """`route(balanced_experts(...))` for a data-free step, without building its index arrays:
     the counts in closed form (slot (t, j) goes to (t + j) mod E, so expert e gets
     k·⌊N/E⌋ slots plus one for each j with (e − j) mod E < N mod E), the indices as data-free
-    arrays of their shapes (what the traced ops need of them)."""
+    arrays of their shapes (what the traced ops need of them).
+
+    `hot` = (n, f): the first n experts get f times the mean share each instead, the others
+    evenly what is left (the cost model's routing-imbalance assumption; f·n ≤ E)."""
     base, extra = divmod(tokens, experts)
     shift = (np.arange(experts)[:, None] - np.arange(k)[None, :]) % experts
     counts = k * base + (shift < extra).sum(axis=1)
+    if hot is not None:
+        n, factor = hot
+        slots = tokens * k
+        each = min(round(factor * slots / experts), slots // n)
+        rest = slots - n * each
+        cold = experts - n
+        counts = np.full(experts, each, dtype=np.int64)
+        if cold:
+            counts[n:] = rest // cold
+            counts[n : n + rest % cold] += 1
     kept = counts if capacity is None else np.minimum(counts, capacity)
     members = tuple(meta.MetaArray((int(n),), np.int64) for n in kept)
     slots = meta.MetaArray((tokens, k), np.int64)
@@ -306,7 +325,9 @@ def SparseMoE(  # noqa: N802 - a module constructor reads like a class
         probs = fused.softmax(gate(flat))  # (N, E), in the model's dtype
         data_free = meta.is_meta(probs.data)
         if data_free:
-            routing = balanced_routing(tokens, moe.experts, moe.top_k, moe.capacity(tokens))
+            skew = shard.imbalance if shard is not None else 1.0
+            hot = (len(local), skew) if skew != 1.0 else None
+            routing = balanced_routing(tokens, moe.experts, moe.top_k, moe.capacity(tokens), hot)
             rows: Any = routing.experts  # shapes only
         else:
             chosen = top_k_experts(probs.data, moe.top_k)

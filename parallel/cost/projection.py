@@ -102,9 +102,17 @@ class Workload:
     dtype: str = "bf16"
     optimizer: str = "adamw"
     seq_len: int | None = None
+    # The routing assumption of a mixture of experts: 1 routes every expert the mean load
+    # (balanced); f > 1 sends the busiest expert-parallel rank f times the mean (and the step
+    # waits for it), as a skewed router would.
+    moe_imbalance: float = 1.0
 
     def check(self) -> None:
         """Refuse what the cost model cannot price, with one bare line naming the value."""
+        if isinstance(self.moe_imbalance, bool) or not self.moe_imbalance >= 1.0:
+            raise CostModelError(
+                f"--moe-imbalance expected a number >= 1 (1: balanced), got {self.moe_imbalance}"
+            )
         if self.dtype not in ELEMENT_BYTES:
             raise CostModelError(
                 f"train.dtype expected one of {' | '.join(ELEMENT_BYTES)}, got {self.dtype!r}"
@@ -126,6 +134,13 @@ def checked(config: ModelDescription, layout: Layout, work: Workload) -> None:
     except LayoutError as exc:
         raise CostModelError(str(exc)) from None
     work.check()
+    if work.moe_imbalance != 1.0 and getattr(config, "moe", None) is None:
+        raise CostModelError("--moe-imbalance needs a mixture-of-experts model (model.moe)")
+    if layout.ep > 1 and work.moe_imbalance > layout.ep:
+        raise CostModelError(
+            f"--moe-imbalance {work.moe_imbalance:g} exceeds parallel.ep={layout.ep}: the "
+            "busiest rank cannot receive more than every slot"
+        )
 
 
 @dataclass(frozen=True)
@@ -464,7 +479,7 @@ def _project(
 ) -> Projection:
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     links = _group_links(layout.mesh, profile)
-    model = staged_model(config, layout, work.dtype, work.seq(config))
+    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
     dev = _Device(model, work, profile, links, layout, options.overlap_cp)
     p, m, v, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.tp
     dp = layout.dp * layout.cp  # the ranks that average gradients (and that ZeRO shards over)
@@ -616,7 +631,11 @@ def _project(
         "bubble": bubble,
     }
 
-    flops = _step_flops(model, layout)
+    # Model FLOPs over every GPU: an uneven router moves work between ranks, not its total.
+    balanced = model
+    if work.moe_imbalance != 1.0:
+        balanced = staged_model(config, layout, work.dtype, work.seq(config))
+    flops = _step_flops(balanced, layout)
     world = layout.world_size
     memory = max((_memory(model, layout, d, work) for d in positions), key=lambda x: x.total)
     capacity = profile.device.usable_memory_bytes
@@ -787,7 +806,7 @@ def devices_memory_of(
     """`device_memory_of` for several pipeline positions, the layout checked once."""
     work = work or Workload()
     checked(config, layout, work)
-    model = staged_model(config, layout, work.dtype, work.seq(config))
+    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
     return [_memory(model, layout, device, work) for device in devices]
 
 
@@ -800,7 +819,7 @@ def microbatch_times(
     work = work or Workload()
     checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
-    model = staged_model(config, layout, work.dtype, work.seq(config))
+    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
     dev = _Device(model, work, profile, _group_links(layout.mesh, profile), layout, False)
     devices = [dev.ticks(model.device_pieces(d)) for d in sorted({0, layout.pp - 1})]
     return max((t.times() for t in devices), key=lambda t: t.forward_s + t.backward_s)

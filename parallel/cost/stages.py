@@ -23,8 +23,16 @@ from parallel.layout import Layout
 class StagedModel:
     """`config` under `layout`, for `dtype` (train.dtype) and `seq_len` tokens per sequence."""
 
-    def __init__(self, config: ModelDescription, layout: Layout, dtype: str, seq_len: int) -> None:
+    def __init__(
+        self,
+        config: ModelDescription,
+        layout: Layout,
+        dtype: str,
+        seq_len: int,
+        moe_imbalance: float = 1.0,
+    ) -> None:
         self.config, self.layout, self.dtype, self.seq_len = config, layout, dtype, seq_len
+        self.moe_imbalance = moe_imbalance
         self.num_stages = layout.num_stages
         self.stage_blocks = tuple(len(r) for r in layout.stage_layers(config.n_layer))
         self.placement = layout.stage_placement
@@ -41,7 +49,10 @@ class StagedModel:
         `layout` (the tp=1 reference the engine's per-node cost is calibrated on)."""
         found = self._pieces.get((part, layout))
         if found is None:
-            key = key_for(self.config, part, layout or self.layout, self.dtype, self.seq_len)
+            key = key_for(
+                self.config, part, layout or self.layout, self.dtype, self.seq_len,
+                self.moe_imbalance,
+            )  # fmt: skip
             found = self._pieces[part, layout] = trace(key)
         return found
 
@@ -144,12 +155,23 @@ def _listed_once(params: list[Param], tied: set[str]) -> list[Param]:
 
 @lru_cache(maxsize=2048)
 def _staged(
-    config: ModelDescription, dtype: str, seq_len: int, shape: tuple, layout: Layout
+    config: ModelDescription,
+    dtype: str,
+    seq_len: int,
+    shape: tuple,
+    layout: Layout,
+    moe_imbalance: float = 1.0,
 ) -> StagedModel:
-    return StagedModel(config, layout, dtype, seq_len)
+    return StagedModel(config, layout, dtype, seq_len, moe_imbalance)
 
 
-def staged_model(config: ModelDescription, layout: Layout, dtype: str, seq_len: int) -> StagedModel:
+def staged_model(
+    config: ModelDescription,
+    layout: Layout,
+    dtype: str,
+    seq_len: int,
+    moe_imbalance: float = 1.0,
+) -> StagedModel:
     """A `StagedModel`, shared by every layout that cuts and traces the model alike (what the
     pieces and stages depend on: tp, sequence parallelism, recomputation, the microbatch, ZeRO-3,
     the pipeline's stages), so a tuner's thousands of layouts reuse a few hundred."""
@@ -167,7 +189,7 @@ def staged_model(config: ModelDescription, layout: Layout, dtype: str, seq_len: 
         layout.ep,
     )
     first = _first_of.setdefault((config, dtype, seq_len, shape), layout)
-    return _staged(config, dtype, seq_len, shape, first)
+    return _staged(config, dtype, seq_len, shape, first, moe_imbalance)
 
 
 # The first layout seen for each shape: the one its shared StagedModel is built from.

@@ -148,10 +148,16 @@ class TraceKey:
     cp_comm: str = "ring"
     cp_balance: bool = True
     ep: int = 1  # expert parallelism: the piece holds E/ep experts and exchanges tokens
+    moe_imbalance: float = 1.0  # the traced rank's experts get this many times the mean slots
 
 
 def key_for(
-    config: ModelDescription, part: str, layout: Layout, dtype: str, seq_len: int | None = None
+    config: ModelDescription,
+    part: str,
+    layout: Layout,
+    dtype: str,
+    seq_len: int | None = None,
+    moe_imbalance: float = 1.0,
 ) -> TraceKey:
     """The key of `part` under `layout`, with what the trace does not depend on left out: the
     ends of the model hold no block to recompute, and ZeRO-3's ops are the same for any dp > 1
@@ -163,9 +169,11 @@ def key_for(
     seq = seq_len or config.block_size
     cp = (layout.cp, layout.cp_comm, layout.cp_balance) if layout.cp > 1 else (1, "ring", True)
     ep = layout.ep if part == "block" else 1
+    imbalance = moe_imbalance if ep > 1 else 1.0
     return TraceKey(
-        config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3, *cp, ep
-    )
+        config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3, *cp, ep,
+        imbalance,
+    )  # fmt: skip
 
 
 def zero3_calls(piece: Piece, dp: int, element_bytes: int, edp: int | None = None) -> list[Call]:
@@ -235,6 +243,8 @@ def trace(key: TraceKey) -> Piece:
     rank = 0 if key.cp_balance else layout.mesh.rank_of(cp=key.cp - 1)
     mesh = virtual_mesh(dp=dp, tp=key.tp, ledger=log, fill=_fill, cp=key.cp, rank=rank, ep=key.ep)
     runtime = Runtime(layout, mesh)
+    if runtime.sharding.experts is not None:  # the routing assumption (ep rank 0 is traced)
+        runtime.sharding.experts.imbalance = key.moe_imbalance
     sharded_ops = _record_sharded_ops(runtime, log)
     precision = PRECISIONS.get(key.dtype)
     if precision is not None:  # the ledger counts the bytes a GPU would send

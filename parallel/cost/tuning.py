@@ -89,6 +89,7 @@ class SearchSpace:
     # Expert parallelism (MoE models): every ep dividing both the experts and dp × cp, unless
     # `--set parallel.ep=8` fixes it.
     ep: int | None = None
+    min_ep: float = 1.0  # under a routing imbalance F, ep > 1 must be at least F
 
 
 def _expert_choices(config: Any, dp_cp: int, space: SearchSpace) -> list[int]:
@@ -97,7 +98,7 @@ def _expert_choices(config: Any, dp_cp: int, space: SearchSpace) -> list[int]:
     moe = getattr(config, "moe", None)
     if moe is None:
         return [1]
-    sizes = [e for e in divisors(dp_cp) if moe.experts % e == 0]
+    sizes = [e for e in divisors(dp_cp) if moe.experts % e == 0 and (e == 1 or e >= space.min_ep)]
     if space.ep is not None:
         return [space.ep] if space.ep in sizes else []
     return sizes
