@@ -464,7 +464,13 @@ def _check_same_model(directory: Path, ours: Any, theirs: Any) -> None:
 
 
 def _shown(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """A value as the YAML of a config would write it (a section as a flow mapping)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = ", ".join(f"{k}: {_shown(v)}" for k, v in dataclasses.asdict(value).items())
+        return "{" + items + "}"
+    return "null" if value is None else str(value)
 
 
 def init_from_hf(trainer: Any, directory: Path) -> None:

@@ -56,7 +56,7 @@ from civetta.fused import softmax
 from civetta.meters import flop_meter, gemm_log
 from civetta.tensor import Tensor, current_precision, make_node
 from parallel.comm import Group
-from parallel.redirect import gather_from_sequence_region
+from parallel.redirect import exchange, gather_from_sequence_region
 
 Attention = Callable[..., Tensor]
 
@@ -176,17 +176,12 @@ def all_gather_attention(
 # ---- Ulysses (all-to-all) ------------------------------------------------------------------------
 def _all_to_all(x: Tensor, group: Group, split_axis: int, concat_axis: int) -> Tensor:
     """`Group.all_to_all` as an autograd op; the backward is the inverse all-to-all."""
-    if group.size == 1:
-        return x
-    ledger = group.ledger
-    with ledger.phase("forward"):
-        out = group.all_to_all(x.data, split_axis, concat_axis)
-
-    def backward(g: np.ndarray) -> tuple[np.ndarray]:
-        with ledger.phase("backward"):
-            return (group.all_to_all(g, concat_axis, split_axis),)
-
-    return make_node(out, (x,), backward, saved=(), computed=False)
+    return exchange(
+        x,
+        group,
+        lambda a: group.all_to_all(a, split_axis, concat_axis),
+        lambda g: group.all_to_all(g, concat_axis, split_axis),
+    )
 
 
 def ulysses_attention(

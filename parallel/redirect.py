@@ -31,6 +31,8 @@ under "backward". In a group of one rank every op returns its input unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from civetta.tensor import Tensor, make_node
@@ -150,14 +152,30 @@ def all_to_all_rows(
     """Uneven all-to-all of the rows of `x` (`Group.all_to_all_v`) forward; the same exchange
     reversed on the gradient backward (each row's gradient goes back to the rank it came from).
     Expert parallelism's dispatch and combine."""
+    return exchange(
+        x,
+        group,
+        lambda a: group.all_to_all_v(a, send_counts, recv_counts),
+        lambda g: group.all_to_all_v(g, recv_counts, send_counts),
+    )
+
+
+def exchange(
+    x: Tensor,
+    group: Group,
+    there: Callable[[np.ndarray], np.ndarray],
+    back: Callable[[np.ndarray], np.ndarray],
+) -> Tensor:
+    """A permutation of data between ranks as an op: `there` forward, its inverse `back` on
+    the gradient backward, each recorded in its phase (all-to-alls). A group of one: x."""
     if group.size == 1:
         return x
     ledger = group.ledger
     with ledger.phase("forward"):
-        out = group.all_to_all_v(x.data, send_counts, recv_counts)
+        out = there(x.data)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         with ledger.phase("backward"):
-            return (group.all_to_all_v(g, recv_counts, send_counts),)
+            return (back(g),)
 
     return make_node(out, (x,), backward, saved=(), computed=False)

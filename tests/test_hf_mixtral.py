@@ -25,9 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from test_hf_parity import (
-    Float64RMSNorm,
-    Float64Rotary,
-    float64_eager_attention,
+    in_float64,
     randomized,
     relative,
 )
@@ -88,12 +86,7 @@ def from_pretrained(directory: Path) -> Any:  # torch's stubs type submodules lo
 def mixtral_in_float64(model: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """`model` with transformers' float32 steps (rotary, RMSNorm, attention and router
     softmax) computed in float64."""
-    model.model.rotary_emb = Float64Rotary(DESCRIPTION.head_size, DESCRIPTION.rope_theta)
-    for layer in model.model.layers:
-        layer.input_layernorm = Float64RMSNorm(layer.input_layernorm)
-        layer.post_attention_layernorm = Float64RMSNorm(layer.post_attention_layernorm)
-    model.model.norm = Float64RMSNorm(model.model.norm)
-    monkeypatch.setattr(modeling_mixtral, "eager_attention_forward", float64_eager_attention)
+    in_float64(model, DESCRIPTION, monkeypatch, module=modeling_mixtral)
     monkeypatch.setattr(modeling_mixtral.MixtralTopKRouter, "forward", float64_router_forward)
     return model
 
@@ -256,9 +249,9 @@ def test_a_mixtral_config_civetta_cannot_run_is_one_line(tmp_path, key, value, m
          "model.moe.top_k is 2 in {dir}, the config says 1"),
         ("model.moe={experts: 4, top_k: 2, ffn_hidden: 40}",
          "model.moe.aux_loss_coef is 0.01 in {dir}, the config says 0.0"),
-        ("model.moe=null", "model.moe is MoEConfig(experts=4, top_k=2, ffn_hidden=40, "
-         "capacity_factor=None, aux_loss_coef=0.01, shared_experts=0) in {dir}, the config says "
-         "None"),
+        ("model.moe=null", "model.moe is {{experts: 4, top_k: 2, ffn_hidden: 40, "
+         "capacity_factor: null, aux_loss_coef: 0.01, shared_experts: 0, aux_loss_scope: "
+         "microbatch}} in {dir}, the config says null"),
     ],
     ids=["top-k", "aux-loss", "dense"],
 )  # fmt: skip

@@ -97,17 +97,23 @@ def in_float64(
     description: LlamaConfig,
     monkeypatch: pytest.MonkeyPatch,
     keep: Collection[str] = (),
+    module: Any = modeling_llama,
 ) -> torch.nn.Module:
-    """`model` with transformers' float32 steps computed in float64, but those in `keep`."""
+    """`model` with transformers' float32 steps computed in float64, but those in `keep`;
+    `module` is the modeling module whose eager attention is patched (Llama's, Mixtral's,
+    Qwen3's: the same decoder, whose per-head q/k norms, where it has them, are replaced too)."""
     if "rope" not in keep:
         model.model.rotary_emb = Float64Rotary(description.head_dim, description.rope_theta)
     if "rms_norm" not in keep:
         for layer in model.model.layers:
             layer.input_layernorm = Float64RMSNorm(layer.input_layernorm)
             layer.post_attention_layernorm = Float64RMSNorm(layer.post_attention_layernorm)
+            for name in ("q_norm", "k_norm"):
+                if hasattr(layer.self_attn, name):
+                    setattr(layer.self_attn, name, Float64RMSNorm(getattr(layer.self_attn, name)))
         model.model.norm = Float64RMSNorm(model.model.norm)
     if "softmax" not in keep:
-        monkeypatch.setattr(modeling_llama, "eager_attention_forward", float64_eager_attention)
+        monkeypatch.setattr(module, "eager_attention_forward", float64_eager_attention)
     return model
 
 

@@ -18,11 +18,9 @@ import pytest
 import torch
 from test_hf_parity import (
     BATCH,
-    Float64RMSNorm,
-    Float64Rotary,
     assert_parity,
-    float64_eager_attention,
     hf_model,
+    in_float64,
     randomized,
     relative,
     weights_of,
@@ -65,15 +63,7 @@ QWEN3S = {
 
 def qwen3_in_float64(model: Any, c: LlamaConfig, monkeypatch: pytest.MonkeyPatch) -> Any:
     """`model` with every float32 step of transformers' Qwen3 computed in float64."""
-    model.model.rotary_emb = Float64Rotary(c.head_size, c.rope_theta)
-    for layer in model.model.layers:
-        layer.input_layernorm = Float64RMSNorm(layer.input_layernorm)
-        layer.post_attention_layernorm = Float64RMSNorm(layer.post_attention_layernorm)
-        layer.self_attn.q_norm = Float64RMSNorm(layer.self_attn.q_norm)
-        layer.self_attn.k_norm = Float64RMSNorm(layer.self_attn.k_norm)
-    model.model.norm = Float64RMSNorm(model.model.norm)
-    monkeypatch.setattr(modeling_qwen3, "eager_attention_forward", float64_eager_attention)
-    return model
+    return in_float64(model, c, monkeypatch, module=modeling_qwen3)
 
 
 @pytest.mark.parametrize("description", QWEN3S.values(), ids=QWEN3S.keys())

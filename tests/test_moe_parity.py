@@ -33,11 +33,9 @@ import torch
 from test_hf_parity import (
     BATCH,
     TOLERANCE,
-    Float64RMSNorm,
-    Float64Rotary,
     batch,
     civetta_loss_and_grads,
-    float64_eager_attention,
+    in_float64,
     randomized,
     relative,
 )
@@ -132,12 +130,7 @@ def mixtral(c: LlamaConfig, weights: dict[str, np.ndarray], monkeypatch: Any) ->
     assert model.model.layers[0].mlp.experts.config._experts_implementation == "eager"
     missing, unexpected = model.load_state_dict(to_mixtral(weights, c), strict=True)
     assert not missing and not unexpected
-    model.model.rotary_emb = Float64Rotary(c.head_dim, c.rope_theta)
-    for layer in model.model.layers:
-        layer.input_layernorm = Float64RMSNorm(layer.input_layernorm)
-        layer.post_attention_layernorm = Float64RMSNorm(layer.post_attention_layernorm)
-    model.model.norm = Float64RMSNorm(model.model.norm)
-    monkeypatch.setattr(modeling_mixtral, "eager_attention_forward", float64_eager_attention)
+    in_float64(model, c, monkeypatch, module=modeling_mixtral)
     monkeypatch.setattr(modeling_mixtral.MixtralTopKRouter, "forward", float64_router_forward)
     model.config._attn_implementation = "eager"
     return model.eval()
