@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from civetta.models.llama import LlamaConfig
 from launch import tables
 from launch.config import ConfigError, ExperimentConfig, load, model_description
 from launch.profiles import bare, load_profile
@@ -144,8 +145,8 @@ def render(
     )
     heads = f"{model.n_head} heads"
     active = ""
-    if model.kind == "llama" and model.moe is not None:
-        moe = model.moe
+    if isinstance(description, LlamaConfig) and description.moe is not None:
+        moe = description.moe
         heads += f" ({model.n_kv_head} key/value), {moe.experts} experts × {moe.ffn_hidden}"
         heads += f" (top {moe.top_k})"
         active = f" ({_count(description.active_parameters())} active)"

@@ -115,7 +115,7 @@ def _all_positions(positions: np.ndarray, group: Group) -> np.ndarray:
         return group.all_gather(np.ascontiguousarray(positions)).reshape(n, local)
 
 
-def _visible(q_pos: np.ndarray, k_pos: np.ndarray, like: Any = None) -> np.ndarray:
+def _visible(q_pos: np.ndarray, k_pos: np.ndarray, like: Any = None) -> Any:
     """(Tq, Tk) True where the query at q_pos[i] may attend to the key at k_pos[j]; for a
     data-free step (`like` data-free) only its shape, since a long sequence's mask is large."""
     if like is not None and meta.is_meta(like):

@@ -95,9 +95,10 @@ class Routing:
     (t, j) in the concatenation of the experts' outputs, or the index of the zero row appended
     after them when the slot was dropped. `counts[e]`: slots routed to e before capacity."""
 
-    experts: np.ndarray
-    members: tuple[np.ndarray, ...]
-    position: np.ndarray
+    # Index arrays: real, or data-free (`civetta.meta.MetaArray`, shapes only).
+    experts: Any
+    members: tuple[Any, ...]
+    position: Any
     counts: np.ndarray
 
 
@@ -299,7 +300,7 @@ def SparseMoE(  # noqa: N802 - a module constructor reads like a class
     experts = []
     for e in local:
         prefix = f"{name}.experts.{e}"
-        shape = dict(bias=False, seed=seed, dtype=dtype, store=store)
+        shape: dict[str, Any] = dict(bias=False, seed=seed, dtype=dtype, store=store)
         w1 = Linear(f"{prefix}.w1", n_embd, moe.ffn_hidden, **shape)
         w3 = Linear(f"{prefix}.w3", n_embd, moe.ffn_hidden, **shape)
         w2 = Linear(f"{prefix}.w2", moe.ffn_hidden, n_embd, **shape)
