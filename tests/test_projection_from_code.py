@@ -119,7 +119,7 @@ def _executed(config: Any) -> dict[str, Any]:
     rank's ledger bytes per axis (the projection's convention: no receives, no bookkeeping), and
     each rank's model state."""
     layout, model = config.layout, _model(config)
-    flops, comm, state = 0, dict.fromkeys(("tp", "pp", "dp", "cp"), 0), []
+    flops, comm, state = 0, dict.fromkeys(("tp", "pp", "dp", "cp", "ep"), 0), []
     for rank in range(layout.world_size):
         mesh = virtual_mesh(layout.dp, layout.tp, layout.pp, layout.order, rank)
         trainer = Trainer(config, Runtime(layout, mesh), model=model)
