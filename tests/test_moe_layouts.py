@@ -111,7 +111,9 @@ def test_expert_parallelism_under_every_pipeline_schedule(tmp_path, microbatched
     same_run(got, microbatched)
 
 
-def test_dropless_data_parallel_pool_makes_dp_invariant(reference, microbatched) -> None:
+def test_the_microbatched_reference_differs_only_through_the_aux_pool(
+    reference, microbatched
+) -> None:
     """The microbatched reference itself: with one sequence per microbatch its aux pools other
     rows than one process's single microbatch of 8, so it differs (a little) from `reference`,
     which the aux term alone explains: the LM part of the first loss is the same."""
