@@ -5,6 +5,7 @@
     civetta simulate CONFIG.yaml --hardware a100-dgx [--set ...] [--tokens N] [--json OUT]
     civetta tune CONFIG.yaml --hardware a100-dgx --gpus N [--batch B] [--set ...]
     civetta calibrate [--out configs/hardware/local.yaml] [--quick]
+    civetta fit configs/calibration/a100-dgx.yaml [--write]
     civetta export RUN_DIR --out model.npz
     civetta export RUN_DIR --format hf --out DIR      (config.json and model.safetensors)
     civetta schedule --pp 4 --microbatches 8 --schedule 1f1b [--virtual-stages 2]
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", default="configs/hardware/local.yaml", help="profile to write")
     calibrate.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     calibrate.add_argument("--mpiexec", default=None, help="MPI launcher for the collectives")
+    fit_parser = commands.add_parser(
+        "fit", help="fit a hardware profile's free numbers to published measurements"
+    )
+    fit_parser.add_argument("spec", help="calibration spec (configs/calibration/*.yaml)")
+    fit_parser.add_argument(
+        "--write", action="store_true", help="write the fitted numbers into the profile file"
+    )
     tune = commands.add_parser(
         "tune", help="rank the feasible layouts of a model on N GPUs by projected throughput"
     )
@@ -307,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 return calibrate_command(args.out, args.quick, mpiexec=args.mpiexec)
             except CalibrationError as exc:
                 return fail(exc)
+        if args.command == "fit":
+            from launch.fit import fit_command
+
+            return fit_command(args.spec, args.write)
         if args.command == "tune":
             from launch.tune import tune_command
 

@@ -46,7 +46,7 @@ from launch.config import (
     model_description,
 )
 from launch.profiles import bare, load_profile
-from launch.simulate import workload_of
+from launch.simulate import framework_of, workload_of
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import project
 
@@ -175,8 +175,10 @@ def execute(run: Run, mpiexec: str | None, timeout_s: float | None = None) -> No
 
 def projection_of(config: ExperimentConfig, profile: HardwareProfile) -> dict[str, Any]:
     """The cost model's view of a layout on `profile` (nothing executed)."""
-    # On this machine's own profile the projection is of civetta's executor (`executor_options`).
-    projected = project(model_description(config), config.layout, profile, work=workload_of(config))
+    # On this machine's own profile the projection is of civetta's executor (`framework_of`).
+    framework = framework_of(config, profile)
+    work = workload_of(config)
+    projected = project(model_description(config), config.layout, profile, framework, work)
     return {
         "hardware": profile.name,
         "step_time_s": projected.step_time_s,

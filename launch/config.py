@@ -25,6 +25,7 @@ from launch.schedule_files import load_schedule
 from launch.schema import Schema
 from launch.schema import describe as _describe
 from launch.schema import did_you_mean as _did_you_mean
+from parallel.cost.framework import PRESETS, ZERO3_UNITS
 from parallel.layout import Layout, LayoutError, is_schedule_file
 from parallel.schedules import Schedule, ScheduleError
 
@@ -108,11 +109,34 @@ class ParallelConfig:
 
 
 @dataclass
+class FrameworkConfig:
+    """The software a projection assumes (`parallel.cost.framework`): a preset and the
+    behaviours it changes; None keeps the preset's. Training here ignores it (civetta runs
+    itself)."""
+
+    preset: str | None = None
+    overlap_dp: bool | None = None
+    pp_scatter_gather: bool | None = None
+    overlap_cp: bool | None = None
+    overlap_tp: bool | None = None
+    zero3_unit: str | None = None
+    zero3_prefetch: int | None = None
+    collective_latency_us: float | None = None
+    allocator_reserve: float | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if k != "preset" and v is not None
+        }
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    framework: FrameworkConfig = field(default_factory=FrameworkConfig)
 
     @property
     def layout(self) -> Layout:
@@ -253,6 +277,7 @@ SECTIONS = {
     "data": DataConfig,
     "train": TrainConfig,
     "parallel": ParallelConfig,
+    "framework": FrameworkConfig,
 }
 # Top-level keys of an experiment file beside the sections (see `read_with_includes`).
 EXPERIMENT_KEYS = ("include", "sweep")
@@ -265,6 +290,8 @@ CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "parallel.cp_comm": ("ring", "all_gather", "a2a"),
     "model.moe.aux_loss_scope": AUX_LOSS_SCOPES,
+    "framework.preset": tuple(PRESETS),
+    "framework.zero3_unit": ZERO3_UNITS,
 }
 
 
@@ -299,6 +326,9 @@ POSITIVE = {
     "parallel.bucket_mb",
 }
 NON_NEGATIVE = {
+    "framework.zero3_prefetch",
+    "framework.collective_latency_us",
+    "framework.allocator_reserve",
     "train.checkpoint_every",
     "train.weight_decay",
     "train.grad_clip",
@@ -345,6 +375,7 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin} expected a mapping of sections, got {_describe(raw)}")
     config = ExperimentConfig()
+    raw = _framework_shorthand(raw)
     for section, values in raw.items():
         if section not in SECTIONS:
             hint = _did_you_mean(str(section), [*SECTIONS, *EXPERIMENT_KEYS])
@@ -360,11 +391,21 @@ def from_dict(raw: Any, origin: str = "config") -> ExperimentConfig:
     return config
 
 
+def _framework_shorthand(raw: dict[str, Any]) -> dict[str, Any]:
+    """`framework: deepspeed` is `framework: {preset: deepspeed}`."""
+    if isinstance(raw.get("framework"), str):
+        return {**raw, "framework": {"preset": raw["framework"]}}
+    return raw
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` → (["a", "b"], value), the value parsed as a YAML scalar (typed)."""
+    """`a.b=value` → (["a", "b"], value), the value parsed as a YAML scalar (typed);
+    `framework=name` selects a preset (`framework.preset=name`)."""
     if "=" not in text:
         raise ConfigError(f"--set expected key=value, got {text!r}")
     key, _, value = text.partition("=")
+    if key.strip() == "framework":
+        key = "framework.preset"
     path = key.strip().split(".")
     if len(path) != 2 or not all(path):
         raise ConfigError(f"--set expected a key like section.name, got {key!r}")
@@ -404,6 +445,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentCo
 def _read_base(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The raw mapping of `path` with its includes merged and the `--set`s applied."""
     raw = read_with_includes(path) if path is not None else {}
+    raw = _framework_shorthand(raw)
     for text in overrides:
         (section, name), value = parse_override(text)
         section_values = raw.setdefault(section, {})
@@ -433,6 +475,7 @@ def read_with_includes(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[
         if key not in SECTIONS and key not in EXPERIMENT_KEYS:
             hint = _did_you_mean(str(key), [*SECTIONS, *EXPERIMENT_KEYS])
             raise ConfigError(f"unknown section '{key}' in {path}{hint}")
+    raw = _framework_shorthand(raw)
     includes = raw.pop("include", None)
     if includes is None:
         return raw
@@ -512,6 +555,8 @@ def _entry_sections(entry: Any, where: str) -> tuple[str | None, dict[str, dict[
         elif isinstance(value, dict):
             for field_name, field_value in value.items():
                 put(key, str(field_name), field_value)
+        elif key == "framework":  # `framework: deepspeed`: the preset
+            put(key, "preset", value)
         else:
             raise ConfigError(
                 f"{where}: expected 'section.name: value' or a section mapping, "

@@ -8,12 +8,14 @@ file or value is one `CostModelError` line naming the key, what was expected and
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from launch.schema import Check, Schema, describe
+from parallel.cost.framework import PRESETS, FrameworkError, framework_from
 from parallel.cost.hardware import DTYPES, CostModelError, HardwareProfile, Oversubscription
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
@@ -115,7 +117,13 @@ PROFILE = Schema(
 
 def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwareProfile:
     """Validate a parsed YAML mapping into a HardwareProfile."""
+    extras = {}
+    if isinstance(raw, dict):  # free-form sections, checked here rather than by the schema
+        raw = dict(raw)
+        extras = {key: raw.pop(key) for key in ("frameworks", "calibration") if key in raw}
     profile = PROFILE.build(HardwareProfile, raw, origin=origin)
+    if extras:
+        profile = dataclasses.replace(profile, **_checked_extras(extras))
     device = profile.device
     if device.memory_reserved_gib >= device.memory_gib:
         PROFILE.fail(
@@ -131,6 +139,23 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
                 f"got {ranks!r}"
             )
     return profile
+
+
+def _checked_extras(extras: dict[str, Any]) -> dict[str, Any]:
+    frameworks = extras.get("frameworks", {}) or {}
+    if not isinstance(frameworks, dict):
+        PROFILE.fail(f"frameworks expected a mapping of preset: {{key: value}}, got {frameworks!r}")
+    for preset, overrides in frameworks.items():
+        if not isinstance(overrides, dict):
+            PROFILE.fail(f"frameworks.{preset} expected a mapping of keys, got {overrides!r}")
+        try:
+            framework_from(preset, overrides, PRESETS["generic"])
+        except FrameworkError as exc:
+            PROFILE.fail(f"frameworks.{preset}: {exc}")
+    calibration = extras.get("calibration", {}) or {}
+    if not isinstance(calibration, dict):
+        PROFILE.fail(f"calibration expected a mapping, got {calibration!r}")
+    return {"frameworks": frameworks, "calibration": calibration}
 
 
 def resolve_profile_path(name_or_path: str | Path) -> Path:

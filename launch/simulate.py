@@ -8,6 +8,7 @@ and optionally writes JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +20,12 @@ from civetta.models.llama import LlamaConfig
 from launch import tables
 from launch.config import ConfigError, ExperimentConfig, load, model_description
 from launch.profiles import bare, load_profile
+from parallel.cost.framework import Framework, FrameworkError, default_framework, framework_from
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import CostOptions, Projection, Workload, project
 
 GIB = 2**30
-MEMORY = ("params", "grads", "optimizer", "activations", "total")
+MEMORY = ("params", "grads", "optimizer", "activations", "gathered", "reserve", "total")
 
 CONVENTIONS = (
     "Conventions: analytic projection, nothing executed. Memory in binary units (GiB = 2^30 "
@@ -45,12 +47,28 @@ def workload_of(config: ExperimentConfig, moe_imbalance: float = 1.0) -> Workloa
     )
 
 
+def framework_of(config: ExperimentConfig, profile: HardwareProfile) -> Framework:
+    """The software the projection assumes: the config's preset (default: civetta's executor
+    on the `local` profile, `generic` elsewhere), what the profile's calibration says of that
+    preset on this cluster (`frameworks:`), then the config's own `framework.<key>`s."""
+    chosen = config.framework
+    try:
+        base = framework_from(chosen.preset, {}, default_framework(profile.name))
+        calibrated = profile.frameworks.get(base.name, {})
+        if calibrated:
+            base = dataclasses.replace(framework_from(base.name, calibrated, base), name=base.name)
+        return framework_from(None, chosen.overrides(), base)
+    except FrameworkError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def simulate(
     config: ExperimentConfig,
     profile: HardwareProfile,
     options: CostOptions | None = None,
     moe_imbalance: float = 1.0,
 ) -> Projection:
+    options = options or framework_of(config, profile)
     try:
         work = workload_of(config, moe_imbalance)
         return project(model_description(config), config.layout, profile, options, work)
@@ -80,6 +98,8 @@ def report_dict(
     """What --json writes: the projection, the conventions, and the training cost for --tokens."""
     out: dict[str, Any] = projection.as_dict()
     out["hardware"] = profile.name
+    out["framework"] = dataclasses.asdict(framework_of(config, profile))
+    out["framework"].pop("replay")
     out["price_per_gpu_hour"] = profile.price_per_gpu_hour
     out["gpus_per_node"] = profile.gpus_per_node
     out["per_billion_tokens"] = projection.training(10**9)
@@ -170,6 +190,7 @@ def render(
     )
     for axis, link in pr.links.items():
         console.print(f"  {axis} groups: {link}")
+    console.print(f"framework {framework_of(config, profile).describe()}")
 
     labels = {
         "compute": "compute (GEMMs + elementwise)",
@@ -209,9 +230,11 @@ def render(
     memory = [[key, _gib(pr.memory_per_gpu[key])] for key in MEMORY]
     fields = [tables.Field("category", justify="left"), tables.Field("bytes")]
     tables.print_table(console, "Memory per GPU", fields, memory)
+    margin = pr.memory_capacity_bytes - pr.memory_per_gpu["total"]
     verdict = "[green]fits[/green]" if pr.fits else "[red]does not fit[/red]"
+    by = f"{_gib(margin)} to spare" if pr.fits else f"{_gib(-margin)} over"
     console.print(
-        f"{verdict} (busiest pipeline stage): {_gib(pr.memory_per_gpu['total'])} of "
+        f"{verdict} (busiest pipeline stage), {by}: {_gib(pr.memory_per_gpu['total'])} of "
         f"{_gib(pr.memory_capacity_bytes)} usable "
         f"({profile.device.memory_gib:g} GiB minus {profile.device.memory_reserved_gib:g} reserved)"
     )

@@ -28,7 +28,8 @@ fitted to published runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 # Peaks are looked up by the experiment's train.dtype (float32 means strict FP32, not TF32).
 DTYPES = ("float64", "float32", "tf32", "bf16", "fp16")
@@ -124,6 +125,11 @@ class HardwareProfile:
     price_per_gpu_hour: float
     source: str = ""
     oversubscribed: Oversubscription | None = None
+    # Calibrated behaviour of a framework on this cluster (`civetta fit`): preset name → the
+    # `parallel.cost.framework` keys it changes, applied whenever that preset is projected here.
+    frameworks: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
+    # What `civetta fit` fitted, on which reference rows, and what those rows cover.
+    calibration: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def for_ranks(self, world: int, own_cores: bool = False) -> HardwareProfile:
         """The profile as each of `world` ranks sees it. Unchanged unless the profile is one

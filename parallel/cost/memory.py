@@ -45,10 +45,13 @@ class MemoryPerGPU:
     grads: int
     optimizer: int
     activations: int
+    gathered: int = 0  # ZeRO-3's whole parameters (and one unit's gradient) alive at once
+    reserve: int = 0  # what the caching allocator holds beyond the live tensors
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        state = self.params + self.grads + self.optimizer
+        return state + self.activations + self.gathered + self.reserve
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -56,6 +59,8 @@ class MemoryPerGPU:
             "grads": self.grads,
             "optimizer": self.optimizer,
             "activations": self.activations,
+            "gathered": self.gathered,
+            "reserve": self.reserve,
             "total": self.total,
         }
 

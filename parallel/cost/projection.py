@@ -68,6 +68,7 @@ from parallel.cost.collectives import (
     p2p_time,
     reduce_scatter_time,
 )
+from parallel.cost.framework import PRESETS, Framework, default_framework
 from parallel.cost.hardware import CostModelError, HardwareProfile, LinkSpec
 from parallel.cost.memory import (
     ELEMENT_BYTES,
@@ -78,14 +79,12 @@ from parallel.cost.memory import (
 )
 from parallel.cost.replay import (
     PipelineTimes,
-    Replay,
     StageTimes,
     cached_schedule,
     pipeline_time,
-    replayed_makespan,
 )
 from parallel.cost.stages import StagedModel, staged_model
-from parallel.cost.trace import Call, Piece, zero3_calls
+from parallel.cost.trace import Call, Piece, sharded_calls, zero3_calls
 from parallel.layout import Layout, LayoutError, is_schedule_file
 from parallel.mesh import MeshLayout
 from parallel.schedules import Schedule, schedule_of
@@ -143,31 +142,15 @@ def checked(config: ModelDescription, layout: Layout, work: Workload) -> None:
         )
 
 
-@dataclass(frozen=True)
-class CostOptions:
-    """Software behaviour the layout does not say (defaults: a modern framework)."""
-
-    # Gradient buckets reduced during the last backward, ZeRO-3 gathers prefetched behind compute.
-    overlap_dp: bool = True
-    # Megatron-LM §4.1: each tp rank sends 1/tp of a pipeline message over its own network
-    # adapter and the receiving node all-gathers it over NVLink. civetta's executor sends whole.
-    pp_scatter_gather: bool = False
-    # Discrete-event replay of the schedule (parallel.cost.replay); None: closed forms.
-    replay: Replay | None = replayed_makespan
-    # A context-parallel ring's key/value blocks travel while attention computes.
-    overlap_cp: bool = True
+# The software a projection assumes (`parallel.cost.framework`); the old name stays for callers.
+CostOptions = Framework
+CIVETTA_EXECUTOR = PRESETS["civetta"]
 
 
-# How civetta's executor runs a step: the gradient all-reduce waits for the last backward, each
-# ZeRO-3 gather for its op, and each ring step for its message.
-CIVETTA_EXECUTOR = CostOptions(overlap_dp=False, overlap_cp=False)
-
-
-def executor_options(profile: HardwareProfile) -> CostOptions:
+def executor_options(profile: HardwareProfile) -> Framework:
     """The software a projection assumes by default: civetta's own executor on this machine's
-    profile (`local`, as `civetta calibrate` names it), a framework that overlaps its
-    communication with compute on a cluster's."""
-    return CIVETTA_EXECUTOR if profile.name == "local" else CostOptions()
+    profile (`local`, as `civetta calibrate` names it), `generic` on a cluster's."""
+    return default_framework(profile.name)
 
 
 @dataclass(frozen=True)
@@ -279,10 +262,11 @@ class _Device:
         profile: HardwareProfile,
         links: dict,
         layout: Layout,
-        overlap_cp: bool = True,
+        framework: Framework,
     ) -> None:
         self.model, self.work, self.profile, self.links = model, work, profile, links
-        self.overlap_cp = overlap_cp
+        self.overlap_cp, self.overlap_tp = framework.overlap_cp, framework.overlap_tp
+        self.call_latency = framework.collective_latency_us * 1e-6
         self.e = element_bytes(work.dtype)
         self.hbm = profile.device.hbm_bytes_per_s
         self.traffic = profile.device.elementwise_traffic
@@ -296,8 +280,8 @@ class _Device:
             self.per_node = profile.device.layer_overhead_us * 1e-6 / reference
         # A piece's tick depends on the piece, the device and the tp link alone: layouts that
         # share a staged model (a tuner's, differing in dp or schedule) share them.
-        key = (repr(profile.device), work.dtype, links["tp"], links["cp"], links["ep"], overlap_cp)
-        key += (self.per_node,)
+        key = (repr(profile.device), work.dtype, links["tp"], links["cp"], links["ep"])
+        key += (self.overlap_cp, self.overlap_tp, self.call_latency, self.per_node)
         self._ticks: dict[int, _Tick] = model.ticks.setdefault(key, {})
 
     def gemm(self, g: Gemm) -> float:
@@ -305,7 +289,11 @@ class _Device:
         return self.profile.gemm_time(g.flops, nbytes, self.work.dtype)
 
     def call_time(self, call: Call) -> float:
-        """Seconds of one recorded collective over its axis's link."""
+        """Seconds of one recorded collective over its axis's link, with the framework's cost
+        per call."""
+        return self.wire_time(call) + self.call_latency
+
+    def wire_time(self, call: Call) -> float:
         link = self.links[call.axis]
         if call.op == "all_reduce":
             return all_reduce_time(call.nbytes, link)
@@ -340,7 +328,8 @@ class _Device:
             # Expert parallelism's dispatch and combine: waited for (civetta overlaps nothing).
             ep_f = sum(self.call_time(c) for c in f.calls_on("ep"))
             ep_b = sum(self.call_time(c) for c in b.calls_on("ep"))
-            compute_f = sum(self.gemm(g) for g in f.gemms) + elem_f
+            gemm_f = sum(self.gemm(g) for g in f.gemms)
+            compute_f = gemm_f + elem_f
             compute_b = sum(by_phase.values()) + self.backward_ratio * elem_f + elem_again
             cp_time_f, cp_time_b = (
                 self.cp_exposed(cp_f, compute_f),
@@ -348,9 +337,9 @@ class _Device:
             )
             self._ticks[key] = _Tick(
                 compute_f=compute_f,
-                comm_f=sum(self.call_time(c) for c in tp_f) + cp_time_f + ep_f,
+                comm_f=self.tp_exposed(tp_f, gemm_f) + cp_time_f + ep_f,
                 compute_b=compute_b,
-                comm_b=sum(self.call_time(c) for c in tp_b) + cp_time_b + ep_b,
+                comm_b=self.tp_exposed(tp_b, sum(by_phase.values())) + cp_time_b + ep_b,
                 cp_time=cp_time_f + cp_time_b,
                 wgrad=by_phase["backward-weight"],
                 tp_bytes=sum(c.nbytes for c in tp_f + tp_b),
@@ -359,6 +348,17 @@ class _Device:
                 ep_time=ep_f + ep_b,
             )
         return self._ticks[key]
+
+    def tp_exposed(self, calls: tuple[Call, ...], gemms: float) -> float:
+        """Seconds of tensor-parallel communication not hidden. With the framework's tp overlap,
+        sequence parallelism's all-gathers and reduce-scatters travel in chunks while the GEMMs
+        they feed or follow compute (hidden up to the pass's GEMM time); all-reduces (tp
+        without sequence parallelism) are waited for, as Megatron-core's overlap leaves them."""
+        total = sum(self.call_time(c) for c in calls)
+        if not self.overlap_tp:
+            return total
+        split = sum(self.call_time(c) for c in calls if c.op in ("all_gather", "reduce_scatter"))
+        return total - split + max(0.0, split - gemms)
 
     def cp_exposed(self, calls: tuple[Call, ...], compute: float) -> float:
         """Seconds of context-parallel communication not hidden: a ring's blocks travel while
@@ -416,15 +416,53 @@ def pipeline_sends(placement: tuple[int, ...], device: int) -> int:
     )
 
 
-def _dp_calls(
-    pieces: list[tuple[Piece, int]], dp: int, element: int, edp: int
-) -> list[tuple[Call, int]]:
-    """ZeRO-3's collectives of one microbatch on one rank, with how often each runs: every op
-    gathers its parameters before its forward, recomputation and backward, and
-    reduce-scatters their gradients (as the traced pieces issued them; experts over edp)."""
-    return [
-        (call, count) for piece, count in pieces for call in zero3_calls(piece, dp, element, edp)
-    ]
+def _zero3_calls(piece: Piece, dp: int, element: int, edp: int, unit: str) -> list[Call]:
+    """ZeRO-3's collectives of one microbatch of `piece`: every op gathers its parameters
+    before its forward, recomputation and backward and reduce-scatters their gradients (as the
+    traced piece issued them; experts over edp). Per layer, a piece's gathers of one pass are
+    one collective over one flat buffer, and so are its reduce-scatters."""
+    if unit == "tensor":
+        ops = [(op, phase, (size,), group) for op, phase, sizes, group in piece.sharded_ops
+               for size in sizes]  # fmt: skip
+        return sharded_calls(ops, dp, element, edp)
+    calls = zero3_calls(piece, dp, element, edp)
+    if unit == "op":
+        return calls
+    merged: dict[tuple[str, str, str], Call] = {}
+    for c in calls:
+        key = (c.op, c.axis, c.phase)
+        was = merged.get(key)
+        if was is not None:
+            c = Call(c.op, c.axis, c.phase, was.nbytes + c.nbytes, was.wire_bytes + c.wire_bytes)
+        merged[key] = c
+    return list(merged.values())
+
+
+def _zero3_exposed(
+    dev: _Device,
+    pieces: list[tuple[Piece, int]],
+    dp: int,
+    element: int,
+    edp: int,
+    framework: Framework,
+) -> tuple[float, int]:
+    """(exposed seconds, ledger bytes) of ZeRO-3's collectives in one microbatch on one rank.
+    Without prefetch each gather is waited for. With it, a unit's gathers travel while the
+    previous unit computes: a unit whose communication outlasts its compute exposes the
+    difference, and each pass waits for its first unit's gather."""
+    exposed, nbytes, first = 0.0, 0, 0.0
+    for piece, count in pieces:
+        calls = _zero3_calls(piece, dp, element, edp, framework.zero3_unit)
+        comm = sum(dev.call_time(c) for c in calls)
+        nbytes += count * sum(c.nbytes for c in calls)
+        if not framework.zero3_overlaps:
+            exposed += count * comm
+            continue
+        tick = dev.tick(piece)
+        exposed += count * max(0.0, comm - tick.forward - tick.backward)
+        gathers = [dev.call_time(c) for c in calls if c.op == "all_gather"]
+        first = max(first, sum(gathers) / max(1, len(gathers)))
+    return exposed + 2 * first, nbytes
 
 
 # ---- the projection -----------------------------------------------------------------------------
@@ -480,7 +518,7 @@ def _project(
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     links = _group_links(layout.mesh, profile)
     model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
-    dev = _Device(model, work, profile, links, layout, options.overlap_cp)
+    dev = _Device(model, work, profile, links, layout, options)
     p, m, v, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.tp
     dp = layout.dp * layout.cp  # the ranks that average gradients (and that ZeRO shards over)
     s = model.seq_len
@@ -582,27 +620,24 @@ def _project(
                 op, sent = reduce_scatter_time, [n * c * g_b for c in chunks]
                 nbytes += sum(chunks) * (n * g_b + w_b)  # reduce-scatter input, gathered shard
             # Buckets mostly share one size: time each size once.
-            whole += sum(k * op(size, link) for size, k in Counter(sent).items())
+            lat = dev.call_latency
+            whole += sum(k * (op(size, link) + lat) for size, k in Counter(sent).items())
             # Backward fills the buckets in reverse order; the last one (the model's first
             # parameters, dense) is reduced after it, the others can hide behind the last
             # microbatch.
             if not expert:
-                last = op(sent[-1], link)
+                last = op(sent[-1], link) + lat
             if layout.zero >= 1:
                 exposed += sum(
-                    k * all_gather_time(n * c * w_b, link) for c, k in Counter(chunks).items()
+                    k * (all_gather_time(n * c * w_b, link) + lat)
+                    for c, k in Counter(chunks).items()
                 )
         if whole:
             window = ticks[d].backward
             exposed += max(last, whole - window) if options.overlap_dp else whole
         if dp > 1 and layout.zero == 3:  # gather before each forward, recomputation, backward
-            # Op by op, one collective each (so latency counts per op): a framework prefetches
-            # them behind the microbatch's compute; civetta's executor waits for each.
-            calls = _dp_calls(model.device_pieces(d), dp, w_b, edp)
-            traffic = sum(count * dev.call_time(call) for call, count in calls)
-            busy = ticks[d].forward + ticks[d].backward
-            exposed = m * (max(0.0, traffic - busy) if options.overlap_dp else traffic)
-            nbytes = m * sum(count * call.nbytes for call, count in calls)
+            exposed, nbytes = _zero3_exposed(dev, model.device_pieces(d), dp, w_b, edp, options)
+            exposed, nbytes = m * exposed, m * nbytes
         if dp > 1 and layout.zero >= 1:  # the norm's terms live on different dp ranks
             exposed += all_reduce_time(norm_bytes, dl)
             nbytes += norm_bytes
@@ -637,7 +672,9 @@ def _project(
         balanced = staged_model(config, layout, work.dtype, work.seq(config))
     flops = _step_flops(balanced, layout)
     world = layout.world_size
-    memory = max((_memory(model, layout, d, work) for d in positions), key=lambda x: x.total)
+    memory = max(
+        (_memory(model, layout, d, work, options) for d in positions), key=lambda x: x.total
+    )
     capacity = profile.device.usable_memory_bytes
     tp_bytes = max(m * ticks[d].tp_bytes + tp_step_bytes[d] for d in positions)
     cp_bytes = max(m * ticks[d].cp_bytes for d in positions)
@@ -699,7 +736,13 @@ def _step_flops(model: StagedModel, lay: Layout) -> StepFlops:
     return StepFlops(model=scale * model_flops, hardware=scale * (model_flops + recomputed))
 
 
-def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> MemoryPerGPU:
+def _memory(
+    model: StagedModel,
+    lay: Layout,
+    device: int,
+    work: Workload,
+    framework: Framework | None = None,
+) -> MemoryPerGPU:
     """Memory of pipeline rank `device` by category: the model state of the parameters it
     holds (sharded as the ZeRO stage says) and the activations it keeps for backward at its
     peak. The pieces' saved bytes times the block-microbatches in flight are alive at the end of
@@ -728,7 +771,22 @@ def _memory(model: StagedModel, lay: Layout, device: int, work: Workload) -> Mem
     rebuilt = block.peak_bytes - block.saved_bytes  # what recomputation brings back
     blocks = block.saved_bytes * layers
     acts = max(blocks + ends_forward, blocks + rebuilt + ends_backward)
-    return MemoryPerGPU(params, grads, opt, int(acts))
+    if framework is None:  # the tensors alone, as civetta's engine counts them
+        return MemoryPerGPU(params, grads, opt, int(acts))
+    gathered = _gathered_bytes(block, lay, framework, w, g)
+    reserve = framework.allocator_reserve * (acts + gathered)
+    return MemoryPerGPU(params, grads, opt, int(acts), gathered, int(reserve))
+
+
+def _gathered_bytes(block: Piece, lay: Layout, framework: Framework, w: int, g: int) -> int:
+    """ZeRO-3's whole parameters alive at once: the unit computing and the `zero3_prefetch`
+    units gathered ahead, plus one unit's whole gradient before its reduce-scatter. A unit is a
+    layer's parameters, or per op its largest tensor's (a weight; its bias is small)."""
+    if lay.zero != 3 or lay.dp * lay.cp == 1:
+        return 0
+    dense = [p.elements for p in block.params if not p.expert]
+    unit = sum(dense) if framework.zero3_unit == "layer" else max(dense, default=0)
+    return unit * ((1 + framework.zero3_prefetch) * w + g)
 
 
 def layout_schedule(layout: Layout) -> Schedule:
@@ -791,10 +849,15 @@ _first_layout: dict[tuple[Any, ...], Layout] = {}
 
 
 def device_memory_of(
-    config: ModelDescription, layout: Layout, device: int, work: Workload | None = None
+    config: ModelDescription,
+    layout: Layout,
+    device: int,
+    work: Workload | None = None,
+    framework: Framework | None = None,
 ) -> MemoryPerGPU:
-    """Memory of the GPU at pipeline position `device` (0 = first) under `layout`."""
-    return devices_memory_of(config, layout, [device], work)[0]
+    """Memory of the GPU at pipeline position `device` (0 = first) under `layout`: the tensors
+    alone, or with `framework`, as that software allocates them (`_memory`)."""
+    return devices_memory_of(config, layout, [device], work, framework)[0]
 
 
 def devices_memory_of(
@@ -802,12 +865,13 @@ def devices_memory_of(
     layout: Layout,
     devices: Sequence[int],
     work: Workload | None = None,
+    framework: Framework | None = None,
 ) -> list[MemoryPerGPU]:
     """`device_memory_of` for several pipeline positions, the layout checked once."""
     work = work or Workload()
     checked(config, layout, work)
     model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
-    return [_memory(model, layout, device, work) for device in devices]
+    return [_memory(model, layout, device, work, framework) for device in devices]
 
 
 def microbatch_times(
@@ -820,6 +884,7 @@ def microbatch_times(
     checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
     model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
-    dev = _Device(model, work, profile, _group_links(layout.mesh, profile), layout, False)
+    links = _group_links(layout.mesh, profile)
+    dev = _Device(model, work, profile, links, layout, PRESETS["civetta"])
     devices = [dev.ticks(model.device_pieces(d)) for d in sorted({0, layout.pp - 1})]
     return max((t.times() for t in devices), key=lambda t: t.forward_s + t.backward_s)

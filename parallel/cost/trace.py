@@ -23,6 +23,7 @@ hundred traces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -96,6 +97,10 @@ class Param:
     tp_split: bool  # False: every tp rank holds it whole (norms, row-parallel biases, positions)
     expert: bool = False  # a MoE expert's: this rank's experts, gradients over edp
     tp_partial: bool = False  # replicated, but each tp rank's gradient is a part (per-head norms)
+
+
+# A ZeRO-3 gather or reduce-scatter: (op, pass, elements of each whole parameter, group).
+ShardedOp = tuple[str, str, tuple[int, ...], str]
 
 
 @dataclass(frozen=True)
@@ -181,8 +186,15 @@ def zero3_calls(piece: Piece, dp: int, element_bytes: int, edp: int | None = Non
     their `edp` ranks, on axis "edp"), as the ledger counts them: each parameter is cut into n
     chunks of ⌈size/n⌉ elements (`parallel.zero`); an all-gather passes this rank's chunks, a
     reduce-scatter the n chunks of every gradient."""
+    return sharded_calls(piece.sharded_ops, dp, element_bytes, edp)
+
+
+def sharded_calls(
+    ops: Sequence[ShardedOp], dp: int, element_bytes: int, edp: int | None = None
+) -> list[Call]:
+    """`zero3_calls` of a sequence of sharded ops (a piece's, or one per tensor of them)."""
     calls = []
-    for op, phase, sizes, group in piece.sharded_ops:
+    for op, phase, sizes, group in ops:
         n, axis = (dp, "dp") if group == "dp" else (edp or dp, "edp")
         if n == 1:
             continue
@@ -284,9 +296,6 @@ def trace(key: TraceKey) -> Piece:
     tied = tuple(getattr(module, "aliases", {}).values())
     return Piece(forward, backward, saved, top, _params(module, runtime), (b, local, h),
                  output_shape, tied, tuple(sharded_ops))  # fmt: skip
-
-
-ShardedOp = tuple[str, str, tuple[int, ...], str]
 
 
 def _record_sharded_ops(runtime: Runtime, log: CallLog) -> list[ShardedOp]:
