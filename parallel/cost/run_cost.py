@@ -199,9 +199,6 @@ class Budget:
     def spent(self, run: RunCost) -> float:
         return run.gpu_hours if self.unit == "gpuh" else run.cost
 
-    def allows(self, run: RunCost) -> bool:
-        return self.spent(run) <= self.amount
-
     def describe(self) -> str:
         if self.unit == "gpuh":
             return f"{self.amount:,.0f} GPU-hours"
