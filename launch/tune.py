@@ -136,12 +136,14 @@ LEGEND = (
     "SP = sequence parallelism",
     "TFLOP/s and GiB (2^30 bytes) per GPU",
 )
-# With a run to cost: the GPUs lead every part too, and the run's days, GPU-hours and dollars.
+# With a run to cost: the GPUs lead every part too, then the run's days, GPU-hours and
+# dollars (what the objective ranks), then the layout and its step.
 RUN_FIELDS = [
     FIELDS[0],
     tables.Field("GPUs"),
-    *FIELDS[1:],
+    FIELDS[1],
     *(tables.Field(h, "run") for h in ("days", "GPU-hours", "$")),
+    *FIELDS[2:],
 ]
 
 
@@ -151,7 +153,7 @@ def _run_row(rank: int, r: Ranked) -> list[str]:
     assert run is not None
     days = f"{run.days:,.1f}" if run.days >= 10 else f"{run.days:.3g}"
     cells = [days, f"{run.gpu_hours:,.0f}", f"{run.cost:,.0f}"]
-    return [row[0], str(run.gpus), *row[1:], *cells]
+    return [row[0], str(run.gpus), row[1], *cells, *row[2:]]
 
 
 def conventions(result: TuneResult) -> str:
@@ -222,8 +224,8 @@ def render(
     )
     console.print(
         f"{result.enumerated:,} layouts enumerated, {result.fitting:,} fit in memory (each "
-        f"with its least recomputation), the best {result.replayed} replayed with their "
-        "schedule"
+        f"with its least recomputation), the best {result.replays or result.replayed} replayed "
+        "with their schedule"
     )
     if not result.ranked:
         for line in result.explanation:

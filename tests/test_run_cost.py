@@ -236,3 +236,12 @@ def test_tune_command_shows_the_run_columns(tmp_path: Path) -> None:
     console = _quiet()
     assert tune_command(config, "a100-dgx", 8, None, [], 3, None, console, objective="time") == 0
     assert "rank alike" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_tune_command_under_a_budget_nothing_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(REPO / "configs" / "quickstart.yaml")
+    argv = ["tune", config, "--gpus", "4-8", "--budget", "1e-9gpuh", "--objective", "time"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ranked by time within" not in out  # nothing to rank: no table
+    assert "No layout fits the budget of 1e-09 GPU-hours: the cheapest, " in " ".join(out.split())

@@ -200,9 +200,8 @@ class Budget:
         return run.gpu_hours if self.unit == "gpuh" else run.cost
 
     def describe(self) -> str:
-        if self.unit == "gpuh":
-            return f"{self.amount:,.0f} GPU-hours"
-        return f"${self.amount:,.0f}"
+        amount = f"{self.amount:,.0f}" if self.amount >= 100 else f"{self.amount:.3g}"
+        return f"{amount} GPU-hours" if self.unit == "gpuh" else f"${amount}"
 
 
 BUDGET_EXPECTED = "an amount with a unit: 200000gpuh or 200kgpuh (GPU-hours), 1.5Musd or '$1.5M'"

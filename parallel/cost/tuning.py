@@ -152,6 +152,7 @@ class TuneResult:
     tokens: int | None = None
     budget: Budget | None = None
     over_budget: int = 0
+    replays: int = 0  # projections replayed, those over the budget included (`replayed`: kept)
 
 
 def tensor_parallel_divides(config: Any, tp: int) -> bool:
@@ -432,6 +433,7 @@ def tune_counts(
         ]
         return merged
     every = head + rest
+    merged.replays = len(head)
     if budget is not None:
         head, rest = _within(head, budget), _within(rest, budget)
         merged.over_budget = len(every) - len(head) - len(rest)
