@@ -168,7 +168,7 @@ def render_training(
         return
     run = run_cost(pr, tokens, profile)
     console.print(
-        f"[bold]training on {tokens:,} tokens[/bold]: {run.steps:,} steps of "
+        f"[bold]training on {tokens:,} tokens[/bold]: {run.steps:,} step{'s' * (run.steps > 1)} of "
         f"{pr.tokens_per_step:,} tokens"
     )
     if note:
