@@ -3,7 +3,8 @@
     civetta train CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH]
     civetta compare CONFIG.yaml [--set key=value ...] [--out DIR] [--mpiexec PATH] [--timeout S]
     civetta simulate CONFIG.yaml --hardware a100-dgx [--set ...] [--tokens N] [--json OUT]
-    civetta tune CONFIG.yaml --hardware a100-dgx --gpus N [--batch B] [--set ...]
+    civetta tune CONFIG.yaml --hardware a100-dgx --gpus N|N,M|A-B [--batch B] [--set ...]
+        [--objective throughput|cost|time] [--tokens N] [--budget 200kgpuh|1.5Musd]
     civetta calibrate [--out configs/hardware/local.yaml] [--quick]
     civetta fit configs/calibration/a100-dgx.yaml [--write]
     civetta export RUN_DIR --out model.npz
@@ -129,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("config", help="experiment YAML (the model and the training settings)")
     tune.add_argument("--hardware", default="a100-dgx", help="a profile in configs/hardware/")
-    tune.add_argument("--gpus", type=int, required=True, help="how many GPUs to lay out")
+    tune.add_argument(
+        "--gpus",
+        required=True,
+        help="GPUs to lay out: a count (1024), a list (512,1024,2048) or a doubling range "
+        "(256-4096 = 256, 512, ..., 4096)",
+    )
     tune.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
     tune.add_argument(
         "--set",
@@ -145,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="a MoE's busiest expert-parallel rank gets F × the mean load (default 1: balanced)",
+    )
+    tune.add_argument(
+        "--objective",
+        default=None,
+        help="over several GPU counts, rank by throughput (tokens/s per GPU, the default), "
+        "cost (GPU-hours, dollars) or time (wall-clock for --tokens)",
+    )
+    tune.add_argument(
+        "--tokens",
+        default=None,
+        metavar="N",
+        help="the run to cost: 300e9, 300B, 1.5T or compute-optimal (the default whenever "
+        "--objective, --budget or several counts need one)",
+    )
+    tune.add_argument(
+        "--budget",
+        default=None,
+        help="drop layouts whose run costs more: 200000gpuh or 200kgpuh (GPU-hours), "
+        "1.5Musd or '$1.5M' (dollars)",
     )
     tune.add_argument("--json", dest="json_out", default=None, help="write the ranking")
     export = commands.add_parser(
@@ -173,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
     )
-    simulate.add_argument("--tokens", type=int, default=None, help="training tokens to cost")
+    simulate.add_argument(
+        "--tokens",
+        default=None,
+        metavar="N",
+        help="training tokens to cost: 300000000000, 300e9, 300B, 1.5T, or compute-optimal "
+        "(20 per parameter, active ones for a MoE)",
+    )
     simulate.add_argument(
         "--moe-imbalance",
         type=float,
@@ -200,8 +231,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from launch.simulate import simulate_command
 
-    if args.tokens is not None and args.tokens < 1:
-        raise UsageError(f"--tokens expected a positive integer, got {args.tokens}")
     return simulate_command(
         args.config,
         args.hardware,
@@ -332,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.json_out,
                 None,
                 args.moe_imbalance,
+                args.objective,
+                args.tokens,
+                args.budget,
             )
     except (
         ConfigError,

@@ -72,6 +72,8 @@ PROFILE = Schema(
         "inter_node.bandwidth_gbs",
         "oversubscribed.compute_stretch",
         "oversubscribed.bandwidth_gbs",
+        "board_power_w",
+        "pue",
     },
     non_negative={
         "device.kernel_overhead_us",
@@ -130,6 +132,15 @@ def profile_from_dict(raw: Any, origin: str = "hardware profile") -> HardwarePro
             f"device.memory_reserved_gib={device.memory_reserved_gib} leaves no memory "
             f"of device.memory_gib={device.memory_gib}"
         )
+    # A PUE is facility power over IT power: 1 at best, never below.
+    if profile.pue is not None and profile.pue < 1:
+        PROFILE.fail(f"pue expected a number >= 1 (facility over IT power), got {profile.pue:g}")
+    # Energy needs both; one alone is a half-finished profile, not an unknown.
+    if (profile.board_power_w is None) != (profile.pue is None):
+        given, lacking = "board_power_w", "pue"
+        if profile.board_power_w is None:
+            given, lacking = lacking, given
+        PROFILE.fail(f"{lacking} is missing: the profile gives {given}, and energy needs both")
     over, gpus = profile.oversubscribed, profile.gpus_per_node
     if over is not None:
         ranks = over.ranks

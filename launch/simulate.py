@@ -2,7 +2,8 @@
 
 Projects one training step of an experiment onto a hardware profile with the analytic cost model
 (`parallel.cost.projection`); nothing is executed. Prints a report (step time and its breakdown,
-TFLOP/s per GPU, MFU and HFU, memory per GPU by category, bytes per axis, GPU-hours and cost)
+TFLOP/s per GPU, MFU and HFU, memory per GPU by category, bytes per axis; for --tokens the run's
+days, GPU-hours, dollars and energy, N a count or compute-optimal: `parallel.cost.run_cost`)
 and optionally writes JSON.
 """
 
@@ -23,6 +24,15 @@ from launch.profiles import bare, load_profile
 from parallel.cost.framework import Framework, FrameworkError, default_framework, framework_from
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import CostOptions, Projection, Workload, project
+from parallel.cost.run_cost import (
+    COMPUTE_OPTIMAL,
+    ENERGY_LEGEND,
+    RunCost,
+    compute_optimal_note,
+    parse_tokens,
+    resolve_tokens,
+    run_cost,
+)
 
 GIB = 2**30
 MEMORY = ("params", "grads", "optimizer", "activations", "gathered", "reserve", "total")
@@ -102,8 +112,8 @@ def report_dict(
     out["framework"].pop("replay")
     out["price_per_gpu_hour"] = profile.price_per_gpu_hour
     out["gpus_per_node"] = profile.gpus_per_node
-    out["per_billion_tokens"] = projection.training(10**9)
-    out["training"] = projection.training(tokens) if tokens else None
+    out["per_billion_tokens"] = projection.training(10**9, profile)
+    out["training"] = projection.training(tokens, profile) if tokens else None
     out["conventions"] = CONVENTIONS
     out["layout"] = config.layout.as_dict()
     out["config"] = config.to_dict()
@@ -147,6 +157,54 @@ def _count(n: float) -> str:
 FAMILY_NAMES = {"gpt": "GPT", "llama": "Llama"}
 
 
+def _days(seconds: float) -> str:
+    """Days, and hours too when under one."""
+    days = seconds / 86400
+    return f"{days:,.1f} days" if days >= 1 else f"{days:.3f} days ({_duration(seconds)})"
+
+
+def _energy(run: RunCost) -> str:
+    if run.energy_kwh is None:
+        return "unknown (the profile gives no board_power_w and pue)"
+    return f"{run.energy_kwh:,.0f} kWh (GPU boards at {run.board_power_w:g} W, PUE {run.pue:g})"
+
+
+def render_training(
+    console: Console,
+    profile: HardwareProfile,
+    pr: Projection,
+    tokens: int | None,
+    note: str = "",
+) -> None:
+    """The cost of 10^9 tokens, and of the whole run when --tokens is given (`note`: how
+    compute-optimal was counted)."""
+    price = profile.price_per_gpu_hour
+    per_b = run_cost(pr, 10**9, profile)
+    console.print(
+        f"per 10^9 tokens: {per_b.gpu_hours:,.1f} GPU-hours, ${per_b.cost:,.0f} "
+        f"at ${price:.2f} per GPU-hour (the profile's assumed price)"
+    )
+    if not tokens:
+        return
+    run = run_cost(pr, tokens, profile)
+    console.print(
+        f"[bold]training on {tokens:,} tokens[/bold]: {run.steps:,} step{'s' * (run.steps > 1)} of "
+        f"{pr.tokens_per_step:,} tokens"
+    )
+    if note:
+        console.print(f"  ({note})")
+    rows = [
+        ("wall-clock", f"{_days(run.wall_time_s)} on {run.gpus} GPUs"),
+        ("GPU-hours", f"{run.gpu_hours:,.0f}"),
+        ("cost", f"[bold]${run.cost:,.0f}[/bold] at ${price:.2f} per GPU-hour"),
+        ("energy", _energy(run)),
+    ]
+    for label, value in rows:
+        console.print(f"  {label:<11}{value}")
+    if run.energy_kwh is not None:
+        console.print(f"[dim]{ENERGY_LEGEND}[/dim]")
+
+
 def render(
     console: Console,
     config_path: str,
@@ -154,6 +212,7 @@ def render(
     profile: HardwareProfile,
     pr: Projection,
     tokens: int | None,
+    tokens_note: str = "",
 ) -> None:
     model, p = config.model, config.parallel
     description = model_description(config)
@@ -243,45 +302,45 @@ def render(
     comm = ", ".join(f"{axis} {_traffic(pr.comm_bytes[axis])}" for axis in axes)
     console.print(f"bytes per GPU per step: {comm}")
 
-    price = profile.price_per_gpu_hour
-    per_b = pr.training(10**9)
-    console.print(
-        f"per 10^9 tokens: {per_b['gpu_hours']:,.1f} GPU-hours, ${per_b['cost']:,.0f} "
-        f"at ${price:.2f} per GPU-hour (the profile's assumed price)"
-    )
-    if tokens:
-        run = pr.training(tokens)
-        console.print(
-            f"[bold]{tokens:,} tokens[/bold]: {run['steps']:,} steps, "
-            f"{_duration(run['wall_time_s'])} on {pr.world_size} GPUs, "
-            f"{run['gpu_hours']:,.0f} GPU-hours, [bold]${run['cost']:,.0f}[/bold]"
-        )
+    render_training(console, profile, pr, tokens, tokens_note)
     console.print(f"[dim]{CONVENTIONS}[/dim]")
+
+
+def _parsed_tokens(value: int | str) -> int | str:
+    try:
+        return parse_tokens(value)
+    except CostModelError as exc:
+        raise ConfigError(bare(exc)) from None
 
 
 def simulate_command(
     config_path: str,
     hardware: str,
     overrides: Sequence[str] = (),
-    tokens: int | None = None,
+    tokens: int | str | None = None,
     json_out: str | Path | None = None,
     console: Console | None = None,
     moe_imbalance: float = 1.0,
 ) -> int:
     """Project CONFIG onto the hardware profile, print the report, write JSON; exit code.
+    `tokens`: a count (300e9, 300B, 1.5T as `parse_tokens` reads them) or compute-optimal.
 
     Bad configs, profiles or arguments raise ConfigError (one line) for the CLI to print.
     """
     console = console or tables.cli_console()
-    if tokens is not None and (isinstance(tokens, bool) or tokens <= 0):
-        raise ConfigError(f"--tokens expected a positive number, got {tokens}")
+    wanted = None if tokens is None else _parsed_tokens(tokens)
     config = load(config_path, list(overrides))
     try:
         profile = load_profile(hardware)
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
     projection = simulate(config, profile, moe_imbalance=moe_imbalance)
-    render(console, str(config_path), config, profile, projection, tokens)
+    tokens, note = None, ""
+    if wanted is not None:
+        description = model_description(config)
+        tokens = resolve_tokens(wanted, description)
+        note = compute_optimal_note(description) if wanted == COMPUTE_OPTIMAL else ""
+    render(console, str(config_path), config, profile, projection, tokens, note)
     if config.model.moe is not None:
         console.print(routing_assumption(config, moe_imbalance))
     if json_out is not None:

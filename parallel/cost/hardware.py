@@ -23,7 +23,8 @@ The compute side is a small roofline with three calibrated numbers:
 `configs/hardware/local.yaml` is written by `civetta calibrate` from measurements of this
 machine (one core = one "GPU", the machine one node; its ``oversubscribed`` section says how
 more ranks than cores share them); the GPU profiles carry datasheet figures and a few numbers
-fitted to published runs.
+fitted to published runs, and a board power (datasheet TDP) and PUE (an assumption) for the
+energy of a run.
 """
 
 from __future__ import annotations
@@ -130,6 +131,11 @@ class HardwareProfile:
     frameworks: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
     # What `civetta fit` fitted, on which reference rows, and what those rows cover.
     calibration: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # Energy (parallel.cost.run_cost): the GPU board's rated power in watts and the facility's
+    # power usage effectiveness. Optional and given together: a profile without them (`local`,
+    # a CPU core whose share of the package power nobody measured) has no energy figure.
+    board_power_w: float | None = None
+    pue: float | None = None
 
     def for_ranks(self, world: int, own_cores: bool = False) -> HardwareProfile:
         """The profile as each of `world` ranks sees it. Unchanged unless the profile is one

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,18 +179,15 @@ class Projection:
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.step_time_s
 
-    def training(self, tokens: int) -> dict[str, float]:
-        """Steps, wall-clock seconds, GPU-hours and cost of training on `tokens` tokens."""
-        steps = math.ceil(tokens / self.tokens_per_step)
-        wall = steps * self.step_time_s
-        gpu_hours = wall * self.world_size / 3600
-        return {
-            "tokens": tokens,
-            "steps": steps,
-            "wall_time_s": wall,
-            "gpu_hours": gpu_hours,
-            "cost": gpu_hours * self.price_per_gpu_hour,
-        }
+    def training(
+        self, tokens: int, profile: HardwareProfile | None = None
+    ) -> dict[str, float | None]:
+        """Steps, wall-clock seconds and days, GPU-hours, cost and energy (kWh; None without
+        `profile`'s board power and PUE) of training on `tokens` tokens
+        (`parallel.cost.run_cost`)."""
+        from parallel.cost.run_cost import run_cost
+
+        return run_cost(self, tokens, profile).as_dict()
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -19,6 +19,12 @@ One shortcut is a heuristic: the whole space is projected with the closed-form p
 schedule (the default of `CostOptions`), which decides their final order. The replay moves a
 layout by a few percent; a layout ranked below them would have to gain more than that.
 
+`tune_counts` runs `tune` for each of several GPU counts (the traced pieces, cached by shape,
+are shared between them) and ranks the union by an objective: throughput (tokens/s per GPU),
+cost (GPU-hours, hence dollars at the profile's one price) or time (wall-clock for a token
+count), optionally dropping the layouts whose run exceeds a budget. For one count the three
+orders coincide: cost = GPUs × time × price.
+
 Nothing here prints; `launch/tune.py` renders the result.
 """
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +48,7 @@ from parallel.cost.projection import (
     project,
 )
 from parallel.cost.replay import SCHEDULES
+from parallel.cost.run_cost import Budget, RunCost, run_cost
 from parallel.layout import Layout
 from parallel.schedules import V_SHAPED
 
@@ -126,6 +134,7 @@ def _context_choices(config: Any, seq: int, gpus: int, space: SearchSpace) -> li
 class Ranked:
     layout: Layout
     projection: Projection
+    run: RunCost | None = None  # the training run for the search's tokens, when it has some
 
 
 @dataclass
@@ -136,6 +145,14 @@ class TuneResult:
     replayed: int = 0  # re-projected with the schedule replay
     smallest_memory: tuple[int, Layout] | None = None  # when nothing fits
     explanation: list[str] = field(default_factory=list)
+    # A search over several GPU counts (`tune_counts`): what it ranked by, for how many tokens,
+    # under which budget, and how many layouts that budget dropped.
+    counts: tuple[int, ...] = ()
+    objective: str = "throughput"
+    tokens: int | None = None
+    budget: Budget | None = None
+    over_budget: int = 0
+    replays: int = 0  # projections replayed, those over the budget included (`replayed`: kept)
 
 
 def tensor_parallel_divides(config: Any, tp: int) -> bool:
@@ -334,6 +351,170 @@ def tune(
     result.replayed = len(top)
     result.explanation = explain(config, profile, result.ranked, work)
     return result
+
+
+# ---- several GPU counts, an objective, a budget ------------------------------------------------
+OBJECTIVES = ("throughput", "cost", "time")
+
+
+def objective_key(objective: str) -> Callable[[Ranked], tuple[float, ...]]:
+    """The sort key of an objective, smaller first; ties broken by the other resource.
+    Throughput is tokens/s per GPU: for one count (one batch) the step time's order."""
+    if objective not in OBJECTIVES:
+        raise CostModelError(
+            f"--objective expected one of {' | '.join(OBJECTIVES)}, got {objective!r}"
+        )
+
+    def key(r: Ranked) -> tuple[float, ...]:
+        pr, run = r.projection, r.run
+        per_gpu = pr.tokens_per_s / pr.world_size
+        if objective == "throughput" or run is None:
+            return (-per_gpu, pr.step_time_s)
+        if objective == "cost":
+            return (run.gpu_hours, run.wall_time_s)
+        return (run.wall_time_s, run.gpu_hours)
+
+    return key
+
+
+def with_runs(ranked: list[Ranked], tokens: int, profile: HardwareProfile) -> list[Ranked]:
+    return [dataclasses.replace(r, run=run_cost(r.projection, tokens, profile)) for r in ranked]
+
+
+def tune_counts(
+    config: ModelDescription,
+    profile: HardwareProfile,
+    counts: Sequence[int],
+    batch: int,
+    base: Layout | None = None,
+    space: SearchSpace | None = None,
+    options: CostOptions | None = None,
+    replay_top: int = 30,
+    work: Workload | None = None,
+    objective: str = "throughput",
+    tokens: int | None = None,
+    budget: Budget | None = None,
+) -> TuneResult:
+    """`tune` for every GPU count in `counts`, ranked together by `objective` ("cost" and
+    "time" need `tokens`), without the layouts whose run of `tokens` exceeds `budget`.
+
+    Each count's best `replay_top` (by step time, which within one count orders all three
+    objectives alike) are replayed; those lead the ranking, the rest follow, each part sorted
+    by the objective."""
+    key = objective_key(objective)
+    if (objective != "throughput" or budget is not None) and tokens is None:
+        raise CostModelError("tokens are needed to rank by cost or time, or to hold a budget")
+    counts = tuple(dict.fromkeys(counts))  # once each, in the order given
+    results = {
+        n: tune(config, profile, n, batch, base, space, options, replay_top, work) for n in counts
+    }
+    head: list[Ranked] = []
+    rest: list[Ranked] = []
+    for result in results.values():
+        ranked = with_runs(result.ranked, tokens, profile) if tokens else result.ranked
+        head += ranked[: result.replayed]
+        rest += ranked[result.replayed :]
+    merged = TuneResult(
+        [],
+        enumerated=sum(r.enumerated for r in results.values()),
+        fitting=sum(r.fitting for r in results.values()),
+        counts=counts,
+        objective=objective,
+        tokens=tokens,
+        budget=budget,
+    )
+    smallest = [r.smallest_memory for r in results.values() if r.smallest_memory]
+    merged.smallest_memory = min(smallest, key=lambda x: x[0]) if smallest else None
+    if not head:
+        merged.explanation = [
+            f"On {n} GPUs: {line}" if len(counts) > 1 else line
+            for n, result in results.items()
+            for line in result.explanation
+        ]
+        return merged
+    every = head + rest
+    merged.replays = len(head)
+    if budget is not None:
+        head, rest = _within(head, budget), _within(rest, budget)
+        merged.over_budget = len(every) - len(head) - len(rest)
+    merged.ranked = sorted(head, key=key) + sorted(rest, key=key)
+    merged.replayed = len(head)
+    if budget is not None and not merged.ranked:
+        cheapest = min(every, key=lambda r: _spent(r, budget))
+        merged.explanation = [over_budget_line(cheapest, budget)]
+        return merged
+    merged.explanation = explain_counts(config, profile, merged, work)
+    return merged
+
+
+def _spent(r: Ranked, budget: Budget) -> float:
+    assert r.run is not None, "a budget is held only with tokens"
+    return budget.spent(r.run)
+
+
+def _within(ranked: list[Ranked], budget: Budget) -> list[Ranked]:
+    return [r for r in ranked if _spent(r, budget) <= budget.amount]
+
+
+def run_summary(run: RunCost) -> str:
+    """'12.3 days, 456,789 GPU-hours, $913,578' (hours for a run under a day)."""
+    hours = run.wall_time_s / 3600
+    time = f"{run.days:,.1f} days" if run.days >= 1 else f"{hours:.3g} hours"
+    return f"{time}, {run.gpu_hours:,.0f} GPU-hours, ${run.cost:,.0f}"
+
+
+def over_budget_line(cheapest: Ranked, budget: Budget) -> str:
+    run = cheapest.run
+    assert run is not None
+    return (
+        f"No layout fits the budget of {budget.describe()}: the cheapest, "
+        f"{describe(cheapest.layout)} on {run.gpus} GPUs, needs {run_summary(run)} for "
+        f"{run.tokens:,} tokens."
+    )
+
+
+WORDS = {"throughput": "tokens/s per GPU", "cost": "cost", "time": "wall-clock time"}
+
+
+def explain_counts(
+    config: ModelDescription,
+    profile: HardwareProfile,
+    result: TuneResult,
+    work: Workload | None = None,
+) -> list[str]:
+    """The run of the best layout, `explain` among the layouts of its GPU count, and what the
+    best of every other count would take instead."""
+    best = result.ranked[0]
+    n = best.projection.world_size
+    same = [r for r in result.ranked if r.projection.world_size == n]
+    lines = []
+    if best.run is not None:
+        where = f" (of {', '.join(map(str, result.counts))} GPUs)" if len(result.counts) > 1 else ""
+        lines.append(
+            f"Best by {WORDS[result.objective]}{where}: {n} GPUs, {run_summary(best.run)} for "
+            f"{best.run.tokens:,} tokens."
+        )
+    lines += explain(config, profile, same, work)
+    for count in result.counts:
+        other = next((r for r in result.ranked if r.projection.world_size == count), None)
+        if count == n or other is None or other.run is None or best.run is None:
+            continue
+        lines.append(
+            f"The best on {count} GPUs ({describe(other.layout)}) would take "
+            f"{run_summary(other.run)}: {other.run.wall_time_s / best.run.wall_time_s:.2f}× "
+            f"the time, {other.run.gpu_hours / best.run.gpu_hours:.2f}× the GPU-hours."
+        )
+    if len(result.counts) == 1 and result.objective != "throughput":
+        lines.append(
+            "With one GPU count, throughput, cost and time rank alike (cost = GPUs × time × "
+            "price); give --gpus several counts to trade them."
+        )
+    if result.budget is not None and result.over_budget:
+        lines.append(
+            f"{result.over_budget:,} layout(s) over the budget of {result.budget.describe()} "
+            "were dropped."
+        )
+    return lines
 
 
 # ---- why the best wins --------------------------------------------------------------------------
