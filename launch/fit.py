@@ -108,6 +108,18 @@ def outside(cover: dict[str, Any], layout: Any, framework: str, dtype: str) -> l
     return found
 
 
+def calibration_gaps(
+    profile: HardwareProfile, layout: Any, framework: str, dtype: str
+) -> list[str]:
+    """Nothing when one of the profile's calibrations covers the layout; otherwise what the
+    closest one leaves uncovered."""
+    gaps = [
+        outside(e.get("coverage", {}), layout, framework, dtype)
+        for e in profile.calibration.values()
+    ]
+    return min(gaps, key=len, default=["no calibration"])
+
+
 @dataclass
 class Calibration:
     spec: Spec

@@ -28,9 +28,10 @@ from rich.console import Console
 
 from launch import tables
 from launch.config import ConfigError, ExperimentConfig, load, model_description
+from launch.fit import calibration_gaps
 from launch.profiles import bare, load_profile
-from launch.simulate import workload_of
-from parallel.cost.hardware import CostModelError
+from launch.simulate import framework_of, workload_of
+from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.run_cost import (
     COMPUTE_OPTIMAL,
     Budget,
@@ -173,6 +174,26 @@ def conventions(result: TuneResult) -> str:
     return CONVENTIONS.replace(head, f"ranked by {ranked}. {run}")
 
 
+def coverage_lines(
+    shown: Sequence[Ranked], profile: HardwareProfile, framework: str, dtype: str
+) -> list[str]:
+    """Which shown layouts lie outside every calibration of the profile (`civetta fit`'s
+    coverage), and in what: their projection extrapolates the fitted numbers."""
+    if not profile.calibration:
+        return [
+            f"[yellow]{profile.name} has no calibration: every projection is uncalibrated[/yellow]"
+        ]
+    lines = []
+    for rank, r in enumerate(shown, start=1):
+        gaps = calibration_gaps(profile, r.layout, framework, dtype)
+        if gaps:
+            lines.append(f"  #{rank}: {', '.join(gaps)}")
+    if not lines:
+        return [f"every layout shown is within what {profile.name}'s calibration covers"]
+    head = f"[yellow]outside what {profile.name}'s calibration covers (extrapolated):[/yellow]"
+    return [head, *lines]
+
+
 def _row(rank: int, r: Ranked) -> list[str]:
     lay, pr = r.layout, r.projection
     schedule = "-" if lay.pp == 1 else lay.schedule
@@ -286,6 +307,7 @@ def tune_command(
         model = model_description(config)
         # What the tuner does not choose comes from the config: dtype, optimizer, buckets.
         work = workload_of(config, moe_imbalance)
+        framework = framework_of(config, profile)
         space = search_space(config, list(overrides), moe_imbalance)
         note, run_tokens = "", None
         if costed:
@@ -293,11 +315,13 @@ def tune_command(
             run_tokens = resolve_tokens(wanted, model)
             note = compute_optimal_note(model) if wanted == COMPUTE_OPTIMAL else ""
             result = tune_counts(
-                model, profile, counts, batch, config.layout, space, work=work,
+                model, profile, counts, batch, config.layout, space, framework, work=work,
                 objective=objective or "throughput", tokens=run_tokens, budget=cap,
             )  # fmt: skip
         else:
-            result = tune(model, profile, counts[0], batch, config.layout, space, work=work)
+            result = tune(
+                model, profile, counts[0], batch, config.layout, space, framework, work=work
+            )
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
     shown_gpus: int | tuple[int, ...] = counts[0] if len(counts) == 1 else counts
@@ -313,6 +337,9 @@ def tune_command(
         profile.gpus_per_node,
         note,
     )
+    console.print(f"framework {framework.describe()}")
+    for line in coverage_lines(result.ranked[:top], profile, framework.name, work.dtype):
+        console.print(line)
     if json_out is not None:
         write_json(Path(json_out), profile.name, shown_gpus, batch, result, top, cap)
         console.print(f"wrote {json_out}")

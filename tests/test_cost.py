@@ -471,7 +471,9 @@ def test_simulate_writes_the_json_keys(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     for key in ("step_time_s", "tflops_per_gpu", "mfu", "hfu", "bubble_fraction"):
         assert isinstance(data[key], float) and data[key] > 0
-    assert set(data["memory_per_gpu"]) == {"params", "grads", "optimizer", "activations", "total"}
+    memory_keys = {"params", "grads", "optimizer", "activations", "gathered", "reserve", "total"}
+    assert set(data["memory_per_gpu"]) == memory_keys
+    assert data["framework"]["name"] == "generic"
     assert set(data["comm_bytes"]) == {"tp", "pp", "dp", "cp", "ep"}
     assert data["world_size"] == 1536 and data["hardware"] == "a100-dgx"
     assert data["training"]["tokens"] == 300 * 10**9 and data["training"]["cost"] > 0

@@ -182,8 +182,10 @@ def test_output_that_is_not_a_terminal_is_80_columns(monkeypatch: pytest.MonkeyP
 def test_the_tune_table_fits_80_columns_with_every_cell_whole() -> None:
     model = GPTConfig(vocab_size=51200, block_size=1024, n_layer=24, n_head=16, n_embd=2048)
     result = search(model, load_profile("a100-dgx"), 16, 32, Layout())
-    # The widest cells are among them: "interleaved-1f1b v=6", "selective".
-    assert any(r.layout.virtual_stages > 1 for r in result.ranked[:10])
+    # The widest cells shown whatever the ranking: "interleaved-1f1b v=6", "selective".
+    wide = [r for r in result.ranked if r.layout.virtual_stages > 1]
+    assert wide
+    result.ranked = wide[:5] + [r for r in result.ranked if r not in wide][:5]
     console = _console()
     tune.render(console, "model.yaml", "a100-dgx", 16, 32, "bf16", result, 10, 8)
     text = _text(console)

@@ -191,13 +191,19 @@ def _builds(schedule: str, pp: int, microbatches: int) -> bool:
 
 
 def _fits(
-    config: ModelDescription, layout: Layout, work: Workload, capacity: int
+    config: ModelDescription,
+    layout: Layout,
+    work: Workload,
+    capacity: int,
+    framework: CostOptions | None = None,
 ) -> tuple[bool, int]:
     """Whether every pipeline position fits, and the largest total: the first and last
-    device, or every device where the stages differ (uneven layers, a V)."""
+    device, or every device where the stages differ (uneven layers, a V); memory as
+    `framework` allocates it."""
     uniform = config.n_layer % layout.num_stages == 0 and layout.schedule not in V_SHAPED
     positions = sorted({0, layout.pp - 1}) if uniform else range(layout.pp)
-    total = max(m.total for m in devices_memory_of(config, layout, positions, work))
+    memory = devices_memory_of(config, layout, positions, work, framework)
+    total = max(m.total for m in memory)
     return total <= capacity, total
 
 
@@ -209,6 +215,7 @@ def enumerate_layouts(
     base: Layout,
     space: SearchSpace,
     work: Workload,
+    framework: CostOptions | None = None,
 ) -> tuple[list[Layout], int, tuple[int, Layout] | None]:
     """(layouts that fit, with their least recomputation; how many were enumerated; the
     smallest memory seen, when none fits)."""
@@ -220,8 +227,9 @@ def enumerate_layouts(
     smallest: tuple[int, Layout] | None = None
     for cp, cp_comm in _context_choices(config, seq, gpus, space):
         found, count, least = _enumerate_mesh(
-            config, gpus // cp, cp, cp_comm, batch, base, space, work, capacity, max_tp, seq
-        )
+            config, gpus // cp, cp, cp_comm, batch, base, space, work, capacity, max_tp, seq,
+            framework,
+        )  # fmt: skip
         fitting += found
         enumerated += count
         if least is not None and (smallest is None or least[0] < smallest[0]):
@@ -241,6 +249,7 @@ def _enumerate_mesh(
     capacity: int,
     max_tp: int,
     seq: int,
+    framework: CostOptions | None = None,
 ) -> tuple[list[Layout], int, tuple[int, Layout] | None]:
     """`enumerate_layouts` for one context-parallel choice, over the other `gpus` ranks."""
     fitting: list[Layout] = []
@@ -298,7 +307,7 @@ def _enumerate_mesh(
                             )
                             for recompute in space.recompute:
                                 candidate = dataclasses.replace(layout, recompute=recompute)
-                                ok, total = _fits(config, candidate, work, capacity)
+                                ok, total = _fits(config, candidate, work, capacity, framework)
                                 if ok:
                                     fitting.append(candidate)
                                     break
@@ -330,7 +339,7 @@ def tune(
     space = space or SearchSpace()
     options = options or executor_options(profile)
     layouts, enumerated, smallest = enumerate_layouts(
-        config, profile, gpus, batch, base, space, work
+        config, profile, gpus, batch, base, space, work, options
     )
     result = TuneResult([], enumerated, len(layouts), smallest_memory=smallest)
     if not layouts:
