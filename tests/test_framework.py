@@ -1,0 +1,86 @@
+"""The `framework:` section: presets, overrides, and what each behaviour changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, load
+from launch.profiles import load_profile
+from launch.simulate import framework_of, simulate
+from parallel.cost.framework import PRESETS
+
+REPO = Path(__file__).resolve().parent.parent
+GPT3 = REPO / "configs" / "gpt3-175b.yaml"
+A100 = load_profile("a100-dgx")
+
+
+def test_default_is_generic_on_a_cluster_and_civetta_here() -> None:
+    config = load(GPT3)
+    assert framework_of(config, A100) == PRESETS["generic"]
+    assert framework_of(config, load_profile("local")).name == "civetta"
+
+
+def test_preset_and_key_from_the_command_line() -> None:
+    config = load(GPT3, ["framework=megatron-2021", "framework.overlap_dp=true"])
+    fw = framework_of(config, A100)
+    assert fw.pp_scatter_gather and fw.overlap_dp and fw.name == "megatron-2021 (modified)"
+
+
+def test_profile_calibration_applies_to_its_preset() -> None:
+    fw = framework_of(load(GPT3, ["framework=deepspeed"]), A100)
+    assert fw.collective_latency_us == A100.frameworks["deepspeed"]["collective_latency_us"] > 0
+    assert fw.name == "deepspeed"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("framework=fsdp", r"^framework\.preset expected one of generic \| civetta .*got 'fsdp'"),
+        ("framework.overlap=true", r"unknown key 'framework\.overlap'"),
+        ("framework.zero3_unit=block", r"framework\.zero3_unit expected one of tensor \| op"),
+        ("framework.zero3_prefetch=-1", r"framework\.zero3_prefetch"),
+    ],
+)
+def test_bad_framework_input_is_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        load(GPT3, [override])
+    assert "\n" not in str(info.value)
+
+
+def _zero3(preset: str, *more: str):  # type: ignore[no-untyped-def]
+    sets = ["parallel.dp=1536", "parallel.tp=1", "parallel.pp=1", "parallel.zero=3"]
+    config = load(GPT3, [*sets, f"framework={preset}", *more])
+    return simulate(config, A100)
+
+
+def test_deepspeed_zero3_waits_for_every_tensor_gather() -> None:
+    generic, deepspeed = _zero3("generic"), _zero3("deepspeed")
+    # Without prefetch every gather is exposed: at least the bytes' wire time, more than generic.
+    assert deepspeed.breakdown_s["dp_exposed"] > 2 * generic.breakdown_s["dp_exposed"]
+    # The per-call cost adds up once per tensor collective.
+    cheaper = _zero3("deepspeed", "framework.collective_latency_us=0")
+    assert cheaper.step_time_s < deepspeed.step_time_s
+
+
+def test_gathered_units_count_in_memory() -> None:
+    layer = _zero3("torchtitan").memory_per_gpu["gathered"]
+    op = _zero3("torchtitan", "framework.zero3_unit=op").memory_per_gpu["gathered"]
+    deeper = _zero3("torchtitan", "framework.zero3_prefetch=2").memory_per_gpu["gathered"]
+    assert layer > op > 0 and deeper > layer
+    h = 12288  # a block's whole parameters: 12·h² (+ biases), 2 bytes each gathered, 2 grad
+    assert layer == pytest.approx(12 * h * h * (2 * 2 + 2), rel=0.01)
+
+
+def test_allocator_reserve_is_a_share_of_the_dynamic_memory() -> None:
+    pr = _zero3("torchtitan", "framework.allocator_reserve=0.1")
+    m = pr.memory_per_gpu
+    assert m["reserve"] == pytest.approx(0.1 * (m["activations"] + m["gathered"]), rel=1e-6)
+
+
+def test_tp_overlap_hides_sequence_parallel_collectives() -> None:
+    sets = ["parallel.sequence_parallel=true"]
+    plain = simulate(load(GPT3, [*sets, "framework=generic"]), A100)
+    hidden = simulate(load(GPT3, [*sets, "framework.overlap_tp=true"]), A100)
+    assert hidden.breakdown_s["tp_exposed"] < 0.5 * plain.breakdown_s["tp_exposed"]
