@@ -7,6 +7,12 @@ this Python (the `mpich` wheel puts it there), then `mpiexec` on PATH. Each rank
 `kill_tree` is the one way civetta stops a job it started (an interrupted relaunch, a compare
 run past its timeout, a calibration that hangs, a test's deadlock): mpiexec and every process
 below it.
+
+`relaunch` runs each rank under `guard` (`python -m launch.launcher guard ...`), its parent,
+which writes down a rank that ended abnormally before MPICH's process manager can learn of it.
+That, not hydra's "BAD TERMINATION ... PID" report, names a rank that was killed: when one rank
+dies hydra SIGKILLs the others, and whether it then records a survivor's SIGKILL as a bad
+termination of its own depends on when it reaps it; it prints the lowest such rank.
 """
 
 from __future__ import annotations
@@ -14,15 +20,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
-from parallel.comm import launched_by_mpi
+# Where each rank's guard writes how its rank ended, when abnormally: one file per rank process.
+EXITS_ENV = "CIVETTA_RANK_EXITS"
 
 
 class LauncherError(RuntimeError):
@@ -31,6 +40,9 @@ class LauncherError(RuntimeError):
 
 def inside_mpi_job() -> bool:
     """Started by mpirun/mpiexec/srun: every rank runs the experiment in place."""
+    # Imported here: a rank's guard imports this module and must start quickly (no numpy).
+    from parallel.comm import launched_by_mpi
+
     return launched_by_mpi() or ("SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ)
 
 
@@ -106,49 +118,108 @@ def rank_environment() -> dict[str, str]:
     return env
 
 
-def mpi_command(n: int, argv: list[str], mpiexec: str | None = None) -> list[str]:
-    """The command that runs `python -m launch ARGV` on `n` ranks.
+def mpi_command(
+    n: int, argv: list[str], mpiexec: str | None = None, guarded: bool = False
+) -> list[str]:
+    """The command that runs `python -m launch ARGV` on `n` ranks (each under `guard` if
+    `guarded`).
 
     `-m mpi4py` makes an exception that escapes before the worker's own handler (an import
     error, say) abort the job instead of leaving the other ranks waiting in a collective.
     """
     python = [sys.executable, "-m", "mpi4py", "-m", "launch"]
+    if guarded:
+        python = [sys.executable, "-m", "launch.launcher", "guard", *python]
     return [find_mpiexec(mpiexec), "-n", str(n), *python, *argv]
 
 
 @dataclass
 class JobResult:
     exit_code: int
-    # Process ids MPICH's launcher reported as terminated badly (the rank that died first).
+    # Process ids of the ranks that ended abnormally on their own (killed by a signal, or a
+    # non-zero exit), first first; not those the launcher killed because another one died.
     bad_pids: list[int] = field(default_factory=list)
 
 
-BAD_TERMINATION = re.compile(rb"BAD TERMINATION.*?PID (\d+)", re.DOTALL)
+def guard(command: list[str]) -> NoReturn:
+    """Run one rank, `command`, as this process's child, and end as it ended.
+
+    hydra started this process and holds its ends of the rank's stdout, stderr and PMI socket,
+    which the rank shares with it: they stay open while this process lives, so hydra learns that
+    the rank ended only when this process exits, after it has written down (in `$EXITS_ENV`)
+    how and when. A survivor that hydra kills because a peer died is killed with its guard (one
+    process group, one SIGKILL), so it is never written down.
+    """
+    # Ctrl-C is for the rank to handle; a KeyboardInterrupt here would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            os.execv(command[0], command)
+        except OSError as exc:
+            print(f"error: cannot start {command[0]}: {exc}", file=sys.stderr, flush=True)
+        os._exit(127)
+    _, status = os.waitpid(pid, 0)
+    directory = os.environ.get(EXITS_ENV)
+    if status != 0 and directory:
+        with contextlib.suppress(OSError):  # no record: the launcher then names no rank
+            record = Path(directory) / f"{pid}.exit"
+            record.write_text(f"{time.monotonic_ns()} {status}\n", encoding="utf-8")
+    if os.WIFSIGNALED(status):  # end as the rank did, so mpiexec reports and exits the same
+        sig = os.WTERMSIG(status)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+
+
+def read_exits(directory: Path) -> list[int]:
+    """The pids the guards wrote down in `directory`, in the order their ranks ended."""
+    ended = []
+    for record in directory.glob("*.exit"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ended.append((int(record.read_text(encoding="utf-8").split()[0]), int(record.stem)))
+    return [pid for _, pid in sorted(ended)]
 
 
 def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> JobResult:
     """Run this command line again on `n` ranks and return how the job ended.
 
-    The job's output is passed through as it comes (rank 0's progress bar included) and also
-    scanned for the launcher's report of a rank that died, so the caller can name it. Raises
-    `LauncherError` when there is no MPI launcher.
+    The job's output is passed through as it comes (rank 0's progress bar included). Each rank
+    runs under `guard`, so the ranks that died on their own come back as `bad_pids`, for the
+    caller to name. Raises `LauncherError` when there is no MPI launcher.
     """
-    command = mpi_command(n, argv, mpiexec)  # no launcher: LauncherError, for the CLI to print
+    # No launcher: LauncherError, for the CLI to print.
+    command = mpi_command(n, argv, mpiexec, guarded=True)
+    exits = Path(tempfile.mkdtemp(prefix="civetta-exits-"))
+    try:
+        code = _run_job(command, exits)
+        return JobResult(code, read_exits(exits))
+    finally:
+        shutil.rmtree(exits, ignore_errors=True)
+
+
+def _run_job(command: list[str], exits: Path) -> int:
     env = rank_environment()
+    env[EXITS_ENV] = str(exits)
     if sys.stdout.isatty():
         env.setdefault("TTY_COMPATIBLE", "1")  # rank 0 keeps its live progress bar
         env.setdefault("TTY_INTERACTIVE", "1")
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
     assert isinstance(job.stdout, io.BufferedReader)  # bufsize -1: buffered, with read1
-    tail = b""
     out = sys.stdout.buffer
     try:
         while chunk := job.stdout.read1(65536):
             out.write(chunk)
             out.flush()
-            tail = (tail + chunk)[-4096:]
-        code = job.wait()
+        return job.wait()
     except BaseException:  # Ctrl-C, or our stdout closed: no rank may outlive this process
         kill_tree(job)
         raise
-    return JobResult(code, [int(pid) for pid in BAD_TERMINATION.findall(tail)])
+
+
+if __name__ == "__main__":  # what mpiexec starts for each rank: `... guard COMMAND...`
+    if sys.argv[1:2] != ["guard"] or len(sys.argv) < 3:
+        sys.exit("usage: python -m launch.launcher guard COMMAND...")
+    guard(sys.argv[2:])

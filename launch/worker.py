@@ -293,8 +293,8 @@ def explain_failure(
     out_dir: Path, world_size: int, exit_code: int, dead_pids: Sequence[int] = ()
 ) -> str:
     """After a failed job, one line on what happened, from the status files the ranks left
-    and the process ids the MPI launcher reported dead; empty when rank 0 already printed its
-    own error line."""
+    and `dead_pids`, the ranks' processes that ended abnormally on their own (as their guards
+    saw it: `launch.launcher.guard`); empty when rank 0 already printed its own error line."""
     statuses = [read_status(out_dir, rank) for rank in range(world_size)]
     for rank, status in enumerate(statuses):
         if status.startswith("failed: "):
@@ -302,7 +302,8 @@ def explain_failure(
                 return ""  # rank 0 printed its own line
             log = out_dir / "logs" / f"rank{rank}.log"
             return failure_line(rank, status.removeprefix("failed: "), log)
-    # A rank killed by a signal leaves no word; the launcher then stops all the others.
+    # A rank killed by a signal leaves no word; the launcher then stops all the others, which
+    # are not among dead_pids, although they too end with their status still "running".
     dead = [r for r, status in enumerate(statuses) if _pid_of(status) in dead_pids]
     who = f"rank {', '.join(map(str, dead))} died" if dead else "a rank died"
     return (
