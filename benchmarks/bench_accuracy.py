@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.fit import CALIBRATION_DIR, calibrate, load_spec, report  # noqa: E402
+from launch.fit import CALIBRATION_DIR, calibrate, load_spec, report
 
 
 def main() -> None:

@@ -299,6 +299,7 @@ def tune_command(
         cap = None if budget is None else parse_budget(budget)
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
+    first = counts[0]  # the one count of a plain search
     costed = len(counts) > 1 or any(x is not None for x in (objective, wanted, cap))
     config = load(config_path, list(overrides))
     batch = _positive("--batch", config.train.batch_size if batch is None else batch)
@@ -320,7 +321,7 @@ def tune_command(
             )  # fmt: skip
         else:
             result = tune(
-                model, profile, counts[0], batch, config.layout, space, framework, work=work
+                model, profile, first, batch, config.layout, space, framework, work=work
             )
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
