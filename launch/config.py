@@ -25,7 +25,7 @@ from launch.schedule_files import load_schedule
 from launch.schema import Schema
 from launch.schema import describe as _describe
 from launch.schema import did_you_mean as _did_you_mean
-from parallel.cost.framework import PRESETS, ZERO3_UNITS
+from parallel.cost.framework import ATTENTION_KERNELS, PRESETS, ZERO3_UNITS
 from parallel.layout import Layout, LayoutError, is_schedule_file
 from parallel.schedules import Schedule, ScheduleError
 
@@ -122,6 +122,7 @@ class FrameworkConfig:
     zero3_unit: str | None = None
     zero3_prefetch: int | None = None
     collective_latency_us: float | None = None
+    attention: str | None = None
     allocator_reserve: float | None = None
 
     def overrides(self) -> dict[str, Any]:
@@ -292,6 +293,7 @@ CHOICES = {
     "model.moe.aux_loss_scope": AUX_LOSS_SCOPES,
     "framework.preset": tuple(PRESETS),
     "framework.zero3_unit": ZERO3_UNITS,
+    "framework.attention": ATTENTION_KERNELS,
 }
 
 

@@ -30,7 +30,13 @@ import yaml
 from launch.config import ConfigError, read_yaml
 from launch.profiles import load_profile, profile_from_dict, resolve_profile_path
 from launch.references import ReferenceRow, ReferenceSet, projected_value, select_rows
-from parallel.cost.fitting import FitResult, FreeParameter, fit, parameter_value, with_parameters
+from parallel.cost.fitting import (
+    FitResult,
+    FreeParameter,
+    fit_from_starts,
+    parameter_value,
+    with_parameters,
+)
 from parallel.cost.hardware import HardwareProfile
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
@@ -142,7 +148,7 @@ def calibrate(spec: Spec, log: Callable[[str], Any] | None = None) -> Calibratio
     result = None
     if spec.free:
         start = {p.key: parameter_value(profile, p.key) for p in spec.free}
-        result = fit(
+        result = fit_from_starts(
             lambda v: errors_of(fit_rows, with_parameters(profile, v)), spec.free, start, log=log
         )
         profile = with_parameters(profile, result.values)

@@ -84,3 +84,15 @@ def test_tp_overlap_hides_sequence_parallel_collectives() -> None:
     plain = simulate(load(GPT3, [*sets, "framework=generic"]), A100)
     hidden = simulate(load(GPT3, [*sets, "framework.overlap_tp=true"]), A100)
     assert hidden.breakdown_s["tp_exposed"] < 0.5 * plain.breakdown_s["tp_exposed"]
+
+
+def test_flash_attention_keeps_no_scores_and_skips_the_causal_half() -> None:
+    sets = ["parallel.recompute=none", "parallel.pp=16", "parallel.dp=6"]
+    eager = simulate(load(GPT3, [*sets, "framework.attention=eager"]), A100)
+    flash = simulate(load(GPT3, [*sets, "framework.attention=flash"]), A100)
+    # per block GPT-3 keeps 2·a·s²·b bytes of probabilities (a = 96/8 heads a tp rank, b = 1)
+    heads, s = 96 // 8, 2048
+    saved = eager.memory_per_gpu["activations"] - flash.memory_per_gpu["activations"]
+    assert saved >= 6 * 2 * heads * s * s  # six blocks a stage, at least the probabilities
+    assert flash.model_flops_per_step < eager.model_flops_per_step  # causal tiles skipped
+    assert flash.hardware_flops_per_step > flash.model_flops_per_step  # scores recomputed

@@ -104,6 +104,8 @@ class Workload:
     # (balanced); f > 1 sends the busiest expert-parallel rank f times the mean (and the step
     # waits for it), as a skewed router would.
     moe_imbalance: float = 1.0
+    # The attention kernel the pieces are traced with (the framework's, set by `project`).
+    attention: str = "eager"
 
     def check(self) -> None:
         """Refuse what the cost model cannot price, with one bare line naming the value."""
@@ -281,6 +283,9 @@ class _Device:
         self._ticks: dict[int, _Tick] = model.ticks.setdefault(key, {})
 
     def gemm(self, g: Gemm) -> float:
+        if g.fused:  # inside flash attention: tiles on chip, the kernel's own efficiency
+            d = self.profile.device
+            return g.flops / (d.peak_flops(self.work.dtype) * d.attention_efficiency)
         nbytes = self.e * g.batch * (g.m * g.k + g.k * g.n + g.m * g.n)  # operands and result
         return self.profile.gemm_time(g.flops, nbytes, self.work.dtype)
 
@@ -478,7 +483,7 @@ def project(
     stretched but on a core of its own) takes longer.
     """
     options = options or executor_options(profile)
-    work = work or Workload()
+    work = dataclasses.replace(work or Workload(), attention=options.attention)
     checked(config, layout, work)
     # MFU stays relative to the device's own peak.
     peak = profile.device.peak_flops(work.dtype)
@@ -513,7 +518,9 @@ def _project(
 ) -> Projection:
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     links = _group_links(layout.mesh, profile)
-    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
+    model = staged_model(
+        config, layout, work.dtype, work.seq(config), work.moe_imbalance, work.attention
+    )
     dev = _Device(model, work, profile, links, layout, options)
     p, m, v, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.tp
     dp = layout.dp * layout.cp  # the ranks that average gradients (and that ZeRO shards over)
@@ -665,7 +672,9 @@ def _project(
     # Model FLOPs over every GPU: an uneven router moves work between ranks, not its total.
     balanced = model
     if work.moe_imbalance != 1.0:
-        balanced = staged_model(config, layout, work.dtype, work.seq(config))
+        balanced = staged_model(
+            config, layout, work.dtype, work.seq(config), attention=work.attention
+        )
     flops = _step_flops(balanced, layout)
     world = layout.world_size
     memory = max(
@@ -865,8 +874,12 @@ def devices_memory_of(
 ) -> list[MemoryPerGPU]:
     """`device_memory_of` for several pipeline positions, the layout checked once."""
     work = work or Workload()
+    if framework is not None:
+        work = dataclasses.replace(work, attention=framework.attention)
     checked(config, layout, work)
-    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
+    model = staged_model(
+        config, layout, work.dtype, work.seq(config), work.moe_imbalance, work.attention
+    )
     return [_memory(model, layout, device, work, framework) for device in devices]
 
 
@@ -879,7 +892,9 @@ def microbatch_times(
     work = work or Workload()
     checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
-    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
+    model = staged_model(
+        config, layout, work.dtype, work.seq(config), work.moe_imbalance, work.attention
+    )
     links = _group_links(layout.mesh, profile)
     dev = _Device(model, work, profile, links, layout, PRESETS["civetta"])
     devices = [dev.ticks(model.device_pieces(d)) for d in sorted({0, layout.pp - 1})]
