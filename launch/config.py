@@ -111,8 +111,8 @@ class ParallelConfig:
 @dataclass
 class FrameworkConfig:
     """The software a projection assumes (`parallel.cost.framework`): a preset and the
-    behaviours it changes; None keeps the preset's. Training here ignores it (civetta runs
-    itself)."""
+    behaviours it changes; None keeps the preset's. Training runs civetta itself and honours
+    only `attention` (the kernel it runs: eager unless set)."""
 
     preset: str | None = None
     overlap_dp: bool | None = None
