@@ -218,9 +218,9 @@ class Trainer:
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
         weight = scale / len(inputs)
         kernel = attention_kernel(self.config.framework.attention or "eager")
-        with autocast(self.precision), kernel, recording_routing() as routing:
-            with aux_loss_weight(weight):
-                losses, timeline = self.executor.run(inputs, targets, weight)
+        routing_log = recording_routing()
+        with autocast(self.precision), kernel, routing_log as routing, aux_loss_weight(weight):
+            losses, timeline = self.executor.run(inputs, targets, weight)
         self.routing.merge(routing)
         self.timelines.append(timeline)
         lr = self.lr_schedule(step)
