@@ -33,10 +33,6 @@ SPECS = sorted(p.stem for p in CALIBRATION_DIR.glob("*.yaml"))
 # Held-out rows the model misses, each with the reason as far as it is known. Strict: a row
 # that starts passing fails here, so the list stays true.
 NOT_REPRODUCED = {
-    "narayanan-2021-table-2-zero3/529.6B-640gpu": "DeepSpeed's per-collective cost fitted on "
-    "the 174.6B rows explains 530B's slowdown only in part: projected 17% too fast",
-    "narayanan-2021-table-2-zero3/529.6B-1120gpu": "as the 640-GPU row: 23% too fast",
-    "narayanan-2021-table-2-zero3/529.6B-2240gpu": "as the 640-GPU row: 38% too fast",
     "dubey-2024-llama3-table-4/405B-8192gpu-8k": "Meta's interleaved schedule (its V is not "
     "stated) is projected as 1F1B: 12% too slow",
     "dubey-2024-llama3-table-4/405B-16384gpu-8k": "16 microbatches a replica under 1F1B leave a "
