@@ -121,6 +121,9 @@ class FrameworkConfig:
     overlap_tp: bool | None = None
     zero3_unit: str | None = None
     zero3_prefetch: int | None = None
+    zero3_persistence: int | None = None
+    zero3_max_reuse: int | None = None
+    zero3_network_gbs: float | None = None
     collective_latency_us: float | None = None
     attention: str | None = None
     allocator_reserve: float | None = None

@@ -33,17 +33,10 @@ FITTED = [name for name in SPECS if load_spec(CALIBRATION_DIR / f"{name}.yaml").
 
 # Held-out rows the model misses, each with the reason as far as it is known. Strict: a row
 # that starts passing fails here, so the list stays true.
-ZERO3 = "narayanan-2021-table-2-zero3"
 LLAMA3 = "dubey-2024-llama3-table-4"
 TITAN_2024 = "torchtitan-2024-h100-llama3"
 TITAN_2025 = "torchtitan-2025-h100-asynctp"
 _MISSES = {
-    "a100-dgx-deepspeed": {
-        f"{ZERO3}/529.6B-640gpu": "DeepSpeed's per-collective cost fitted on the 174.6B rows "
-        "explains 530B's slowdown only in part: projected 16% too fast",
-        f"{ZERO3}/529.6B-1120gpu": "as the 640-GPU row: 22% too fast",
-        f"{ZERO3}/529.6B-2240gpu": "as the 640-GPU row: 38% too fast",
-    },
     "h100-dgx": {
         f"{LLAMA3}/405B-8192gpu-8k": "Meta's interleaved schedule (its V is not stated) is "
         "projected as 1F1B: 12% too slow",

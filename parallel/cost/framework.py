@@ -47,6 +47,18 @@ class Framework:
     # ZeRO-3: how many units ahead a gather is issued behind compute. 0 waits for each gather
     # (no overlap); k >= 1 overlaps unit by unit, k + 1 gathered units alive at once.
     zero3_prefetch: int = 1
+    # ZeRO-3, per tensor: parameters of at most this many elements are never partitioned (kept
+    # whole, so never gathered; their gradients are still reduce-scattered). DeepSpeed's
+    # stage3_param_persistence_threshold. 0: every parameter is partitioned.
+    zero3_persistence: int = 0
+    # ZeRO-3, per tensor: a parameter used again before this many parameter elements have been
+    # used in between stays gathered (DeepSpeed's stage3_max_reuse_distance: the last op of a
+    # recomputed forward keeps its weight for its backward). 0: every use gathers.
+    zero3_max_reuse: int = 0
+    # ZeRO-3, per tensor: the bandwidth (GB/s per GPU) each gather and reduce-scatter reaches
+    # when its group spans nodes, where the framework's collectives reach less than the group's
+    # link (calibrated per cluster, `frameworks:` in the profile). 0: the group's link.
+    zero3_network_gbs: float = 0.0
     # Seconds a collective costs beyond its wire time, per call: the framework's launch, stream
     # synchronisation and bookkeeping (microseconds).
     collective_latency_us: float = 0.0
@@ -75,6 +87,12 @@ class Framework:
             f"{self.attention} attention",
             f"allocator reserve {self.allocator_reserve:.0%}",
         ]
+        if self.zero3_persistence:
+            parts.append(f"ZeRO-3 keeps tensors <= {self.zero3_persistence:g} elements whole")
+        if self.zero3_max_reuse:
+            parts.append(f"ZeRO-3 reuses a gather within {self.zero3_max_reuse:g} elements")
+        if self.zero3_network_gbs:
+            parts.append(f"ZeRO-3 across nodes at {self.zero3_network_gbs:g} GB/s")
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -101,13 +119,25 @@ PRESETS: dict[str, Framework] = {
         overlap_tp=True,
         zero3_unit="layer",
     ),
-    # DeepSpeed ZeRO-3 as measured in Narayanan et al. 2021, Table 2: each parameter tensor
-    # gathered (and its gradient reduce-scattered) by a collective of its own. No prefetch
-    # overlap: the table's rows slow down with the data-parallel size as if every gather was
-    # waited for (a choice that fits them, not DeepSpeed's documentation, which describes a
-    # prefetch window). Its cost per collective is calibrated per cluster (`frameworks:` in the
-    # profile, `civetta fit configs/calibration/a100-dgx-deepspeed.yaml`).
-    "deepspeed": Framework(name="deepspeed", zero3_unit="tensor", zero3_prefetch=0),
+    # DeepSpeed ZeRO-3 as measured in Narayanan et al. 2021, Table 2 (DeepSpeed 0.3.13-0.3.16,
+    # spring 2021: deepspeed/runtime/zero/stage3.py, partition_parameters.py). Each partitioned
+    # parameter tensor is all-gathered by a collective of its own before its module runs, and its
+    # fp16 gradient reduce-scattered by one of its own (`_allgather_param`,
+    # `_reduce_scatter_gradient`). The coordinator prefetches the next module's parameters
+    # (stage3_prefetch_bucket_size 5e7 elements: one weight of these models) on a stream of its
+    # own while the current module computes, and waits for every gather in flight before the
+    # next module runs (`fetch_sub_module`, `_synchronize_communication`): one tensor ahead. The
+    # code's defaults: parameters under 1e5 elements persist (never partitioned), a parameter
+    # reused within 1e9 elements stays gathered. Calibrated per cluster (`frameworks:` in the
+    # profile, `civetta fit configs/calibration/a100-dgx-deepspeed.yaml`): its cost per
+    # collective and the bandwidth its gathers reach across nodes.
+    "deepspeed": Framework(
+        name="deepspeed",
+        zero3_unit="tensor",
+        zero3_prefetch=1,
+        zero3_persistence=100_000,
+        zero3_max_reuse=1_000_000_000,
+    ),
     # torchtitan (FSDP2): one all-gather per block, the next block's prefetched.
     "torchtitan": Framework(name="torchtitan", zero3_unit="layer", zero3_prefetch=1),
 }
