@@ -169,15 +169,23 @@ def _checked_extras(extras: dict[str, Any]) -> dict[str, Any]:
     return {"frameworks": frameworks, "calibration": calibration}
 
 
-def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file, or the name of a shipped profile (`a100-dgx`)."""
+def shipped_file(name_or_path: str | Path, directory: Path) -> tuple[Path | None, list[str]]:
+    """(the YAML file `name_or_path` names: a path, or a name shipped in `directory`; or None,
+    with the names shipped there)."""
     path = Path(name_or_path)
     if path.is_file():
-        return path
-    shipped = PROFILE_DIR / f"{name_or_path}.yaml"
+        return path, []
+    shipped = directory / f"{name_or_path}.yaml"
     if shipped.is_file():
-        return shipped
-    known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        return shipped, []
+    return None, sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped profile (`a100-dgx`)."""
+    path, known = shipped_file(name_or_path, PROFILE_DIR)
+    if path is not None:
+        return path
     raise CostModelError(
         f"hardware profile {str(name_or_path)!r} is neither a file nor one of "
         f"{', '.join(known) or '(none shipped)'}"

@@ -25,6 +25,7 @@ from launch.config import (
     read_with_includes,
     read_yaml,
 )
+from launch.profiles import shipped_file
 from launch.simulate import framework_of, workload_of
 from parallel.cost.framework import SETTABLE
 from parallel.cost.hardware import HardwareProfile
@@ -110,13 +111,9 @@ def load_reference_set(path: str | Path) -> ReferenceSet:
 
 
 def resolve_reference_path(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.is_file():
+    path, known = shipped_file(name_or_path, REFERENCE_DIR)
+    if path is not None:
         return path
-    shipped = REFERENCE_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    known = sorted(p.stem for p in REFERENCE_DIR.glob("*.yaml"))
     raise ConfigError(f"reference set {str(name_or_path)!r} is neither a file nor one of {known}")
 
 
