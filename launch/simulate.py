@@ -21,6 +21,7 @@ from civetta.models.llama import LlamaConfig
 from launch import tables
 from launch.config import ConfigError, ExperimentConfig, load, model_description
 from launch.profiles import bare, load_profile
+from parallel.cost.coverage import calibration_gaps
 from parallel.cost.framework import Framework, FrameworkError, default_framework, framework_from
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.projection import CostOptions, Projection, Workload, project
@@ -249,7 +250,14 @@ def render(
     )
     for axis, link in pr.links.items():
         console.print(f"  {axis} groups: {link}")
-    console.print(f"framework {framework_of(config, profile).describe()}")
+    framework = framework_of(config, profile)
+    console.print(f"framework {framework.describe()}")
+    gaps = calibration_gaps(profile, config.layout, framework.name, config.train.dtype)
+    if gaps:
+        console.print(
+            f"[yellow]outside what {profile.name}'s calibration covers (extrapolated): "
+            f"{', '.join(gaps)}[/yellow]"
+        )
 
     labels = {
         "compute": "compute (GEMMs + elementwise)",

@@ -28,9 +28,9 @@ from rich.console import Console
 
 from launch import tables
 from launch.config import ConfigError, ExperimentConfig, load, model_description
-from launch.fit import calibration_gaps
 from launch.profiles import bare, load_profile
 from launch.simulate import framework_of, workload_of
+from parallel.cost.coverage import calibration_gaps
 from parallel.cost.hardware import CostModelError, HardwareProfile
 from parallel.cost.run_cost import (
     COMPUTE_OPTIMAL,

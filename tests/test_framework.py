@@ -133,3 +133,21 @@ def test_zero3_network_bandwidth_prices_the_cross_node_collectives() -> None:
     assert _zero3("generic", "framework.zero3_network_gbs=0").step_time_s == (
         _zero3("generic").step_time_s
     )
+
+
+def test_simulate_says_when_a_layout_is_outside_the_calibration() -> None:
+    import io
+
+    from rich.console import Console
+
+    from launch.simulate import simulate_command
+
+    def text(*sets: str) -> str:
+        console = Console(file=io.StringIO(), width=200)
+        assert simulate_command(str(GPT3), "a100-dgx", list(sets), None, None, console) == 0
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    covered = ["framework=megatron-2021", "train.dtype=fp16", "parallel.recompute=full"]
+    assert "outside what a100-dgx's calibration covers" not in text(*covered)
+    line = next(x for x in text(*covered, "parallel.zero=1").splitlines() if "outside" in x)
+    assert line.endswith("covers (extrapolated): zero=1")

@@ -21,11 +21,11 @@ from launch.fit import (
     calibrate,
     errors_of,
     load_spec,
-    outside,
     write_profile,
 )
 from launch.profiles import load_profile, resolve_profile_path
 from launch.references import select_rows
+from parallel.cost.coverage import outside
 from parallel.cost.fitting import FreeParameter, fit, with_parameters
 
 SPECS = sorted(p.stem for p in CALIBRATION_DIR.glob("*.yaml"))
