@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F  # noqa: N812 - PyTorch's own spelling
 
 
 class Block(nn.Module):
