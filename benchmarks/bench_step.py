@@ -83,12 +83,30 @@ def torch_reference(dtype: str) -> tuple[Any, Any] | None:
     return torch_step_runner(BENCH, dtype)
 
 
+def op_breakdown(model: Model, optimizer: AdamW, data: Any, name: str, steps: int) -> str:
+    """The per-op-kind table of `steps` more steps (instrumented: slower than the timed ones)."""
+    from op_breakdown import OpTimer  # beside this script
+
+    timer = OpTimer()
+    forward = backward = 0.0
+    with timer.active():
+        for step in range(steps):
+            x, y = data.batch("train", 0, step, BATCH, BENCH.block_size)
+            f, b, _ = timed_step(model, optimizer, x, y)
+            forward, backward = forward + f, backward + b
+    title = f"{name}: time per op kind, mean of {steps} instrumented steps"
+    return "\n".join([title, *timer.report(steps, forward, backward)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--model", default="both", choices=["gpt", "llama", "both"])
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument(
+        "--breakdown", type=int, default=3, help="steps timed per op kind after the run (0: none)"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="BLAS and PyTorch threads (default: as loaded)"
     )
@@ -149,6 +167,9 @@ def main() -> None:
     print(f"{gemm_name:<25} {gemm_rate / 1e9:8.1f} GFLOP/s")
     if len(steps) == 2:
         print(f"llama step / gpt step     {steps['llama'] / steps['gpt']:8.2f}")
+    if args.breakdown:
+        for name in chosen:
+            print(op_breakdown(models[name], optimizers[name], data, name, args.breakdown))
     if torch_phases:
         import torch
 

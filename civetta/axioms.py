@@ -26,6 +26,7 @@ import numpy as np
 from civetta import meta
 from civetta.meters import flop_meter, gemm_log
 from civetta.tensor import Tensor, as_tensor, current_precision, make_node
+from civetta.threads import batched_matmul
 
 
 def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
@@ -340,11 +341,11 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         if need_b:  # per-batch operands are activations (attention): input gradients too
             gemm_log.record(k, m, n, batch, "backward-input", dtype, precision)
         return (
-            g @ w_kept.swapaxes(-1, -2) if w_kept is not None else None,
-            x_kept.swapaxes(-1, -2) @ g if x_kept is not None else None,
+            batched_matmul(g, w_kept.swapaxes(-1, -2)) if w_kept is not None else None,
+            batched_matmul(x_kept.swapaxes(-1, -2), g) if x_kept is not None else None,
         )
 
-    return make_node(x @ w, (a, b), backward_batched, saved=(x_kept, w_kept))
+    return make_node(batched_matmul(x, w), (a, b), backward_batched, saved=(x_kept, w_kept))
 
 
 # Every primitive with a hand-written backward. The test suite fails if one lacks a gradient check.
