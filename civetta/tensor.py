@@ -190,11 +190,15 @@ class Tensor:
 
         pending: dict[Tensor, np.ndarray] = {self: grad}
         stored: set[int] = set()  # ids of arrays this pass already gave to a leaf
+        summed: set[int] = set()  # ids of pending sums this pass allocated (see `_accumulate`)
+        pop, get = pending.pop, pending.get
         for node in reversed(_topological_order(self)):
-            g = pending.pop(node, None)
+            g = pop(node, None)
             if g is None:
                 continue
-            if node._backward is None:
+            summed.discard(id(g))  # leaves the pending dict: no longer ours to add into
+            backward = node._backward
+            if backward is None:
                 if node._parents:
                     raise RuntimeError("graph already freed: pass retain_graph=True to reuse it")
                 if node.grad is None:
@@ -203,18 +207,20 @@ class Tensor:
                 else:
                     node.grad = _asarray(node.grad + g)
                 continue
-            parent_grads = node._backward(g)
-            for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
+            for parent, parent_grad in zip(node._parents, backward(g), strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
-                if isinstance(parent_grad, DeferredGrad):
+                if type(parent_grad) is DeferredGrad:
                     # Ops defer only inside `defer_weight_grads`, which sets the store.
                     assert _weight_grad_store is not None, "a DeferredGrad outside its store"
                     _weight_grad_store.postpone(parent, parent_grad)
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
-                previous = pending.get(parent)
-                pending[parent] = parent_grad if previous is None else previous + parent_grad
+                previous = get(parent)
+                if previous is None:
+                    pending[parent] = parent_grad
+                else:
+                    pending[parent] = _accumulate(previous, parent_grad, summed)
             if not retain_graph:
                 node._release()
 
@@ -320,6 +326,23 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return order
 
 
+def _accumulate(previous: np.ndarray, g: np.ndarray, summed: set[int]) -> np.ndarray:
+    """previous + g, in place when `previous` is a sum this backward pass allocated.
+
+    Closures may return arrays someone else holds (`add` hands one array to both inputs, a
+    reshape returns a view of its upstream gradient), so only the engine's own sums, tracked in
+    `summed` by id while they wait in the pending dict, are written into. Same values as
+    `previous + g`: in place only for equal dtypes.
+    """
+    if id(previous) in summed and type(g) is np.ndarray and g.dtype == previous.dtype:
+        np.add(previous, g, out=previous)
+        return previous
+    total = previous + g
+    if type(total) is np.ndarray:
+        summed.add(id(total))
+    return total
+
+
 def _private(g: np.ndarray, caller_grad: np.ndarray, stored: set[int]) -> np.ndarray:
     """`g` itself when no one else holds it, else a copy: a leaf's ``.grad`` must be its own
     writable array, since optimizers and all-reduces update it in place.
@@ -376,7 +399,7 @@ def make_node(
     autocast as the rounded array the node returns. Without `saved`, the output counts when the
     op allocated it (the rule before ops declared what they keep).
     """
-    fresh = _owns_new_memory(data, parents)
+    fresh = data.base is None or _owns_new_memory(data, parents)
     unrounded = data
     if _precision is not None:
         if fresh:  # a view of an input shares its already-rounded values
@@ -391,7 +414,13 @@ def make_node(
     out = Tensor.__new__(Tensor)
     out.data = data
     out.grad = None
-    if _grad_enabled and any(p.requires_grad for p in parents):
+    needs_grad = False
+    if _grad_enabled:
+        for parent in parents:
+            if parent.requires_grad:
+                needs_grad = True
+                break
+    if needs_grad:
         out.requires_grad = True
         out._parents = parents
         out._backward = backward
