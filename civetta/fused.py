@@ -95,6 +95,12 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
 
 
+def _row_sum(a: np.ndarray) -> np.ndarray:
+    """Σ over the last axis (kept, as size 1) as a GEMV, a · ones: on rows of 128-256 numbers
+    3-4× faster than numpy's sum (and `mean`), which pays a reduction loop per row."""
+    return (a @ meta.ones(a.shape[-1], a.dtype, like=a))[..., None]
+
+
 def _gelu_forward(x: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
     dtype = x.dtype.type
     np.multiply(x, x, out=t)
@@ -139,7 +145,9 @@ def gelu(x: Tensor) -> Tensor:
 
 def _normalize_forward(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, eps: float) -> None:
     dtype = x.dtype.type
-    np.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+    mean = _row_sum(x)
+    mean *= dtype(1.0 / x.shape[-1])
+    np.subtract(x, mean, out=xhat)
     np.einsum("...i,...i->...", xhat, xhat, out=rstd[..., 0])
     rstd *= dtype(1.0 / x.shape[-1])
     rstd += dtype(eps)
@@ -151,7 +159,8 @@ def _normalize_forward(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, eps: f
 def _normalize_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
     # dx = rstd · (g − mean(g) − x̂ · mean(g · x̂))
     n = xhat.dtype.type(1.0 / xhat.shape[-1])
-    g_mean = g.mean(axis=-1, keepdims=True)
+    g_mean = _row_sum(g)
+    g_mean *= n
     gx_mean = np.einsum("...i,...i->...", g, xhat)[..., None]
     gx_mean *= n
     np.multiply(xhat, gx_mean, out=dx)
@@ -381,13 +390,12 @@ def _softmax_forward(x: np.ndarray, probs: np.ndarray, mask: np.ndarray | None) 
         np.copyto(probs, x, where=mask)
         probs -= probs.max(axis=-1, keepdims=True)
     np.exp(probs, out=probs)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs /= _row_sum(probs)
 
 
 def _softmax_backward(probs: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-    # dx = p · (g − Σ g·p)
-    np.multiply(g, probs, out=dx)
-    total = dx.sum(axis=-1, keepdims=True)
+    # dx = p · (g − Σ g·p), the row sums as dot products (no g·p pass)
+    total = np.einsum("...i,...i->...", g, probs)[..., None]
     np.subtract(g, total, out=dx)
     dx *= probs
 
@@ -452,7 +460,7 @@ def _exp_into(x: np.ndarray, out: np.ndarray) -> None:
 
 def _log_softmax_rows(x: np.ndarray, out: np.ndarray) -> None:
     np.subtract(x, x.max(axis=-1, keepdims=True), out=out)
-    total = np.exp(out).sum(axis=-1, keepdims=True)  # a block-sized temporary
+    total = _row_sum(np.exp(out))  # exp: a block-sized temporary
     out -= np.log(total, out=total)
 
 
