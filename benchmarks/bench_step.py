@@ -26,10 +26,11 @@ import numpy as np
 
 from civetta.allocator import keep_freed_memory
 from civetta.data import load_dataset
+from civetta.meters import recording_gemms
 from civetta.models import GPT, GPTConfig, Llama, LlamaConfig
 from civetta.nn import Model
 from civetta.optim import AdamW
-from civetta.threads import blas_threads, set_blas_threads
+from civetta.threads import batched_matmul, blas_threads, set_blas_threads
 
 BENCH = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
 LLAMA = LlamaConfig(
@@ -81,6 +82,32 @@ def torch_reference(dtype: str) -> tuple[Any, Any] | None:
     from torch_gpt import torch_step_runner  # beside this script
 
     return torch_step_runner(BENCH, dtype)
+
+
+def gemm_replay_seconds(model: Model, data: Any, repeats: int = 3) -> tuple[float, int]:
+    """Seconds of the GEMMs one step runs (from `gemm_log`), replayed alone on random operands,
+    and their FLOPs: the step's time if everything but its GEMMs took none."""
+    x, y = data.batch("train", 0, 0, BATCH, BENCH.block_size)
+    with recording_gemms() as log:
+        model(x, y).backward()
+    model.zero_grad()
+    gemms = list(log.gemms)
+    rng = np.random.default_rng(0)
+    operands = [
+        (rng.standard_normal((g.batch, g.m, g.k)).astype(g.dtype),
+         rng.standard_normal((g.batch, g.k, g.n)).astype(g.dtype))
+        for g in gemms
+    ]  # fmt: skip
+    totals = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for a, b in operands:
+            if a.shape[0] == 1:
+                a[0] @ b[0]
+            else:
+                batched_matmul(a, b)
+        totals.append(time.perf_counter() - start)
+    return float(np.median(totals)), sum(g.flops for g in gemms)
 
 
 def op_breakdown(model: Model, optimizer: AdamW, data: Any, name: str, steps: int) -> str:
@@ -164,7 +191,13 @@ def main() -> None:
         print(f"  achieved                {achieved / 1e9:8.1f} GFLOP/s")
         print(f"  MFU against gemm        {achieved / gemm_rate:8.3f}")
     gemm_name = f"{'s' if dtype == np.float32 else 'd'}gemm {n}x{n}x{n}, {blas_threads()} thr"
+    replay = {name: gemm_replay_seconds(models[name], data) for name in chosen}
     print(f"{gemm_name:<25} {gemm_rate / 1e9:8.1f} GFLOP/s")
+    for name, (seconds, flops) in replay.items():
+        ceiling = flops / seconds / gemm_rate
+        print(  # the MFU of a step that spent no time outside its GEMMs
+            f"{name}: its GEMMs alone {seconds * 1e3:6.1f} ms, MFU ceiling at them {ceiling:.3f}"
+        )
     if len(steps) == 2:
         print(f"llama step / gpt step     {steps['llama'] / steps['gpt']:8.2f}")
     if args.breakdown:
