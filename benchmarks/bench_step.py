@@ -163,14 +163,20 @@ def main() -> None:
     gemm: list[float] = []
     for step in range(args.steps + 2):  # two warm-up steps
         x, y = data.batch("train", 0, step, BATCH, BENCH.block_size)
-        for name in chosen:  # alternating: both models see the same machine load
-            times = timed_step(models[name], optimizers[name], x, y)
-            if step >= 2:
-                phases[name].append(times)
-            if name == "gpt" and reference is not None:  # right after civetta's GPT step
+        runs = [*chosen, *(["torch"] if reference is not None else [])]
+        # Alternating: every side sees the same machine load; the order turns each step, so
+        # no side always runs right after the same neighbour (or the sgemm's cache sweep).
+        shift = step % len(runs)
+        for name in runs[shift:] + runs[:shift]:
+            if name == "torch":
+                assert reference is not None
                 times = timed_torch_step(*reference, x, y)
                 if step >= 2:
                     torch_phases.append(times)
+                continue
+            times = timed_step(models[name], optimizers[name], x, y)
+            if step >= 2:
+                phases[name].append(times)
         gemm.append(sgemm_seconds(a, b, out))
     gemm_rate = 2 * n**3 / float(np.median(gemm[2:]))
     tokens = BATCH * BENCH.block_size
