@@ -196,7 +196,8 @@ class Tensor:
             g = pop(node, None)
             if g is None:
                 continue
-            summed.discard(id(g))  # leaves the pending dict: no longer ours to add into
+            if summed:
+                summed.discard(id(g))  # leaves the pending dict: no longer ours to add into
             backward = node._backward
             if backward is None:
                 if node._parents:
@@ -219,6 +220,8 @@ class Tensor:
                 previous = get(parent)
                 if previous is None:
                     pending[parent] = parent_grad
+                elif id(previous) in summed and previous.dtype == parent_grad.dtype:
+                    previous += parent_grad  # into a sum this pass allocated (see `_accumulate`)
                 else:
                     pending[parent] = _accumulate(previous, parent_grad, summed)
             if not retain_graph:
@@ -327,16 +330,13 @@ def _topological_order(root: Tensor) -> list[Tensor]:
 
 
 def _accumulate(previous: np.ndarray, g: np.ndarray, summed: set[int]) -> np.ndarray:
-    """previous + g, in place when `previous` is a sum this backward pass allocated.
+    """previous + g, a new array that `summed` records, so the next gradient for the same node
+    is added into it in place (`backward` does that inline, for equal dtypes: the same values).
 
     Closures may return arrays someone else holds (`add` hands one array to both inputs, a
     reshape returns a view of its upstream gradient), so only the engine's own sums, tracked in
-    `summed` by id while they wait in the pending dict, are written into. Same values as
-    `previous + g`: in place only for equal dtypes.
+    `summed` by id while they wait in the pending dict, are written into.
     """
-    if id(previous) in summed and type(g) is np.ndarray and g.dtype == previous.dtype:
-        np.add(previous, g, out=previous)
-        return previous
     total = previous + g
     if type(total) is np.ndarray:
         summed.add(id(total))
