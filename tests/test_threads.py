@@ -9,6 +9,7 @@ composed references (tests/test_fused.py) hold for both layouts.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,16 +33,17 @@ def _x(*shape: int, dtype: Any = np.float64) -> np.ndarray:
 
 @pytest.fixture
 def layout() -> Iterator[Callable[[int, int], None]]:
-    """Set (block size, engine threads) for the test; restored afterwards."""
-    saved_block, saved_threads = threads.BLOCK, threads.engine_threads()
+    """Set (block size, engine threads) for the test, threading from two blocks on; restored
+    afterwards."""
+    saved = threads.BLOCK, threads.THREADED_MIN, threads.engine_threads()
 
     def set_layout(block: int, count: int) -> None:
-        threads.BLOCK = block
+        threads.BLOCK, threads.THREADED_MIN = block, min(block, 1 << 62)
         threads.set_engine_threads(count)
 
     yield set_layout
-    threads.BLOCK = saved_block
-    threads.set_engine_threads(saved_threads)
+    threads.BLOCK, threads.THREADED_MIN = saved[:2]
+    threads.set_engine_threads(saved[2])
 
 
 def _cases(dtype: Any) -> dict[str, tuple[Callable[..., Tensor], tuple[np.ndarray, ...], tuple]]:
@@ -167,3 +169,18 @@ def test_each_rank_gets_its_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) 
     assert rank_environment()["OMP_NUM_THREADS"] == "1"  # a baseline: one thread
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
     assert rank_environment(2)["NUMEXPR_NUM_THREADS"] == "3"
+
+
+def test_blocks_run_on_the_engine_threads(layout: Callable[[int, int], None]) -> None:
+    layout(4, 2)
+    names: set[str] = set()
+
+    def record(block: np.ndarray) -> None:
+        names.add(threading.current_thread().name)
+
+    threads.run_blocked(record, (np.zeros((16, 4)),))
+    assert names and all(name.startswith("civetta") for name in names)
+    layout(4, 1)  # one thread: the caller's
+    names.clear()
+    threads.run_blocked(record, (np.zeros((16, 4)),))
+    assert names == {threading.current_thread().name}
