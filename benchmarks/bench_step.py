@@ -30,7 +30,7 @@ from civetta.meters import recording_gemms
 from civetta.models import GPT, GPTConfig, Llama, LlamaConfig
 from civetta.nn import Model
 from civetta.optim import AdamW
-from civetta.threads import batched_matmul, blas_threads, set_blas_threads
+from civetta.threads import batched_matmul, blas_threads, set_engine_threads
 
 BENCH = GPTConfig(vocab_size=256, block_size=128, n_layer=4, n_head=4, n_embd=256)
 LLAMA = LlamaConfig(
@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = np.dtype(args.dtype)
     if args.threads is not None:
-        set_blas_threads(args.threads)
+        set_engine_threads(args.threads)  # and as many BLAS threads
     keep_freed_memory()  # as `civetta train` does
 
     configs = {"gpt": BENCH, "llama": LLAMA}

@@ -28,7 +28,7 @@ from civetta.tensor import (
     make_node,
     weight_grads_deferred,
 )
-from civetta.threads import run_blocked
+from civetta.threads import one_blas_thread, run_blocked
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -170,10 +170,12 @@ def _normalize_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: n
 
 
 def _column_sum(a: np.ndarray) -> np.ndarray:
-    """The sum over every axis but the last, as a GEMV (ones · rows) on BLAS's threads: ~10×
-    numpy's sum over leading axes at the bench's (B·T, C), as for `linear`'s bias gradient."""
+    """The sum over every axis but the last, as a GEMV (ones · rows): ~5× numpy's sum over
+    leading axes at the bench's (B·T, C), as for `linear`'s bias gradient; on one BLAS thread
+    (see `one_blas_thread`)."""
     rows = _rows(a)
-    return meta.ones(rows.shape[0], rows.dtype, like=rows) @ rows
+    with one_blas_thread():
+        return meta.ones(rows.shape[0], rows.dtype, like=rows) @ rows
 
 
 def _normalized(

@@ -218,7 +218,7 @@ class AdamW(Optimizer):
         t = self.step_count
         step_size = lr / (1.0 - b1**t)
         sqrt_bc2 = math.sqrt(1.0 - b2**t)
-        decay = self.weight_decay and not self.no_decay(name)
+        decay = bool(self.weight_decay) and not self.no_decay(name)
         m = self._state[f"exp_avg.{name}"]
         v = self._state[f"exp_avg_sq.{name}"]
         constants = (b1, b2, step_size, sqrt_bc2, self.eps, 1.0 - lr * self.weight_decay, decay)

@@ -9,10 +9,11 @@ OpenBLAS is found (another BLAS, or not Linux), `blas_threads` returns None and 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,24 @@ def set_engine_threads(n: int) -> int:
     return previous
 
 
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread inside the block (the kernels' GEMVs, the stacked GEMMs).
+
+    OpenBLAS threads a GEMV from 9216 elements on and synchronises its threads per call; for
+    the row and column sums of a kernel that costs more than it saves, and with a core held by
+    another process it stalls (LayerNorm's backward at (2048, 256): 10× slower). The engine's
+    own threads share the blocks instead. Set from the calling thread only (the count is
+    process-wide), so kernels on the engine's workers never change it.
+    """
+    previous = set_blas_threads(1) if engine_threads() > 1 else None
+    try:
+        yield
+    finally:
+        if previous is not None and previous != 1:
+            set_blas_threads(previous)
+
+
 def _workers() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
@@ -124,7 +143,13 @@ def run_blocked(
     run in one call, so every result is what one call on the whole would compute blockwise:
     each block's rows depend only on those rows.
     """
-    block = BLOCK if block is None else block
+    with one_blas_thread():
+        _run_blocks(kernel, arrays, constants, BLOCK if block is None else block)
+
+
+def _run_blocks(
+    kernel: Callable[..., None], arrays: Sequence[Any], constants: Sequence[Any], block: int
+) -> None:
     first = arrays[0]
     length = first.shape[0] if first.ndim else 0
     if length < 2 or first.size <= block or any(type(a) is not np.ndarray for a in arrays):
@@ -155,13 +180,9 @@ def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a3 = a.reshape(-1, *a.shape[-2:])
     b3 = b.reshape(-1, *b.shape[-2:])
     out = np.empty((a3.shape[0], a.shape[-2], b.shape[-1]), np.result_type(a, b))
-    previous = set_blas_threads(1)
-    try:
+    with one_blas_thread():
         parts = _blocks(a3.shape[0], 1, max(1, -(-a3.shape[0] // (4 * threads))))
         futures = [_workers().submit(np.matmul, a3[p], b3[p], out=out[p]) for p in parts]
         for future in futures:
             future.result()
-    finally:
-        if previous is not None:
-            set_blas_threads(previous)
     return out.reshape(*lead, *out.shape[-2:])
