@@ -25,7 +25,7 @@ import numpy as np
 
 from civetta import meta
 from civetta.meters import flop_meter, gemm_log
-from civetta.tensor import Tensor, as_tensor, current_precision, make_node
+from civetta.tensor import RegionGrad, Tensor, as_tensor, current_precision, make_node
 from civetta.threads import batched_matmul
 
 
@@ -284,8 +284,10 @@ def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
         where_[axis] = slice(int(starts[i]), int(starts[i + 1]))
         region = tuple(where_)
 
-        def backward(g: np.ndarray, region: tuple = region) -> tuple[np.ndarray]:
-            full = meta.zeros(shape, dtype, like=g)
+        def backward(g: np.ndarray, region: tuple = region) -> tuple[Any]:
+            if type(g) is np.ndarray:  # the engine writes the slice into the input's gradient
+                return (RegionGrad(shape, region, g.astype(dtype, copy=False)),)
+            full = meta.zeros(shape, dtype, like=g)  # data-free: a shape-only array
             full[region] = g
             return (full,)
 
