@@ -65,6 +65,23 @@ class DeferredGrad:
         self.compute = compute
 
 
+class RegionGrad:
+    """A gradient that is zero outside `region` of an array of `shape`: what a slice of its
+    input (`axioms.split`) hands back. The engine writes `values` into the pending gradient
+    of the input instead of adding a zero-padded array per slice (for q, k, v: one buffer
+    instead of three and two full-size sums)."""
+
+    __slots__ = ("dtype", "region", "shape", "values")
+
+    def __init__(self, shape: tuple[int, ...], region: Any, values: np.ndarray) -> None:
+        self.shape, self.region, self.values, self.dtype = shape, region, values, values.dtype
+
+    def dense(self) -> np.ndarray:
+        full = np.zeros(self.shape, self.dtype)
+        full[self.region] = self.values
+        return full
+
+
 class WeightGradStore:
     """Postponed weight gradients: the weight pass of zero-bubble pipeline schedules.
 
@@ -190,11 +207,16 @@ class Tensor:
 
         pending: dict[Tensor, np.ndarray] = {self: grad}
         stored: set[int] = set()  # ids of arrays this pass already gave to a leaf
+        summed: set[int] = set()  # ids of pending sums this pass allocated (see `_accumulate`)
+        pop, get = pending.pop, pending.get
         for node in reversed(_topological_order(self)):
-            g = pending.pop(node, None)
+            g = pop(node, None)
             if g is None:
                 continue
-            if node._backward is None:
+            if summed:
+                summed.discard(id(g))  # leaves the pending dict: no longer ours to add into
+            backward = node._backward
+            if backward is None:
                 if node._parents:
                     raise RuntimeError("graph already freed: pass retain_graph=True to reuse it")
                 if node.grad is None:
@@ -203,18 +225,24 @@ class Tensor:
                 else:
                     node.grad = _asarray(node.grad + g)
                 continue
-            parent_grads = node._backward(g)
-            for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
+            for parent, parent_grad in zip(node._parents, backward(g), strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
-                if isinstance(parent_grad, DeferredGrad):
+                if type(parent_grad) is DeferredGrad:
                     # Ops defer only inside `defer_weight_grads`, which sets the store.
                     assert _weight_grad_store is not None, "a DeferredGrad outside its store"
                     _weight_grad_store.postpone(parent, parent_grad)
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
-                previous = pending.get(parent)
-                pending[parent] = parent_grad if previous is None else previous + parent_grad
+                previous = get(parent)
+                if type(parent_grad) is RegionGrad:
+                    pending[parent] = _add_region(previous, parent_grad, summed)
+                elif previous is None:
+                    pending[parent] = parent_grad
+                elif id(previous) in summed and previous.dtype == parent_grad.dtype:
+                    previous += parent_grad  # into a sum this pass allocated (see `_accumulate`)
+                else:
+                    pending[parent] = _accumulate(previous, parent_grad, summed)
             if not retain_graph:
                 node._release()
 
@@ -320,6 +348,35 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return order
 
 
+def _add_region(previous: np.ndarray | None, grad: RegionGrad, summed: set[int]) -> np.ndarray:
+    """previous + grad with grad zero outside its region: in place into a sum this pass owns,
+    else into a new array that it then owns (see `_accumulate`)."""
+    if previous is None:
+        total = grad.dense()
+    elif id(previous) in summed and previous.dtype == grad.dtype:
+        previous[grad.region] += grad.values
+        return previous
+    else:
+        total = previous + np.zeros((), grad.dtype)  # a private copy, in the sum's dtype
+        total[grad.region] += grad.values
+    summed.add(id(total))
+    return total
+
+
+def _accumulate(previous: np.ndarray, g: np.ndarray, summed: set[int]) -> np.ndarray:
+    """previous + g, a new array that `summed` records, so the next gradient for the same node
+    is added into it in place (`backward` does that inline, for equal dtypes: the same values).
+
+    Closures may return arrays someone else holds (`add` hands one array to both inputs, a
+    reshape returns a view of its upstream gradient), so only the engine's own sums, tracked in
+    `summed` by id while they wait in the pending dict, are written into.
+    """
+    total = previous + g
+    if type(total) is np.ndarray:
+        summed.add(id(total))
+    return total
+
+
 def _private(g: np.ndarray, caller_grad: np.ndarray, stored: set[int]) -> np.ndarray:
     """`g` itself when no one else holds it, else a copy: a leaf's ``.grad`` must be its own
     writable array, since optimizers and all-reduces update it in place.
@@ -376,7 +433,7 @@ def make_node(
     autocast as the rounded array the node returns. Without `saved`, the output counts when the
     op allocated it (the rule before ops declared what they keep).
     """
-    fresh = _owns_new_memory(data, parents)
+    fresh = data.base is None or _owns_new_memory(data, parents)
     unrounded = data
     if _precision is not None:
         if fresh:  # a view of an input shares its already-rounded values
@@ -391,7 +448,13 @@ def make_node(
     out = Tensor.__new__(Tensor)
     out.data = data
     out.grad = None
-    if _grad_enabled and any(p.requires_grad for p in parents):
+    needs_grad = False
+    if _grad_enabled:
+        for parent in parents:
+            if parent.requires_grad:
+                needs_grad = True
+                break
+    if needs_grad:
         out.requires_grad = True
         out._parents = parents
         out._backward = backward
@@ -478,6 +541,8 @@ def _rounding(backward: BackwardFn, policy: Any) -> BackwardFn:
 def _rounded(grad: Any, policy: Any) -> Any:
     if isinstance(grad, np.ndarray):
         return policy.round(grad)
+    if isinstance(grad, RegionGrad):  # rounding keeps the zeros outside the region zero
+        return RegionGrad(grad.shape, grad.region, policy.round(grad.values))
     if isinstance(grad, DeferredGrad):
         compute = grad.compute
         return DeferredGrad(lambda: policy.round(compute()))
