@@ -209,6 +209,39 @@ def _affine_backward(
     run_blocked(kernel, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
 
 
+def _norm_affine(xhat: np.ndarray, w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:
+    """x̂ · w + b (either None: left out): a new array, x̂ left as it is (the backward keeps it).
+
+    The one forward of LayerNorm's affine part, for `layer_norm` and for ZeRO-3's layer norm on
+    gathered parameters alike (so with one rank both compute the same bits)."""
+    out = xhat if w is None else xhat * w
+    if b is not None and w is not None:
+        out += b  # into x̂ · w, a new array: one pass, no second output
+    elif b is not None:
+        out = out + b  # a new array: x̂ is kept
+    return out
+
+
+def _norm_affine_grads(
+    xhat: np.ndarray,
+    rstd: np.ndarray,
+    g: np.ndarray,
+    w: np.ndarray | None,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    backward: Callable[..., None] | None = None,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """dx, dw, db of a normalisation (row kernel `backward`; None: LayerNorm's) followed by
+    `_norm_affine`; each None where not needed. The one backward of the affine norms, for the
+    fused nodes and for ZeRO-3's on gathered parameters alike."""
+    dx = _new(xhat) if need_x else None
+    _affine_backward(xhat, rstd, g, w, dx, backward or _normalize_backward)
+    dw = _column_sum(g * xhat) if need_w else None
+    db = _column_sum(g) if need_b else None
+    return dx, dw, db
+
+
 def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     """(x − mean) / sqrt(var + eps) over the last axis: LayerNorm without its affine part.
 
@@ -234,28 +267,17 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     """
     if weight is None and bias is None:
         return normalize(x, eps)
-    data = x.data
-    xhat, rstd = _normalized(data, eps, _normalize_forward)
+    xhat, rstd = _normalized(x.data, eps, _normalize_forward)
     w = None if weight is None else weight.data
-    out = xhat if w is None else xhat * w
-    if bias is not None and w is not None:
-        out += bias.data  # into x̂ · w, a new array: one pass, no second output
-    elif bias is not None:
-        out = out + bias.data  # a new array: x̂ is kept
+    out = _norm_affine(xhat, w, None if bias is None else bias.data)
     need_x = x.requires_grad
     need_w = weight is not None and weight.requires_grad
     need_b = bias is not None and bias.requires_grad
     has_weight, has_bias = weight is not None, bias is not None
 
     def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
-        dx = _new(xhat) if need_x else None
-        _affine_backward(xhat, rstd, g, w, dx, _normalize_backward)
-        grads: list[np.ndarray | None] = [dx]
-        if has_weight:
-            grads.append(_column_sum(g * xhat) if need_w else None)
-        if has_bias:
-            grads.append(_column_sum(g) if need_b else None)
-        return tuple(grads)
+        dx, dw, db = _norm_affine_grads(xhat, rstd, g, w, need_x, need_w, need_b)
+        return (dx, *([dw] if has_weight else []), *([db] if has_bias else []))
 
     parents = (x, *(p for p in (weight, bias) if p is not None))
     return make_node(out, parents, backward, saved=(xhat, rstd, w))
@@ -307,13 +329,12 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
         return rms_normalize(x, eps)
     data, w = x.data, weight.data
     xhat, rstd = _normalized(data, eps, _rms_forward)
-    out = xhat * w
+    out = _norm_affine(xhat, w, None)
     need_x, need_w = x.requires_grad, weight.requires_grad
 
     def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        dx = _new(xhat) if need_x else None
-        _affine_backward(xhat, rstd, g, w, dx, _rms_backward)
-        return dx, (_column_sum(g * xhat) if need_w else None)
+        dx, dw, _ = _norm_affine_grads(xhat, rstd, g, w, need_x, need_w, False, _rms_backward)
+        return dx, dw
 
     return make_node(out, (x, weight), backward, saved=(xhat, rstd, w))
 
