@@ -28,7 +28,7 @@ from civetta.tensor import (
     make_node,
     weight_grads_deferred,
 )
-from civetta.threads import one_blas_thread, run_blocked
+from civetta.threads import map_blocked, run_blocked
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -170,56 +170,46 @@ def _normalize_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: n
 
 
 def _column_sum(a: np.ndarray) -> np.ndarray:
-    """The sum over every axis but the last, as a GEMV (ones · rows): ~5× numpy's sum over
-    leading axes at the bench's (B·T, C), as for `linear`'s bias gradient; on one BLAS thread
-    (see `one_blas_thread`)."""
-    rows = _rows(a)
-    with one_blas_thread():
-        return meta.ones(rows.shape[0], rows.dtype, like=rows) @ rows
+    """The sum over every axis but the last: per block of rows a GEMV (ones · rows, ~5× numpy's
+    sum over leading axes at the bench's (B·T, C)), the blocks' sums added in block order, as
+    `_norm_affine_grads` sums dw and db (ZeRO-3's RMSNorm scale sums its dw here: the same bits)."""
+    return _in_order(map_blocked(_ones_gemv, (_rows(a),)))
+
+
+def _ones_gemv(rows: np.ndarray) -> np.ndarray:
+    """ones · rows: the column sums of one block (on the one BLAS thread `map_blocked` sets)."""
+    return meta.ones(rows.shape[0], rows.dtype, like=rows) @ rows
 
 
 def _normalized(
-    data: np.ndarray, eps: float, forward: Callable[..., None]
-) -> tuple[np.ndarray, np.ndarray]:
-    """x̂ and 1/σ (shape (..., 1)) of `data` by the row kernel `forward`, run blockwise."""
+    data: np.ndarray,
+    eps: float,
+    forward: Callable[..., None],
+    w: np.ndarray | None = None,
+    b: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x̂, 1/σ (shape (..., 1)) of `data` by the row kernel `forward`, and x̂ · w + b (x̂ itself
+    when both are None), all in one blockwise pass: each block's affine part is computed while
+    its x̂ is in cache. The one forward of the normalisations, for the fused nodes and for
+    ZeRO-3's layer norm on gathered parameters alike (with one rank: the same bits)."""
     xhat = _new(data)
     rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
-    run_blocked(forward, (_rows(data), _rows(xhat), _rows(rstd)), (eps,))
-    return xhat, rstd
+    if w is None and b is None:
+        run_blocked(forward, (_rows(data), _rows(xhat), _rows(rstd)), (eps,))
+        return xhat, rstd, xhat
+    out = _new(data)
 
+    def kernel(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, out: np.ndarray) -> None:
+        forward(x, xhat, rstd, eps)
+        if w is None:
+            np.add(xhat, b, out=out)
+            return
+        np.multiply(xhat, w, out=out)
+        if b is not None:
+            out += b
 
-def _affine_backward(
-    xhat: np.ndarray,
-    rstd: np.ndarray,
-    g: np.ndarray,
-    w: np.ndarray | None,
-    dx: np.ndarray | None,
-    backward: Callable[..., None],
-) -> None:
-    """dx of a normalisation followed by x̂ · w (w None: 1), blockwise; dx None: not needed."""
-    if dx is None:
-        return
-    if w is None:
-        run_blocked(backward, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
-        return
-
-    def kernel(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
-        backward(xhat, rstd, g * w, dx)  # g · w for this block only: a cache-sized temporary
-
-    run_blocked(kernel, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
-
-
-def _norm_affine(xhat: np.ndarray, w: np.ndarray | None, b: np.ndarray | None) -> np.ndarray:
-    """x̂ · w + b (either None: left out): a new array, x̂ left as it is (the backward keeps it).
-
-    The one forward of LayerNorm's affine part, for `layer_norm` and for ZeRO-3's layer norm on
-    gathered parameters alike (so with one rank both compute the same bits)."""
-    out = xhat if w is None else xhat * w
-    if b is not None and w is not None:
-        out += b  # into x̂ · w, a new array: one pass, no second output
-    elif b is not None:
-        out = out + b  # a new array: x̂ is kept
-    return out
+    run_blocked(kernel, (_rows(data), _rows(xhat), _rows(rstd), _rows(out)))
+    return xhat, rstd, out
 
 
 def _norm_affine_grads(
@@ -233,13 +223,32 @@ def _norm_affine_grads(
     backward: Callable[..., None] | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """dx, dw, db of a normalisation (row kernel `backward`; None: LayerNorm's) followed by
-    `_norm_affine`; each None where not needed. The one backward of the affine norms, for the
-    fused nodes and for ZeRO-3's on gathered parameters alike."""
+    x̂ · w + b; each None where not needed. One blockwise pass: per block, dx from g · w, and
+    the block's column sums of g · x̂ and g (GEMVs, ones · rows), added up in block order. The
+    one backward of the affine norms, for the fused nodes and for ZeRO-3's alike."""
+    row_backward = backward or _normalize_backward
     dx = _new(xhat) if need_x else None
-    _affine_backward(xhat, rstd, g, w, dx, backward or _normalize_backward)
-    dw = _column_sum(g * xhat) if need_w else None
-    db = _column_sum(g) if need_b else None
+
+    def kernel(
+        xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, *dx: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if dx:
+            row_backward(xhat, rstd, g if w is None else g * w, dx[0])
+        return (_ones_gemv(g * xhat) if need_w else None), (_ones_gemv(g) if need_b else None)
+
+    arrays = (_rows(xhat), _rows(rstd), _rows(g), *(() if dx is None else (_rows(dx),)))
+    parts = map_blocked(kernel, arrays)
+    dw = _in_order([p[0] for p in parts]) if need_w else None
+    db = _in_order([p[1] for p in parts]) if need_b else None
     return dx, dw, db
+
+
+def _in_order(partials: list[Any]) -> np.ndarray:
+    """The sum of the blocks' partial sums, left to right (a fixed order)."""
+    total = partials[0]
+    for partial in partials[1:]:
+        total = total + partial
+    return total
 
 
 def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
@@ -248,7 +257,7 @@ def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     Reference: `functional.layer_norm(x, None, None, eps)`.
     """
     data = x.data
-    xhat, rstd = _normalized(data, eps, _normalize_forward)
+    xhat, rstd, _ = _normalized(data, eps, _normalize_forward)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         dx = _new(xhat)
@@ -267,9 +276,9 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     """
     if weight is None and bias is None:
         return normalize(x, eps)
-    xhat, rstd = _normalized(x.data, eps, _normalize_forward)
     w = None if weight is None else weight.data
-    out = _norm_affine(xhat, w, None if bias is None else bias.data)
+    b = None if bias is None else bias.data
+    xhat, rstd, out = _normalized(x.data, eps, _normalize_forward, w, b)
     need_x = x.requires_grad
     need_w = weight is not None and weight.requires_grad
     need_b = bias is not None and bias.requires_grad
@@ -309,7 +318,7 @@ def rms_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     Reference: `functional.rms_norm(x, None, eps)`.
     """
     data = x.data
-    xhat, rstd = _normalized(data, eps, _rms_forward)
+    xhat, rstd, _ = _normalized(data, eps, _rms_forward)
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         dx = _new(xhat)
@@ -328,8 +337,7 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-5) -> Tensor:
     if weight is None:
         return rms_normalize(x, eps)
     data, w = x.data, weight.data
-    xhat, rstd = _normalized(data, eps, _rms_forward)
-    out = _norm_affine(xhat, w, None)
+    xhat, rstd, out = _normalized(data, eps, _rms_forward, w)
     need_x, need_w = x.requires_grad, weight.requires_grad
 
     def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -147,22 +147,31 @@ def run_blocked(
         _run_blocks(kernel, arrays, constants, BLOCK if block is None else block)
 
 
+def map_blocked(
+    kernel: Callable[..., Any],
+    arrays: Sequence[Any],
+    constants: Sequence[Any] = (),
+    block: int | None = None,
+) -> list[Any]:
+    """`run_blocked` that also returns what `kernel` returns for each block, in block order
+    (one result when the arrays run in one call): partial sums a caller adds up in that fixed
+    order, so the total does not depend on which thread ran which block."""
+    with one_blas_thread():
+        return _run_blocks(kernel, arrays, constants, BLOCK if block is None else block)
+
+
 def _run_blocks(
-    kernel: Callable[..., None], arrays: Sequence[Any], constants: Sequence[Any], block: int
-) -> None:
+    kernel: Callable[..., Any], arrays: Sequence[Any], constants: Sequence[Any], block: int
+) -> list[Any]:
     first = arrays[0]
     length = first.shape[0] if first.ndim else 0
     if length < 2 or first.size <= block or any(type(a) is not np.ndarray for a in arrays):
-        kernel(*arrays, *constants)
-        return
+        return [kernel(*arrays, *constants)]
     parts = _blocks(length, first.size // length, block)
     if engine_threads() == 1 or len(parts) < 2 or first.size <= THREADED_MIN:
-        for part in parts:
-            kernel(*(a[part] for a in arrays), *constants)
-        return
+        return [kernel(*(a[part] for a in arrays), *constants) for part in parts]
     futures = [_workers().submit(kernel, *(a[p] for a in arrays), *constants) for p in parts]
-    for future in futures:
-        future.result()  # re-raises a kernel's exception here
+    return [future.result() for future in futures]  # re-raises a kernel's exception here
 
 
 def batched_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:

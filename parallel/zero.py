@@ -289,12 +289,12 @@ class ShardedStore(ParameterStore):
             return fused.normalize(x, eps)
         # The dense node's own kernels (`fused.layer_norm`'s blocks, forward and backward): with
         # one rank gather and reduce-scatter are the identity and the bits must be the same.
-        xhat, rstd = fused._normalized(x.data, eps, fused._normalize_forward)
         values = self.gather(shards)
         has_weight, has_bias = weight is not None, bias is not None
         w = values[0] if has_weight else None
-        out = fused._norm_affine(xhat, w, values[-1] if has_bias else None)
-        del values, w  # the whole parameters are freed here
+        b = values[-1] if has_bias else None
+        xhat, rstd, out = fused._normalized(x.data, eps, fused._normalize_forward, w, b)
+        del values, w, b  # the whole parameters are freed here
         need_x = x.requires_grad
 
         def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
