@@ -213,6 +213,8 @@ class Tensor:
             g = pop(node, None)
             if g is None:
                 continue
+            if type(g) is _Regions:
+                g = g.dense()  # every piece has arrived: one write per piece
             if summed:
                 summed.discard(id(g))  # leaves the pending dict: no longer ours to add into
             backward = node._backward
@@ -235,8 +237,18 @@ class Tensor:
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
                 previous = get(parent)
+                if type(previous) is _Regions:
+                    if type(parent_grad) is RegionGrad and parent_grad.dtype == previous.dtype:
+                        previous.parts.append(parent_grad)  # written when the input is reached
+                        continue
+                    previous = previous.dense()  # a whole gradient joins: sum into the pieces
+                    summed.add(id(previous))
+                    pending[parent] = previous
                 if type(parent_grad) is RegionGrad:
-                    pending[parent] = _add_region(previous, parent_grad, summed)
+                    if previous is None:
+                        pending[parent] = _Regions(parent_grad)
+                    else:
+                        pending[parent] = _add_region(previous, parent_grad, summed)
                 elif previous is None:
                     pending[parent] = parent_grad
                 elif id(previous) in summed and previous.dtype == parent_grad.dtype:
@@ -346,6 +358,62 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             if parent.requires_grad and parent not in visited:
                 stack.append((parent, False))
     return order
+
+
+class _Regions:
+    """The slices' gradients (`RegionGrad`s) waiting for one input, written into one array when
+    the engine reaches that input or a whole gradient joins them. Pieces that tile the input
+    along one axis (q, k and v of a split) are copied into an uninitialised array, one write
+    each; any other set is added into zeros."""
+
+    __slots__ = ("dtype", "parts", "shape")
+
+    def __init__(self, first: RegionGrad) -> None:
+        self.shape, self.dtype, self.parts = first.shape, first.dtype, [first]
+
+    def dense(self) -> np.ndarray:
+        if _tile(self.parts, self.shape):
+            total = np.empty(self.shape, self.dtype)
+            for part in self.parts:
+                total[part.region] = part.values
+            return total
+        total = np.zeros(self.shape, self.dtype)
+        for part in self.parts:
+            total[part.region] += part.values
+        return total
+
+
+def _tile(parts: list[RegionGrad], shape: tuple[int, ...]) -> bool:
+    """Whether the regions are slices along one axis (whole along the others) that cover it
+    exactly once: then every element is written by exactly one piece."""
+    axis, spans = None, []
+    for part in parts:
+        region = part.region
+        if type(region) is not tuple or len(region) != len(shape):
+            return False
+        sliced = [i for i, s in enumerate(region) if s != _WHOLE]
+        if len(sliced) != 1 or type(region[sliced[0]]) is not slice:
+            return False
+        if axis is None:
+            axis = sliced[0]
+        elif sliced[0] != axis:
+            return False
+        start, stop, step = region[axis].indices(shape[axis])
+        if step != 1:
+            return False
+        spans.append((start, stop))
+    if axis is None:
+        return False
+    spans.sort()
+    end = 0
+    for start, stop in spans:
+        if start != end or stop <= start:
+            return False
+        end = stop
+    return end == shape[axis]
+
+
+_WHOLE = slice(None)
 
 
 def _add_region(previous: np.ndarray | None, grad: RegionGrad, summed: set[int]) -> np.ndarray:

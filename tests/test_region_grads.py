@@ -56,3 +56,29 @@ def test_float32_pieces_keep_float32() -> None:
     ax.sum(ax.add(pieces[0], pieces[1])).backward()
     assert x.grad is not None and x.grad.dtype == np.float32
     np.testing.assert_array_equal(x.grad, np.ones((4, 6), np.float32))
+
+
+def test_a_piece_used_twice_adds_up_with_the_others() -> None:
+    """Pieces that overlap (the same slice reached twice) are added, not copied over: the
+    engine writes pieces into an uninitialised array only when they tile the input once."""
+    x = _leaf()
+    a, b, c = ax.split(x, [1, 3], axis=2)
+    w = [_rng.standard_normal(p.shape) for p in (a, a, b, c)]
+    terms = [ax.sum(ax.mul(p, wi)) for p, wi in zip((a, a, b, c), w, strict=True)]
+    loss = ax.add(ax.add(terms[0], terms[1]), ax.add(terms[2], terms[3]))
+    loss.backward()
+    assert x.grad is not None
+    np.testing.assert_allclose(x.grad, np.concatenate([w[0] + w[1], w[2], w[3]], axis=2))
+
+
+def test_pieces_that_tile_their_input_are_written_whole() -> None:
+    """Every element of the input's gradient comes from exactly one piece (no stale memory)."""
+    for _ in range(3):  # reused heap memory would show through an element left unwritten
+        x = Tensor(_rng.standard_normal((2, 3, 7)), requires_grad=True)
+        pieces = ax.split(x, [2, 5], axis=2)
+        weights = [_rng.standard_normal(p.shape) for p in pieces]
+        total = ax.sum(ax.mul(pieces[2], weights[2]))
+        for p, wi in zip(pieces[:2], weights[:2], strict=True):
+            total = ax.add(total, ax.sum(ax.mul(p, wi)))
+        total.backward()
+        np.testing.assert_array_equal(x.grad, np.concatenate(weights, axis=2))
