@@ -201,12 +201,12 @@ def _normalized(
 
     def kernel(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, out: np.ndarray) -> None:
         forward(x, xhat, rstd, eps)
-        if w is None:
+        if w is not None:
+            np.multiply(xhat, w, out=out)
+            if b is not None:
+                out += b
+        elif b is not None:
             np.add(xhat, b, out=out)
-            return
-        np.multiply(xhat, w, out=out)
-        if b is not None:
-            out += b
 
     run_blocked(kernel, (_rows(data), _rows(xhat), _rows(rstd), _rows(out)))
     return xhat, rstd, out

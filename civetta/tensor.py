@@ -205,7 +205,7 @@ class Tensor:
         if grad.shape != self.shape:
             raise ValueError(f"grad shape {grad.shape} does not match tensor shape {self.shape}")
 
-        pending: dict[Tensor, np.ndarray] = {self: grad}
+        pending: dict[Tensor, Any] = {self: grad}  # arrays, or `_Regions` of a split input
         stored: set[int] = set()  # ids of arrays this pass already gave to a leaf
         summed: set[int] = set()  # ids of pending sums this pass allocated (see `_accumulate`)
         pop, get = pending.pop, pending.get
