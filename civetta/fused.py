@@ -11,8 +11,9 @@ meter counts.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -470,6 +471,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     heads of a group are consecutive, so q viewed as (B, nkv, rep·T, D) multiplies each group's
     kᵀ in one batched GEMM, and the probabilities viewed back the same way multiply v.
     """
+    if _attention[-1] == "flash":
+        return flash_attention(q, k, v, causal)
     groups = _kv_groups(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     mask = causal_mask(q.shape[-2], k.shape[-2], like=q.data) if causal else None
@@ -483,6 +486,105 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     probs = softmax(ax.reshape(scores, (b, heads, t_query, t_key)), mask)
     out = ax.matmul(ax.reshape(probs, (b, kv_heads, groups * t_query, t_key)), v)
     return ax.reshape(out, (b, heads, t_query, hs))
+
+
+# Which kernel `scaled_dot_product_attention` runs: "eager" keeps the probabilities for backward,
+# "flash" keeps one log-sum-exp per query row and recomputes them (`attention_kernel`).
+ATTENTION_KERNELS = ("eager", "flash")
+_attention = ["eager"]
+FLASH_BLOCK = 128  # the key/query tile of a flash kernel: what causal skipping skips whole
+
+
+@contextlib.contextmanager
+def attention_kernel(name: str) -> Iterator[None]:
+    """Run `scaled_dot_product_attention` as `name` ("eager" or "flash") inside the block."""
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel expected one of {ATTENTION_KERNELS}, got {name!r}")
+    _attention.append(name)
+    try:
+        yield
+    finally:
+        _attention.pop()
+
+
+def _causal_share(t_query: int, t_key: int) -> float:
+    """The share of (query tile, key tile) pairs a causal flash kernel computes: the tiles on
+    or below the diagonal (queries aligned at the end of the keys)."""
+    rows, cols = -(-t_query // FLASH_BLOCK), -(-t_key // FLASH_BLOCK)
+    offset = cols - rows
+    computed = sum(min(cols, offset + i + 1) for i in range(rows))
+    return computed / (rows * cols)
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """softmax(q·kᵀ/√d)·v as a flash kernel computes it: one node that keeps q, k, v, the
+    output and one log-sum-exp per query row, and recomputes the probabilities in backward.
+
+    numpy computes whole score matrices here (as temporaries, never kept); the GEMM log records
+    what a tiled kernel runs: with `causal`, only the tiles on or below the diagonal
+    (`_causal_share`), and in backward the scores again (logged as recomputation, phase
+    "forward") and the four gradient products. Reference: the functional version.
+    """
+    groups = _kv_groups(q, k, v)
+    qd, kd, vd = q.data, k.data, v.data
+    b, heads, t_query, hs = qd.shape
+    kv_heads, t_key = kd.shape[1], kd.shape[-2]
+    scale = 1.0 / math.sqrt(hs)
+    mask = causal_mask(t_query, t_key, like=qd) if causal else None
+    shapes = _flash_shapes(
+        groups * t_query, t_key, hs, _causal_share(t_query, t_key) if causal else 1.0
+    )
+    precision = current_precision()
+    rows, batch = groups * t_query, b * kv_heads  # a kv head's query rows, its heads stacked
+
+    def log(products: list[tuple[int, int, int]], phases: tuple[str, ...]) -> int:
+        for (m, kk, n), phase in zip(products, phases, strict=True):
+            gemm_log.record(m, kk, n, batch, phase, qd.dtype, precision, fused=True)
+        return sum(2 * batch * m * kk * n for m, kk, n in products)
+
+    def masked_scores() -> np.ndarray:
+        grouped = (qd * scale).reshape(b, kv_heads, rows, hs)
+        scores = (grouped @ np.swapaxes(kd, -1, -2)).reshape(b, heads, t_query, t_key)
+        if mask is None:
+            return scores
+        x = np.empty_like(scores)
+        np.copyto(x, scores.dtype.type(-np.inf))
+        np.copyto(x, scores, where=mask)
+        return x
+
+    x = masked_scores()
+    top = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - top)
+    total = e.sum(axis=-1, keepdims=True)
+    lse = top + np.log(total)  # what the kernel keeps instead of the probabilities
+    probs = (e / total).reshape(b, kv_heads, rows, t_key)
+    out = (probs @ vd).reshape(b, heads, t_query, hs)
+    del x, e, probs
+    flop_meter.forward += log(shapes[:2], ("forward", "forward"))
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        phases = ("forward", *("backward-input",) * 4)  # the scores again, then 4 gradients
+        flop_meter.backward += log(shapes[2:], phases)
+        p = np.exp(masked_scores() - lse).reshape(b, kv_heads, rows, t_key)
+        g4 = g.reshape(b, kv_heads, rows, hs)
+        dv = np.swapaxes(p, -1, -2) @ g4  # (B, nkv, Tk, D)
+        dp = g4 @ np.swapaxes(vd, -1, -2)  # (B, nkv, rows, Tk)
+        d = (g * out).sum(axis=-1, keepdims=True).reshape(b, kv_heads, rows, 1)
+        ds = p * (dp - d) * scale
+        dq = (ds @ kd).reshape(b, heads, t_query, hs)
+        dk = np.swapaxes(ds, -1, -2) @ qd.reshape(b, kv_heads, rows, hs)
+        return dq, dk, dv
+
+    return make_node(out, (q, k, v), backward, saved=(qd, kd, vd, out, lse))
+
+
+def _flash_shapes(rows: int, t_key: int, hs: int, share: float) -> list[tuple[int, int, int]]:
+    """(m, k, n) of each product a flash kernel runs for one kv head's `rows` query rows, the
+    causal `share` of the key axis taken: q·kᵀ and p·v forward; in backward q·kᵀ again, then
+    pᵀ·dO (dv), dO·vᵀ (dp), ds·k (dq) and dsᵀ·q (dk)."""
+    keys = max(1, round(t_key * share))
+    qk, pv, kv = (rows, hs, keys), (rows, keys, hs), (keys, rows, hs)
+    return [qk, pv, qk, kv, qk, pv, kv]
 
 
 def _exp_into(x: np.ndarray, out: np.ndarray) -> None:
@@ -558,5 +660,6 @@ FUSED: dict[Callable[..., Tensor], Callable[..., Tensor]] = {
     rope: functional.rope,
     softmax: _softmax_reference,
     scaled_dot_product_attention: functional.scaled_dot_product_attention,
+    flash_attention: functional.scaled_dot_product_attention,
     cross_entropy: functional.cross_entropy,
 }

@@ -123,6 +123,9 @@ class Gemm:
     batch: int
     phase: str
     dtype: str
+    # Run inside a fused kernel (flash attention): operands and results partly on chip, at the
+    # kernel's own efficiency rather than a GEMM's.
+    fused: bool = False
 
     def __post_init__(self) -> None:
         assert self.phase in PHASES, self.phase
@@ -147,14 +150,23 @@ class GemmLog:
         self.output_bytes = 0
 
     def record(
-        self, m: int, k: int, n: int, batch: int, phase: str, dtype: Any, precision: Any = None
+        self,
+        m: int,
+        k: int,
+        n: int,
+        batch: int,
+        phase: str,
+        dtype: Any,
+        precision: Any = None,
+        fused: bool = False,
     ) -> None:
         """Log one product of operands of `dtype`; under an autocast `precision` a float32
         product runs in the simulated dtype."""
         if self.enabled:
             if precision is not None and dtype == np.float32:
                 dtype = precision.dtype
-            self.gemms.append(Gemm(int(m), int(k), int(n), int(batch), phase, np.dtype(dtype).name))
+            name = np.dtype(dtype).name
+            self.gemms.append(Gemm(int(m), int(k), int(n), int(batch), phase, name, fused))
 
     def clear(self) -> None:
         self.gemms.clear()

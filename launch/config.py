@@ -25,7 +25,7 @@ from launch.schedule_files import load_schedule
 from launch.schema import Schema
 from launch.schema import describe as _describe
 from launch.schema import did_you_mean as _did_you_mean
-from parallel.cost.framework import PRESETS, ZERO3_UNITS
+from parallel.cost.framework import ATTENTION_KERNELS, PRESETS, ZERO3_UNITS
 from parallel.layout import Layout, LayoutError, is_schedule_file
 from parallel.schedules import Schedule, ScheduleError
 
@@ -111,8 +111,8 @@ class ParallelConfig:
 @dataclass
 class FrameworkConfig:
     """The software a projection assumes (`parallel.cost.framework`): a preset and the
-    behaviours it changes; None keeps the preset's. Training here ignores it (civetta runs
-    itself)."""
+    behaviours it changes; None keeps the preset's. Training runs civetta itself and honours
+    only `attention` (the kernel it runs: eager unless set)."""
 
     preset: str | None = None
     overlap_dp: bool | None = None
@@ -121,7 +121,11 @@ class FrameworkConfig:
     overlap_tp: bool | None = None
     zero3_unit: str | None = None
     zero3_prefetch: int | None = None
+    zero3_persistence: int | None = None
+    zero3_max_reuse: int | None = None
+    zero3_network_gbs: float | None = None
     collective_latency_us: float | None = None
+    attention: str | None = None
     allocator_reserve: float | None = None
 
     def overrides(self) -> dict[str, Any]:
@@ -292,6 +296,7 @@ CHOICES = {
     "model.moe.aux_loss_scope": AUX_LOSS_SCOPES,
     "framework.preset": tuple(PRESETS),
     "framework.zero3_unit": ZERO3_UNITS,
+    "framework.attention": ATTENTION_KERNELS,
 }
 
 

@@ -30,7 +30,13 @@ import yaml
 from launch.config import ConfigError, read_yaml
 from launch.profiles import load_profile, profile_from_dict, resolve_profile_path
 from launch.references import ReferenceRow, ReferenceSet, projected_value, select_rows
-from parallel.cost.fitting import FitResult, FreeParameter, fit, parameter_value, with_parameters
+from parallel.cost.fitting import (
+    FitResult,
+    FreeParameter,
+    fit_from_starts,
+    parameter_value,
+    with_parameters,
+)
 from parallel.cost.hardware import HardwareProfile
 
 CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "configs" / "calibration"
@@ -45,6 +51,7 @@ class Spec:
     held_out: list[str]
     bounds: dict[str, float]
     free: list[FreeParameter]
+    metric: str | None = None  # the measurement compared (default: each set's own metric)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -55,9 +62,10 @@ def load_spec(path: str | Path) -> Spec:
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping")
-    for key in ("profile", "fit_on"):
-        if key not in raw:
-            raise ConfigError(f"{path}: missing {key!r}")
+    if "profile" not in raw:
+        raise ConfigError(f"{path}: missing 'profile'")
+    if not raw.get("fit_on") and not raw.get("held_out"):
+        raise ConfigError(f"{path}: expected rows to fit on (fit_on) or to check (held_out)")
     free = []
     for key, span in (raw.get("free") or {}).items():
         if not (isinstance(span, list) and len(span) == 2 and span[0] < span[1]):
@@ -65,17 +73,19 @@ def load_spec(path: str | Path) -> Spec:
         free.append(FreeParameter(str(key), float(span[0]), float(span[1])))
     bounds = {"fit_on": 0.05, "held_out": 0.10, **(raw.get("bounds") or {})}
     return Spec(
-        path.stem, str(raw["profile"]), list(raw["fit_on"]), list(raw.get("held_out") or []),
-        bounds, free,
+        path.stem, str(raw["profile"]), list(raw.get("fit_on") or []),
+        list(raw.get("held_out") or []),
+        bounds, free, raw.get("metric"),
     )  # fmt: skip
 
 
-def errors_of(rows: Rows, profile: HardwareProfile) -> list[float]:
-    """Relative error of the projection against each row's measurement."""
+def errors_of(rows: Rows, profile: HardwareProfile, metric: str | None = None) -> list[float]:
+    """Relative error of the projection against each row's measurement of `metric` (default:
+    the row's set's)."""
     out = []
     for ref, row in rows:
-        measured = float(row.measured[ref.metric])
-        out.append(projected_value(ref, row, profile) / measured - 1)
+        measured = float(row.measured[metric or ref.metric])
+        out.append(projected_value(ref, row, profile, metric) / measured - 1)
     return out
 
 
@@ -142,23 +152,28 @@ def calibrate(spec: Spec, log: Callable[[str], Any] | None = None) -> Calibratio
     result = None
     if spec.free:
         start = {p.key: parameter_value(profile, p.key) for p in spec.free}
-        result = fit(
-            lambda v: errors_of(fit_rows, with_parameters(profile, v)), spec.free, start, log=log
+        result = fit_from_starts(
+            lambda v: errors_of(fit_rows, with_parameters(profile, v), spec.metric),
+            spec.free,
+            start,
+            log=log,
         )
         profile = with_parameters(profile, result.values)
     return Calibration(
-        spec, profile, fit_rows, held_rows, result, errors_of(fit_rows, profile),
-        errors_of(held_rows, profile),
+        spec, profile, fit_rows, held_rows, result, errors_of(fit_rows, profile, spec.metric),
+        errors_of(held_rows, profile, spec.metric),
     )  # fmt: skip
 
 
-def table(title: str, rows: Rows, errors: list[float]) -> list[str]:
+def table(title: str, rows: Rows, errors: list[float], metric: str | None = None) -> list[str]:
+    if not rows:
+        return []
     lines = [title, f"{'row':<44} {'metric':<22} {'measured':>10} {'projected':>10} {'error':>7}"]
     for (ref, row), error in zip(rows, errors, strict=True):
-        measured = float(row.measured[ref.metric])
+        measured = float(row.measured[metric or ref.metric])
         lines.append(
-            f"{row.key:<44.44} {ref.metric:<22} {measured:>10.4g} {measured * (1 + error):>10.4g} "
-            f"{error:>+7.1%}"
+            f"{row.key:<44.44} {metric or ref.metric:<22} {measured:>10.4g} "
+            f"{measured * (1 + error):>10.4g} {error:>+7.1%}"
         )
     if errors:
         magnitudes = [abs(e) for e in errors]
@@ -176,15 +191,18 @@ def report(cal: Calibration) -> list[str]:
         lines.append(f"fitted ({cal.result.evaluations} evaluations): {fitted}")
     else:
         lines.append("nothing fitted: the profile's numbers as shipped")
+    if not cal.fit_rows:
+        lines.append("a check only: no rows fitted on, every row below is compared as shipped")
     lines += table(
         f"in-sample: {', '.join(spec.fit_on)} (bound {spec.bounds['fit_on']:.0%})",
         cal.fit_rows,
         cal.fit_errors,
+        spec.metric,
     )
     if cal.held_rows:
         lines += table(
             f"held out: {', '.join(spec.held_out)} (bound {spec.bounds['held_out']:.0%})",
-            cal.held_rows, cal.held_errors,
+            cal.held_rows, cal.held_errors, spec.metric,
         )  # fmt: skip
     return lines
 
@@ -206,6 +224,8 @@ def _replace_number(text: str, section: str, key: str, value: float) -> str:
 def write_profile(cal: Calibration, path: Path | None = None) -> Path:
     """Write the fitted numbers and the calibration entry into the profile's file (inside
     configs/hardware unless `path` is given)."""
+    if cal.result is None:
+        raise ConfigError(f"{cal.spec.name} fits no parameters: nothing to write (--write)")
     path = path or resolve_profile_path(cal.spec.profile)
     text = path.read_text(encoding="utf-8")
     raw = yaml.safe_load(text)

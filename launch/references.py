@@ -141,18 +141,20 @@ def project_row(row: ReferenceRow, profile: HardwareProfile) -> Projection:
     )
 
 
-def projected_value(ref: ReferenceSet, row: ReferenceRow, profile: HardwareProfile) -> float:
-    """The cost model's value of the set's metric for `row`, counted as the source counts it."""
+def projected_value(
+    ref: ReferenceSet, row: ReferenceRow, profile: HardwareProfile, metric: str | None = None
+) -> float:
+    """The cost model's value of `metric` (default: the set's) for `row`, counted as the
+    source counts it. Peak memory is what the framework allocates (`gathered` and `reserve`
+    included): what a source reading the allocator's reserved bytes measures."""
     pr = project_row(row, profile)
-    if ref.metric == "tflops_per_gpu":
-        return (
-            pr.hardware_tflops_per_gpu
-            if ref.flops_formula == "narayanan-eq3"
-            else pr.tflops_per_gpu
-        )
-    if ref.metric == "mfu":
-        return pr.hfu if ref.flops_formula == "narayanan-eq3" else pr.mfu
-    if ref.metric == "tokens_per_s_per_gpu":
+    metric = metric or ref.metric
+    eq3 = ref.flops_formula == "narayanan-eq3"
+    if metric == "tflops_per_gpu":
+        return pr.hardware_tflops_per_gpu if eq3 else pr.tflops_per_gpu
+    if metric == "mfu":
+        return pr.hfu if eq3 else pr.mfu
+    if metric == "tokens_per_s_per_gpu":
         return pr.tokens_per_s / pr.world_size
     return pr.memory_per_gpu["total"] / 2**30
 

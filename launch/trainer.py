@@ -18,6 +18,7 @@ import numpy as np
 
 from civetta import Tensor, activation_meter, flop_meter, meta, no_grad
 from civetta.data import Dataset, load_dataset, shard_rows
+from civetta.fused import attention_kernel
 from civetta.models import build_stage
 from civetta.models.moe import RoutingLog, aux_loss_weight, recording_routing
 from civetta.nn import Model, merge
@@ -216,7 +217,9 @@ class Trainer:
         # MoE load-balancing terms get the same weight in the backward (`aux_loss_weight`).
         scale = self.loss_scaler.scale if self.loss_scaler else 1.0
         weight = scale / len(inputs)
-        with autocast(self.precision), recording_routing() as routing, aux_loss_weight(weight):
+        kernel = attention_kernel(self.config.framework.attention or "eager")
+        routing_log = recording_routing()
+        with autocast(self.precision), kernel, routing_log as routing, aux_loss_weight(weight):
             losses, timeline = self.executor.run(inputs, targets, weight)
         self.routing.merge(routing)
         self.timelines.append(timeline)
@@ -300,7 +303,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over `train.eval_batches` fixed batches."""
         losses = []
-        with no_grad():
+        with no_grad(), attention_kernel(self.config.framework.attention or "eager"):
             for i in range(self.config.train.eval_batches):
                 inputs, targets = self._microbatches("val", i)
                 losses.extend(self.executor.forward_only(inputs, targets))

@@ -320,9 +320,7 @@ def tune_command(
                 objective=objective or "throughput", tokens=run_tokens, budget=cap,
             )  # fmt: skip
         else:
-            result = tune(
-                model, profile, first, batch, config.layout, space, framework, work=work
-            )
+            result = tune(model, profile, first, batch, config.layout, space, framework, work=work)
     except CostModelError as exc:
         raise ConfigError(bare(exc)) from None
     shown_gpus: int | tuple[int, ...] = counts[0] if len(counts) == 1 else counts

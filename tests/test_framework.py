@@ -84,3 +84,52 @@ def test_tp_overlap_hides_sequence_parallel_collectives() -> None:
     plain = simulate(load(GPT3, [*sets, "framework=generic"]), A100)
     hidden = simulate(load(GPT3, [*sets, "framework.overlap_tp=true"]), A100)
     assert hidden.breakdown_s["tp_exposed"] < 0.5 * plain.breakdown_s["tp_exposed"]
+
+
+def test_flash_attention_keeps_no_scores_and_skips_the_causal_half() -> None:
+    sets = ["parallel.recompute=none", "parallel.pp=16", "parallel.dp=6"]
+    eager = simulate(load(GPT3, [*sets, "framework.attention=eager"]), A100)
+    flash = simulate(load(GPT3, [*sets, "framework.attention=flash"]), A100)
+    # per block GPT-3 keeps 2·a·s²·b bytes of probabilities (a = 96/8 heads a tp rank, b = 1)
+    heads, s = 96 // 8, 2048
+    saved = eager.memory_per_gpu["activations"] - flash.memory_per_gpu["activations"]
+    assert saved >= 6 * 2 * heads * s * s  # six blocks a stage, at least the probabilities
+    assert flash.model_flops_per_step < eager.model_flops_per_step  # causal tiles skipped
+    assert flash.hardware_flops_per_step > flash.model_flops_per_step  # scores recomputed
+
+
+def test_deepspeed_persistent_tensors_are_not_gathered() -> None:
+    # Biases and norms (under 1e5 elements) stay whole: fewer gathered bytes and calls.
+    kept = _zero3("deepspeed")
+    every = _zero3("deepspeed", "framework.zero3_persistence=0")
+    assert kept.comm_bytes["dp"] < every.comm_bytes["dp"]
+    assert kept.step_time_s < every.step_time_s
+
+
+def test_deepspeed_reuse_keeps_the_last_weight_for_its_backward() -> None:
+    # The recomputed forward's last weight (4h·h) is not gathered again for its backward in
+    # each of the 96 blocks, nor the tied embedding (vocabulary · h) for the head and its
+    # backward: one fp16 shard of 1536 each.
+    h, vocab = 12288, 51200
+    kept = _zero3("deepspeed")
+    regathered = _zero3("deepspeed", "framework.zero3_max_reuse=0")
+    shard = lambda elements: -(-elements // 1536) * 2  # noqa: E731
+    saved = 96 * shard(4 * h * h) + 2 * shard(vocab * h)
+    assert regathered.comm_bytes["dp"] - kept.comm_bytes["dp"] == saved
+
+
+def test_deepspeed_gather_overlaps_the_previous_module() -> None:
+    overlapped = _zero3("deepspeed")
+    waited = _zero3("deepspeed", "framework.zero3_prefetch=0")
+    assert overlapped.breakdown_s["dp_exposed"] < waited.breakdown_s["dp_exposed"]
+
+
+def test_zero3_network_bandwidth_prices_the_cross_node_collectives() -> None:
+    slow = _zero3("deepspeed", "framework.zero3_network_gbs=10")
+    fast = _zero3("deepspeed", "framework.zero3_network_gbs=100")
+    assert slow.breakdown_s["dp_exposed"] > fast.breakdown_s["dp_exposed"]
+    assert slow.comm_bytes == fast.comm_bytes
+    # Presets that do not state one keep the group's link.
+    assert _zero3("generic", "framework.zero3_network_gbs=0").step_time_s == (
+        _zero3("generic").step_time_s
+    )

@@ -10,6 +10,7 @@ test fails if a public op is missing from the registry or from the cases.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -231,6 +232,12 @@ def _cases() -> list[Case]:
 
 
 CASES = _cases()
+# The flash kernel on every attention case: same values and gradients, fewer arrays kept.
+CASES += [
+    dataclasses.replace(c, label=c.label.replace("attention", "flash"), op=fused.flash_attention)
+    for c in CASES
+    if c.op is fused.scaled_dot_product_attention
+]
 
 
 def _leaves(arrays: tuple[np.ndarray, ...], dtype: type = np.float64) -> list[Tensor]:
@@ -458,7 +465,7 @@ def test_every_fused_op_is_registered_and_checked_against_its_reference() -> Non
         fn
         for name, fn in vars(fused).items()
         if inspect.isfunction(fn) and fn.__module__ == fused.__name__ and not name.startswith("_")
-    }
+    } - {fused.attention_kernel}  # the kernel switch, not an op
     assert public == set(fused.FUSED), "register each fused op with its composed reference"
     # A case compares its op with `fused.FUSED[op]`: every op needs at least one.
     assert public <= {case.op for case in CASES}, "give each fused op a reference case"
@@ -510,3 +517,27 @@ def test_fused_runs_data_free(case: Case) -> None:
     for leaf, real_leaf in zip(leaves, real_leaves, strict=True):
         assert isinstance(leaf.grad, MetaArray) and real_leaf.grad is not None
         assert (leaf.grad.shape, leaf.grad.dtype) == (real_leaf.grad.shape, real_leaf.grad.dtype)
+
+
+def test_flash_keeps_no_score_matrix_and_logs_the_tiles_it_runs() -> None:
+    from civetta.meters import activation_meter, recording_gemms
+
+    b, heads, t, d = 1, 2, 256, 8
+    leaves = [Tensor(normal(b, heads, t, d), requires_grad=True) for _ in range(3)]
+    kept = {}
+    for kernel in fused.ATTENTION_KERNELS:
+        before = activation_meter.live
+        with fused.attention_kernel(kernel), recording_gemms() as log:
+            out = fused.scaled_dot_product_attention(*leaves)
+            kept[kernel] = activation_meter.live - before
+            out.sum().backward()
+            flops = log.flops("forward")
+        kept[kernel, "flops"] = flops
+    scores = b * heads * t * t * 8  # one float64 probability per (query, key)
+    assert kept["eager"] >= scores > kept["flash"]
+    # causal, two 128-row tiles: 3 of the 4 tile pairs run; q·kᵀ and p·v forward and q·kᵀ again
+    # in backward (logged as recomputation); eager runs both whole products once
+    product = 2 * b * heads * t * t * d
+    eager_fwd = 2 * product
+    assert kept["flash", "flops"] == 3 * product * 3 // 4
+    assert kept["eager", "flops"] == eager_fwd

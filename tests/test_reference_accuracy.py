@@ -29,27 +29,38 @@ from launch.references import select_rows
 from parallel.cost.fitting import FreeParameter, fit, with_parameters
 
 SPECS = sorted(p.stem for p in CALIBRATION_DIR.glob("*.yaml"))
+FITTED = [name for name in SPECS if load_spec(CALIBRATION_DIR / f"{name}.yaml").free]
 
 # Held-out rows the model misses, each with the reason as far as it is known. Strict: a row
 # that starts passing fails here, so the list stays true.
+LLAMA3 = "dubey-2024-llama3-table-4"
+TITAN_2024 = "torchtitan-2024-h100-llama3"
+TITAN_2025 = "torchtitan-2025-h100-asynctp"
+_MISSES = {
+    "h100-dgx": {
+        f"{LLAMA3}/405B-8192gpu-8k": "Meta's interleaved schedule (its V is not stated) is "
+        "projected as 1F1B: 12% too slow",
+        f"{LLAMA3}/405B-16384gpu-8k": "16 microbatches a replica under 1F1B leave a 48% bubble "
+        "that Meta's interleaved schedule shrinks: 29% too slow",
+        f"{LLAMA3}/405B-16384gpu-128k": "131K-token attention priced eager, the whole s x s "
+        "product (the presets' kernel; flash is not traced under cp), 1F1B as above: 76% too slow",
+        f"{TITAN_2024}/t1-8b-8gpu-fsdp-compile": "torch.compile's fused kernels are not modelled "
+        "(the preset is eager): 15% too slow",
+        f"{TITAN_2024}/t3-8b-128gpu-fsdp-compile": "as the 8-GPU compiled row: 13% too slow",
+        f"{TITAN_2025}/70b-256gpu-bf16-asynctp": "async TP modelled as hiding every "
+        "sequence-parallel collective behind the pass's GEMMs: 14% too fast",
+        f"{TITAN_2025}/8b-64gpu-bf16-asynctp": "as the 70B async-TP row: 13% too fast",
+    },
+    "h100-dgx-torchtitan-memory": {
+        f"{TITAN_2024}/t3-8b-128gpu-fsdp": "civetta's selective recomputation keeps other "
+        "tensors than torchtitan's per-op checkpointing: 14% over",
+        f"{TITAN_2024}/t1-8b-8gpu-fsdp-compile": "as the eager rows, and torch.compile's fusions "
+        "keep fewer tensors: 18% over",
+        f"{TITAN_2024}/t3-8b-128gpu-fsdp-compile": "as the 8-GPU compiled row: 24% over",
+    },
+}
 NOT_REPRODUCED = {
-    "narayanan-2021-table-2-zero3/529.6B-640gpu": "DeepSpeed's per-collective cost fitted on "
-    "the 174.6B rows explains 530B's slowdown only in part: projected 17% too fast",
-    "narayanan-2021-table-2-zero3/529.6B-1120gpu": "as the 640-GPU row: 23% too fast",
-    "narayanan-2021-table-2-zero3/529.6B-2240gpu": "as the 640-GPU row: 38% too fast",
-    "dubey-2024-llama3-table-4/405B-8192gpu-8k": "Meta's interleaved schedule (its V is not "
-    "stated) is projected as 1F1B: 12% too slow",
-    "dubey-2024-llama3-table-4/405B-16384gpu-8k": "16 microbatches a replica under 1F1B leave a "
-    "48% bubble that Meta's interleaved schedule shrinks: 29% too slow",
-    "dubey-2024-llama3-table-4/405B-16384gpu-128k": "131K-token attention priced as civetta's "
-    "whole s x s product (no flash or causal skipping), 1F1B as above: 76% too slow",
-    "torchtitan-2024-h100-llama3/t1-8b-8gpu-fsdp-compile": "torch.compile's fused kernels are "
-    "not modelled (the preset is eager): 15% too slow",
-    "torchtitan-2024-h100-llama3/t3-8b-128gpu-fsdp-compile": "as the 8-GPU compiled row: 13% "
-    "too slow",
-    "torchtitan-2025-h100-asynctp/70b-256gpu-bf16-asynctp": "async TP modelled as hiding every "
-    "sequence-parallel collective behind the pass's GEMMs: 14% too fast",
-    "torchtitan-2025-h100-asynctp/8b-64gpu-bf16-asynctp": "as the 70B async-TP row: 13% too fast",
+    f"{spec}:{row}": why for spec, rows in _MISSES.items() for row, why in rows.items()
 }
 
 
@@ -61,7 +72,7 @@ def _best_constant_error(values: list[float]) -> float:
     return max(abs(c / v - 1) for v in values)
 
 
-@pytest.fixture(scope="module", params=SPECS)
+@pytest.fixture(scope="module", params=FITTED)
 def shipped(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     spec = load_spec(CALIBRATION_DIR / f"{request.param}.yaml")
     return spec, calibrate(dataclasses.replace(spec, free=[]))
@@ -95,9 +106,10 @@ def _held_out_cases() -> list:
         spec = load_spec(CALIBRATION_DIR / f"{name}.yaml")
         for _, row in select_rows(spec.held_out):
             marks = []
-            if row.key in NOT_REPRODUCED:
-                marks = [pytest.mark.xfail(strict=True, reason=NOT_REPRODUCED[row.key])]
-            cases.append(pytest.param(name, row.key, marks=marks, id=row.key))
+            key = f"{name}:{row.key}"
+            if key in NOT_REPRODUCED:
+                marks = [pytest.mark.xfail(strict=True, reason=NOT_REPRODUCED[key])]
+            cases.append(pytest.param(name, row.key, marks=marks, id=key))
     return cases
 
 
@@ -105,16 +117,15 @@ def _held_out_cases() -> list:
 def test_held_out_row_within_its_bound(spec_name: str, row_key: str) -> None:
     spec = load_spec(CALIBRATION_DIR / f"{spec_name}.yaml")
     rows = select_rows([row_key])
-    (error,) = errors_of(rows, load_profile(spec.profile))
+    (error,) = errors_of(rows, load_profile(spec.profile), spec.metric)
     assert abs(error) <= spec.bounds["held_out"], f"{row_key}: {error:+.1%}"
 
 
 def test_every_not_reproduced_row_is_a_held_out_row() -> None:
     held = set()
     for name in SPECS:
-        held |= {
-            row.key for _, row in select_rows(load_spec(CALIBRATION_DIR / f"{name}.yaml").held_out)
-        }
+        rows = select_rows(load_spec(CALIBRATION_DIR / f"{name}.yaml").held_out)
+        held |= {f"{name}:{row.key}" for _, row in rows}
     assert set(NOT_REPRODUCED) <= held
 
 

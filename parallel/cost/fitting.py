@@ -73,6 +73,24 @@ class FitResult:
         return sum(abs(e) for e in self.errors) / len(self.errors)
 
 
+def fit_from_starts(
+    errors_at: Callable[[dict[str, float]], list[float]],
+    free: Sequence[FreeParameter],
+    start: dict[str, float],
+    log: Callable[[str], Any] | None = None,
+) -> FitResult:
+    """`fit` from the given start and from the middle of each quarter of the box (a pattern
+    search finds the nearest basin; the numbers trade off, so several starts find the best).
+    The best objective wins; the evaluations of every start are counted."""
+    starts = [start] + [
+        {p.key: p.low + (p.high - p.low) * share for p in free} for share in (0.25, 0.5, 0.75)
+    ]
+    results = [fit(errors_at, free, s, log=log) for s in starts]
+    best = min(results, key=lambda r: objective(r.errors))
+    best.evaluations = sum(r.evaluations for r in results)
+    return best
+
+
 def fit(
     errors_at: Callable[[dict[str, float]], list[float]],
     free: Sequence[FreeParameter],

@@ -2,8 +2,7 @@
 
 Two runs of one layout on one cluster differ by the software that runs them: whether the
 gradient all-reduce overlaps the backward, how ZeRO-3 gathers its parameters, how much the
-allocator holds beyond the live tensors. (Not modelled yet: the attention kernel. Every preset's
-attention stores the s² scores and computes the whole s × s product, as civetta's does.)
+allocator holds beyond the live tensors, which attention kernel runs.
 A `Framework` names each such behaviour; `PRESETS` holds the ones of the frameworks the
 published measurements were taken with (`configs/references/`), so that a projection states the
 software it assumes and a reference row is projected under the software it was measured with.
@@ -23,6 +22,7 @@ from typing import Any
 from parallel.cost.replay import Replay, replayed_makespan
 
 ZERO3_UNITS = ("tensor", "op", "layer")
+ATTENTION_KERNELS = ("eager", "flash")  # civetta.fused.ATTENTION_KERNELS
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,25 @@ class Framework:
     # ZeRO-3: how many units ahead a gather is issued behind compute. 0 waits for each gather
     # (no overlap); k >= 1 overlaps unit by unit, k + 1 gathered units alive at once.
     zero3_prefetch: int = 1
+    # ZeRO-3, per tensor: parameters of at most this many elements are never partitioned (kept
+    # whole, so never gathered; their gradients are still reduce-scattered). DeepSpeed's
+    # stage3_param_persistence_threshold. 0: every parameter is partitioned.
+    zero3_persistence: int = 0
+    # ZeRO-3, per tensor: a parameter used again before this many parameter elements have been
+    # used in between stays gathered (DeepSpeed's stage3_max_reuse_distance: the last op of a
+    # recomputed forward keeps its weight for its backward). 0: every use gathers.
+    zero3_max_reuse: int = 0
+    # ZeRO-3, per tensor: the bandwidth (GB/s per GPU) each gather and reduce-scatter reaches
+    # when its group spans nodes, where the framework's collectives reach less than the group's
+    # link (calibrated per cluster, `frameworks:` in the profile). 0: the group's link.
+    zero3_network_gbs: float = 0.0
     # Seconds a collective costs beyond its wire time, per call: the framework's launch, stream
     # synchronisation and bookkeeping (microseconds).
     collective_latency_us: float = 0.0
+    # eager keeps the attention probabilities (s² per head) for backward; flash keeps a
+    # log-sum-exp per query row, recomputes the scores in backward and, causal, skips the tiles
+    # above the diagonal (`civetta.fused.flash_attention`, traced as it runs).
+    attention: str = "eager"
     # The caching allocator's memory beyond the live tensors (fragmentation, cached blocks), as
     # a fraction of the peak of live tensors.
     allocator_reserve: float = 0.0
@@ -68,8 +84,15 @@ class Framework:
             f"pp scatter/gather {'on' if self.pp_scatter_gather else 'off'}",
             f"ZeRO-3 per {self.zero3_unit}, prefetch {self.zero3_prefetch}",
             f"{self.collective_latency_us:g} us a collective",
+            f"{self.attention} attention",
             f"allocator reserve {self.allocator_reserve:.0%}",
         ]
+        if self.zero3_persistence:
+            parts.append(f"ZeRO-3 keeps tensors <= {self.zero3_persistence:g} elements whole")
+        if self.zero3_max_reuse:
+            parts.append(f"ZeRO-3 reuses a gather within {self.zero3_max_reuse:g} elements")
+        if self.zero3_network_gbs:
+            parts.append(f"ZeRO-3 across nodes at {self.zero3_network_gbs:g} GB/s")
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -88,23 +111,42 @@ PRESETS: dict[str, Framework] = {
     # override overlap_dp), attention in eager PyTorch.
     "megatron-2021": Framework(name="megatron-2021", overlap_dp=False, pp_scatter_gather=True),
     # Megatron-core (2024-): distributed optimizer with overlapped gradient reduce-scatter and
-    # parameter all-gather, tensor-parallel communication overlap.
+    # parameter all-gather, tensor-parallel communication overlap. Its flash attention is not
+    # the preset's default (see the note below `PRESETS`).
     "megatron-core": Framework(
         name="megatron-core",
         pp_scatter_gather=True,
         overlap_tp=True,
         zero3_unit="layer",
     ),
-    # DeepSpeed ZeRO-3 as measured in Narayanan et al. 2021, Table 2: each parameter tensor
-    # gathered (and its gradient reduce-scattered) by a collective of its own. No prefetch
-    # overlap: the table's rows slow down with the data-parallel size as if every gather was
-    # waited for (a choice that fits them, not DeepSpeed's documentation, which describes a
-    # prefetch window). Its cost per collective is calibrated per cluster (`frameworks:` in the
-    # profile, `civetta fit configs/calibration/a100-dgx-deepspeed.yaml`).
-    "deepspeed": Framework(name="deepspeed", zero3_unit="tensor", zero3_prefetch=0),
+    # DeepSpeed ZeRO-3 as measured in Narayanan et al. 2021, Table 2 (DeepSpeed 0.3.13-0.3.16,
+    # spring 2021: deepspeed/runtime/zero/stage3.py, partition_parameters.py). Each partitioned
+    # parameter tensor is all-gathered by a collective of its own before its module runs, and its
+    # fp16 gradient reduce-scattered by one of its own (`_allgather_param`,
+    # `_reduce_scatter_gradient`). The coordinator prefetches the next module's parameters
+    # (stage3_prefetch_bucket_size 5e7 elements: one weight of these models) on a stream of its
+    # own while the current module computes, and waits for every gather in flight before the
+    # next module runs (`fetch_sub_module`, `_synchronize_communication`): one tensor ahead. The
+    # code's defaults: parameters under 1e5 elements persist (never partitioned), a parameter
+    # reused within 1e9 elements stays gathered. Calibrated per cluster (`frameworks:` in the
+    # profile, `civetta fit configs/calibration/a100-dgx-deepspeed.yaml`): its cost per
+    # collective and the bandwidth its gathers reach across nodes.
+    "deepspeed": Framework(
+        name="deepspeed",
+        zero3_unit="tensor",
+        zero3_prefetch=1,
+        zero3_persistence=100_000,
+        zero3_max_reuse=1_000_000_000,
+    ),
     # torchtitan (FSDP2): one all-gather per block, the next block's prefetched.
     "torchtitan": Framework(name="torchtitan", zero3_unit="layer", zero3_prefetch=1),
 }
+
+# The presets keep eager attention although Megatron-core and torchtitan run flash kernels: with
+# `attention="flash"` the four torchtitan H100 rows of configs/calibration/h100-dgx.yaml could not
+# be fitted within 5% (15% at best, also with device.attention_efficiency free), with eager within
+# 2%. Until that is understood the fitted numbers carry the attention kernel's cost, and
+# `framework.attention=flash` is a what-if.
 
 # Keys a config or --set may give (`replay` and `name` are not behaviours a user sets).
 SETTABLE = tuple(f.name for f in dataclasses.fields(Framework) if f.name not in ("name", "replay"))
@@ -128,6 +170,10 @@ def _checked(key: str, value: Any, default: Any) -> Any:
         return value
     if key == "zero3_unit" and value not in ZERO3_UNITS:
         raise FrameworkError(f"{where} expected one of {' | '.join(ZERO3_UNITS)}, got {value!r}")
+    if key == "attention" and value not in ATTENTION_KERNELS:
+        raise FrameworkError(
+            f"{where} expected one of {' | '.join(ATTENTION_KERNELS)}, got {value!r}"
+        )
     if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int)):
         raise FrameworkError(f"{where} expected a whole number >= 0, got {value!r}")
     if isinstance(default, float):

@@ -61,6 +61,9 @@ class DeviceSpec:
     # and a fixed cost per parameter tensor (norm, clipping and update dispatched one by one).
     optimizer_traffic: float = 1.0
     optimizer_overhead_us: float = 0.0
+    # What a fused (flash) attention kernel reaches of the dense peak: its products run tile by
+    # tile with the softmax between them, far below a large GEMM's efficiency.
+    attention_efficiency: float = 0.5
 
     @property
     def memory_bytes(self) -> int:

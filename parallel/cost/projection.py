@@ -104,6 +104,8 @@ class Workload:
     # (balanced); f > 1 sends the busiest expert-parallel rank f times the mean (and the step
     # waits for it), as a skewed router would.
     moe_imbalance: float = 1.0
+    # The attention kernel the pieces are traced with (the framework's, set by `project`).
+    attention: str = "eager"
 
     def check(self) -> None:
         """Refuse what the cost model cannot price, with one bare line naming the value."""
@@ -281,6 +283,9 @@ class _Device:
         self._ticks: dict[int, _Tick] = model.ticks.setdefault(key, {})
 
     def gemm(self, g: Gemm) -> float:
+        if g.fused:  # inside flash attention: tiles on chip, the kernel's own efficiency
+            d = self.profile.device
+            return g.flops / (d.peak_flops(self.work.dtype) * d.attention_efficiency)
         nbytes = self.e * g.batch * (g.m * g.k + g.k * g.n + g.m * g.n)  # operands and result
         return self.profile.gemm_time(g.flops, nbytes, self.work.dtype)
 
@@ -445,7 +450,15 @@ def _zero3_exposed(
     """(exposed seconds, ledger bytes) of ZeRO-3's collectives in one microbatch on one rank.
     Without prefetch each gather is waited for. With it, a unit's gathers travel while the
     previous unit computes: a unit whose communication outlasts its compute exposes the
-    difference, and each pass waits for its first unit's gather."""
+    difference, and each pass waits for its first unit's gather. Per tensor with prefetch, the
+    modules' timeline (`_zero3_tensor_timeline`), which waits for each call without it."""
+    if framework.zero3_unit == "tensor":
+        exposed, nbytes = 0.0, 0
+        for piece, count in pieces:
+            seconds, sent = _zero3_tensor_timeline(dev, piece, dp, element, edp, framework, count)
+            exposed += count * seconds
+            nbytes += count * sent
+        return exposed, nbytes
     exposed, nbytes, first = 0.0, 0, 0.0
     for piece, count in pieces:
         calls = _zero3_calls(piece, dp, element, edp, framework.zero3_unit)
@@ -459,6 +472,107 @@ def _zero3_exposed(
         gathers = [dev.call_time(c) for c in calls if c.op == "all_gather"]
         first = max(first, sum(gathers) / max(1, len(gathers)))
     return exposed + 2 * first, nbytes
+
+
+@dataclass
+class _ModuleUse:
+    """One module's turn in a pass under per-tensor ZeRO-3: the tensors it gathers first, the
+    gradients it reduce-scatters after, and its share of the pass's compute."""
+
+    sizes: tuple[int, ...]
+    group: str
+    gathers: list[Call] = field(default_factory=list)
+    reduces: list[Call] = field(default_factory=list)
+    compute: float = 0.0
+
+
+def _zero3_uses(
+    piece: Piece, phase: str, dp: int, element: int, edp: int, framework: Framework
+) -> list[_ModuleUse]:
+    """The modules of one pass of `piece` in order, as the traced ops issued their gathers (a
+    reduce-scatter belongs to the gather before it: the op's backward). A tensor of at most
+    `zero3_persistence` elements is never gathered; a module used again within
+    `zero3_max_reuse` elements of other modules' parameters (counted per use) keeps its
+    tensors gathered."""
+    uses: list[_ModuleUse] = []
+    for op, ph, sizes, group in piece.sharded_ops:
+        if ph != phase:
+            continue
+        if op == "all_gather":
+            uses.append(_ModuleUse(sizes, group))
+        elif uses:
+            tensors = [(op, ph, (size,), group) for size in sizes]
+            uses[-1].reduces.extend(sharded_calls(tensors, dp, element, edp))
+    for k, use in enumerate(uses):
+        earlier = [j for j in range(k) if uses[j].sizes == use.sizes]
+        if earlier and framework.zero3_max_reuse:
+            between = sum(sum(u.sizes) for u in uses[earlier[-1] + 1 : k])
+            if between < framework.zero3_max_reuse:
+                continue  # still gathered since its last use
+        tensors = [("all_gather", phase, (size,), use.group) for size in use.sizes
+                   if size > framework.zero3_persistence]  # fmt: skip
+        use.gathers = sharded_calls(tensors, dp, element, edp)
+    return uses
+
+
+def _zero3_wire(dev: _Device, call: Call, framework: Framework) -> float:
+    """Seconds of one ZeRO-3 collective on the wire; across nodes at the framework's
+    `zero3_network_gbs` where it states one."""
+    link = dev.links[call.axis]
+    if framework.zero3_network_gbs and link.crosses_node:
+        link = dataclasses.replace(link, bytes_per_s=framework.zero3_network_gbs * 1e9)
+    if call.op == "all_gather":  # the ledger counts the shard; the time, the whole
+        return all_gather_time(call.nbytes * link.size, link)
+    return reduce_scatter_time(call.nbytes, link)
+
+
+def _zero3_tensor_timeline(
+    dev: _Device,
+    piece: Piece,
+    dp: int,
+    element: int,
+    edp: int,
+    framework: Framework,
+    count: int,
+) -> tuple[float, int]:
+    """(exposed seconds, ledger bytes) of one microbatch of `piece` under per-tensor ZeRO-3
+    with prefetch, as DeepSpeed's coordinator runs it: before a module computes, the next
+    module's tensors are gathered (one collective each) and the previous module's gradients
+    reduce-scattered (one each), on one communication stream; the next module waits for all of
+    it. A module takes the longer of its compute and that communication, plus the cost per
+    collective of each call issued (`collective_latency_us`: host work and synchronisation,
+    not overlapped). A pass's compute is shared among its modules by their parameters (a
+    backward's modules twice a recomputation's); a piece repeated (`count` > 1: blocks) runs
+    its passes back to back, so its first module's gathers overlap the previous block's last
+    module; a piece run once waits for them. Without prefetch (`zero3_prefetch` 0) every call
+    is waited for."""
+    tick = dev.tick(piece)
+    latency = dev.call_latency
+    exposed, nbytes = 0.0, 0
+    for phase, seconds in (("forward", tick.forward), ("backward", tick.backward)):
+        uses = _zero3_uses(piece, phase, dp, element, edp, framework)
+        if not uses:
+            continue
+        weights = [sum(u.sizes) * (2 if u.reduces else 1) for u in uses]
+        total = sum(weights) or 1
+        for use, w in zip(uses, weights, strict=True):
+            use.compute = seconds * w / total
+        wire = {id(c): _zero3_wire(dev, c, framework) for u in uses for c in u.gathers + u.reduces}
+        nbytes += sum(c.nbytes for u in uses for c in u.gathers + u.reduces)
+        if not framework.zero3_overlaps:  # every call waited for
+            exposed += sum(t + latency for t in wire.values())
+            continue
+        k_last = len(uses) - 1
+        for k, use in enumerate(uses):
+            nxt = uses[(k + 1) % len(uses)] if count > 1 or k < k_last else None
+            prev = uses[k - 1] if count > 1 or k > 0 else None
+            issued = (nxt.gathers if nxt is not None else []) + (prev.reduces if prev else [])
+            comm = sum(wire[id(c)] for c in issued)
+            exposed += len(issued) * latency + max(0.0, comm - use.compute)
+        if count == 1:  # waits for its first gathers and its last reduce-scatters
+            edge = uses[0].gathers + uses[-1].reduces
+            exposed += sum(wire[id(c)] + latency for c in edge)
+    return exposed, nbytes
 
 
 # ---- the projection -----------------------------------------------------------------------------
@@ -478,7 +592,7 @@ def project(
     stretched but on a core of its own) takes longer.
     """
     options = options or executor_options(profile)
-    work = work or Workload()
+    work = dataclasses.replace(work or Workload(), attention=options.attention)
     checked(config, layout, work)
     # MFU stays relative to the device's own peak.
     peak = profile.device.peak_flops(work.dtype)
@@ -513,7 +627,9 @@ def _project(
 ) -> Projection:
     """`project` on a profile as each rank sees it (`HardwareProfile.for_ranks`)."""
     links = _group_links(layout.mesh, profile)
-    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
+    model = staged_model(
+        config, layout, work.dtype, work.seq(config), work.moe_imbalance, work.attention
+    )
     dev = _Device(model, work, profile, links, layout, options)
     p, m, v, tp = layout.pp, layout.microbatches, layout.virtual_stages, layout.tp
     dp = layout.dp * layout.cp  # the ranks that average gradients (and that ZeRO shards over)
@@ -665,7 +781,9 @@ def _project(
     # Model FLOPs over every GPU: an uneven router moves work between ranks, not its total.
     balanced = model
     if work.moe_imbalance != 1.0:
-        balanced = staged_model(config, layout, work.dtype, work.seq(config))
+        balanced = staged_model(
+            config, layout, work.dtype, work.seq(config), attention=work.attention
+        )
     flops = _step_flops(balanced, layout)
     world = layout.world_size
     memory = max(
@@ -865,8 +983,12 @@ def devices_memory_of(
 ) -> list[MemoryPerGPU]:
     """`device_memory_of` for several pipeline positions, the layout checked once."""
     work = work or Workload()
+    if framework is not None:
+        work = dataclasses.replace(work, attention=framework.attention)
     checked(config, layout, work)
-    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
+    model = staged_model(
+        config, layout, work.dtype, work.seq(config), work.moe_imbalance, work.attention
+    )
     return [_memory(model, layout, device, work, framework) for device in devices]
 
 
@@ -879,7 +1001,9 @@ def microbatch_times(
     work = work or Workload()
     checked(config, layout, work)
     profile = profile.for_ranks(layout.world_size)
-    model = staged_model(config, layout, work.dtype, work.seq(config), work.moe_imbalance)
+    model = staged_model(
+        config, layout, work.dtype, work.seq(config), work.moe_imbalance, work.attention
+    )
     links = _group_links(layout.mesh, profile)
     dev = _Device(model, work, profile, links, layout, PRESETS["civetta"])
     devices = [dev.ticks(model.device_pieces(d)) for d in sorted({0, layout.pp - 1})]

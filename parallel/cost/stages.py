@@ -30,9 +30,10 @@ class StagedModel:
         dtype: str,
         seq_len: int,
         moe_imbalance: float = 1.0,
+        attention: str = "eager",
     ) -> None:
         self.config, self.layout, self.dtype, self.seq_len = config, layout, dtype, seq_len
-        self.moe_imbalance = moe_imbalance
+        self.moe_imbalance, self.attention = moe_imbalance, attention
         self.num_stages = layout.num_stages
         self.stage_blocks = tuple(len(r) for r in layout.stage_layers(config.n_layer))
         self.placement = layout.stage_placement
@@ -51,7 +52,7 @@ class StagedModel:
         if found is None:
             key = key_for(
                 self.config, part, layout or self.layout, self.dtype, self.seq_len,
-                self.moe_imbalance,
+                self.moe_imbalance, self.attention,
             )  # fmt: skip
             found = self._pieces[part, layout] = trace(key)
         return found
@@ -161,8 +162,9 @@ def _staged(
     shape: tuple,
     layout: Layout,
     moe_imbalance: float = 1.0,
+    attention: str = "eager",
 ) -> StagedModel:
-    return StagedModel(config, layout, dtype, seq_len, moe_imbalance)
+    return StagedModel(config, layout, dtype, seq_len, moe_imbalance, attention)
 
 
 def staged_model(
@@ -171,6 +173,7 @@ def staged_model(
     dtype: str,
     seq_len: int,
     moe_imbalance: float = 1.0,
+    attention: str = "eager",
 ) -> StagedModel:
     """A `StagedModel`, shared by every layout that cuts and traces the model alike (what the
     pieces and stages depend on: tp, sequence parallelism, recomputation, the microbatch, ZeRO-3,
@@ -189,7 +192,7 @@ def staged_model(
         layout.ep,
     )
     first = _first_of.setdefault((config, dtype, seq_len, shape), layout)
-    return _staged(config, dtype, seq_len, shape, first, moe_imbalance)
+    return _staged(config, dtype, seq_len, shape, first, moe_imbalance, attention)
 
 
 # The first layout seen for each shape: the one its shared StagedModel is built from.

@@ -32,6 +32,7 @@ import numpy as np
 
 from civetta import axioms as ax
 from civetta import meta
+from civetta.fused import attention_kernel
 from civetta.meters import Gemm, activation_meter, recording_gemms
 from civetta.models import ModelDescription, build_stage
 from civetta.nn import Module
@@ -154,6 +155,7 @@ class TraceKey:
     cp_balance: bool = True
     ep: int = 1  # expert parallelism: the piece holds E/ep experts and exchanges tokens
     moe_imbalance: float = 1.0  # the traced rank's experts get this many times the mean slots
+    attention: str = "eager"  # the attention kernel (`civetta.fused.attention_kernel`)
 
 
 def key_for(
@@ -163,6 +165,7 @@ def key_for(
     dtype: str,
     seq_len: int | None = None,
     moe_imbalance: float = 1.0,
+    attention: str = "eager",
 ) -> TraceKey:
     """The key of `part` under `layout`, with what the trace does not depend on left out: the
     ends of the model hold no block to recompute, and ZeRO-3's ops are the same for any dp > 1
@@ -175,9 +178,10 @@ def key_for(
     cp = (layout.cp, layout.cp_comm, layout.cp_balance) if layout.cp > 1 else (1, "ring", True)
     ep = layout.ep if part == "block" else 1
     imbalance = moe_imbalance if ep > 1 else 1.0
+    kernel = attention if part == "block" else "eager"  # the ends hold no attention
     return TraceKey(
         config, part, layout.microbatch_size, seq, layout.tp, sp, recompute, dtype, zero3, *cp, ep,
-        imbalance,
+        imbalance, kernel,
     )  # fmt: skip
 
 
@@ -275,7 +279,7 @@ def trace(key: TraceKey) -> Piece:
     live, nodes = activation_meter.live, activation_meter.nodes
     peak = activation_meter.peak
     activation_meter.peak = live
-    with autocast(precision), recording_gemms() as gemms:
+    with autocast(precision), attention_kernel(key.attention), recording_gemms() as gemms:
         with log.phase("forward"):
             out = module(inputs, tokens) if key.part in ("last", "whole") else module(inputs)
         forward = Pass(tuple(gemms.gemms), tuple(log.calls), activation_meter.nodes - nodes,
