@@ -1,6 +1,6 @@
 """civetta's elementwise and row kernels at the bench GPT's shapes, against PyTorch eager.
 
-    python benchmarks/bench_kernels.py [--repeats 15] [--threads N]
+    python benchmarks/bench_kernels.py [--repeats 15] [--threads N] [--clock wall|cpu]
 
 For each fused op (forward and backward of one node, float32): civetta on whole arrays (one
 numpy pass per operation, `threads.BLOCK` set past the array size), civetta blocked on one
@@ -26,6 +26,9 @@ from civetta.tensor import Tensor
 
 B, T, C, H, V = 16, 128, 256, 4, 256  # the bench GPT, batch 16
 rng = np.random.default_rng(0)
+# Wall time, or with `--clock cpu` this process's CPU time (all its threads'), which leaves out
+# the time a shared machine gives the cores to other jobs.
+clock = time.perf_counter
 
 
 def array(*shape: int) -> np.ndarray:
@@ -135,10 +138,10 @@ def alternate(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str,
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats + 1):
         for name, fn in variants.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
 
 
@@ -165,7 +168,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=threads.engine_threads())
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     args = parser.parse_args()
+    global clock
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     settings = {"whole": Setting(1 << 62, 1), "blocked 1 thr": Setting(threads.BLOCK, 1)}
     if args.threads > 1:
         settings[f"blocked {args.threads} thr"] = Setting(threads.BLOCK, args.threads)
