@@ -14,6 +14,8 @@ is garbage collected, so its peak is the memory a step keeps for backward.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -28,6 +30,7 @@ DEFAULT_DTYPE = np.float32
 BackwardFn = Callable[[np.ndarray], Sequence[np.ndarray | None]]
 
 _grad_enabled = True
+_created = itertools.count()  # `Tensor._seq`: the order tensors are created in
 
 
 @contextlib.contextmanager
@@ -124,7 +127,9 @@ def weight_grads_deferred() -> bool:
 
 
 class Tensor:
-    __slots__ = ("__weakref__", "_backward", "_held", "_parents", "data", "grad", "requires_grad")
+    __slots__ = (
+        "__weakref__", "_backward", "_held", "_parents", "_seq", "data", "grad", "requires_grad"
+    )  # fmt: skip
 
     __array_priority__ = 100  # numpy defers `ndarray op Tensor` to our reflected methods
 
@@ -146,6 +151,7 @@ class Tensor:
         self._parents: tuple[Tensor, ...] = ()
         self._backward: BackwardFn | None = None
         self._held: tuple[int, ...] = ()  # the activation meter's keys of the buffers kept
+        self._seq = next(_created)  # creation order: every input was created before its op
 
     def __del__(self) -> None:
         if self._held:
@@ -209,10 +215,14 @@ class Tensor:
         stored: set[int] = set()  # ids of arrays this pass already gave to a leaf
         summed: set[int] = set()  # ids of pending sums this pass allocated (see `_accumulate`)
         pop, get = pending.pop, pending.get
-        for node in reversed(_topological_order(self)):
-            g = pop(node, None)
-            if g is None:
-                continue
+        # Nodes in reverse creation order: an op's output is created after all its inputs, so
+        # every node that adds to a gradient is done before that gradient's node is reached.
+        # Only nodes that received a gradient enter the heap (no walk of the whole graph first).
+        heap = [(-self._seq, self)]
+        push, popmin = heapq.heappush, heapq.heappop
+        while heap:
+            node = popmin(heap)[1]
+            g = pop(node)
             if type(g) is _Regions:
                 g = g.dense()  # every piece has arrived: one write per piece
             if summed:
@@ -237,6 +247,8 @@ class Tensor:
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
                 previous = get(parent)
+                if previous is None:
+                    push(heap, (-parent._seq, parent))
                 if type(previous) is _Regions:
                     if type(parent_grad) is RegionGrad and parent_grad.dtype == previous.dtype:
                         previous.parts.append(parent_grad)  # written when the input is reached
@@ -338,26 +350,6 @@ class Tensor:
 
 
 _FREED = Tensor(np.zeros(()))
-
-
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Nodes that need a gradient, parents before children, without recursion."""
-    order: list[Tensor] = []
-    visited: set[Tensor] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if node in visited:
-            continue
-        visited.add(node)
-        stack.append((node, True))
-        for parent in node._parents:
-            if parent.requires_grad and parent not in visited:
-                stack.append((parent, False))
-    return order
 
 
 class _Regions:
@@ -514,6 +506,7 @@ def make_node(
             nbytes if _precision is None else nbytes // data.itemsize * _precision.itemsize
         )
     out = Tensor.__new__(Tensor)
+    out._seq = next(_created)
     out.data = data
     out.grad = None
     needs_grad = False
