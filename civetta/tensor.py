@@ -218,7 +218,7 @@ class Tensor:
         # Nodes in reverse creation order: an op's output is created after all its inputs, so
         # every node that adds to a gradient is done before that gradient's node is reached.
         # Only nodes that received a gradient enter the heap (no walk of the whole graph first).
-        heap = [(-self._seq, self)]
+        heap: list[tuple[int, Tensor]] = [(-self._seq, self)]
         push, popmin = heapq.heappush, heapq.heappop
         while heap:
             node = popmin(heap)[1]
