@@ -25,11 +25,14 @@ import numpy as np
 
 from civetta import meta
 from civetta.meters import flop_meter, gemm_log
-from civetta.tensor import Tensor, as_tensor, current_precision, make_node
+from civetta.tensor import RegionGrad, Tensor, as_tensor, current_precision, make_node
+from civetta.threads import batched_matmul
 
 
 def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
     """Lift scalars to the other operand's dtype and broadcast both to one shape."""
+    if type(a) is Tensor and type(b) is Tensor and a.data.shape == b.data.shape:
+        return a, b  # the common case, without the checks below
     a = as_tensor(a, b if isinstance(b, Tensor) else None)
     b = as_tensor(b, a)
     if a.shape != b.shape:
@@ -42,13 +45,14 @@ def _pair(a: Any, b: Any) -> tuple[Tensor, Tensor]:
 
 
 # ---- elementwise ------------------------------------------------------------------------------
+def _add_backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return g, g
+
+
 def add(a: Any, b: Any) -> Tensor:
     a, b = _pair(a, b)
-
-    def backward(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return g, g
-
-    return make_node(a.data + b.data, (a, b), backward, saved=())
+    # The backward captures nothing: one function for every add, not a closure per node.
+    return make_node(a.data + b.data, (a, b), _add_backward, saved=())
 
 
 def mul(a: Any, b: Any) -> Tensor:
@@ -280,8 +284,10 @@ def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
         where_[axis] = slice(int(starts[i]), int(starts[i + 1]))
         region = tuple(where_)
 
-        def backward(g: np.ndarray, region: tuple = region) -> tuple[np.ndarray]:
-            full = meta.zeros(shape, dtype, like=g)
+        def backward(g: np.ndarray, region: tuple = region) -> tuple[Any]:
+            if type(g) is np.ndarray:  # the engine writes the slice into the input's gradient
+                return (RegionGrad(shape, region, g.astype(dtype, copy=False)),)
+            full = meta.zeros(shape, dtype, like=g)  # data-free: a shape-only array
             full[region] = g
             return (full,)
 
@@ -340,11 +346,11 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         if need_b:  # per-batch operands are activations (attention): input gradients too
             gemm_log.record(k, m, n, batch, "backward-input", dtype, precision)
         return (
-            g @ w_kept.swapaxes(-1, -2) if w_kept is not None else None,
-            x_kept.swapaxes(-1, -2) @ g if x_kept is not None else None,
+            batched_matmul(g, w_kept.swapaxes(-1, -2)) if w_kept is not None else None,
+            batched_matmul(x_kept.swapaxes(-1, -2), g) if x_kept is not None else None,
         )
 
-    return make_node(x @ w, (a, b), backward_batched, saved=(x_kept, w_kept))
+    return make_node(batched_matmul(x, w), (a, b), backward_batched, saved=(x_kept, w_kept))
 
 
 # Every primitive with a hand-written backward. The test suite fails if one lacks a gradient check.

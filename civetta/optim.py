@@ -21,6 +21,7 @@ import numpy as np
 
 from civetta import meta
 from civetta.tensor import Tensor
+from civetta.threads import run_blocked
 
 NoDecay = Callable[[str], bool]
 
@@ -215,26 +216,52 @@ class AdamW(Optimizer):
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
         b1, b2 = self.betas
         t = self.step_count
-        # Python floats keep float32 arithmetic float32 (a float64 numpy scalar would promote).
         step_size = lr / (1.0 - b1**t)
         sqrt_bc2 = math.sqrt(1.0 - b2**t)
-        if self.weight_decay and not self.no_decay(name):
-            p *= 1.0 - lr * self.weight_decay
+        decay = bool(self.weight_decay) and not self.no_decay(name)
         m = self._state[f"exp_avg.{name}"]
         v = self._state[f"exp_avg_sq.{name}"]
-        scratch = np.multiply(g, 1.0 - b1, dtype=p.dtype)  # the one temporary of this update
-        m *= b1
-        m += scratch
-        np.multiply(g, g, out=scratch)
-        scratch *= 1.0 - b2
-        v *= b2
-        v += scratch
-        np.sqrt(v, out=scratch)
-        scratch /= sqrt_bc2
-        scratch += self.eps
-        np.divide(m, scratch, out=scratch)
-        scratch *= step_size
-        p -= scratch
+        constants = (b1, b2, step_size, sqrt_bc2, self.eps, 1.0 - lr * self.weight_decay, decay)
+        if type(g) is np.ndarray and all(
+            type(a) is np.ndarray and a.flags.c_contiguous for a in (p, m, v)
+        ):
+            # Blocks of the flat arrays (see `civetta.threads`): the same operations per element.
+            flat = (p.reshape(-1), np.asarray(g).reshape(-1), m.reshape(-1), v.reshape(-1))
+            run_blocked(_adamw_kernel, flat, constants)
+        else:  # data-free, or a strided parameter view: one call on the arrays themselves
+            _adamw_kernel(p, g, m, v, *constants)
+
+
+def _adamw_kernel(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    b1: float,
+    b2: float,
+    step_size: float,
+    sqrt_bc2: float,
+    eps: float,
+    shrink: float,
+    decay: bool,
+) -> None:
+    """AdamW's update of `p`, `m`, `v` in place (see `AdamW`); Python floats keep float32
+    arithmetic float32 (a float64 numpy scalar would promote)."""
+    if decay:
+        p *= shrink
+    scratch = np.multiply(g, 1.0 - b1, dtype=p.dtype)  # the one temporary of this update
+    m *= b1
+    m += scratch
+    np.multiply(g, g, out=scratch)
+    scratch *= 1.0 - b2
+    v *= b2
+    v += scratch
+    np.sqrt(v, out=scratch)
+    scratch /= sqrt_bc2
+    scratch += eps
+    np.divide(m, scratch, out=scratch)
+    scratch *= step_size
+    p -= scratch
 
 
 def make_optimizer(

@@ -14,6 +14,8 @@ is garbage collected, so its peak is the memory a step keeps for backward.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -28,6 +30,7 @@ DEFAULT_DTYPE = np.float32
 BackwardFn = Callable[[np.ndarray], Sequence[np.ndarray | None]]
 
 _grad_enabled = True
+_created = itertools.count()  # `Tensor._seq`: the order tensors are created in
 
 
 @contextlib.contextmanager
@@ -63,6 +66,23 @@ class DeferredGrad:
 
     def __init__(self, compute: Callable[[], np.ndarray]) -> None:
         self.compute = compute
+
+
+class RegionGrad:
+    """A gradient that is zero outside `region` of an array of `shape`: what a slice of its
+    input (`axioms.split`) hands back. The engine writes `values` into the pending gradient
+    of the input instead of adding a zero-padded array per slice (for q, k, v: one buffer
+    instead of three and two full-size sums)."""
+
+    __slots__ = ("dtype", "region", "shape", "values")
+
+    def __init__(self, shape: tuple[int, ...], region: Any, values: np.ndarray) -> None:
+        self.shape, self.region, self.values, self.dtype = shape, region, values, values.dtype
+
+    def dense(self) -> np.ndarray:
+        full = np.zeros(self.shape, self.dtype)
+        full[self.region] = self.values
+        return full
 
 
 class WeightGradStore:
@@ -107,7 +127,9 @@ def weight_grads_deferred() -> bool:
 
 
 class Tensor:
-    __slots__ = ("__weakref__", "_backward", "_held", "_parents", "data", "grad", "requires_grad")
+    __slots__ = (
+        "__weakref__", "_backward", "_held", "_parents", "_seq", "data", "grad", "requires_grad"
+    )  # fmt: skip
 
     __array_priority__ = 100  # numpy defers `ndarray op Tensor` to our reflected methods
 
@@ -129,6 +151,7 @@ class Tensor:
         self._parents: tuple[Tensor, ...] = ()
         self._backward: BackwardFn | None = None
         self._held: tuple[int, ...] = ()  # the activation meter's keys of the buffers kept
+        self._seq = next(_created)  # creation order: every input was created before its op
 
     def __del__(self) -> None:
         if self._held:
@@ -188,13 +211,24 @@ class Tensor:
         if grad.shape != self.shape:
             raise ValueError(f"grad shape {grad.shape} does not match tensor shape {self.shape}")
 
-        pending: dict[Tensor, np.ndarray] = {self: grad}
+        pending: dict[Tensor, Any] = {self: grad}  # arrays, or `_Regions` of a split input
         stored: set[int] = set()  # ids of arrays this pass already gave to a leaf
-        for node in reversed(_topological_order(self)):
-            g = pending.pop(node, None)
-            if g is None:
-                continue
-            if node._backward is None:
+        summed: set[int] = set()  # ids of pending sums this pass allocated (see `_accumulate`)
+        pop, get = pending.pop, pending.get
+        # Nodes in reverse creation order: an op's output is created after all its inputs, so
+        # every node that adds to a gradient is done before that gradient's node is reached.
+        # Only nodes that received a gradient enter the heap (no walk of the whole graph first).
+        heap: list[tuple[int, Tensor]] = [(-self._seq, self)]
+        push, popmin = heapq.heappush, heapq.heappop
+        while heap:
+            node = popmin(heap)[1]
+            g = pop(node)
+            if type(g) is _Regions:
+                g = g.dense()  # every piece has arrived: one write per piece
+            if summed:
+                summed.discard(id(g))  # leaves the pending dict: no longer ours to add into
+            backward = node._backward
+            if backward is None:
                 if node._parents:
                     raise RuntimeError("graph already freed: pass retain_graph=True to reuse it")
                 if node.grad is None:
@@ -203,18 +237,36 @@ class Tensor:
                 else:
                     node.grad = _asarray(node.grad + g)
                 continue
-            parent_grads = node._backward(g)
-            for parent, parent_grad in zip(node._parents, parent_grads, strict=True):
+            for parent, parent_grad in zip(node._parents, backward(g), strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
-                if isinstance(parent_grad, DeferredGrad):
+                if type(parent_grad) is DeferredGrad:
                     # Ops defer only inside `defer_weight_grads`, which sets the store.
                     assert _weight_grad_store is not None, "a DeferredGrad outside its store"
                     _weight_grad_store.postpone(parent, parent_grad)
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
-                previous = pending.get(parent)
-                pending[parent] = parent_grad if previous is None else previous + parent_grad
+                previous = get(parent)
+                if previous is None:
+                    push(heap, (-parent._seq, parent))
+                if type(previous) is _Regions:
+                    if type(parent_grad) is RegionGrad and parent_grad.dtype == previous.dtype:
+                        previous.parts.append(parent_grad)  # written when the input is reached
+                        continue
+                    previous = previous.dense()  # a whole gradient joins: sum into the pieces
+                    summed.add(id(previous))
+                    pending[parent] = previous
+                if type(parent_grad) is RegionGrad:
+                    if previous is None:
+                        pending[parent] = _Regions(parent_grad)
+                    else:
+                        pending[parent] = _add_region(previous, parent_grad, summed)
+                elif previous is None:
+                    pending[parent] = parent_grad
+                elif id(previous) in summed and previous.dtype == parent_grad.dtype:
+                    previous += parent_grad  # into a sum this pass allocated (see `_accumulate`)
+                else:
+                    pending[parent] = _accumulate(previous, parent_grad, summed)
             if not retain_graph:
                 node._release()
 
@@ -300,24 +352,89 @@ class Tensor:
 _FREED = Tensor(np.zeros(()))
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Nodes that need a gradient, parents before children, without recursion."""
-    order: list[Tensor] = []
-    visited: set[Tensor] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if node in visited:
-            continue
-        visited.add(node)
-        stack.append((node, True))
-        for parent in node._parents:
-            if parent.requires_grad and parent not in visited:
-                stack.append((parent, False))
-    return order
+class _Regions:
+    """The slices' gradients (`RegionGrad`s) waiting for one input, written into one array when
+    the engine reaches that input or a whole gradient joins them. Pieces that tile the input
+    along one axis (q, k and v of a split) are copied into an uninitialised array, one write
+    each; any other set is added into zeros."""
+
+    __slots__ = ("dtype", "parts", "shape")
+
+    def __init__(self, first: RegionGrad) -> None:
+        self.shape, self.dtype, self.parts = first.shape, first.dtype, [first]
+
+    def dense(self) -> np.ndarray:
+        if _tile(self.parts, self.shape):
+            total = np.empty(self.shape, self.dtype)
+            for part in self.parts:
+                total[part.region] = part.values
+            return total
+        total = np.zeros(self.shape, self.dtype)
+        for part in self.parts:
+            total[part.region] += part.values
+        return total
+
+
+def _tile(parts: list[RegionGrad], shape: tuple[int, ...]) -> bool:
+    """Whether the regions are slices along one axis (whole along the others) that cover it
+    exactly once: then every element is written by exactly one piece."""
+    axis, spans = None, []
+    for part in parts:
+        region = part.region
+        if type(region) is not tuple or len(region) != len(shape):
+            return False
+        sliced = [i for i, s in enumerate(region) if s != _WHOLE]
+        if len(sliced) != 1 or type(region[sliced[0]]) is not slice:
+            return False
+        if axis is None:
+            axis = sliced[0]
+        elif sliced[0] != axis:
+            return False
+        start, stop, step = region[axis].indices(shape[axis])
+        if step != 1:
+            return False
+        spans.append((start, stop))
+    if axis is None:
+        return False
+    spans.sort()
+    end = 0
+    for start, stop in spans:
+        if start != end or stop <= start:
+            return False
+        end = stop
+    return end == shape[axis]
+
+
+_WHOLE = slice(None)
+
+
+def _add_region(previous: np.ndarray | None, grad: RegionGrad, summed: set[int]) -> np.ndarray:
+    """previous + grad with grad zero outside its region: in place into a sum this pass owns,
+    else into a new array that it then owns (see `_accumulate`)."""
+    if previous is None:
+        total = grad.dense()
+    elif id(previous) in summed and previous.dtype == grad.dtype:
+        previous[grad.region] += grad.values
+        return previous
+    else:
+        total = previous + np.zeros((), grad.dtype)  # a private copy, in the sum's dtype
+        total[grad.region] += grad.values
+    summed.add(id(total))
+    return total
+
+
+def _accumulate(previous: np.ndarray, g: np.ndarray, summed: set[int]) -> np.ndarray:
+    """previous + g, a new array that `summed` records, so the next gradient for the same node
+    is added into it in place (`backward` does that inline, for equal dtypes: the same values).
+
+    Closures may return arrays someone else holds (`add` hands one array to both inputs, a
+    reshape returns a view of its upstream gradient), so only the engine's own sums, tracked in
+    `summed` by id while they wait in the pending dict, are written into.
+    """
+    total = previous + g
+    if type(total) is np.ndarray:
+        summed.add(id(total))
+    return total
 
 
 def _private(g: np.ndarray, caller_grad: np.ndarray, stored: set[int]) -> np.ndarray:
@@ -376,7 +493,7 @@ def make_node(
     autocast as the rounded array the node returns. Without `saved`, the output counts when the
     op allocated it (the rule before ops declared what they keep).
     """
-    fresh = _owns_new_memory(data, parents)
+    fresh = data.base is None or _owns_new_memory(data, parents)
     unrounded = data
     if _precision is not None:
         if fresh:  # a view of an input shares its already-rounded values
@@ -389,9 +506,16 @@ def make_node(
             nbytes if _precision is None else nbytes // data.itemsize * _precision.itemsize
         )
     out = Tensor.__new__(Tensor)
+    out._seq = next(_created)
     out.data = data
     out.grad = None
-    if _grad_enabled and any(p.requires_grad for p in parents):
+    needs_grad = False
+    if _grad_enabled:
+        for parent in parents:
+            if parent.requires_grad:
+                needs_grad = True
+                break
+    if needs_grad:
         out.requires_grad = True
         out._parents = parents
         out._backward = backward
@@ -478,6 +602,8 @@ def _rounding(backward: BackwardFn, policy: Any) -> BackwardFn:
 def _rounded(grad: Any, policy: Any) -> Any:
     if isinstance(grad, np.ndarray):
         return policy.round(grad)
+    if isinstance(grad, RegionGrad):  # rounding keeps the zeros outside the region zero
+        return RegionGrad(grad.shape, grad.region, policy.round(grad.values))
     if isinstance(grad, DeferredGrad):
         compute = grad.compute
         return DeferredGrad(lambda: policy.round(compute()))

@@ -1,8 +1,9 @@
 """Starting the ranks: re-execute `civetta` under `mpiexec -n N` when a layout needs N > 1.
 
 The launcher is, in order: `--mpiexec PATH`, `$CIVETTA_MPIEXEC`, the `mpiexec` installed beside
-this Python (the `mpich` wheel puts it there), then `mpiexec` on PATH. Each rank gets
-`OMP_NUM_THREADS=1` unless the user set it, so N ranks on few cores do not fight over threads.
+this Python (the `mpich` wheel puts it there), then `mpiexec` on PATH. Each of N ranks on C
+cores gets max(1, C // N) threads (`OMP_NUM_THREADS` and the BLAS and numexpr counts) unless the
+user set `OMP_NUM_THREADS`, so the ranks do not fight over cores.
 
 `kill_tree` is the one way civetta stops a job it started (an interrupted relaunch, a compare
 run past its timeout, a calibration that hangs, a test's deadlock): mpiexec and every process
@@ -107,10 +108,34 @@ def kill_tree(process: subprocess.Popen, grace_s: float = 3.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def rank_environment() -> dict[str, str]:
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def threads_per_rank(ranks: int, cores: int | None = None) -> int:
+    """max(1, C // N): N ranks share the C cores without oversubscribing them."""
+    return max(1, (available_cores() if cores is None else cores) // max(1, ranks))
+
+
+def rank_environment(ranks: int | None = None) -> dict[str, str]:
+    """The environment of each of `ranks` ranks: `threads_per_rank(ranks)` threads for the
+    thread pools (OpenMP, OpenBLAS, MKL, numexpr) unless the user set `OMP_NUM_THREADS`; with
+    `ranks` None one thread (a baseline timed like one rank of a layout that fills the cores)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("OPENBLAS_NUM_THREADS", env["OMP_NUM_THREADS"])
+    env.setdefault("OMP_NUM_THREADS", str(1 if ranks is None else threads_per_rank(ranks)))
+    for name in THREAD_VARIABLES[1:]:
+        env.setdefault(name, env["OMP_NUM_THREADS"])
     # With more ranks than cores, MPICH's own busy-wait already yields the core every
     # MPIR_CVAR_POLLS_BEFORE_YIELD polls, so a waiting rank does not starve one that computes.
     # Its heavy yield (a nanosleep per poll) is left off: measured on 4 ranks on 2 cores, it made
@@ -194,14 +219,14 @@ def relaunch(n: int, argv: list[str], mpiexec: str | None = None) -> JobResult:
     command = mpi_command(n, argv, mpiexec, guarded=True)
     exits = Path(tempfile.mkdtemp(prefix="civetta-exits-"))
     try:
-        code = _run_job(command, exits)
+        code = _run_job(command, exits, n)
         return JobResult(code, read_exits(exits))
     finally:
         shutil.rmtree(exits, ignore_errors=True)
 
 
-def _run_job(command: list[str], exits: Path) -> int:
-    env = rank_environment()
+def _run_job(command: list[str], exits: Path, ranks: int) -> int:
+    env = rank_environment(ranks)
     env[EXITS_ENV] = str(exits)
     if sys.stdout.isatty():
         env.setdefault("TTY_COMPATIBLE", "1")  # rank 0 keeps its live progress bar

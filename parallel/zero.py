@@ -287,30 +287,22 @@ class ShardedStore(ParameterStore):
         shards = self._shards(weight, bias)
         if not shards:
             return fused.normalize(x, eps)
-        data = x.data
-        xhat = np.empty_like(data)
-        rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
-        fused._normalize_forward(data, xhat, rstd, eps)
+        # The dense node's own kernels (`fused.layer_norm`'s blocks, forward and backward): with
+        # one rank gather and reduce-scatter are the identity and the bits must be the same.
         values = self.gather(shards)
-        w = values[0] if weight is not None else None
-        out = xhat if w is None else xhat * w
-        if bias is not None:
-            out = out + values[-1]
-        del values, w  # the whole parameters are freed here
-        leading = tuple(range(data.ndim - 1))
-        need_x, has_weight = x.requires_grad, weight is not None
+        has_weight, has_bias = weight is not None, bias is not None
+        w = values[0] if has_weight else None
+        b = values[-1] if has_bias else None
+        xhat, rstd, out = fused._normalized(x.data, eps, fused._normalize_forward, w, b)
+        del values, w, b  # the whole parameters are freed here
+        need_x = x.requires_grad
 
         def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
             gathered = self.gather(shards)  # the weight for dx (a bias alone needs no value)
-            dx = None
-            if need_x:
-                dx = np.empty_like(xhat)
-                scaled = g * gathered[0] if has_weight else g
-                fused._normalize_backward(xhat, rstd, scaled, dx)
-            del gathered
-            sums = ([np.sum(g * xhat, axis=leading)] if has_weight else []) + (
-                [np.sum(g, axis=leading)] if len(shards) > int(has_weight) else []
-            )
+            w = gathered[0] if has_weight else None
+            dx, dw, db = fused._norm_affine_grads(xhat, rstd, g, w, need_x, has_weight, has_bias)
+            del gathered, w
+            sums = [s for s in (dw, db) if s is not None]
             return (dx, *self.reduce_scatter(shards, sums))
 
         parents = (x, *(p for p in (weight, bias) if p is not None))
@@ -329,13 +321,13 @@ class ShardedStore(ParameterStore):
         shards = self._shards(weight)
         data = x.data
         out = data * self.gather(shards)[0]  # (..., C) · (C,)
-        leading = tuple(range(data.ndim - 1))
         need_x = x.requires_grad
 
         def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
             (w,) = self.gather(shards)
             dx = g * w if need_x else None
-            return (dx, *self.reduce_scatter(shards, [np.sum(g * data, axis=leading)]))
+            # dw as the dense RMSNorm node sums it (`fused._norm_affine_grads`): the same bits.
+            return (dx, *self.reduce_scatter(shards, [fused._column_sum(g * data)]))
 
         return self._node(out, (x, weight), backward, 1, saved=(data,))
 

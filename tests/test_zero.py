@@ -314,6 +314,21 @@ def test_one_rank_stage_3_is_bitwise_plain_training() -> None:
         assert np.array_equal(results[3][2][name].reshape(value.shape), value), name
 
 
+def test_one_rank_stage_3_llama_is_bitwise_plain_training() -> None:
+    """As above for Llama: RMSNorm (ZeRO-3's normalisation then its scale) and the dense fused
+    node must sum the weight's gradient the same way, to the bit."""
+    llama = [*TINY, "model.kind=llama", "model.n_kv_head=2", "model.ffn_hidden=48"]
+    results = {}
+    for zero in (0, 3):
+        trainer = Trainer(load(None, [*llama, f"parallel.zero={zero}"]))
+        steps = [trainer.step(s) for s in range(2)]
+        params = {name: p.data.copy() for name, p in trainer.model.params.items()}
+        results[zero] = ([s.loss for s in steps], [s.grad_norm for s in steps], params)
+    assert results[3][:2] == results[0][:2]
+    for name, value in results[0][2].items():
+        assert np.array_equal(results[3][2][name].reshape(value.shape), value), name
+
+
 def _held_tensors(fn: object, seen: set[int]) -> list[Tensor]:
     """The Tensors `fn`'s closure holds: directly, in lists and tuples, in records (dataclass
     instances) or through the functions it holds."""
