@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from civetta import axioms as ax
-from civetta import functional, meta
+from civetta import compiled, functional, meta
 from civetta.functional import GELU_C, _kept_targets, _kv_groups, causal_mask
 from civetta.meters import flop_meter, gemm_log
 from civetta.tensor import (
@@ -195,6 +195,10 @@ def _normalized(
     ZeRO-3's layer norm on gathered parameters alike (with one rank: the same bits)."""
     xhat = _new(data)
     rstd = meta.empty((*data.shape[:-1], 1), data.dtype, like=data)
+    if compiled.used_for(data):
+        out = xhat if w is None and b is None else _new(data)
+        _compiled_forward(forward, data, xhat, rstd, out, eps, w, b)
+        return xhat, rstd, out
     if w is None and b is None:
         run_blocked(forward, (_rows(data), _rows(xhat), _rows(rstd)), (eps,))
         return xhat, rstd, xhat
@@ -229,6 +233,9 @@ def _norm_affine_grads(
     one backward of the affine norms, for the fused nodes and for ZeRO-3's alike."""
     row_backward = backward or _normalize_backward
     dx = _new(xhat) if need_x else None
+    if dx is not None and compiled.used_for(xhat):
+        row_backward = _compiled_backward(row_backward, w)
+        w = None  # the compiled kernel multiplies g by the weight itself
 
     def kernel(
         xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, *dx: np.ndarray
@@ -252,6 +259,66 @@ def _in_order(partials: list[Any]) -> np.ndarray:
     return total
 
 
+# The compiled (numba) kernels of the numpy row kernels above (`civetta.compiled`).
+_COMPILED = {
+    "_normalize_forward": "layer_norm",
+    "_rms_forward": "rms_norm",
+    "_normalize_backward": "layer_norm_grad",
+    "_rms_backward": "rms_norm_grad",
+}
+
+
+def _compiled_forward(
+    forward: Callable[..., None],
+    data: np.ndarray,
+    xhat: np.ndarray,
+    rstd: np.ndarray,
+    out: np.ndarray,
+    eps: float,
+    w: np.ndarray | None,
+    b: np.ndarray | None,
+) -> None:
+    """`_normalized` by the compiled kernel of the numpy row kernel `forward`: x̂, 1/σ and
+    x̂ · w + b in one sweep per row (`out` is x̂ itself when w and b are both None)."""
+    name, width = _COMPILED[forward.__name__], data.shape[-1]
+    inv, eps_ = compiled.typed(1.0 / width, data), compiled.typed(eps, data)
+    weight = np.ones(width, data.dtype) if w is None else np.asarray(w, data.dtype)
+    kernel = compiled.kernel(name)
+    if name == "layer_norm":
+        bias = np.zeros(width, data.dtype) if b is None else np.asarray(b, data.dtype)
+
+        def rows(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, out: np.ndarray) -> None:
+            kernel(x, weight, bias, xhat, rstd, out, inv, eps_)
+
+    else:
+
+        def rows(x: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, out: np.ndarray) -> None:
+            kernel(x, weight, xhat, rstd, out, inv, eps_)
+
+    run_blocked(rows, (_rows(data), _rows(xhat), _rows(rstd), _rows(out)))
+
+
+def _row_backward(numpy_kernel: Callable[..., None], xhat: np.ndarray) -> Callable[..., None]:
+    """The row kernel that computes dx from (x̂, 1/σ, g): compiled where `civetta.compiled` is
+    used for these rows, else `numpy_kernel`."""
+    return _compiled_backward(numpy_kernel, None) if compiled.used_for(xhat) else numpy_kernel
+
+
+def _compiled_backward(
+    numpy_kernel: Callable[..., None], w: np.ndarray | None
+) -> Callable[..., None]:
+    """A row kernel (x̂, 1/σ, g, dx) by the compiled kernel of `numpy_kernel`, the gradient
+    multiplied by the weight `w` inside (None: no weight)."""
+    grad = compiled.kernel(_COMPILED[numpy_kernel.__name__])
+
+    def row_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+        width = xhat.shape[-1]
+        weight = np.ones(width, xhat.dtype) if w is None else np.asarray(w, xhat.dtype)
+        grad(xhat, rstd, g, weight, dx, compiled.typed(1.0 / width, xhat))
+
+    return row_backward
+
+
 def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
     """(x − mean) / sqrt(var + eps) over the last axis: LayerNorm without its affine part.
 
@@ -262,7 +329,8 @@ def normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         dx = _new(xhat)
-        run_blocked(_normalize_backward, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
+        row_backward = _row_backward(_normalize_backward, xhat)
+        run_blocked(row_backward, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
         return (dx,)
 
     return make_node(xhat, (x,), backward, saved=(xhat, rstd))
@@ -323,7 +391,8 @@ def rms_normalize(x: Tensor, eps: float = 1e-5) -> Tensor:
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         dx = _new(xhat)
-        run_blocked(_rms_backward, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
+        row_backward = _row_backward(_rms_backward, xhat)
+        run_blocked(row_backward, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
         return (dx,)
 
     return make_node(xhat, (x,), backward, saved=(xhat, rstd))
@@ -465,14 +534,147 @@ def softmax(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
-    """softmax(q·kᵀ/√d) · v with the fused softmax; reference: the functional version.
+    """softmax(q·kᵀ/√d) · v as one node that keeps q/√d, k, v and the probabilities (the arrays
+    the composed version keeps); reference: the functional version.
 
     Grouped-query attention (k, v with nkv < nh heads) does not repeat k and v: the `rep` query
     heads of a group are consecutive, so q viewed as (B, nkv, rep·T, D) multiplies each group's
     kᵀ in one batched GEMM, and the probabilities viewed back the same way multiply v.
+
+    Forward and backward run per block of the batch (`run_blocked`): a block's scores, softmax
+    and products stay in cache, where the composed ops stream each (B, nh, T, T) array from
+    memory several times. The output is written in (B, T, nh, D) order and returned as its
+    (B, nh, T, D) view, so the model's merge of the heads back into (B, T, C) is a view, not a
+    copy. Each block computes what the composed ops compute on it, the same operations in the
+    same order (the mask added as 0 / −inf), so the values are the composed version's bits.
+    Under autocast (which rounds every intermediate) the composed ops run instead.
     """
     if _attention[-1] == "flash":
         return flash_attention(q, k, v, causal)
+    if current_precision() is not None:
+        return _composed_attention(q, k, v, causal)
+    groups = _kv_groups(q, k, v)
+    qd, kd, vd = q.data, k.data, v.data
+    b, heads, t_query, hs = qd.shape
+    kv_heads, t_key = kd.shape[1], kd.shape[-2]
+    rows = groups * t_query  # a kv head's query rows, its query heads stacked
+    scale = np.asarray(1.0 / math.sqrt(hs), dtype=qd.dtype)
+    scaled = qd * scale  # (B, nh, T, D), C-contiguous: the grouped view below is a view
+    grouped = scaled.reshape(b, kv_heads, rows, hs)
+    keys_t = np.swapaxes(kd, -1, -2)  # (B, nkv, D, Tk)
+    bias = _causal_bias(t_query, t_key, groups, qd) if causal else None
+    probs = meta.empty((b, kv_heads, rows, t_key), qd.dtype, like=qd)
+    if groups == 1:  # written in the heads' merge order, (B, T, nh, D), viewed as (B, nh, T, D)
+        out = np.swapaxes(meta.empty((b, t_query, heads, hs), qd.dtype, like=qd), 1, 2)
+        out_grouped = out
+    else:  # a kv head's rows stacked: (B, nh, T, D) is a view of them, the merge a copy
+        out_grouped = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
+        out = out_grouped.reshape(b, heads, t_query, hs)
+    run_blocked(_attention_forward, (probs, grouped, keys_t, vd, out_grouped), (bias,))
+    _log_attention_forward(qd, kd, vd, rows, b * kv_heads)
+    need_q, need_k, need_v = q.requires_grad, k.requires_grad, v.requires_grad
+
+    def backward(g: np.ndarray) -> tuple[np.ndarray | None, ...]:
+        _log_attention_backward(qd, kd, vd, rows, b * kv_heads, need_q, need_k, need_v)
+        g4 = g.reshape(b, kv_heads, rows, hs)
+        dq = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
+        dk_t = meta.empty((b, kv_heads, hs, t_key), qd.dtype, like=qd)
+        dv = meta.empty(vd.shape, qd.dtype, like=qd)
+        run_blocked(_attention_backward, (probs, g4, vd, grouped, kd, dq, dk_t, dv), (scale,))
+        return (
+            dq.reshape(b, heads, t_query, hs) if need_q else None,
+            np.swapaxes(dk_t, -1, -2) if need_k else None,
+            dv if need_v else None,
+        )
+
+    return make_node(out, (q, k, v), backward, saved=(scaled, kd, vd, probs))
+
+
+def _attention_forward(
+    probs: np.ndarray,
+    grouped: np.ndarray,
+    keys_t: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    bias: np.ndarray | None,
+) -> None:
+    """One block: the scores into `probs`, the masked softmax in place, then probs · v."""
+    np.matmul(grouped, keys_t, out=probs)
+    if bias is not None:
+        probs += bias
+    probs -= probs.max(axis=-1, keepdims=True)
+    np.exp(probs, out=probs)
+    probs /= _row_sum(probs)
+    np.matmul(probs, v, out=out)
+
+
+def _attention_backward(
+    probs: np.ndarray,
+    g: np.ndarray,
+    v: np.ndarray,
+    grouped: np.ndarray,
+    k: np.ndarray,
+    dq: np.ndarray,
+    dk_t: np.ndarray,
+    dv: np.ndarray,
+    scale: np.ndarray,
+) -> None:
+    """One block of the backward, as the composed ops compute it: dv = pᵀ·g and dp = g·vᵀ (p·v),
+    ds = p·(dp − Σ dp·p) (softmax), dq = ds·k·scale and dkᵀ = (q/√d)ᵀ·ds (q/√d · kᵀ)."""
+    np.matmul(np.swapaxes(probs, -1, -2), g, out=dv)
+    ds = g @ np.swapaxes(v, -1, -2)
+    total = np.einsum("...i,...i->...", ds, probs)[..., None]
+    np.subtract(ds, total, out=ds)
+    ds *= probs
+    np.matmul(ds, k, out=dq)
+    dq *= scale
+    np.matmul(np.swapaxes(grouped, -1, -2), ds, out=dk_t)
+
+
+def _causal_bias(t_query: int, t_key: int, groups: int, like: np.ndarray) -> np.ndarray | None:
+    """0 where a query row may attend to a key and −inf elsewhere, for the (rep·T, Tk) rows of
+    a kv head (its query heads' rows stacked); None for data-free arrays (no values to mask)."""
+    if meta.is_meta(like):
+        return None
+    mask = causal_mask(t_query, t_key)
+    bias = np.where(mask, like.dtype.type(0), like.dtype.type(-np.inf)).astype(like.dtype)
+    return np.tile(bias, (groups, 1)) if groups > 1 else bias
+
+
+def _log_attention_forward(
+    qd: np.ndarray, kd: np.ndarray, vd: np.ndarray, rows: int, batch: int
+) -> None:
+    """The forward's two products in the GEMM log and FLOP meter, as the composed ops log them."""
+    hs, t_key, precision = qd.shape[-1], kd.shape[-2], current_precision()
+    for m, kk, n in ((rows, hs, t_key), (rows, t_key, vd.shape[-1])):
+        flop_meter.forward += 2 * batch * m * kk * n
+        gemm_log.record(m, kk, n, batch, "forward", qd.dtype, precision)
+
+
+def _log_attention_backward(
+    qd: np.ndarray,
+    kd: np.ndarray,
+    vd: np.ndarray,
+    rows: int,
+    batch: int,
+    need_q: bool,
+    need_k: bool,
+    need_v: bool,
+) -> None:
+    """The backward's products, logged as the composed ops log them: p·v's (dp always, for the
+    scores' gradient; dv when v needs one), then q/√d·kᵀ's (dq, dkᵀ when needed)."""
+    hs, t_key, precision, dtype = qd.shape[-1], kd.shape[-2], current_precision(), qd.dtype
+    products = [(rows, hs, t_key, True), (t_key, rows, hs, need_v)]
+    products += [(rows, t_key, hs, need_q), (hs, rows, t_key, need_k)]
+    for m, kk, n, needed in products:
+        if needed:
+            flop_meter.backward += 2 * batch * m * kk * n
+            gemm_log.record(m, kk, n, batch, "backward-input", dtype, precision)
+
+
+def _composed_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """The attention as four nodes (scale, q·kᵀ, the fused softmax, p·v): under autocast each
+    rounds its output to the low precision, as eager kernels of that precision do."""
     groups = _kv_groups(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     mask = causal_mask(q.shape[-2], k.shape[-2], like=q.data) if causal else None

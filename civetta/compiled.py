@@ -1,0 +1,148 @@
+"""Compiled row kernels for the normalisations, where numba is installed (the `fast` extra).
+
+numpy runs a LayerNorm as six or more passes over its rows (the mean, the centring, the
+variance, the scaling, the affine part), each a ufunc loop of one row's 256 numbers: on the
+bench model's (2048, 256) activations a forward costs about three times PyTorch's one fused
+loop. A numba kernel does a row in one sweep while it is in cache. The kernels run on the
+engine's row blocks (`civetta.threads.run_blocked`), release the GIL so the engine's threads
+share the blocks, and write into the arrays they are given, as the numpy kernels in
+`civetta.fused` do; those stay the reference and the fallback.
+
+Used for real (not data-free) float32 and float64 rows at least `MIN_WIDTH` wide, where numba
+imports and `CIVETTA_COMPILED` is not "0". Width decides, not the number of rows, so every
+layout of a model (data, tensor, sequence parallel: whole rows per rank) takes the same kernel
+and gets the same bits; the tests' small models stay on numpy and never import numba. The sums
+over a row may be reassociated (vectorised) but nothing else is relaxed: NaN and infinity
+propagate as in numpy, and no reciprocal is approximated.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+MIN_WIDTH = 128  # narrower rows gain too little to be worth importing numba for
+
+# Reassociation (vectorised sums) and fused multiply-adds only: no fast-math on NaN, infinity,
+# signed zeros or reciprocals.
+_FLAGS = {"reassoc", "contract"}
+
+
+def available() -> bool:
+    """Whether the compiled kernels can run here (numba importable, not switched off)."""
+    return os.environ.get("CIVETTA_COMPILED", "1") != "0" and _numba_installed()
+
+
+@functools.cache
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def used_for(x: Any) -> bool:
+    """Whether the normalisations of `x`'s rows run compiled."""
+    return (
+        type(x) is np.ndarray
+        and x.ndim >= 1
+        and x.shape[-1] >= MIN_WIDTH
+        and x.dtype in (np.float32, np.float64)
+        and available()
+    )
+
+
+def _layer_norm_rows(x, w, b, xhat, rstd, out, inv_width, eps):  # type: ignore[no-untyped-def]
+    """Per row: x̂ = (x − mean)·rstd, rstd = 1/√(var + eps), out = x̂·w + b (out may be x̂)."""
+    zero = inv_width - inv_width  # a 0 of the rows' dtype: the sums stay in it
+    one = zero + 1
+    for i in range(x.shape[0]):
+        total = zero
+        for j in range(x.shape[1]):
+            total += x[i, j]
+        mean = total * inv_width
+        squares = zero
+        for j in range(x.shape[1]):
+            d = x[i, j] - mean
+            xhat[i, j] = d
+            squares += d * d
+        r = one / np.sqrt(squares * inv_width + eps)
+        rstd[i, 0] = r
+        for j in range(x.shape[1]):
+            h = xhat[i, j] * r
+            xhat[i, j] = h
+            out[i, j] = h * w[j] + b[j]
+
+
+def _rms_norm_rows(x, w, xhat, rstd, out, inv_width, eps):  # type: ignore[no-untyped-def]
+    """Per row: x̂ = x·rstd, rstd = 1/√(mean(x²) + eps), out = x̂·w (out may be x̂)."""
+    zero = inv_width - inv_width
+    one = zero + 1
+    for i in range(x.shape[0]):
+        squares = zero
+        for j in range(x.shape[1]):
+            squares += x[i, j] * x[i, j]
+        r = one / np.sqrt(squares * inv_width + eps)
+        rstd[i, 0] = r
+        for j in range(x.shape[1]):
+            h = x[i, j] * r
+            xhat[i, j] = h
+            out[i, j] = h * w[j]
+
+
+def _layer_norm_grad_rows(xhat, rstd, g, w, dx, inv_width):  # type: ignore[no-untyped-def]
+    """Per row: dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂))."""
+    zero = inv_width - inv_width
+    for i in range(xhat.shape[0]):
+        g_sum = zero
+        gx_sum = zero
+        for j in range(xhat.shape[1]):
+            gw = g[i, j] * w[j]
+            g_sum += gw
+            gx_sum += gw * xhat[i, j]
+        g_mean = g_sum * inv_width
+        gx_mean = gx_sum * inv_width
+        r = rstd[i, 0]
+        for j in range(xhat.shape[1]):
+            dx[i, j] = (g[i, j] * w[j] - g_mean - xhat[i, j] * gx_mean) * r
+
+
+def _rms_norm_grad_rows(xhat, rstd, g, w, dx, inv_width):  # type: ignore[no-untyped-def]
+    """Per row: dx = rstd·(g·w − x̂·mean(g·w·x̂))."""
+    zero = inv_width - inv_width
+    for i in range(xhat.shape[0]):
+        gx_sum = zero
+        for j in range(xhat.shape[1]):
+            gx_sum += g[i, j] * w[j] * xhat[i, j]
+        gx_mean = gx_sum * inv_width
+        r = rstd[i, 0]
+        for j in range(xhat.shape[1]):
+            dx[i, j] = (g[i, j] * w[j] - xhat[i, j] * gx_mean) * r
+
+
+_PYTHON_KERNELS: dict[str, Callable[..., None]] = {
+    "layer_norm": _layer_norm_rows,
+    "rms_norm": _rms_norm_rows,
+    "layer_norm_grad": _layer_norm_grad_rows,
+    "rms_norm_grad": _rms_norm_grad_rows,
+}
+
+
+@functools.cache
+def kernel(name: str) -> Callable[..., None]:
+    """The compiled kernel `name` (compiled at its first call per dtype; numba caches the
+    machine code on disk where it can write beside this module, else in memory only)."""
+    import numba
+
+    python = _PYTHON_KERNELS[name]
+    try:
+        return numba.njit(nogil=True, cache=True, fastmath=_FLAGS)(python)
+    except RuntimeError:  # no writable cache location: compile in memory each process
+        return numba.njit(nogil=True, fastmath=_FLAGS)(python)
+
+
+def typed(value: float, like: np.ndarray) -> Any:
+    """`value` as a scalar of `like`'s dtype (the kernels' arithmetic stays in that dtype)."""
+    return like.dtype.type(value)

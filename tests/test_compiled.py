@@ -1,0 +1,110 @@
+"""The compiled (numba) normalisation kernels against the numpy kernels they replace.
+
+`civetta.compiled` runs LayerNorm and RMSNorm rows at least `MIN_WIDTH` wide through numba
+where it is installed; the numpy kernels in `civetta.fused` stay the fallback (and what every
+narrower row runs). Both paths must agree in value and in every gradient, float64 to ~1e-13 and
+float32 to ~1e-6 relative, and the compiled path must agree with the composed reference too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from civetta import Tensor, compiled, functional, fused, meta
+from civetta.threads import set_engine_threads
+
+pytest.importorskip("numba")  # the `fast` extra (in `test`): without it only numpy runs
+
+WIDTH = 2 * compiled.MIN_WIDTH
+_rng = np.random.default_rng(7)
+
+# op, whether it takes a weight, whether it takes a bias, its composed reference
+NORMS: list[tuple[Callable[..., Tensor], bool, bool, Callable[..., Tensor]]] = [
+    (fused.layer_norm, True, True, functional.layer_norm),
+    (fused.rms_norm, True, False, functional.rms_norm),
+    (fused.normalize, False, False, lambda x: functional.layer_norm(x, None, None)),
+    (fused.rms_normalize, False, False, lambda x: functional.rms_norm(x, None)),
+]
+
+
+def _run(op: Callable[..., Tensor], arrays: list[np.ndarray], g: np.ndarray) -> list[np.ndarray]:
+    leaves = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    out = op(*leaves)
+    out.backward(g)
+    return [out.data, *(leaf.grad for leaf in leaves)]
+
+
+def _case(
+    weighted: bool, biased: bool, dtype: Any, rows: int = 300
+) -> tuple[list[np.ndarray], np.ndarray]:
+    x = (_rng.standard_normal((3, rows, WIDTH)) * 2 + 0.5).astype(dtype)
+    arrays = [x]
+    if weighted:
+        arrays.append(_rng.standard_normal(WIDTH).astype(dtype))
+    if biased:
+        arrays.append(_rng.standard_normal(WIDTH).astype(dtype))
+    return arrays, _rng.standard_normal(x.shape).astype(dtype)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+@pytest.mark.parametrize(
+    "op, weighted, biased, reference", NORMS, ids=lambda o: getattr(o, "__name__", "")
+)
+def test_compiled_norm_matches_numpy_and_reference(
+    monkeypatch: pytest.MonkeyPatch,
+    op: Callable[..., Tensor],
+    weighted: bool,
+    biased: bool,
+    reference: Callable[..., Tensor],
+    dtype: Any,
+    tol: float,
+) -> None:
+    arrays, g = _case(weighted, biased, dtype)
+    assert compiled.used_for(arrays[0])
+    fast = _run(op, arrays, g)
+    monkeypatch.setenv("CIVETTA_COMPILED", "0")
+    assert not compiled.used_for(arrays[0])
+    slow = _run(op, arrays, g)
+    composed = _run(reference, arrays, g)
+    for got, numpy_path, ref in zip(fast, slow, composed, strict=True):
+        assert got.dtype == dtype
+        assert _relative(got, numpy_path) < tol
+        assert _relative(got, ref) < tol * 10
+
+
+def test_compiled_norms_split_rows_over_threads_with_the_same_bits() -> None:
+    """The engine's threads share the row blocks (the kernels release the GIL): the result is
+    the one-thread result bit for bit, since each row is computed alone."""
+    arrays, g = _case(True, True, np.float32, rows=2048)  # large enough to be threaded
+    previous = set_engine_threads(1)
+    try:
+        one = _run(fused.layer_norm, arrays, g)
+        set_engine_threads(2)
+        two = _run(fused.layer_norm, arrays, g)
+    finally:
+        set_engine_threads(previous)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_norm_propagates_nan_to_its_row_only() -> None:
+    arrays, g = _case(True, True, np.float32)
+    arrays[0][1, 5, 17] = np.nan
+    out, dx, *_ = _run(fused.layer_norm, arrays, g)
+    assert np.isnan(out[1, 5]).all() and np.isnan(dx[1, 5]).all()
+    assert np.isfinite(np.delete(out.reshape(-1, WIDTH), 300 + 5, axis=0)).all()
+
+
+def test_narrow_data_free_and_integer_rows_stay_on_numpy() -> None:
+    assert not compiled.used_for(np.zeros((4, compiled.MIN_WIDTH - 1), np.float32))
+    assert not compiled.used_for(meta.shaped((4, WIDTH), np.float32))
+    assert not compiled.used_for(np.zeros((4, WIDTH), np.int64))
+    assert compiled.used_for(np.zeros((4, WIDTH), np.float32))
