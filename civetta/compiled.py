@@ -8,6 +8,10 @@ engine's row blocks (`civetta.threads.run_blocked`), release the GIL so the engi
 share the blocks, and write into the arrays they are given, as the numpy kernels in
 `civetta.fused` do; those stay the reference and the fallback.
 
+GELU and AdamW run compiled too (GELU around numpy's vectorised tanh): their kernels do the
+numpy kernels' operations in the same order without fast-math, so they return its bits, in one
+or two passes over each block instead of eight to eleven.
+
 Used for real (not data-free) float32 and float64 rows at least `MIN_WIDTH` wide, where numba
 imports and `CIVETTA_COMPILED` is not "0". Width decides, not the number of rows, so every
 layout of a model (data, tensor, sequence parallel: whole rows per rank) takes the same kernel
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 MIN_WIDTH = 128  # narrower rows gain too little to be worth importing numba for
+MIN_ELEMENTS = 1 << 16  # nor do smaller elementwise kernels
 
 # Reassociation (vectorised sums) and fused multiply-adds only: no fast-math on NaN, infinity,
 # signed zeros or reciprocals.
@@ -49,6 +54,17 @@ def used_for(x: Any) -> bool:
         type(x) is np.ndarray
         and x.ndim >= 1
         and x.shape[-1] >= MIN_WIDTH
+        and x.dtype in (np.float32, np.float64)
+        and available()
+    )
+
+
+def elementwise_for(x: Any) -> bool:
+    """Whether an elementwise kernel (GELU, AdamW) runs compiled on `x`: those return numpy's
+    bits, so only the import's cost decides, and arrays under `MIN_ELEMENTS` stay on numpy."""
+    return (
+        type(x) is np.ndarray
+        and x.size >= MIN_ELEMENTS
         and x.dtype in (np.float32, np.float64)
         and available()
     )
@@ -122,7 +138,51 @@ def _rms_norm_grad_rows(xhat, rstd, g, w, dx, inv_width):  # type: ignore[no-unt
             dx[i, j] = (g[i, j] * w[j] - xhat[i, j] * gx_mean) * r
 
 
+# GELU's kernels: the numpy kernel's operations in its order, element by element (IEEE, no
+# fast-math), so the values are its bits; numpy's vectorised tanh runs between the two halves.
+def _gelu_inner_rows(x, t, cubic, linear):  # type: ignore[no-untyped-def]
+    """t = (x·x·cubic + linear)·x: the argument of GELU's tanh."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[i, j]
+            t[i, j] = (v * v * cubic + linear) * v
+
+
+def _gelu_outer_rows(x, t, out, one, half):  # type: ignore[no-untyped-def]
+    """out = (t + 1)·x·½ with t = tanh(inner)."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[i, j] = (t[i, j] + one) * x[i, j] * half
+
+
+def _gelu_grad_rows(x, t, g, dx, cubic3, linear, one, half):  # type: ignore[no-untyped-def]
+    """dx = ((x·x·3·cubic + linear)·x·(1 − t²) + t + 1)·½·g."""
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v, u = x[i, j], t[i, j]
+            sech2 = one - u * u
+            dx[i, j] = ((v * v * cubic3 + linear) * v * sech2 + u + one) * half * g[i, j]
+
+
+def _adamw_flat(
+    p, g, m, v, b1, b2, one_minus_b1, one_minus_b2, step_size, sqrt_bc2, eps, shrink, decay
+):  # type: ignore[no-untyped-def]
+    """`optim._adamw_kernel` element by element: the same operations in the same order."""
+    for i in range(p.shape[0]):
+        w = p[i] * shrink if decay else p[i]
+        gi = g[i]
+        mi = m[i] * b1 + gi * one_minus_b1
+        vi = v[i] * b2 + gi * gi * one_minus_b2
+        m[i] = mi
+        v[i] = vi
+        p[i] = w - mi / (np.sqrt(vi) / sqrt_bc2 + eps) * step_size
+
+
 _PYTHON_KERNELS: dict[str, Callable[..., None]] = {
+    "adamw": _adamw_flat,
+    "gelu_inner": _gelu_inner_rows,
+    "gelu_outer": _gelu_outer_rows,
+    "gelu_grad": _gelu_grad_rows,
     "layer_norm": _layer_norm_rows,
     "rms_norm": _rms_norm_rows,
     "layer_norm_grad": _layer_norm_grad_rows,
@@ -137,10 +197,11 @@ def kernel(name: str) -> Callable[..., None]:
     import numba
 
     python = _PYTHON_KERNELS[name]
+    flags: set[str] | bool = False if name.startswith(("gelu", "adamw")) else _FLAGS
     try:
-        return numba.njit(nogil=True, cache=True, fastmath=_FLAGS)(python)
+        return numba.njit(nogil=True, cache=True, fastmath=flags)(python)
     except RuntimeError:  # no writable cache location: compile in memory each process
-        return numba.njit(nogil=True, fastmath=_FLAGS)(python)
+        return numba.njit(nogil=True, fastmath=flags)(python)
 
 
 def typed(value: float, like: np.ndarray) -> Any:

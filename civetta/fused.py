@@ -130,15 +130,34 @@ def _gelu_backward(x: np.ndarray, t: np.ndarray, g: np.ndarray, dx: np.ndarray) 
     dx *= g
 
 
+def _gelu_forward_compiled(x: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
+    """`_gelu_forward`'s bits in two compiled passes around numpy's tanh (`civetta.compiled`)."""
+    dtype = x.dtype.type
+    compiled.kernel("gelu_inner")(x, t, dtype(0.044715 * GELU_C), dtype(GELU_C))
+    np.tanh(t, out=t)
+    compiled.kernel("gelu_outer")(x, t, out, dtype(1.0), dtype(0.5))
+
+
+def _gelu_backward_compiled(x: np.ndarray, t: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
+    """`_gelu_backward`'s bits in one compiled pass."""
+    dtype = x.dtype.type
+    grad = compiled.kernel("gelu_grad")
+    grad(x, t, g, dx, dtype(3 * 0.044715 * GELU_C), dtype(GELU_C), dtype(1.0), dtype(0.5))
+
+
 def gelu(x: Tensor) -> Tensor:
     """GELU (tanh approximation); reference: `functional.gelu`."""
     data = x.data
     t, out = _new(data), _new(data)
-    run_blocked(_gelu_forward, (_rows(data), _rows(t), _rows(out)))
+    fast = compiled.elementwise_for(data)
+    run_blocked(
+        _gelu_forward_compiled if fast else _gelu_forward, (_rows(data), _rows(t), _rows(out))
+    )
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
         dx = _new(data)
-        run_blocked(_gelu_backward, (_rows(data), _rows(t), _rows(g), _rows(dx)))
+        kernel = _gelu_backward_compiled if fast else _gelu_backward
+        run_blocked(kernel, (_rows(data), _rows(t), _rows(g), _rows(dx)))
         return (dx,)
 
     return make_node(out, (x,), backward, saved=(data, t))

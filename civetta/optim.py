@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from civetta import meta
+from civetta import compiled, meta
 from civetta.tensor import Tensor
 from civetta.threads import run_blocked
 
@@ -227,7 +227,8 @@ class AdamW(Optimizer):
         ):
             # Blocks of the flat arrays (see `civetta.threads`): the same operations per element.
             flat = (p.reshape(-1), np.asarray(g).reshape(-1), m.reshape(-1), v.reshape(-1))
-            run_blocked(_adamw_kernel, flat, constants)
+            fast = compiled.elementwise_for(p) and g.dtype == p.dtype
+            run_blocked(_adamw_compiled if fast else _adamw_kernel, flat, constants)
         else:  # data-free, or a strided parameter view: one call on the arrays themselves
             _adamw_kernel(p, g, m, v, *constants)
 
@@ -262,6 +263,28 @@ def _adamw_kernel(
     np.divide(m, scratch, out=scratch)
     scratch *= step_size
     p -= scratch
+
+
+def _adamw_compiled(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    b1: float,
+    b2: float,
+    step_size: float,
+    sqrt_bc2: float,
+    eps: float,
+    shrink: float,
+    decay: bool,
+) -> None:
+    """`_adamw_kernel`'s bits in one compiled pass (`civetta.compiled`): the constants rounded
+    to the parameters' dtype first, as numpy rounds a Python float operand."""
+    t = p.dtype.type
+    compiled.kernel("adamw")(
+        p, g, m, v, t(b1), t(b2), t(1.0 - b1), t(1.0 - b2), t(step_size), t(sqrt_bc2), t(eps),
+        t(shrink), decay,
+    )  # fmt: skip
 
 
 def make_optimizer(

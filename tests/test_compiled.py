@@ -108,3 +108,42 @@ def test_narrow_data_free_and_integer_rows_stay_on_numpy() -> None:
     assert not compiled.used_for(meta.shaped((4, WIDTH), np.float32))
     assert not compiled.used_for(np.zeros((4, WIDTH), np.int64))
     assert compiled.used_for(np.zeros((4, WIDTH), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_gelu_returns_the_numpy_kernels_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
+    x = (_rng.standard_normal((96, 4 * WIDTH)) * 3).astype(dtype)
+    x[0, :8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, 30.0, -30.0]
+    g = _rng.standard_normal(x.shape).astype(dtype)
+    assert compiled.elementwise_for(x)
+    with np.errstate(invalid="ignore"):
+        fast = _run(fused.gelu, [x], g)
+        monkeypatch.setenv("CIVETTA_COMPILED", "0")
+        slow = _run(fused.gelu, [x], g)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_adamw_returns_the_numpy_kernels_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
+    from civetta.optim import AdamW
+
+    start = _rng.standard_normal((300, 300)).astype(dtype)
+    grads = [_rng.standard_normal(start.shape).astype(dtype) for _ in range(3)]
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("CIVETTA_COMPILED", switch)
+        weight = Tensor(start.copy(), requires_grad=True)
+        bias = Tensor(np.ones(300, dtype), requires_grad=True)  # no decay, too small: numpy
+        assert compiled.elementwise_for(weight.data) == (switch == "1")
+        optimizer = AdamW({"w.weight": weight, "w.bias": bias}, lr=1e-2)
+        for g in grads:
+            weight.grad, bias.grad = g.copy(), g[0].copy()
+            optimizer.step()
+        results.append((weight.data.copy(), bias.data.copy()))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
