@@ -25,7 +25,14 @@ import numpy as np
 
 from civetta import meta
 from civetta.meters import flop_meter, gemm_log
-from civetta.tensor import RegionGrad, Tensor, as_tensor, current_precision, make_node
+from civetta.tensor import (
+    RegionGrad,
+    Tensor,
+    as_tensor,
+    current_precision,
+    make_node,
+    memory_order,
+)
 from civetta.threads import batched_matmul
 
 
@@ -278,6 +285,7 @@ def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
     pieces = np.split(a.data, sections, axis=axis)
     starts = np.cumsum([0] + [p.shape[axis] for p in pieces])
     shape, dtype = a.shape, a.dtype
+    order = memory_order(a.data)  # the gradient's pieces are summed in the input's layout
     out = []
     for i, piece in enumerate(pieces):
         where_ = [slice(None)] * a.ndim
@@ -286,7 +294,7 @@ def split(a: Tensor, sections: int | list[int], axis: int = 0) -> list[Tensor]:
 
         def backward(g: np.ndarray, region: tuple = region) -> tuple[Any]:
             if type(g) is np.ndarray:  # the engine writes the slice into the input's gradient
-                return (RegionGrad(shape, region, g.astype(dtype, copy=False)),)
+                return (RegionGrad(shape, region, g.astype(dtype, copy=False), order),)
             full = meta.zeros(shape, dtype, like=g)  # data-free: a shape-only array
             full[region] = g
             return (full,)

@@ -74,15 +74,44 @@ class RegionGrad:
     of the input instead of adding a zero-padded array per slice (for q, k, v: one buffer
     instead of three and two full-size sums)."""
 
-    __slots__ = ("dtype", "region", "shape", "values")
+    __slots__ = ("dtype", "order", "region", "shape", "values")
 
-    def __init__(self, shape: tuple[int, ...], region: Any, values: np.ndarray) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        region: Any,
+        values: np.ndarray,
+        order: tuple[int, ...] | None = None,
+    ) -> None:
         self.shape, self.region, self.values, self.dtype = shape, region, values, values.dtype
+        self.order = order  # the input's memory layout (`memory_order`), which the sum keeps
 
     def dense(self) -> np.ndarray:
-        full = np.zeros(self.shape, self.dtype)
+        full = empty_in_order(self.shape, self.dtype, self.order)
+        full.fill(0)
         full[self.region] = self.values
         return full
+
+
+def memory_order(a: np.ndarray) -> tuple[int, ...] | None:
+    """`a`'s axes from the largest stride to the smallest, where `a` is a strided view (None
+    for a C-contiguous array): the layout a gradient for `a` is best allocated in."""
+    if type(a) is not np.ndarray or a.flags.c_contiguous:
+        return None
+    return tuple(sorted(range(a.ndim), key=lambda axis: -abs(a.strides[axis])))
+
+
+def empty_in_order(shape: tuple[int, ...], dtype: Any, order: tuple[int, ...] | None) -> np.ndarray:
+    """An uninitialised array of `shape` whose memory runs through the axes in `order`.
+
+    A split of a transposed array (the q, k and v heads of one packed projection) hands its
+    gradient pieces back in the transposed shape; summed into an array laid out as the input's
+    memory, the transposes and the reshape the gradient then flows through are views, where a
+    C-ordered sum would be copied once more into the projection's layout."""
+    if order is None:
+        return np.empty(shape, dtype)
+    stored = np.empty([shape[axis] for axis in order], dtype)
+    return stored.transpose(np.argsort(order))
 
 
 class WeightGradStore:
@@ -358,18 +387,19 @@ class _Regions:
     along one axis (q, k and v of a split) are copied into an uninitialised array, one write
     each; any other set is added into zeros."""
 
-    __slots__ = ("dtype", "parts", "shape")
+    __slots__ = ("dtype", "order", "parts", "shape")
 
     def __init__(self, first: RegionGrad) -> None:
         self.shape, self.dtype, self.parts = first.shape, first.dtype, [first]
+        self.order = first.order
 
     def dense(self) -> np.ndarray:
+        total = empty_in_order(self.shape, self.dtype, self.order)
         if _tile(self.parts, self.shape):
-            total = np.empty(self.shape, self.dtype)
             for part in self.parts:
                 total[part.region] = part.values
             return total
-        total = np.zeros(self.shape, self.dtype)
+        total.fill(0)
         for part in self.parts:
             total[part.region] += part.values
         return total
@@ -603,7 +633,7 @@ def _rounded(grad: Any, policy: Any) -> Any:
     if isinstance(grad, np.ndarray):
         return policy.round(grad)
     if isinstance(grad, RegionGrad):  # rounding keeps the zeros outside the region zero
-        return RegionGrad(grad.shape, grad.region, policy.round(grad.values))
+        return RegionGrad(grad.shape, grad.region, policy.round(grad.values), grad.order)
     if isinstance(grad, DeferredGrad):
         compute = grad.compute
         return DeferredGrad(lambda: policy.round(compute()))
