@@ -450,18 +450,62 @@ def _sigmoid(x: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
     np.divide(scratch, out, out=out)
 
 
+def _compiled_swiglu_for(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether SwiGLU of `a` with `b` runs compiled: C-contiguous arrays of one dtype (their
+    flat views are what the compiled kernels walk)."""
+    return (
+        compiled.elementwise_for(a)
+        and type(b) is np.ndarray
+        and b.dtype == a.dtype
+        and a.flags.c_contiguous
+        and b.flags.c_contiguous
+    )
+
+
+def _sigmoid_exponentials(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """e^min(a, 0) and e^−|a| of one block, as `_sigmoid` computes them."""
+    low, negative_abs = np.empty_like(a), np.empty_like(a)
+    compiled.kernel("sigmoid_arguments")(a, low, negative_abs, a.dtype.type(0.0))
+    np.exp(low, out=low)
+    np.exp(negative_abs, out=negative_abs)
+    return low, negative_abs
+
+
+def _swiglu_compiled(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """`swiglu`'s forward bits on one block of the flat arrays (`civetta.compiled`)."""
+    low, negative = _sigmoid_exponentials(a)
+    compiled.kernel("swiglu")(low, negative, a, b, out, a.dtype.type(1.0))
+
+
+def _swiglu_grad_compiled(
+    a: np.ndarray, b: np.ndarray, g: np.ndarray, d_gate: np.ndarray, d_up: np.ndarray
+) -> None:
+    """`swiglu`'s backward bits on one block (both gradients)."""
+    low, negative = _sigmoid_exponentials(a)
+    compiled.kernel("swiglu_grad")(low, negative, a, b, g, d_gate, d_up, a.dtype.type(1.0))
+
+
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) · up, one node; keeps gate and up, and recomputes the sigmoid in backward
     (as Megatron-LM's fused SwiGLU does). Reference: `functional.swiglu`."""
     a, b = gate.data, up.data
+    fast = _compiled_swiglu_for(a, b)
     out = np.empty_like(a)
-    _sigmoid(a, out, np.empty_like(a))
-    out *= a
-    out *= b
+    if fast:
+        run_blocked(_swiglu_compiled, (a.reshape(-1), b.reshape(-1), out.reshape(-1)))
+    else:
+        _sigmoid(a, out, np.empty_like(a))
+        out *= a
+        out *= b
     need_gate, need_up = gate.requires_grad, up.requires_grad
     up_kept = b if need_gate else None  # the gate's gradient reads up; up's reads only the gate
 
     def backward(g: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if fast and need_gate and need_up and _compiled_swiglu_for(a, g):
+            d_gate, d_up = np.empty_like(a), np.empty_like(a)
+            flat = (a.reshape(-1), b.reshape(-1), g.reshape(-1))
+            run_blocked(_swiglu_grad_compiled, (*flat, d_gate.reshape(-1), d_up.reshape(-1)))
+            return d_gate, d_up
         sig, d_gate = np.empty_like(a), np.empty_like(a)
         _sigmoid(a, sig, d_gate)
         silu = np.multiply(a, sig)
@@ -489,11 +533,20 @@ def rope(x: Tensor, cos: np.ndarray, sin: np.ndarray) -> Tensor:
     cos, sin = cos.astype(data.dtype, copy=False), sin.astype(data.dtype, copy=False)
     half = data.shape[-1] // 2
     lo, hi = slice(None, half), slice(half, None)
-    out = data * cos
-    out[..., lo] -= data[..., hi] * sin[..., lo]
-    out[..., hi] += data[..., lo] * sin[..., hi]
+    fast = compiled.elementwise_for(data) and data.ndim == 4 and cos.shape == data.shape[-2:]
+    if fast:  # the same operations per element in one compiled pass (`civetta.compiled`)
+        out = np.empty_like(data)
+        run_blocked(compiled.kernel("rope"), (data, out), (cos, sin, half))
+    else:
+        out = data * cos
+        out[..., lo] -= data[..., hi] * sin[..., lo]
+        out[..., hi] += data[..., lo] * sin[..., hi]
 
     def backward(g: np.ndarray) -> tuple[np.ndarray]:
+        if fast and compiled.elementwise_for(g):
+            dx = np.empty_like(g)
+            run_blocked(compiled.kernel("rope_grad"), (g, dx), (cos, sin, half))
+            return (dx,)
         dx = g * cos
         dx[..., lo] += g[..., hi] * sin[..., hi]
         dx[..., hi] -= g[..., lo] * sin[..., lo]

@@ -147,3 +147,45 @@ def test_compiled_adamw_returns_the_numpy_kernels_bits(
         results.append((weight.data.copy(), bias.data.copy()))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_swiglu_returns_the_numpy_kernels_bits(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
+    gate = (_rng.standard_normal((3, 64, 2 * WIDTH)) * 4).astype(dtype)
+    gate[0, 0, :6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 90.0]  # the first of a block, too
+    up = _rng.standard_normal(gate.shape).astype(dtype)
+    g = _rng.standard_normal(gate.shape).astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        fast = _run(fused.swiglu, [gate, up], g)
+        monkeypatch.setenv("CIVETTA_COMPILED", "0")
+        slow = _run(fused.swiglu, [gate, up], g)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_rope_returns_the_numpy_kernels_bits_on_strided_heads(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
+    """q of a packed projection is a strided view (B, nh, T, hs) of (B, T, 3, nh, hs)."""
+    batch, heads, t, hs = 4, 4, 64, 64
+    packed = _rng.standard_normal((batch, t, 3, heads, hs)).astype(dtype)
+    q = packed.transpose(2, 0, 3, 1, 4)[0]
+    cos, sin = functional.rope_tables(np.arange(t), hs, 10000.0, dtype)
+    g = _rng.standard_normal(q.shape).astype(dtype)
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        x = Tensor(q, requires_grad=True)  # the strided view itself, not a copy
+        out = fused.rope(x, cos, sin)
+        out.backward(g)
+        assert x.grad is not None
+        return out.data, x.grad
+
+    assert not q.flags.c_contiguous and compiled.elementwise_for(q)
+    fast = run()
+    monkeypatch.setenv("CIVETTA_COMPILED", "0")
+    slow = run()
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
