@@ -2,26 +2,29 @@
 
     python benchmarks/bench_kernels.py [--repeats 15] [--threads N] [--clock wall|cpu]
 
-For each fused op (forward and backward of one node, float32): civetta on whole arrays (one
-numpy pass per operation, `threads.BLOCK` set past the array size), civetta blocked on one
-thread, blocked on `--threads` threads (when above 1), and the PyTorch eager op on the same
+For each fused op (forward and backward of one node, float32): civetta's numpy kernels on
+whole arrays (one pass per operation, `threads.BLOCK` set past the array size), blocked on one
+thread, civetta's compiled kernels (`civetta.compiled`, where numba is installed) blocked on one
+thread, both blocked on `--threads` threads (when above 1), and the PyTorch eager op on the same
 data and thread count. The variants run alternately, one call each in turn, and the median of
-`--repeats` rounds is printed, so all see the same machine load. With numexpr or numba
-installed, a GELU forward written in each is timed too (the candidates for a compiled kernel).
+`--repeats` rounds is printed, so all see the same machine load. A GELU forward is timed in
+more ways too: in numexpr, and in one numba loop with its tanh inside (where each is installed),
+against civetta's, whose compiled passes leave the tanh to numpy.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from civetta import fused, threads
-from civetta.functional import causal_mask
+from civetta import compiled, fused, threads
+from civetta.functional import causal_mask, rope_tables
 from civetta.tensor import Tensor
 
 B, T, C, H, V = 16, 128, 256, 4, 256  # the bench GPT, batch 16
@@ -39,6 +42,8 @@ def civetta_cases() -> dict[str, Callable[[], Any]]:
     """Forward and backward of each op, one call."""
     hidden, x, w, b = array(B, T, 4 * C), array(B, T, C), array(C), array(C)
     scores, mask = array(B, H, T, T), causal_mask(T, T)
+    packed = array(B, T, 3, H, C // H).transpose(2, 0, 3, 1, 4)  # q, k, v views of one GEMM
+    cos, sin = rope_tables(np.arange(T), C // H, 10000.0, np.float32)
     logits, targets = array(B, T, V), rng.integers(0, V, size=(B, T))
 
     def run(op: Callable[..., Tensor], *args: Any) -> Callable[[], Any]:
@@ -52,8 +57,11 @@ def civetta_cases() -> dict[str, Callable[[], Any]]:
 
     return {
         "gelu (B,T,4C)": run(fused.gelu, hidden),
+        "swiglu (B,T,4C)": run(fused.swiglu, hidden, hidden.copy()),
         "layer_norm (B,T,C)": run(fused.layer_norm, x, w, b),
+        "rope q (B,H,T,C/H)": run(lambda q: fused.rope(q, cos, sin), packed[0]),
         "softmax causal (B,H,T,T)": lambda: _masked(scores, mask),
+        "attention (B,H,T,C/H)": run(fused.scaled_dot_product_attention, *packed),
         "cross_entropy (B·T,V)": lambda: _loss(logits, targets),
     }
 
@@ -77,7 +85,15 @@ def torch_cases() -> dict[str, Callable[[], Any]]:
         return torch.from_numpy(array(*shape)).requires_grad_()
 
     hidden, x = leaf(B, T, 4 * C), leaf(B, T, C)
+    up = leaf(B, T, 4 * C)
     w, b = leaf(C), leaf(C)
+    q, k, v = (leaf(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)[i] for i in range(3))
+    cos, sin = (torch.from_numpy(a) for a in rope_tables(np.arange(T), C // H, 1e4, np.float32))
+
+    def rope(t: Any) -> Any:
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], dim=-1) * sin
+
     scores = leaf(B, H, T, T)
     mask = torch.from_numpy(causal_mask(T, T))
     logits = leaf(B * T, V)
@@ -88,26 +104,33 @@ def torch_cases() -> dict[str, Callable[[], Any]]:
 
     return {
         "gelu (B,T,4C)": lambda: backward(F.gelu(hidden, approximate="tanh")),
+        "swiglu (B,T,4C)": lambda: backward(F.silu(hidden) * up),
         "layer_norm (B,T,C)": lambda: backward(F.layer_norm(x, (C,), w, b)),
+        "rope q (B,H,T,C/H)": lambda: backward(rope(q)),
         "softmax causal (B,H,T,T)": lambda: backward(
             torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        ),
+        "attention (B,H,T,C/H)": lambda: backward(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
         ),
         "cross_entropy (B·T,V)": lambda: F.cross_entropy(logits, targets).backward(),
     }
 
 
 def compiled_gelus() -> dict[str, Callable[[], Any]]:
-    """GELU forward (output and tanh, as civetta's) in numexpr and numba, where installed."""
+    """GELU forward (output and tanh, as civetta's): civetta's numpy and compiled kernels, and
+    numexpr and one numba loop with the tanh inside, where installed."""
     x = array(B, T, 4 * C)
     t, out = np.empty_like(x), np.empty_like(x)
     k = {"c0": np.float32(0.7978845608), "c1": np.float32(0.7978845608 * 0.044715)}
     k.update(half=np.float32(0.5), one=np.float32(1.0))
+    rows = (x.reshape(-1, 4 * C), t.reshape(-1, 4 * C), out.reshape(-1, 4 * C))
     variants: dict[str, Callable[[], Any]] = {
-        "civetta blocked": lambda: threads.run_blocked(
-            fused._gelu_forward,
-            (x.reshape(-1, 4 * C), t.reshape(-1, 4 * C), out.reshape(-1, 4 * C)),
-        )
+        "civetta numpy blocked": lambda: threads.run_blocked(fused._gelu_forward, rows)
     }
+    if compiled.available():
+        compiled_gelu = fused._gelu_forward_compiled
+        variants["civetta compiled blocked"] = lambda: threads.run_blocked(compiled_gelu, rows)
     if importlib.util.find_spec("numexpr"):
         import numexpr
 
@@ -119,17 +142,17 @@ def compiled_gelus() -> dict[str, Callable[[], Any]]:
     if importlib.util.find_spec("numba"):
         import numba
 
-        @numba.njit(parallel=True, cache=False)
+        @numba.njit(cache=False)
         def gelu_numba(x: np.ndarray, t: np.ndarray, out: np.ndarray) -> None:
             xs, ts, outs = x.ravel(), t.ravel(), out.ravel()
-            for i in numba.prange(xs.size):
+            for i in range(xs.size):
                 v = xs[i]
                 th = np.tanh(v * (np.float32(0.7978845608) + np.float32(0.035677408) * v * v))
                 ts[i] = th
                 outs[i] = np.float32(0.5) * v * (np.float32(1.0) + th)
 
         gelu_numba(x, t, out)  # compile outside the timing
-        variants["numba (parallel)"] = lambda: gelu_numba(x, t, out)
+        variants["numba, tanh in the loop"] = lambda: gelu_numba(x, t, out)
     return variants
 
 
@@ -146,20 +169,26 @@ def alternate(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str,
 
 
 class Setting:
-    """civetta's kernel layout for one variant: block size and engine threads."""
+    """civetta's kernel layout for one variant: block size, engine threads, compiled or not."""
 
-    def __init__(self, block: int, count: int) -> None:
-        self.block, self.count = block, count
+    def __init__(self, block: int, count: int, compiled_kernels: bool = False) -> None:
+        self.block, self.count, self.compiled = block, count, compiled_kernels
 
     def wrap(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> None:
             saved_block, saved_threads = threads.BLOCK, threads.set_engine_threads(self.count)
+            saved_switch = os.environ.get("CIVETTA_COMPILED")
             threads.BLOCK = self.block
+            os.environ["CIVETTA_COMPILED"] = "1" if self.compiled else "0"
             try:
                 fn()
             finally:
                 threads.BLOCK = saved_block
                 threads.set_engine_threads(saved_threads)
+                if saved_switch is None:
+                    del os.environ["CIVETTA_COMPILED"]
+                else:
+                    os.environ["CIVETTA_COMPILED"] = saved_switch
 
         return run
 
@@ -172,9 +201,14 @@ def main() -> None:
     args = parser.parse_args()
     global clock
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    settings = {"whole": Setting(1 << 62, 1), "blocked 1 thr": Setting(threads.BLOCK, 1)}
+    settings = {"numpy whole": Setting(1 << 62, 1), "numpy 1 thr": Setting(threads.BLOCK, 1)}
+    fast = compiled.available()
+    if fast:
+        settings["compiled 1 thr"] = Setting(threads.BLOCK, 1, compiled_kernels=True)
     if args.threads > 1:
-        settings[f"blocked {args.threads} thr"] = Setting(threads.BLOCK, args.threads)
+        settings[f"numpy {args.threads} thr"] = Setting(threads.BLOCK, args.threads)
+        if fast:
+            settings[f"compiled {args.threads} thr"] = Setting(threads.BLOCK, args.threads, True)
     reference = torch_cases() if importlib.util.find_spec("torch") else {}
     if reference:
         import torch
