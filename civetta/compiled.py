@@ -1,23 +1,28 @@
-"""Compiled row kernels for the normalisations, where numba is installed (the `fast` extra).
+"""Compiled kernels for the passes numpy makes slowly, where numba is installed (the `fast`
+extra); the numpy kernels in `civetta.fused` and `civetta.optim` stay the reference and the
+fallback.
 
 numpy runs a LayerNorm as six or more passes over its rows (the mean, the centring, the
-variance, the scaling, the affine part), each a ufunc loop of one row's 256 numbers: on the
-bench model's (2048, 256) activations a forward costs about three times PyTorch's one fused
-loop. A numba kernel does a row in one sweep while it is in cache. The kernels run on the
+variance, the scaling, the affine part), each a ufunc loop over one row's 256 numbers: on the
+bench model's (2048, 256) activations its forward costs about three times PyTorch's one fused
+loop. A compiled kernel does a row in one sweep while it is in cache. The kernels run on the
 engine's row blocks (`civetta.threads.run_blocked`), release the GIL so the engine's threads
-share the blocks, and write into the arrays they are given, as the numpy kernels in
-`civetta.fused` do; those stay the reference and the fallback.
+share the blocks, and write into the arrays they are given.
 
-GELU, SwiGLU, RoPE and AdamW run compiled too (GELU and SwiGLU around numpy's vectorised tanh
-and exp): their kernels do the numpy kernels' operations in the same order without fast-math,
-so they return their bits, in one or two passes over each block instead of up to eleven.
-
-Used for real (not data-free) float32 and float64 rows at least `MIN_WIDTH` wide, where numba
-imports and `CIVETTA_COMPILED` is not "0". Width decides, not the number of rows, so every
-layout of a model (data, tensor, sequence parallel: whole rows per rank) takes the same kernel
-and gets the same bits; the tests' small models stay on numpy and never import numba. The sums
-over a row may be reassociated (vectorised) but nothing else is relaxed: NaN and infinity
-propagate as in numpy, and no reciprocal is approximated.
+Two kinds, chosen by two rules:
+- The normalisations (LayerNorm, RMSNorm and their gradients) sum along a row, and may
+  reassociate those sums (vectorised): their values differ from numpy's in the last bits. They
+  run compiled for rows at least `MIN_WIDTH` wide. Width decides, not the number of rows, so
+  every layout of a model (data, tensor, sequence parallel: whole rows per rank) takes the same
+  kernel and gets the same bits; the tests' small models stay on numpy.
+- GELU, SwiGLU, RoPE, AdamW and a linear layer's bias add do the numpy kernels' operations in
+  the same order without fast-math (GELU and SwiGLU around numpy's vectorised tanh and exp), so
+  they return numpy's bits, in one or two passes over each block instead of up to eleven. They
+  run compiled on arrays of at least `MIN_ELEMENTS`: below it importing numba costs more than it
+  saves.
+Nothing else is relaxed: NaN and infinity propagate as in numpy, no reciprocal is approximated.
+Both rules need real (not data-free) float32 or float64 arrays, numba importable and
+`CIVETTA_COMPILED` not "0".
 """
 
 from __future__ import annotations
@@ -227,8 +232,16 @@ def _rope_grad_rows(g, dx, cos, sin, half):  # type: ignore[no-untyped-def]
                     dx[b, h, t, j] = g[b, h, t, j] * cos[t, j] - g[b, h, t, j - half] * s
 
 
+def _add_row_rows(out, row):  # type: ignore[no-untyped-def]
+    """out += row on every row (a linear layer's bias), in place."""
+    for i in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] += row[j]
+
+
 _REASSOCIATED = ("layer_norm", "rms_norm", "layer_norm_grad", "rms_norm_grad")
 _PYTHON_KERNELS: dict[str, Callable[..., None]] = {
+    "add_row": _add_row_rows,
     "sigmoid_arguments": _sigmoid_arguments_flat,
     "swiglu": _swiglu_flat,
     "swiglu_grad": _swiglu_grad_flat,

@@ -40,7 +40,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     x2 = data.reshape(-1, in_features)
     out = x2 @ w.T
     if bias is not None:
-        out += bias.data
+        b = bias.data
+        if compiled.elementwise_for(out) and b.dtype == out.dtype:
+            run_blocked(compiled.kernel("add_row"), (out,), (b,))  # numpy's bits, in one pass
+        else:
+            out += b
     tokens = x2.shape[0]
     flops = 2 * tokens * in_features * out_features
     flop_meter.forward += flops
@@ -607,19 +611,20 @@ def softmax(x: Tensor, mask: np.ndarray | None = None) -> Tensor:
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
     """softmax(q·kᵀ/√d) · v as one node that keeps q/√d, k, v and the probabilities (the arrays
-    the composed version keeps); reference: the functional version.
+        the composed version keeps); reference: the functional version.
 
-    Grouped-query attention (k, v with nkv < nh heads) does not repeat k and v: the `rep` query
-    heads of a group are consecutive, so q viewed as (B, nkv, rep·T, D) multiplies each group's
-    kᵀ in one batched GEMM, and the probabilities viewed back the same way multiply v.
+        Grouped-query attention (k, v with nkv < nh heads) does not repeat k and v: the `rep` query
+        heads of a group are consecutive, so q viewed as (B, nkv, rep·T, D) multiplies each group's
+        kᵀ in one batched GEMM, and the probabilities viewed back the same way multiply v.
 
-    Forward and backward run per block of the batch (`run_blocked`): a block's scores, softmax
-    and products stay in cache, where the composed ops stream each (B, nh, T, T) array from
-    memory several times. The output is written in (B, T, nh, D) order and returned as its
-    (B, nh, T, D) view, so the model's merge of the heads back into (B, T, C) is a view, not a
-    copy. Each block computes what the composed ops compute on it, the same operations in the
-    same order (the mask added as 0 / −inf), so the values are the composed version's bits.
-    Under autocast (which rounds every intermediate) the composed ops run instead.
+        Forward and backward run per block of the batch (`run_blocked`): a block's scores, softmax
+        and products stay in cache, where the composed ops stream each (B, nh, T, T) array from
+        memory several times. The output is written in (B, T, nh, D) order and returned as its
+        (B, nh, T, D) view, so the model's merge of the heads back into (B, T, C) is a view, not a
+        copy. Each block computes what the composed ops compute on it, the same operations in the
+        same order (the mask added as 0 / −inf), so the values are the composed version's bits (k's
+    gradient too: it is computed as dk where the composed ops compute dkᵀ, with the same sums).
+        Under autocast (which rounds every intermediate) the composed ops run instead.
     """
     if _attention[-1] == "flash":
         return flash_attention(q, k, v, causal)
@@ -650,12 +655,12 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         _log_attention_backward(qd, kd, vd, rows, b * kv_heads, need_q, need_k, need_v)
         g4 = g.reshape(b, kv_heads, rows, hs)
         dq = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
-        dk_t = meta.empty((b, kv_heads, hs, t_key), qd.dtype, like=qd)
+        dk = meta.empty(kd.shape, qd.dtype, like=qd)
         dv = meta.empty(vd.shape, qd.dtype, like=qd)
-        run_blocked(_attention_backward, (probs, g4, vd, grouped, kd, dq, dk_t, dv), (scale,))
+        run_blocked(_attention_backward, (probs, g4, vd, grouped, kd, dq, dk, dv), (scale,))
         return (
             dq.reshape(b, heads, t_query, hs) if need_q else None,
-            np.swapaxes(dk_t, -1, -2) if need_k else None,
+            dk if need_k else None,
             dv if need_v else None,
         )
 
@@ -687,12 +692,14 @@ def _attention_backward(
     grouped: np.ndarray,
     k: np.ndarray,
     dq: np.ndarray,
-    dk_t: np.ndarray,
+    dk: np.ndarray,
     dv: np.ndarray,
     scale: np.ndarray,
 ) -> None:
-    """One block of the backward, as the composed ops compute it: dv = pᵀ·g and dp = g·vᵀ (p·v),
-    ds = p·(dp − Σ dp·p) (softmax), dq = ds·k·scale and dkᵀ = (q/√d)ᵀ·ds (q/√d · kᵀ)."""
+    """One block of the backward: dv = pᵀ·g and dp = g·vᵀ (p·v), ds = p·(dp − Σ dp·p) (softmax),
+    dq = ds·k·scale and dk = dsᵀ·(q/√d) (q/√d · kᵀ), as the composed ops compute them but dk
+    itself where they compute dkᵀ: the same products, and a contiguous dk (its transpose, a
+    strided view, cost a slow copy into the packed projection's gradient)."""
     np.matmul(np.swapaxes(probs, -1, -2), g, out=dv)
     ds = g @ np.swapaxes(v, -1, -2)
     total = np.einsum("...i,...i->...", ds, probs)[..., None]
@@ -700,7 +707,7 @@ def _attention_backward(
     ds *= probs
     np.matmul(ds, k, out=dq)
     dq *= scale
-    np.matmul(np.swapaxes(grouped, -1, -2), ds, out=dk_t)
+    np.matmul(np.swapaxes(ds, -1, -2), grouped, out=dk)
 
 
 def _causal_bias(t_query: int, t_key: int, groups: int, like: np.ndarray) -> np.ndarray | None:
@@ -733,11 +740,12 @@ def _log_attention_backward(
     need_k: bool,
     need_v: bool,
 ) -> None:
-    """The backward's products, logged as the composed ops log them: p·v's (dp always, for the
-    scores' gradient; dv when v needs one), then q/√d·kᵀ's (dq, dkᵀ when needed)."""
+    """The backward's products: p·v's (dp always, for the scores' gradient; dv when v needs
+    one), then q/√d·kᵀ's (dq, dk when needed; the composed ops log dkᵀ, the same FLOPs and
+    bytes)."""
     hs, t_key, precision, dtype = qd.shape[-1], kd.shape[-2], current_precision(), qd.dtype
     products = [(rows, hs, t_key, True), (t_key, rows, hs, need_v)]
-    products += [(rows, t_key, hs, need_q), (hs, rows, t_key, need_k)]
+    products += [(rows, t_key, hs, need_q), (t_key, rows, hs, need_k)]
     for m, kk, n, needed in products:
         if needed:
             flop_meter.backward += 2 * batch * m * kk * n

@@ -189,3 +189,16 @@ def test_compiled_rope_returns_the_numpy_kernels_bits_on_strided_heads(
     slow = run()
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_compiled_bias_add_returns_numpys_bits(monkeypatch: pytest.MonkeyPatch, dtype: Any) -> None:
+    x = _rng.standard_normal((4, 200, WIDTH)).astype(dtype)
+    weight = _rng.standard_normal((3 * WIDTH, WIDTH)).astype(dtype)
+    bias = _rng.standard_normal(3 * WIDTH).astype(dtype)
+    g = _rng.standard_normal((4, 200, 3 * WIDTH)).astype(dtype)
+    fast = _run(fused.linear, [x, weight, bias], g)
+    monkeypatch.setenv("CIVETTA_COMPILED", "0")
+    slow = _run(fused.linear, [x, weight, bias], g)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -448,7 +448,7 @@ def test_grouped_query_attention_multiplies_each_kv_head_once() -> None:
         (rep_t, d, t, b * kv_heads, "backward-input"),
         (t, rep_t, d, b * kv_heads, "backward-input"),
         (rep_t, t, d, b * kv_heads, "backward-input"),
-        (d, rep_t, t, b * kv_heads, "backward-input"),
+        (t, rep_t, d, b * kv_heads, "backward-input"),  # dk (the composed ops: dkᵀ)
     ]
 
 
