@@ -15,7 +15,8 @@ Two kinds, chosen by two rules:
   run compiled for rows at least `MIN_WIDTH` wide. Width decides, not the number of rows, so
   every layout of a model (data, tensor, sequence parallel: whole rows per rank) takes the same
   kernel and gets the same bits; the tests' small models stay on numpy.
-- GELU, SwiGLU, RoPE, AdamW and a linear layer's bias add do the numpy kernels' operations in
+- GELU, SwiGLU, RoPE, AdamW, attention's softmax and a linear layer's bias add do the numpy
+  kernels' operations in
   the same order without fast-math (GELU and SwiGLU around numpy's vectorised tanh and exp), so
   they return numpy's bits, in one or two passes over each block instead of up to eleven. They
   run compiled on arrays of at least `MIN_ELEMENTS`: below it importing numba costs more than it
@@ -239,8 +240,52 @@ def _add_row_rows(out, row):  # type: ignore[no-untyped-def]
             out[i, j] += row[j]
 
 
+def _shifted_scores_rows(scores, bias, minus_inf):  # type: ignore[no-untyped-def]
+    """scores = scores + bias − max over the row of (scores + bias), in place, on
+    (B, H, rows, keys) with a (rows, keys) bias; a row holding NaN gets NaN, as numpy's max."""
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            for i in range(scores.shape[2]):
+                top = minus_inf
+                nan = False
+                for j in range(scores.shape[3]):
+                    v = scores[b, h, i, j] + bias[i, j]
+                    scores[b, h, i, j] = v
+                    if v > top:
+                        top = v
+                    elif v != v:
+                        nan = True
+                if nan:
+                    top = minus_inf - minus_inf  # NaN
+                for j in range(scores.shape[3]):
+                    scores[b, h, i, j] -= top
+
+
+def _divide_rows(x, divisor):  # type: ignore[no-untyped-def]
+    """x /= divisor on (B, H, rows, keys) with a (B, H, rows, 1) divisor, in place."""
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                d = divisor[b, h, i, 0]
+                for j in range(x.shape[3]):
+                    x[b, h, i, j] /= d
+
+
+def _softmax_grad_rows(ds, total, probs):  # type: ignore[no-untyped-def]
+    """ds = (ds − total) · probs in place, total (B, H, rows, 1): the scores' gradient."""
+    for b in range(ds.shape[0]):
+        for h in range(ds.shape[1]):
+            for i in range(ds.shape[2]):
+                t = total[b, h, i, 0]
+                for j in range(ds.shape[3]):
+                    ds[b, h, i, j] = (ds[b, h, i, j] - t) * probs[b, h, i, j]
+
+
 _REASSOCIATED = ("layer_norm", "rms_norm", "layer_norm_grad", "rms_norm_grad")
 _PYTHON_KERNELS: dict[str, Callable[..., None]] = {
+    "shifted_scores": _shifted_scores_rows,
+    "divide_rows": _divide_rows,
+    "softmax_grad": _softmax_grad_rows,
     "add_row": _add_row_rows,
     "sigmoid_arguments": _sigmoid_arguments_flat,
     "swiglu": _swiglu_flat,

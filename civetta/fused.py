@@ -647,7 +647,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     else:  # a kv head's rows stacked: (B, nh, T, D) is a view of them, the merge a copy
         out_grouped = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
         out = out_grouped.reshape(b, heads, t_query, hs)
-    run_blocked(_attention_forward, (probs, grouped, keys_t, vd, out_grouped), (bias,))
+    fast = compiled.elementwise_for(probs)
+    if fast and bias is None:  # adding zeros changes no value the softmax returns
+        bias = np.zeros(probs.shape[-2:], probs.dtype)
+    forward = _attention_forward_compiled if fast else _attention_forward
+    run_blocked(forward, (probs, grouped, keys_t, vd, out_grouped), (bias,))
     _log_attention_forward(qd, kd, vd, rows, b * kv_heads)
     need_q, need_k, need_v = q.requires_grad, k.requires_grad, v.requires_grad
 
@@ -657,7 +661,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         dq = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
         dk = meta.empty(kd.shape, qd.dtype, like=qd)
         dv = meta.empty(vd.shape, qd.dtype, like=qd)
-        run_blocked(_attention_backward, (probs, g4, vd, grouped, kd, dq, dk, dv), (scale,))
+        backward_kernel = _attention_backward_compiled if fast else _attention_backward
+        run_blocked(backward_kernel, (probs, g4, vd, grouped, kd, dq, dk, dv), (scale,))
         return (
             dq.reshape(b, heads, t_query, hs) if need_q else None,
             dk if need_k else None,
@@ -705,6 +710,45 @@ def _attention_backward(
     total = np.einsum("...i,...i->...", ds, probs)[..., None]
     np.subtract(ds, total, out=ds)
     ds *= probs
+    np.matmul(ds, k, out=dq)
+    dq *= scale
+    np.matmul(np.swapaxes(ds, -1, -2), grouped, out=dk)
+
+
+def _attention_forward_compiled(
+    probs: np.ndarray,
+    grouped: np.ndarray,
+    keys_t: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    bias: np.ndarray,
+) -> None:
+    """`_attention_forward`'s bits with the softmax's passes compiled (`civetta.compiled`): the
+    mask, the max and its subtraction in one, the division in another; exp and the row sums
+    stay numpy's."""
+    np.matmul(grouped, keys_t, out=probs)
+    compiled.kernel("shifted_scores")(probs, bias, probs.dtype.type(-np.inf))
+    np.exp(probs, out=probs)
+    compiled.kernel("divide_rows")(probs, _row_sum(probs))
+    np.matmul(probs, v, out=out)
+
+
+def _attention_backward_compiled(
+    probs: np.ndarray,
+    g: np.ndarray,
+    v: np.ndarray,
+    grouped: np.ndarray,
+    k: np.ndarray,
+    dq: np.ndarray,
+    dk: np.ndarray,
+    dv: np.ndarray,
+    scale: np.ndarray,
+) -> None:
+    """`_attention_backward`'s bits, the softmax's gradient in one compiled pass."""
+    np.matmul(np.swapaxes(probs, -1, -2), g, out=dv)
+    ds = g @ np.swapaxes(v, -1, -2)
+    total = np.einsum("...i,...i->...", ds, probs)[..., None]
+    compiled.kernel("softmax_grad")(ds, total, probs)
     np.matmul(ds, k, out=dq)
     dq *= scale
     np.matmul(np.swapaxes(ds, -1, -2), grouped, out=dk)

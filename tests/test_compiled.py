@@ -202,3 +202,25 @@ def test_compiled_bias_add_returns_numpys_bits(monkeypatch: pytest.MonkeyPatch, 
     slow = _run(fused.linear, [x, weight, bias], g)
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_attention_softmax_returns_the_numpy_kernels_bits(
+    monkeypatch: pytest.MonkeyPatch, kv_heads: int, causal: bool
+) -> None:
+    q = _rng.standard_normal((3, 4, 128, 32)) * 3
+    q[1, 2, 7, 5] = np.nan  # one query row of NaN: numpy's max makes the whole row NaN
+    k, v = (_rng.standard_normal((3, kv_heads, 128, 32)) for _ in range(2))
+    g = _rng.standard_normal(q.shape)
+
+    def attention(*leaves: Tensor) -> Tensor:
+        return fused.scaled_dot_product_attention(*leaves, causal=causal)
+
+    with np.errstate(invalid="ignore"):
+        fast = _run(attention, [q, k, v], g)
+        monkeypatch.setenv("CIVETTA_COMPILED", "0")
+        slow = _run(attention, [q, k, v], g)
+    assert np.isnan(fast[0][1, 2, 7]).all()
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
