@@ -114,10 +114,14 @@ def _rms_norm_rows(x, w, xhat, rstd, out, inv_width, eps):  # type: ignore[no-un
             out[i, j] = h * w[j]
 
 
-def _layer_norm_grad_rows(xhat, rstd, g, w, dx, inv_width):  # type: ignore[no-untyped-def]
-    """Per row: dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂))."""
+def _layer_norm_grad_rows(xhat, rstd, g, w, dx, g_xhat, keep, inv_width):  # type: ignore[no-untyped-def]
+    """Per row: dx = rstd·(g·w − mean(g·w) − x̂·mean(g·w·x̂)); with `keep`, g·x̂ into g_xhat
+    too (the weight's gradient sums it over the rows)."""
     zero = inv_width - inv_width
     for i in range(xhat.shape[0]):
+        if keep:
+            for j in range(xhat.shape[1]):
+                g_xhat[i, j] = g[i, j] * xhat[i, j]
         g_sum = zero
         gx_sum = zero
         for j in range(xhat.shape[1]):
@@ -131,10 +135,13 @@ def _layer_norm_grad_rows(xhat, rstd, g, w, dx, inv_width):  # type: ignore[no-u
             dx[i, j] = (g[i, j] * w[j] - g_mean - xhat[i, j] * gx_mean) * r
 
 
-def _rms_norm_grad_rows(xhat, rstd, g, w, dx, inv_width):  # type: ignore[no-untyped-def]
-    """Per row: dx = rstd·(g·w − x̂·mean(g·w·x̂))."""
+def _rms_norm_grad_rows(xhat, rstd, g, w, dx, g_xhat, keep, inv_width):  # type: ignore[no-untyped-def]
+    """Per row: dx = rstd·(g·w − x̂·mean(g·w·x̂)); with `keep`, g·x̂ into g_xhat too."""
     zero = inv_width - inv_width
     for i in range(xhat.shape[0]):
+        if keep:
+            for j in range(xhat.shape[1]):
+                g_xhat[i, j] = g[i, j] * xhat[i, j]
         gx_sum = zero
         for j in range(xhat.shape[1]):
             gx_sum += g[i, j] * w[j] * xhat[i, j]

@@ -257,8 +257,7 @@ def _norm_affine_grads(
     row_backward = backward or _normalize_backward
     dx = _new(xhat) if need_x else None
     if dx is not None and compiled.used_for(xhat):
-        row_backward = _compiled_backward(row_backward, w)
-        w = None  # the compiled kernel multiplies g by the weight itself
+        return _compiled_norm_affine_grads(row_backward, xhat, rstd, g, w, dx, need_w, need_b)
 
     def kernel(
         xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, *dx: np.ndarray
@@ -269,6 +268,37 @@ def _norm_affine_grads(
 
     arrays = (_rows(xhat), _rows(rstd), _rows(g), *(() if dx is None else (_rows(dx),)))
     parts = map_blocked(kernel, arrays)
+    dw = _in_order([p[0] for p in parts]) if need_w else None
+    db = _in_order([p[1] for p in parts]) if need_b else None
+    return dx, dw, db
+
+
+def _compiled_norm_affine_grads(
+    numpy_kernel: Callable[..., None],
+    xhat: np.ndarray,
+    rstd: np.ndarray,
+    g: np.ndarray,
+    w: np.ndarray | None,
+    dx: np.ndarray,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """`_norm_affine_grads` by the compiled kernel of `numpy_kernel`: per block, dx and g · x̂
+    in one sweep (g · x̂ has numpy's bits), then the same GEMV column sums in block order."""
+    grad = compiled.kernel(_COMPILED[numpy_kernel.__name__])
+    width = xhat.shape[-1]
+    weight = np.ones(width, xhat.dtype) if w is None else np.asarray(w, xhat.dtype)
+    inv = compiled.typed(1.0 / width, xhat)
+    unused = np.empty((1, 1), xhat.dtype)
+
+    def kernel(
+        xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        g_xhat = np.empty_like(g) if need_w else unused
+        grad(xhat, rstd, g, weight, dx, g_xhat, need_w, inv)
+        return (_ones_gemv(g_xhat) if need_w else None), (_ones_gemv(g) if need_b else None)
+
+    parts = map_blocked(kernel, (_rows(xhat), _rows(rstd), _rows(g), _rows(dx)))
     dw = _in_order([p[0] for p in parts]) if need_w else None
     db = _in_order([p[1] for p in parts]) if need_b else None
     return dx, dw, db
@@ -324,20 +354,17 @@ def _compiled_forward(
 def _row_backward(numpy_kernel: Callable[..., None], xhat: np.ndarray) -> Callable[..., None]:
     """The row kernel that computes dx from (x̂, 1/σ, g): compiled where `civetta.compiled` is
     used for these rows, else `numpy_kernel`."""
-    return _compiled_backward(numpy_kernel, None) if compiled.used_for(xhat) else numpy_kernel
+    return _compiled_backward(numpy_kernel) if compiled.used_for(xhat) else numpy_kernel
 
 
-def _compiled_backward(
-    numpy_kernel: Callable[..., None], w: np.ndarray | None
-) -> Callable[..., None]:
-    """A row kernel (x̂, 1/σ, g, dx) by the compiled kernel of `numpy_kernel`, the gradient
-    multiplied by the weight `w` inside (None: no weight)."""
+def _compiled_backward(numpy_kernel: Callable[..., None]) -> Callable[..., None]:
+    """A row kernel (x̂, 1/σ, g, dx) by the compiled kernel of `numpy_kernel` (no weight)."""
     grad = compiled.kernel(_COMPILED[numpy_kernel.__name__])
 
     def row_backward(xhat: np.ndarray, rstd: np.ndarray, g: np.ndarray, dx: np.ndarray) -> None:
         width = xhat.shape[-1]
-        weight = np.ones(width, xhat.dtype) if w is None else np.asarray(w, xhat.dtype)
-        grad(xhat, rstd, g, weight, dx, compiled.typed(1.0 / width, xhat))
+        ones, unused = np.ones(width, xhat.dtype), np.empty((1, 1), xhat.dtype)
+        grad(xhat, rstd, g, ones, dx, unused, False, compiled.typed(1.0 / width, xhat))
 
     return row_backward
 
