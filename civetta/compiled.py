@@ -319,10 +319,13 @@ def kernel(name: str) -> Callable[..., None]:
     python = _PYTHON_KERNELS[name]
     # Only the normalisations' row sums are reassociated; every other kernel is numpy's bits.
     flags: set[str] | bool = _FLAGS if name in _REASSOCIATED else False
+    # error_model="numpy": a division by zero gives inf or NaN as in numpy (numba's default
+    # raises, and the check it inserts per division keeps the loop from vectorising).
+    options = {"nogil": True, "fastmath": flags, "error_model": "numpy"}
     try:
-        return numba.njit(nogil=True, cache=True, fastmath=flags)(python)
+        return numba.njit(cache=True, **options)(python)
     except RuntimeError:  # no writable cache location: compile in memory each process
-        return numba.njit(nogil=True, fastmath=flags)(python)
+        return numba.njit(**options)(python)
 
 
 def typed(value: float, like: np.ndarray) -> Any:
