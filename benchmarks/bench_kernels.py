@@ -194,7 +194,7 @@ class Setting:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=threads.engine_threads())
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"])

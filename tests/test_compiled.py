@@ -35,7 +35,9 @@ def _run(op: Callable[..., Tensor], arrays: list[np.ndarray], g: np.ndarray) -> 
     leaves = [Tensor(a.copy(), requires_grad=True) for a in arrays]
     out = op(*leaves)
     out.backward(g)
-    return [out.data, *(leaf.grad for leaf in leaves)]
+    grads = [leaf.grad for leaf in leaves]
+    assert all(grad is not None for grad in grads)
+    return [out.data, *(grad for grad in grads if grad is not None)]
 
 
 def _case(
