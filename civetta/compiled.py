@@ -119,15 +119,14 @@ def _layer_norm_grad_rows(xhat, rstd, g, w, dx, g_xhat, keep, inv_width):  # typ
     too (the weight's gradient sums it over the rows)."""
     zero = inv_width - inv_width
     for i in range(xhat.shape[0]):
-        if keep:
-            for j in range(xhat.shape[1]):
-                g_xhat[i, j] = g[i, j] * xhat[i, j]
         g_sum = zero
         gx_sum = zero
         for j in range(xhat.shape[1]):
             gw = g[i, j] * w[j]
             g_sum += gw
             gx_sum += gw * xhat[i, j]
+            if keep:
+                g_xhat[i, j] = g[i, j] * xhat[i, j]
         g_mean = g_sum * inv_width
         gx_mean = gx_sum * inv_width
         r = rstd[i, 0]
@@ -139,12 +138,11 @@ def _rms_norm_grad_rows(xhat, rstd, g, w, dx, g_xhat, keep, inv_width):  # type:
     """Per row: dx = rstd·(g·w − x̂·mean(g·w·x̂)); with `keep`, g·x̂ into g_xhat too."""
     zero = inv_width - inv_width
     for i in range(xhat.shape[0]):
-        if keep:
-            for j in range(xhat.shape[1]):
-                g_xhat[i, j] = g[i, j] * xhat[i, j]
         gx_sum = zero
         for j in range(xhat.shape[1]):
             gx_sum += g[i, j] * w[j] * xhat[i, j]
+            if keep:
+                g_xhat[i, j] = g[i, j] * xhat[i, j]
         gx_mean = gx_sum * inv_width
         r = rstd[i, 0]
         for j in range(xhat.shape[1]):

@@ -675,10 +675,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         out_grouped = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
         out = out_grouped.reshape(b, heads, t_query, hs)
     fast = compiled.elementwise_for(probs)
-    if fast and bias is None:  # adding zeros changes no value the softmax returns
-        bias = np.zeros(probs.shape[-2:], probs.dtype)
-    forward = _attention_forward_compiled if fast else _attention_forward
-    run_blocked(forward, (probs, grouped, keys_t, vd, out_grouped), (bias,))
+    softmax = _masked_softmax_compiled if fast else _masked_softmax
+    run_blocked(_attention_forward, (probs, grouped, keys_t, vd, out_grouped), (bias, softmax))
     _log_attention_forward(qd, kd, vd, rows, b * kv_heads)
     need_q, need_k, need_v = q.requires_grad, k.requires_grad, v.requires_grad
 
@@ -688,8 +686,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         dq = meta.empty((b, kv_heads, rows, hs), qd.dtype, like=qd)
         dk = meta.empty(kd.shape, qd.dtype, like=qd)
         dv = meta.empty(vd.shape, qd.dtype, like=qd)
-        backward_kernel = _attention_backward_compiled if fast else _attention_backward
-        run_blocked(backward_kernel, (probs, g4, vd, grouped, kd, dq, dk, dv), (scale,))
+        softmax_grad = compiled.kernel("softmax_grad") if fast else _softmax_grad
+        arrays = (probs, g4, vd, grouped, kd, dq, dk, dv)
+        run_blocked(_attention_backward, arrays, (scale, softmax_grad))
         return (
             dq.reshape(b, heads, t_query, hs) if need_q else None,
             dk if need_k else None,
@@ -706,15 +705,31 @@ def _attention_forward(
     v: np.ndarray,
     out: np.ndarray,
     bias: np.ndarray | None,
+    softmax: Callable[[np.ndarray, np.ndarray | None], None],
 ) -> None:
     """One block: the scores into `probs`, the masked softmax in place, then probs · v."""
     np.matmul(grouped, keys_t, out=probs)
+    softmax(probs, bias)
+    np.matmul(probs, v, out=out)
+
+
+def _masked_softmax(probs: np.ndarray, bias: np.ndarray | None) -> None:
+    """The softmax of the scores + bias (0 / −inf) over the last axis, in place."""
     if bias is not None:
         probs += bias
     probs -= probs.max(axis=-1, keepdims=True)
     np.exp(probs, out=probs)
     probs /= _row_sum(probs)
-    np.matmul(probs, v, out=out)
+
+
+def _masked_softmax_compiled(probs: np.ndarray, bias: np.ndarray | None) -> None:
+    """`_masked_softmax`'s bits with its passes compiled (`civetta.compiled`): the mask, the
+    max and its subtraction in one, the division in another; exp and the row sums stay numpy's."""
+    if bias is None:  # adding zeros changes no value the softmax returns
+        bias = np.zeros(probs.shape[-2:], probs.dtype)
+    compiled.kernel("shifted_scores")(probs, bias, probs.dtype.type(-np.inf))
+    np.exp(probs, out=probs)
+    compiled.kernel("divide_rows")(probs, _row_sum(probs))
 
 
 def _attention_backward(
@@ -727,6 +742,7 @@ def _attention_backward(
     dk: np.ndarray,
     dv: np.ndarray,
     scale: np.ndarray,
+    softmax_grad: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
 ) -> None:
     """One block of the backward: dv = pᵀ·g and dp = g·vᵀ (p·v), ds = p·(dp − Σ dp·p) (softmax),
     dq = ds·k·scale and dk = dsᵀ·(q/√d) (q/√d · kᵀ), as the composed ops compute them but dk
@@ -735,50 +751,16 @@ def _attention_backward(
     np.matmul(np.swapaxes(probs, -1, -2), g, out=dv)
     ds = g @ np.swapaxes(v, -1, -2)
     total = np.einsum("...i,...i->...", ds, probs)[..., None]
+    softmax_grad(ds, total, probs)
+    np.matmul(ds, k, out=dq)
+    dq *= scale
+    np.matmul(np.swapaxes(ds, -1, -2), grouped, out=dk)
+
+
+def _softmax_grad(ds: np.ndarray, total: np.ndarray, probs: np.ndarray) -> None:
+    """ds = (ds − total) · probs in place (compiled: the `softmax_grad` kernel, its bits)."""
     np.subtract(ds, total, out=ds)
     ds *= probs
-    np.matmul(ds, k, out=dq)
-    dq *= scale
-    np.matmul(np.swapaxes(ds, -1, -2), grouped, out=dk)
-
-
-def _attention_forward_compiled(
-    probs: np.ndarray,
-    grouped: np.ndarray,
-    keys_t: np.ndarray,
-    v: np.ndarray,
-    out: np.ndarray,
-    bias: np.ndarray,
-) -> None:
-    """`_attention_forward`'s bits with the softmax's passes compiled (`civetta.compiled`): the
-    mask, the max and its subtraction in one, the division in another; exp and the row sums
-    stay numpy's."""
-    np.matmul(grouped, keys_t, out=probs)
-    compiled.kernel("shifted_scores")(probs, bias, probs.dtype.type(-np.inf))
-    np.exp(probs, out=probs)
-    compiled.kernel("divide_rows")(probs, _row_sum(probs))
-    np.matmul(probs, v, out=out)
-
-
-def _attention_backward_compiled(
-    probs: np.ndarray,
-    g: np.ndarray,
-    v: np.ndarray,
-    grouped: np.ndarray,
-    k: np.ndarray,
-    dq: np.ndarray,
-    dk: np.ndarray,
-    dv: np.ndarray,
-    scale: np.ndarray,
-) -> None:
-    """`_attention_backward`'s bits, the softmax's gradient in one compiled pass."""
-    np.matmul(np.swapaxes(probs, -1, -2), g, out=dv)
-    ds = g @ np.swapaxes(v, -1, -2)
-    total = np.einsum("...i,...i->...", ds, probs)[..., None]
-    compiled.kernel("softmax_grad")(ds, total, probs)
-    np.matmul(ds, k, out=dq)
-    dq *= scale
-    np.matmul(np.swapaxes(ds, -1, -2), grouped, out=dk)
 
 
 def _causal_bias(t_query: int, t_key: int, groups: int, like: np.ndarray) -> np.ndarray | None:

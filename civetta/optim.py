@@ -266,20 +266,12 @@ def _adamw_kernel(
 
 
 def _adamw_compiled(
-    p: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    b1: float,
-    b2: float,
-    step_size: float,
-    sqrt_bc2: float,
-    eps: float,
-    shrink: float,
-    decay: bool,
+    p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *constants: Any
 ) -> None:
-    """`_adamw_kernel`'s bits in one compiled pass (`civetta.compiled`): the constants rounded
-    to the parameters' dtype first, as numpy rounds a Python float operand."""
+    """`_adamw_kernel`'s bits in one compiled pass (`civetta.compiled`), on its constants (b1,
+    b2, step size, √bias-correction, eps, shrink, decay), each rounded to the parameters' dtype
+    first, as numpy rounds a Python float operand."""
+    b1, b2, step_size, sqrt_bc2, eps, shrink, decay = constants
     t = p.dtype.type
     compiled.kernel("adamw")(
         p, g, m, v, t(b1), t(b2), t(1.0 - b1), t(1.0 - b2), t(step_size), t(sqrt_bc2), t(eps),

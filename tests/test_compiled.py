@@ -52,6 +52,24 @@ def _case(
     return arrays, _rng.standard_normal(x.shape).astype(dtype)
 
 
+def _assert_numpys_bits(
+    monkeypatch: pytest.MonkeyPatch,
+    op: Callable[..., Tensor],
+    arrays: list[np.ndarray],
+    g: np.ndarray,
+) -> list[np.ndarray]:
+    """Run `op` compiled, then on numpy (`CIVETTA_COMPILED=0`): the same output and gradients,
+    bit for bit (NaN where NaN). Returns the compiled run's arrays."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        fast = _run(op, arrays, g)
+        monkeypatch.setenv("CIVETTA_COMPILED", "0")
+        slow = _run(op, arrays, g)
+    monkeypatch.delenv("CIVETTA_COMPILED")
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_array_equal(a, b)
+    return fast
+
+
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
@@ -120,12 +138,7 @@ def test_compiled_gelu_returns_the_numpy_kernels_bits(
     x[0, :8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, 30.0, -30.0]
     g = _rng.standard_normal(x.shape).astype(dtype)
     assert compiled.elementwise_for(x)
-    with np.errstate(invalid="ignore"):
-        fast = _run(fused.gelu, [x], g)
-        monkeypatch.setenv("CIVETTA_COMPILED", "0")
-        slow = _run(fused.gelu, [x], g)
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_numpys_bits(monkeypatch, fused.gelu, [x], g)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -159,12 +172,7 @@ def test_compiled_swiglu_returns_the_numpy_kernels_bits(
     gate[0, 0, :6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 90.0]  # the first of a block, too
     up = _rng.standard_normal(gate.shape).astype(dtype)
     g = _rng.standard_normal(gate.shape).astype(dtype)
-    with np.errstate(invalid="ignore", over="ignore"):
-        fast = _run(fused.swiglu, [gate, up], g)
-        monkeypatch.setenv("CIVETTA_COMPILED", "0")
-        slow = _run(fused.swiglu, [gate, up], g)
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_numpys_bits(monkeypatch, fused.swiglu, [gate, up], g)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -199,11 +207,7 @@ def test_compiled_bias_add_returns_numpys_bits(monkeypatch: pytest.MonkeyPatch, 
     weight = _rng.standard_normal((3 * WIDTH, WIDTH)).astype(dtype)
     bias = _rng.standard_normal(3 * WIDTH).astype(dtype)
     g = _rng.standard_normal((4, 200, 3 * WIDTH)).astype(dtype)
-    fast = _run(fused.linear, [x, weight, bias], g)
-    monkeypatch.setenv("CIVETTA_COMPILED", "0")
-    slow = _run(fused.linear, [x, weight, bias], g)
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_array_equal(a, b)
+    _assert_numpys_bits(monkeypatch, fused.linear, [x, weight, bias], g)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
@@ -219,10 +223,5 @@ def test_compiled_attention_softmax_returns_the_numpy_kernels_bits(
     def attention(*leaves: Tensor) -> Tensor:
         return fused.scaled_dot_product_attention(*leaves, causal=causal)
 
-    with np.errstate(invalid="ignore"):
-        fast = _run(attention, [q, k, v], g)
-        monkeypatch.setenv("CIVETTA_COMPILED", "0")
-        slow = _run(attention, [q, k, v], g)
+    fast = _assert_numpys_bits(monkeypatch, attention, [q, k, v], g)
     assert np.isnan(fast[0][1, 2, 7]).all()
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_array_equal(a, b)
