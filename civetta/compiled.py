@@ -51,7 +51,15 @@ def available() -> bool:
 
 @functools.cache
 def _numba_installed() -> bool:
-    return importlib.util.find_spec("numba") is not None
+    """Whether numba imports here (once per process, at the first array big enough to use it; a
+    numba built for another numpy fails to import, and numpy then runs every kernel)."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:
+        import numba  # noqa: F401
+    except Exception:  # any failure to load means: no compiled kernels
+        return False
+    return True
 
 
 def used_for(x: Any) -> bool:
