@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from garbage import collect_garbage
 
 from civetta import Tensor, activation_meter, functional, is_grad_enabled, no_grad
 from civetta import axioms as ax
@@ -17,7 +18,7 @@ from civetta import axioms as ax
 @pytest.fixture
 def no_gc() -> Iterator[None]:
     """Objects must die by reference counting alone: a cycle would need the collector."""
-    gc.collect()
+    collect_garbage()
     gc.disable()
     try:
         yield

@@ -10,7 +10,6 @@ reshape copies depends on strides), and refuse to invent values.
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import math
 import tracemalloc
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from garbage import collect_garbage
 
 from civetta import activation_meter, flop_meter, meta
 from civetta.meta import DataFreeError, MetaArray
@@ -170,7 +170,7 @@ class Record:
 
 
 def _reset_meters() -> None:
-    gc.collect()  # graphs of earlier tests must not release bytes into this count
+    collect_garbage()  # graphs of earlier tests must not release bytes into this count
     flop_meter.reset()
     activation_meter.live = activation_meter.peak = activation_meter.nodes = 0
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from garbage import collect_garbage
 
 from civetta import activation_meter, functional, fused, meta, nn
 from civetta import axioms as ax
@@ -26,7 +27,7 @@ from civetta.tensor import Tensor
 @pytest.fixture(autouse=True)
 def no_gc() -> Iterator[None]:
     """Nodes must die by reference counting alone, at known moments."""
-    gc.collect()
+    collect_garbage()
     gc.disable()
     try:
         yield
