@@ -23,6 +23,7 @@ for tests. `Mesh` adds one communicator per axis, split from the world, each wra
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ class MeshError(ValueError):
     """A mesh that cannot be built: bad sizes, bad order string, or a world of the wrong size."""
 
 
+@functools.lru_cache(maxsize=64)  # every rank lookup of a mesh parses its order
 def parse_order(order: str) -> tuple[str, ...]:
     """The axis names of `order` ("tp-dp-pp", "tp-cp-dp-pp"), fastest-varying first; a cp left
     out goes right after tp."""
