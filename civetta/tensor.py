@@ -269,7 +269,8 @@ class Tensor:
             for parent, parent_grad in zip(node._parents, backward(g), strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
-                if type(parent_grad) is DeferredGrad:
+                kind = type(parent_grad)
+                if kind is DeferredGrad:
                     # Ops defer only inside `defer_weight_grads`, which sets the store.
                     assert _weight_grad_store is not None, "a DeferredGrad outside its store"
                     _weight_grad_store.postpone(parent, parent_grad)
@@ -278,32 +279,37 @@ class Tensor:
                 previous = get(parent)
                 if previous is None:
                     push(heap, (-parent._seq, parent))
+                    if kind is not RegionGrad:  # the common case: the first whole gradient
+                        pending[parent] = parent_grad
+                        continue
                 if type(previous) is _Regions:
-                    if type(parent_grad) is RegionGrad and parent_grad.dtype == previous.dtype:
+                    if kind is RegionGrad and parent_grad.dtype == previous.dtype:
                         previous.parts.append(parent_grad)  # written when the input is reached
                         continue
                     previous = previous.dense()  # a whole gradient joins: sum into the pieces
                     summed.add(id(previous))
                     pending[parent] = previous
-                if type(parent_grad) is RegionGrad:
+                if kind is RegionGrad:
                     if previous is None:
                         pending[parent] = _Regions(parent_grad)
                     else:
                         pending[parent] = _add_region(previous, parent_grad, summed)
-                elif previous is None:
-                    pending[parent] = parent_grad
                 elif id(previous) in summed and previous.dtype == parent_grad.dtype:
                     previous += parent_grad  # into a sum this pass allocated (see `_accumulate`)
                 else:
                     pending[parent] = _accumulate(previous, parent_grad, summed)
-            if not retain_graph:
-                node._release()
+            if not retain_graph:  # `_release`, inline: once per node
+                node._backward = None
+                node._parents = _FREED_PARENTS
+                if node._held:
+                    activation_meter.release(node._held)
+                    node._held = ()
 
     def _release(self) -> None:
         # A freed node keeps a sentinel parent, so a second backward that reaches it can tell it
         # from a true leaf and raise instead of silently stopping there.
         self._backward = None
-        self._parents = (_FREED,)
+        self._parents = _FREED_PARENTS
         if self._held:
             activation_meter.release(self._held)
             self._held = ()
@@ -379,6 +385,7 @@ class Tensor:
 
 
 _FREED = Tensor(np.zeros(()))
+_FREED_PARENTS = (_FREED,)
 
 
 class _Regions:
