@@ -7,12 +7,14 @@ engine's: building the node (operand checks, `make_node`, the closure) and, in b
 walk that orders the graph, calls each closure and accumulates the gradients. The chain
 x_{i+1} = x_i + w adds a leaf that needs a gradient at every op, so every backward step also
 accumulates into w's gradient. Printed: the median over repeats of forward, backward and their
-sum per op, and numpy's bare `a + b` on the same arrays for scale. Floor: <= 2 µs per op.
+sum per op, and numpy's bare `a + b` on the same arrays for scale; with PyTorch installed (the
+test extra), the same chain in PyTorch eager, alternating. Floor: <= 2 µs per op.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 
 import numpy as np
@@ -39,6 +41,22 @@ def chain_seconds(ops: int) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+def torch_seconds(ops: int) -> tuple[float, float]:
+    """`chain_seconds` in PyTorch eager, one thread."""
+    import torch
+
+    x = torch.ones(4, requires_grad=True)
+    w = torch.full((4,), 0.5, requires_grad=True)
+    t0 = clock()
+    h = x
+    for _ in range(ops):
+        h = h + w
+    t1 = clock()
+    h.backward(torch.ones(4))
+    t2 = clock()
+    return t1 - t0, t2 - t1
+
+
 def numpy_seconds(ops: int) -> float:
     a, b = np.ones(4, np.float32), np.full(4, 0.5, np.float32)
     t0 = clock()
@@ -55,13 +73,21 @@ def main() -> None:
     args = parser.parse_args()
     global clock
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    with_torch = importlib.util.find_spec("torch") is not None
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(1)
+        torch_seconds(args.ops)  # warm-up
     chain_seconds(args.ops)  # warm-up
-    forward, backward, bare = [], [], []
+    forward, backward, bare, torch_times = [], [], [], []
     for _ in range(args.repeats):  # alternating, so each sees the same machine load
         f, b = chain_seconds(args.ops)
         forward.append(f)
         backward.append(b)
         bare.append(numpy_seconds(args.ops))
+        if with_torch:
+            torch_times.append(torch_seconds(args.ops))
     per_op = 1e6 / args.ops
     f, b = float(np.median(forward)) * per_op, float(np.median(backward)) * per_op
     print(f"chain of {args.ops} adds on (4,) float32, median of {args.repeats}, {args.clock} time")
@@ -69,6 +95,9 @@ def main() -> None:
     print(f"  backward            {b:6.2f} µs/op")
     print(f"  forward + backward  {f + b:6.2f} µs/op  (floor: <= 2.0)")
     print(f"  numpy a + b         {float(np.median(bare)) * per_op:6.2f} µs/op")
+    if torch_times:
+        tf, tb = (float(v) * per_op for v in np.median(np.array(torch_times), axis=0))
+        print(f"  pytorch eager       {tf + tb:6.2f} µs/op  ({tf:.2f} forward, {tb:.2f} backward)")
 
 
 if __name__ == "__main__":
