@@ -8,12 +8,16 @@ walk that orders the graph, calls each closure and accumulates the gradients. Th
 x_{i+1} = x_i + w adds a leaf that needs a gradient at every op, so every backward step also
 accumulates into w's gradient. Printed: the median over repeats of forward, backward and their
 sum per op, and numpy's bare `a + b` on the same arrays for scale; with PyTorch installed (the
-test extra), the same chain in PyTorch eager, alternating. Floor: <= 2 µs per op.
+test extra), the same chain in PyTorch eager, alternating; and, for the floor of a walk in
+Python, the same graph's backward by a bare loop (pop the next node, call its closure, pass on or
+sum its gradients) without the engine's checks, regions, meters or leaf handling. Floor: <= 2 µs
+per op.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import importlib.util
 import time
 
@@ -39,6 +43,44 @@ def chain_seconds(ops: int) -> tuple[float, float]:
     h.backward(np.ones(4, np.float32))
     t2 = clock()
     return t1 - t0, t2 - t1
+
+
+def bare_walk(root: Tensor, grad: np.ndarray) -> None:
+    """The least a reverse walk in Python does per node: what `Tensor.backward` does for this
+    chain, with nothing else."""
+    pending: dict[Tensor, np.ndarray] = {root: grad}
+    summed: set[int] = set()
+    heap = [(-root._seq, root)]
+    while heap:
+        node = heapq.heappop(heap)[1]
+        g = pending.pop(node)
+        backward = node._backward
+        if backward is None:
+            node.grad = g
+            continue
+        for parent, parent_grad in zip(node._parents, backward(g), strict=True):
+            previous = pending.get(parent)
+            if previous is None:
+                heapq.heappush(heap, (-parent._seq, parent))
+                pending[parent] = parent_grad
+            elif id(previous) in summed:
+                previous += parent_grad
+            else:
+                total = previous + parent_grad
+                summed.add(id(total))
+                pending[parent] = total
+        node._backward, node._parents = None, ()
+
+
+def bare_walk_seconds(ops: int) -> float:
+    x = Tensor(np.ones(4, np.float32), requires_grad=True)
+    w = Tensor(np.full(4, 0.5, np.float32), requires_grad=True)
+    h = x
+    for _ in range(ops):
+        h = ax.add(h, w)
+    t0 = clock()
+    bare_walk(h, np.ones(4, np.float32))
+    return clock() - t0
 
 
 def torch_seconds(ops: int) -> tuple[float, float]:
@@ -80,12 +122,13 @@ def main() -> None:
         torch.set_num_threads(1)
         torch_seconds(args.ops)  # warm-up
     chain_seconds(args.ops)  # warm-up
-    forward, backward, bare, torch_times = [], [], [], []
+    forward, backward, bare, walks, torch_times = [], [], [], [], []
     for _ in range(args.repeats):  # alternating, so each sees the same machine load
         f, b = chain_seconds(args.ops)
         forward.append(f)
         backward.append(b)
         bare.append(numpy_seconds(args.ops))
+        walks.append(bare_walk_seconds(args.ops))
         if with_torch:
             torch_times.append(torch_seconds(args.ops))
     per_op = 1e6 / args.ops
@@ -95,6 +138,7 @@ def main() -> None:
     print(f"  backward            {b:6.2f} µs/op")
     print(f"  forward + backward  {f + b:6.2f} µs/op  (floor: <= 2.0)")
     print(f"  numpy a + b         {float(np.median(bare)) * per_op:6.2f} µs/op")
+    print(f"  bare backward walk  {float(np.median(walks)) * per_op:6.2f} µs/op")
     if torch_times:
         tf, tb = (float(v) * per_op for v in np.median(np.array(torch_times), axis=0))
         print(f"  pytorch eager       {tf + tb:6.2f} µs/op  ({tf:.2f} forward, {tb:.2f} backward)")
