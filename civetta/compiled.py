@@ -198,25 +198,28 @@ def _adamw_flat(
 
 
 # SwiGLU's kernels, around numpy's vectorised exp (see `fused._sigmoid`): the numpy kernels'
-# operations in their order, element by element.
-def _sigmoid_arguments_flat(x, low, negative_abs, zero):  # type: ignore[no-untyped-def]
-    """low = min(x, 0) and negative_abs = −|x|: the two exponents of the stable sigmoid."""
+# operations in their order, element by element. numpy takes two exps, e^min(x,0) and e^−|x|;
+# the first is exactly 1 where x ≥ 0 (or NaN) and the second where x < 0, so one exp gives both.
+def _negative_abs_flat(x, out):  # type: ignore[no-untyped-def]
+    """out = −|x|: the exponent of the stable sigmoid."""
     for i in range(x.shape[0]):
-        v = x[i]
-        low[i] = zero if v > zero else v  # NaN stays NaN, as in np.minimum
-        negative_abs[i] = -abs(v)
+        out[i] = -abs(x[i])
 
 
-def _swiglu_flat(low_exp, negative_exp, a, b, out, one):  # type: ignore[no-untyped-def]
+def _swiglu_flat(negative_exp, a, b, out, one, zero):  # type: ignore[no-untyped-def]
     """out = e^min(a,0) / (e^−|a| + 1) · a · b: silu(a) · b."""
     for i in range(a.shape[0]):
-        out[i] = low_exp[i] / (negative_exp[i] + one) * a[i] * b[i]
+        e = negative_exp[i]
+        low = e if a[i] < zero else one
+        out[i] = low / (e + one) * a[i] * b[i]
 
 
-def _swiglu_grad_flat(low_exp, negative_exp, a, b, g, d_gate, d_up, one):  # type: ignore[no-untyped-def]
+def _swiglu_grad_flat(negative_exp, a, b, g, d_gate, d_up, one, zero):  # type: ignore[no-untyped-def]
     """d_up = silu(a)·g and d_gate = ((1 − σ)·silu(a) + σ)·g·b, σ = sigmoid(a)."""
     for i in range(a.shape[0]):
-        sig = low_exp[i] / (negative_exp[i] + one)
+        e = negative_exp[i]
+        low = e if a[i] < zero else one
+        sig = low / (e + one)
         silu = a[i] * sig
         d_up[i] = silu * g[i]
         d_gate[i] = ((one - sig) * silu + sig) * g[i] * b[i]
@@ -300,7 +303,7 @@ _PYTHON_KERNELS: dict[str, Callable[..., None]] = {
     "divide_rows": _divide_rows,
     "softmax_grad": _softmax_grad_rows,
     "add_row": _add_row_rows,
-    "sigmoid_arguments": _sigmoid_arguments_flat,
+    "negative_abs": _negative_abs_flat,
     "swiglu": _swiglu_flat,
     "swiglu_grad": _swiglu_grad_flat,
     "rope": _rope_rows,

@@ -493,27 +493,27 @@ def _compiled_swiglu_for(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def _sigmoid_exponentials(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """e^min(a, 0) and e^−|a| of one block, as `_sigmoid` computes them."""
-    low, negative_abs = np.empty_like(a), np.empty_like(a)
-    compiled.kernel("sigmoid_arguments")(a, low, negative_abs, a.dtype.type(0.0))
-    np.exp(low, out=low)
-    np.exp(negative_abs, out=negative_abs)
-    return low, negative_abs
+def _sigmoid_exponential(a: np.ndarray) -> np.ndarray:
+    """e^−|a| of one block, as `_sigmoid` computes it (its e^min(a, 0) is 1 or the same value:
+    the compiled kernels pick it)."""
+    negative_abs = np.empty_like(a)
+    compiled.kernel("negative_abs")(a, negative_abs)
+    return np.exp(negative_abs, out=negative_abs)
 
 
 def _swiglu_compiled(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """`swiglu`'s forward bits on one block of the flat arrays (`civetta.compiled`)."""
-    low, negative = _sigmoid_exponentials(a)
-    compiled.kernel("swiglu")(low, negative, a, b, out, a.dtype.type(1.0))
+    one, zero = a.dtype.type(1.0), a.dtype.type(0.0)
+    compiled.kernel("swiglu")(_sigmoid_exponential(a), a, b, out, one, zero)
 
 
 def _swiglu_grad_compiled(
     a: np.ndarray, b: np.ndarray, g: np.ndarray, d_gate: np.ndarray, d_up: np.ndarray
 ) -> None:
     """`swiglu`'s backward bits on one block (both gradients)."""
-    low, negative = _sigmoid_exponentials(a)
-    compiled.kernel("swiglu_grad")(low, negative, a, b, g, d_gate, d_up, a.dtype.type(1.0))
+    one, zero = a.dtype.type(1.0), a.dtype.type(0.0)
+    negative = _sigmoid_exponential(a)
+    compiled.kernel("swiglu_grad")(negative, a, b, g, d_gate, d_up, one, zero)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
