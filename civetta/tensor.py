@@ -269,31 +269,27 @@ class Tensor:
             for parent, parent_grad in zip(node._parents, backward(g), strict=True):
                 if parent_grad is None or not parent.requires_grad:
                     continue
-                kind = type(parent_grad)
-                if kind is DeferredGrad:
+                if type(parent_grad) is DeferredGrad:
                     # Ops defer only inside `defer_weight_grads`, which sets the store.
                     assert _weight_grad_store is not None, "a DeferredGrad outside its store"
                     _weight_grad_store.postpone(parent, parent_grad)
                     continue
                 assert parent_grad.shape == parent.data.shape, (parent_grad.shape, parent.shape)
                 previous = get(parent)
-                if previous is None:
+                if previous is None:  # the common case: the input's first gradient
                     push(heap, (-parent._seq, parent))
-                    if kind is not RegionGrad:  # the common case: the first whole gradient
-                        pending[parent] = parent_grad
-                        continue
+                    regions = type(parent_grad) is RegionGrad
+                    pending[parent] = _Regions(parent_grad) if regions else parent_grad
+                    continue
                 if type(previous) is _Regions:
-                    if kind is RegionGrad and parent_grad.dtype == previous.dtype:
+                    if type(parent_grad) is RegionGrad and parent_grad.dtype == previous.dtype:
                         previous.parts.append(parent_grad)  # written when the input is reached
                         continue
                     previous = previous.dense()  # a whole gradient joins: sum into the pieces
                     summed.add(id(previous))
                     pending[parent] = previous
-                if kind is RegionGrad:
-                    if previous is None:
-                        pending[parent] = _Regions(parent_grad)
-                    else:
-                        pending[parent] = _add_region(previous, parent_grad, summed)
+                if type(parent_grad) is RegionGrad:
+                    pending[parent] = _add_region(previous, parent_grad, summed)
                 elif id(previous) in summed and previous.dtype == parent_grad.dtype:
                     previous += parent_grad  # into a sum this pass allocated (see `_accumulate`)
                 else:
@@ -445,17 +441,14 @@ def _tile(parts: list[RegionGrad], shape: tuple[int, ...]) -> bool:
 _WHOLE = slice(None)
 
 
-def _add_region(previous: np.ndarray | None, grad: RegionGrad, summed: set[int]) -> np.ndarray:
+def _add_region(previous: np.ndarray, grad: RegionGrad, summed: set[int]) -> np.ndarray:
     """previous + grad with grad zero outside its region: in place into a sum this pass owns,
     else into a new array that it then owns (see `_accumulate`)."""
-    if previous is None:
-        total = grad.dense()
-    elif id(previous) in summed and previous.dtype == grad.dtype:
+    if id(previous) in summed and previous.dtype == grad.dtype:
         previous[grad.region] += grad.values
         return previous
-    else:
-        total = previous + np.zeros((), grad.dtype)  # a private copy, in the sum's dtype
-        total[grad.region] += grad.values
+    total = previous + np.zeros((), grad.dtype)  # a private copy, in the sum's dtype
+    total[grad.region] += grad.values
     summed.add(id(total))
     return total
 
