@@ -8,6 +8,7 @@ that rank's log and aborts the whole MPI job, so no rank is left waiting in a co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 from civetta.allocator import keep_freed_memory
 from launch import checkpoint, trace
 from launch.config import ExperimentConfig
+from launch.launcher import EXITS_ENV
 from launch.progress import TrainingProgress
 from launch.trainer import NonFiniteError, RunResult, StepRecord, Trainer
 from parallel.comm import CallEvent, launched_by_mpi
@@ -234,8 +236,8 @@ def write_status(out_dir: Path, rank: int, text: str) -> None:
 def train(config: ExperimentConfig, out_dir: Path, resume: Path | None = None) -> int:
     """Run on this rank. Only rank 0 writes to the console; every other rank's output goes to
     `OUT/logs/rankR.log`. A failure leaves the traceback in that log and a one-line status, is
-    printed once (by rank 0 itself, or by `civetta train` for the other ranks) and, under MPI,
-    aborts the whole job so no rank waits forever."""
+    printed once (by `civetta train` when it launched the job, else by rank 0 itself) and,
+    under MPI, aborts the whole job so no rank waits forever."""
     under_mpi = launched_by_mpi()
     rank = 0
     if under_mpi:
@@ -252,12 +254,17 @@ def train(config: ExperimentConfig, out_dir: Path, resume: Path | None = None) -
         message = f"{type(exc).__name__}: {exc}"
         with log.open("a", encoding="utf-8") as file:
             file.write(traceback.format_exc())
-        write_status(out_dir, rank, f"failed: {message}")
         # A non-finite step stops every rank at once: the line names the rank that holds the
-        # first non-finite parameter, and the others wait until rank 0 has printed it.
+        # first non-finite parameter, and the others wait until rank 0 has reported it.
         culprit = exc.rank if isinstance(exc, NonFiniteError) else rank
-        culprit_log = out_dir / "logs" / f"rank{culprit}.log"
-        print(failure_line(culprit, message, culprit_log), file=sys.stderr, flush=True)
+        line = failure_line(culprit, message, out_dir / "logs" / f"rank{culprit}.log")
+        if rank == 0 and under_mpi and os.environ.get(EXITS_ENV):
+            # `civetta train` launched the job and prints the line: printed here it would cross
+            # hydra's output forwarding, which the abort below can cut before it arrives.
+            report_path(out_dir).write_text(line + "\n", encoding="utf-8")
+        else:  # to the console, or another rank's log
+            print(line, file=sys.stderr, flush=True)
+        write_status(out_dir, rank, f"failed: {message}")  # after the report: it is this run's
         if under_mpi:
             if isinstance(exc, NonFiniteError):
                 MPI.COMM_WORLD.Barrier()
@@ -265,6 +272,11 @@ def train(config: ExperimentConfig, out_dir: Path, resume: Path | None = None) -
         return 1
     write_status(out_dir, rank, "done")
     return code
+
+
+def report_path(out_dir: Path) -> Path:
+    """Where rank 0 leaves its failure line for the launcher to print."""
+    return out_dir / "logs" / "rank0.failure"
 
 
 def failure_line(rank: int, message: str, log: Path) -> str:
@@ -294,12 +306,13 @@ def explain_failure(
 ) -> str:
     """After a failed job, one line on what happened, from the status files the ranks left
     and `dead_pids`, the ranks' processes that ended abnormally on their own (as their guards
-    saw it: `launch.launcher.guard`); empty when rank 0 already printed its own error line."""
+    saw it: `launch.launcher.guard`)."""
     statuses = [read_status(out_dir, rank) for rank in range(world_size)]
     for rank, status in enumerate(statuses):
         if status.startswith("failed: "):
-            if rank == 0:
-                return ""  # rank 0 printed its own line
+            if rank == 0:  # its own line, which may name another rank (a non-finite step)
+                with contextlib.suppress(OSError):
+                    return report_path(out_dir).read_text(encoding="utf-8").strip()
             log = out_dir / "logs" / f"rank{rank}.log"
             return failure_line(rank, status.removeprefix("failed: "), log)
     # A rank killed by a signal leaves no word; the launcher then stops all the others, which
