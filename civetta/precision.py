@@ -13,19 +13,34 @@ Memory is accounted in bytes of the simulated dtype (2 per element).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from civetta import meta, tensor
 
 
+@functools.cache
+def _dtype(name: str) -> np.dtype:
+    """numpy's float16, or ml_dtypes' bfloat16, imported at first use: ml_dtypes 0.7 takes
+    over a second to import here, which every rank of every job paid."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str  # "bf16" | "fp16"
-    dtype: np.dtype
+    dtype_name: str  # "bfloat16" | "float16"
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _dtype(self.dtype_name)
 
     @property
     def itemsize(self) -> int:
@@ -41,8 +56,8 @@ class Precision:
 
 
 PRECISIONS = {
-    "bf16": Precision("bf16", np.dtype(ml_dtypes.bfloat16)),
-    "fp16": Precision("fp16", np.dtype(np.float16)),
+    "bf16": Precision("bf16", "bfloat16"),
+    "fp16": Precision("fp16", "float16"),
 }
 
 
