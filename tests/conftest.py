@@ -17,9 +17,9 @@ _pycache: str | None = None
 def pytest_configure(config: pytest.Config) -> None:
     """Where bytecode may not be written beside the sources, let the processes the suite starts
     share it in a temporary folder instead. Otherwise every rank of every `mpiexec` compiles
-    civetta from source, which made a fresh clone's suite take 2.7 times as long as a tree
-    with its bytecode cached. The folder is removed when the session ends; the sources and
-    the caller's environment stay as they were."""
+    civetta from source (`tests/test_zero.py` in a fresh clone: 104 s, 78 s with the shared
+    folder). The folder is removed when the session ends; the sources and the caller's
+    environment stay as they were."""
     global _pycache
     if os.environ.get(_BYTECODE) and _PREFIX not in os.environ:
         _pycache = tempfile.mkdtemp(prefix="civetta-pycache-")
